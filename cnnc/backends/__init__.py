@@ -1,0 +1,1 @@
+"""Backends: ONNX export and the NumPy interpreter."""

@@ -1,0 +1,92 @@
+"""Run the IR directly with NumPy: prepare a plan once, then run it on any batch size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnc.backends.kernels import KERNELS, Kernel
+from cnnc.errors import CnncError, InputError, InternalError
+from cnnc.ir.graph import Graph, Node, Value
+
+
+@dataclass
+class Step:
+    """One kernel call: where its inputs are, where its outputs go, what dies after it."""
+
+    node: Node
+    run: Kernel
+    inputs: list[int]
+    outputs: list[int]
+    free: list[int]
+
+
+class NodeFailure(CnncError):
+    """A kernel failed while running a node (for example, out of memory)."""
+
+
+class Interpreter:
+    """A prepared graph: weights laid out for the kernels and every value's last use known."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        slots: dict[int, int] = {}
+
+        def slot(v: Value) -> int:
+            return slots.setdefault(id(v), len(slots))
+
+        self.input_slots = [slot(v) for v in graph.inputs]
+        last_use: dict[int, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for v in node.activations:
+                last_use[slot(v)] = i
+        keep = {slot(v) for v in graph.outputs}
+        self.steps: list[Step] = []
+        for i, node in enumerate(graph.nodes):
+            prepare = KERNELS.get(node.op)
+            if prepare is None:
+                raise InternalError(f"the interpreter has no kernel for op {node.op}")
+            ins = [slot(v) for v in node.activations]
+            outs = [slot(v) for v in node.outputs]
+            free = sorted({s for s in ins if last_use[s] == i and s not in keep})
+            self.steps.append(Step(node, prepare(node), ins, outs, free))
+        self.output_slots = [slot(v) for v in graph.outputs]
+        self.n_slots = len(slots)
+
+    def check_input(self, value: Value, x: np.ndarray) -> None:
+        """Raise InputError if ``x`` does not fit graph input ``value``."""
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"input %{value.name} must be a NumPy array, got {type(x).__name__}")
+        if x.dtype != value.type.numpy_dtype or not value.type.matches(x.shape):
+            raise InputError(
+                f"input %{value.name} expects {value.type}, got {x.dtype} "
+                f"{list(x.shape)}",
+                hint=f"the network takes {value.type.numpy_dtype} arrays shaped "
+                     f"(batch, {', '.join(str(d) for d in value.type.shape[1:])})",
+            )
+
+    def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        """Run the graph on its inputs (one array per graph input); returns its outputs."""
+        if len(inputs) != len(self.input_slots):
+            raise InputError(f"network {self.graph.name} takes {len(self.input_slots)} "
+                             f"input(s), got {len(inputs)}")
+        env: list[np.ndarray | None] = [None] * self.n_slots
+        for value, s, x in zip(self.graph.inputs, self.input_slots, inputs, strict=True):
+            self.check_input(value, x)
+            env[s] = x
+        for step in self.steps:
+            try:
+                results = step.run(*(env[s] for s in step.inputs))
+            except (ValueError, FloatingPointError, MemoryError) as e:
+                raise NodeFailure(
+                    f"running node {step.node.name} ({step.node.op}) failed: {e}", step.node.loc
+                ) from e
+            if len(step.outputs) == 1:
+                env[step.outputs[0]] = results
+            else:
+                for s, r in zip(step.outputs, results, strict=True):
+                    env[s] = r
+            for s in step.free:
+                env[s] = None
+        return [env[s] for s in self.output_slots]

@@ -1,0 +1,240 @@
+"""NumPy kernels of the interpreter: one prepare function per IR op.
+
+A prepare function receives the node once (attributes known, parameters laid
+out for the kernel) and returns the function the interpreter calls on every
+run with the node's activation inputs.  Kernels are vectorised: convolutions
+are im2col views and BLAS matrix products, pooling loops over kernel taps
+only, never over pixels, channels or batch items.  1-D ops run as 2-D ops on a
+height-1 map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from cnnc.ir.graph import Node
+from cnnc.ops.common import window_output_size
+
+Kernel = Callable[..., np.ndarray]
+KERNELS: dict[str, Callable[[Node], Kernel]] = {}
+
+
+def kernel(op: str):
+    """Register the prepare function of IR op ``op``."""
+
+    def register(prepare: Callable[[Node], Kernel]):
+        KERNELS[op] = prepare
+        return prepare
+
+    return register
+
+
+# ---- windows --------------------------------------------------------------------------------
+
+
+class Window:
+    """Kernel, stride, pads and dilation of a windowed op, lifted to two spatial axes."""
+
+    def __init__(self, kernel, stride, pads, dilation, ceil=False):
+        rank = len(kernel)
+        if rank == 1:
+            kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+            pads = (0, pads[0], 0, pads[1])
+        self.one_d = rank == 1
+        self.kernel, self.stride, self.dilation, self.ceil = kernel, stride, dilation, ceil
+        self.pads = pads  # (top, left, bottom, right)
+
+    def lift(self, x: np.ndarray) -> np.ndarray:
+        return x[:, :, None, :] if self.one_d else x
+
+    def drop(self, y: np.ndarray) -> np.ndarray:
+        return y[:, :, 0, :] if self.one_d else y
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        t, left, b, r = self.pads
+        return (window_output_size(h, kh, sh, t, b, dh, self.ceil),
+                window_output_size(w, kw, sw, left, r, dw, self.ceil))
+
+    def padded(self, x: np.ndarray, value: float, oh: int, ow: int) -> np.ndarray:
+        """``x`` with its padding, extended at the end if ceil mode's last window needs it."""
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        t, left, b, r = self.pads
+        b = max(b, (oh - 1) * sh + (kh - 1) * dh + 1 - h - t)
+        r = max(r, (ow - 1) * sw + (kw - 1) * dw + 1 - w - left)
+        if not (t or left or b or r):
+            return x
+        out = np.full((n, c, h + t + b, w + left + r), value, dtype=x.dtype)
+        out[:, :, t:t + h, left:left + w] = x
+        return out
+
+    def taps(self, xp: np.ndarray, oh: int, ow: int):
+        """Strided views of ``xp``, one per kernel tap, each N×C×oh×ow."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        for i in range(kh):
+            for j in range(kw):
+                yield xp[:, :, i * dh:i * dh + (oh - 1) * sh + 1:sh,
+                         j * dw:j * dw + (ow - 1) * sw + 1:sw]
+
+
+def _window(node: Node, kernel_shape) -> Window:
+    a = node.attrs
+    return Window(tuple(kernel_shape), a["stride"], a["pads"], a.get("dilation", (1,) * len(kernel_shape)),
+                  a.get("ceil", False))
+
+
+# ---- convolution and fully connected ------------------------------------------------------
+
+
+@kernel("conv")
+def conv(node: Node) -> Kernel:
+    weight = node.inputs[1].data
+    win = _window(node, weight.shape[2:])
+    weight = win.lift(weight) if win.one_d else weight
+    k, cg, kh, kw = weight.shape
+    groups = node.attrs["groups"]
+    wmat = np.ascontiguousarray(weight.reshape(groups, k // groups, cg * kh * kw))
+    bias = node.inputs[2].data.reshape(1, k, 1) if len(node.inputs) > 2 else None
+    (sh, sw), (dh, dw) = win.stride, win.dilation
+    pointwise = kh == kw == 1 and not any(win.pads)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = win.lift(x)
+        n, c, h, w = x.shape
+        oh, ow = win.output_size(h, w)
+        if pointwise and sh == sw == 1:
+            cols = x.reshape(n, groups, cg, h * w)
+        else:
+            xp = win.padded(x, 0.0, oh, ow)
+            s_n, s_c, s_h, s_w = xp.strides
+            view = as_strided(
+                xp, (n, groups, cg, kh, kw, oh, ow),
+                (s_n, s_c * cg, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
+                writeable=False,
+            )
+            cols = view.reshape(n, groups, cg * kh * kw, oh * ow)
+        y = np.matmul(wmat, cols).reshape(n, k, oh * ow)
+        if bias is not None:
+            y += bias
+        return win.drop(y.reshape(n, k, oh, ow))
+
+    return run
+
+
+@kernel("fc")
+def fc(node: Node) -> Kernel:
+    weight_t = np.ascontiguousarray(node.inputs[1].data.T)
+    bias = node.inputs[2].data if len(node.inputs) > 2 else None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        y = x @ weight_t
+        if bias is not None:
+            y += bias
+        return y
+
+    return run
+
+
+# ---- pooling --------------------------------------------------------------------------------
+
+
+@kernel("maxpool")
+def maxpool(node: Node) -> Kernel:
+    win = _window(node, node.attrs["kernel"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = win.lift(x)
+        oh, ow = win.output_size(*x.shape[2:])
+        taps = win.taps(win.padded(x, -np.inf, oh, ow), oh, ow)
+        y = next(taps).copy()
+        for tap in taps:
+            np.maximum(y, tap, out=y)
+        return win.drop(y)
+
+    return run
+
+
+def _avg_counts(size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int,
+                include_pad: bool) -> np.ndarray:
+    """How many positions each window along one axis averages over."""
+    start = np.arange(out) * s - pad_begin
+    end = start + k
+    if include_pad:
+        return (np.minimum(end, size + pad_end) - start).astype(np.float32)
+    return (np.minimum(end, size) - np.maximum(start, 0)).astype(np.float32)
+
+
+@kernel("avgpool")
+def avgpool(node: Node) -> Kernel:
+    win = _window(node, node.attrs["kernel"])
+    include_pad = node.attrs["count_include_pad"]
+    (kh, kw), (sh, sw) = win.kernel, win.stride
+    t, left, b, r = win.pads
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = win.lift(x)
+        h, w = x.shape[2:]
+        oh, ow = win.output_size(h, w)
+        taps = win.taps(win.padded(x, 0.0, oh, ow), oh, ow)
+        y = next(taps).copy()
+        for tap in taps:
+            y += tap
+        counts = np.outer(_avg_counts(h, oh, kh, sh, t, b, include_pad),
+                          _avg_counts(w, ow, kw, sw, left, r, include_pad))
+        y /= counts
+        return win.drop(y)
+
+    return run
+
+
+@kernel("gap")
+def gap(node: Node) -> Kernel:
+    def run(x: np.ndarray) -> np.ndarray:
+        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float32)
+
+    return run
+
+
+# ---- element-wise and the rest -------------------------------------------------------------
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # exp of -|x| never overflows; both branches are exact in their half of the line.
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+ELEMENTWISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relu": lambda x: np.maximum(x, 0),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+}
+
+for _op, _fn in ELEMENTWISE.items():
+    kernel(_op)(lambda node, fn=_fn: fn)
+
+
+@kernel("softmax")
+def softmax(node: Node) -> Kernel:
+    axis = node.attrs["axis"]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        e /= e.sum(axis=axis, keepdims=True)
+        return e
+
+    return run
+
+
+@kernel("flatten")
+def flatten(node: Node) -> Kernel:
+    return lambda x: x.reshape(x.shape[0], -1)
+
+
+@kernel("dropout")
+def dropout(node: Node) -> Kernel:
+    return lambda x: x

@@ -1,0 +1,200 @@
+"""The ``cnnc`` command: parse arguments, call the API, print; every user mistake exits 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import cnnc
+from cnnc.errors import CnncError, UsageError
+
+EXAMPLES = {
+    "compile": """examples:
+  cnnc compile examples/lenet5.cnn                 # writes examples/lenet5.onnx
+  cnnc compile examples/vgg16.cnn -o vgg16.onnx --opset 13
+  cnnc compile model.cnn --weights trained.npz -o model.onnx""",
+    "run": """examples:
+  cnnc run examples/lenet5.cnn                     # random weights, random input
+  cnnc run lenet5.onnx --backend onnxruntime --batch 4
+  cnnc run lenet5.onnx --compare                   # both backends, check they agree
+  cnnc run model.cnn --weights w.npz --input x.npy -o y.npy""",
+    "dump": """examples:
+  cnnc dump examples/lenet5.cnn
+  cnnc dump lenet5.onnx""",
+    "summary": """examples:
+  cnnc summary examples/vgg16.cnn""",
+}
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake exits 1 like every other user mistake."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    p.add_argument("model", metavar="MODEL", help="a program (.cnn) or an ONNX model (.onnx)")
+    p.add_argument("--network", metavar="NAME",
+                   help="which network of the program (default: the last one)")
+    if weights:
+        p.add_argument("--weights", metavar="FILE.npz",
+                       help="trained weights, tensors named <layer>.weight / <layer>.bias")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the random weights and input (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(
+        prog="cnnc",
+        description="cnnc compiles convolutional neural networks written in a short language "
+                    "to ONNX, and runs them in its own NumPy interpreter.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="run `cnnc COMMAND --help` for the options and examples of each command",
+    )
+    parser.add_argument("--version", action="version", version=f"cnnc {cnnc.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("compile", "compile a program to an ONNX model")
+    _model_args(p)
+    p.add_argument("-o", "--output", metavar="OUT.onnx",
+                   help="output file (default: the program's name with .onnx)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset to emit (default 17; 13 up to the newest supported)")
+
+    p = command("run", "run a program or an ONNX model on an input")
+    _model_args(p)
+    p.add_argument("--input", metavar="X.npy", help="input batch (default: seeded random)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the random input")
+    p.add_argument("--backend", choices=cnnc.api.BACKENDS, default="numpy",
+                   help="the NumPy interpreter (default) or onnxruntime")
+    p.add_argument("--compare", action="store_true",
+                   help="run both backends and check that they agree "
+                        f"(rtol {RTOL:g}, atol {ATOL:g})")
+    p.add_argument("--top", type=int, default=5, help="classes to print per item (default 5)")
+    p.add_argument("-o", "--output", metavar="Y.npy", help="save the output array here")
+
+    p = command("dump", "print the IR of a program or an ONNX model")
+    _model_args(p)
+
+    p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
+    _model_args(p)
+    return parser
+
+
+def _load(args) -> cnnc.Model:
+    model = cnnc.load(args.model, weights=getattr(args, "weights", None),
+                      seed=getattr(args, "seed", 0), network=args.network)
+    if model.random_weights:
+        print(f"note: no --weights given; {model.name} runs with random He-normal weights "
+              f"(seed {args.seed})", file=sys.stderr)
+    return model
+
+
+def cmd_compile(args) -> None:
+    if Path(args.model).suffix.lower() == ".onnx" and args.output is None:
+        raise UsageError("compiling an ONNX model needs -o OUT.onnx (it would overwrite its input)")
+    model = _load(args)
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+    if not out.parent.is_dir():
+        raise UsageError(f"directory {out.parent} does not exist", str(out))
+    model.to_onnx(out, opset=args.opset)
+    size = sum(f.stat().st_size for f in out.parent.glob(out.name + "*"))
+    print(f"wrote {out} ({size / 1e6:,.1f} MB, {model.param_count():,} parameters)")
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    # Write beside the target and rename, so a failure leaves no half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _describe_output(y: np.ndarray, top: int) -> list[str]:
+    lines = [f"output shape {list(y.shape)}"]
+    if y.ndim == 2:
+        k = min(top, y.shape[1])
+        for i, row in enumerate(y[:8]):
+            best = np.argsort(-row, kind="stable")[:k]
+            lines.append(f"  item {i}: " + "  ".join(f"class {c}: {row[c]:.4g}" for c in best))
+        if len(y) > 8:
+            lines.append(f"  ... {len(y) - 8} more items")
+    else:
+        lines.append(f"  min {y.min():.4g}  max {y.max():.4g}  mean {y.mean():.4g}")
+    return lines
+
+
+def cmd_run(args) -> None:
+    model = _load(args)
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    x = cnnc.read_input(args.input) if args.input else model.random_input(args.batch, args.seed)
+    if args.output and not Path(args.output).parent.is_dir():
+        raise UsageError(f"directory {Path(args.output).parent} does not exist", args.output)
+    backends = cnnc.api.BACKENDS if args.compare else (args.backend,)
+    results = {b: model.run(x, backend=b) for b in backends}
+    y = results[args.backend]
+    print(f"{model.name} on input {list(x.shape)} ({args.backend})")
+    print("\n".join(_describe_output(y, args.top)))
+    if args.compare:
+        a, b = results["numpy"], results["onnxruntime"]
+        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        agree = a.shape == b.shape and np.allclose(a, b, rtol=RTOL, atol=ATOL)
+        verdict = "agree" if agree else "DISAGREE"
+        print(f"numpy interpreter and onnxruntime {verdict}: max |difference| {diff:.3g} "
+              f"(rtol {RTOL:g}, atol {ATOL:g})")
+        if not agree:
+            raise CnncError("the two backends disagree; this is a bug in cnnc, please report it")
+    if args.output:
+        _save_array(Path(args.output), y)
+        print(f"wrote {args.output}")
+
+
+def cmd_dump(args) -> None:
+    print(cnnc.load(args.model, network=args.network).dump(), end="")
+
+
+def cmd_summary(args) -> None:
+    print(cnnc.load(args.model, network=args.network).summary(), end="")
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "dump": cmd_dump, "summary": cmd_summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cnnc`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except CnncError as e:
+        if args.debug:
+            raise
+        print(e.render(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Front ends: program text and ONNX files into the IR."""

@@ -1,0 +1,245 @@
+"""Values, nodes and graphs: the IR that lowering builds and passes rewrite."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from cnnc.errors import CnncError, InternalError, Location
+from cnnc.ir.types import TensorType
+
+
+class Value:
+    """A tensor in the graph: a graph input, a parameter, or the output of a node.
+
+    ``users`` has one entry per use, so a node reading a value twice appears twice.
+
+    Parameter data is lazy: ``data`` is computed on first use from a thunk, so
+    dumps and summaries of large networks never allocate their weights.
+    """
+
+    __slots__ = ("_data", "_thunk", "init", "kind", "name", "producer", "type", "users")
+
+    def __init__(self, name: str, type: TensorType, kind: str, producer: Node | None = None):
+        self.name = name
+        self.type = type
+        self.kind = kind  # "input", "param" or "node"
+        self.producer = producer
+        self.users: list[Node] = []
+        self.init: tuple[str, int] | None = None  # (initialiser, fan-in) for parameters
+        self._data: np.ndarray | None = None
+        self._thunk: Callable[[], np.ndarray] | None = None
+
+    @property
+    def is_param(self) -> bool:
+        return self.kind == "param"
+
+    @property
+    def shape(self) -> tuple:
+        return self.type.shape
+
+    @property
+    def has_data(self) -> bool:
+        return self._data is not None or self._thunk is not None
+
+    @property
+    def data(self) -> np.ndarray:
+        """The parameter's tensor, computed now if it was lazy."""
+        if self._data is None:
+            if self._thunk is None:
+                raise InternalError(f"parameter {self.name} has no data (weights not initialised)")
+            data = np.ascontiguousarray(self._thunk(), dtype=self.type.numpy_dtype)
+            if data.shape != self.type.shape:
+                raise InternalError(
+                    f"parameter {self.name}: computed shape {data.shape}, type says {self.type}"
+                )
+            self._data, self._thunk = data, None
+        return self._data
+
+    def set_data(self, data: np.ndarray | Callable[[], np.ndarray]) -> None:
+        """Give a parameter its tensor, or a function computing it when first needed."""
+        if callable(data):
+            self._data, self._thunk = None, data
+        else:
+            self._data, self._thunk = None, (lambda d=data: d)
+            self.data  # noqa: B018 (check the shape now, while the caller is on the stack)
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type}"
+
+
+class Node:
+    """One operation: an op name, input and output values, attributes, and its source place."""
+
+    __slots__ = ("attrs", "inputs", "loc", "name", "note", "op", "outputs")
+
+    def __init__(
+        self,
+        op: str,
+        name: str,
+        inputs: list[Value],
+        attrs: dict[str, Any],
+        loc: Location | None,
+        note: str = "",
+    ):
+        self.op = op
+        self.name = name
+        self.inputs = inputs
+        self.outputs: list[Value] = []
+        self.attrs = attrs
+        self.loc = loc
+        self.note = note  # which rewrite made this node, shown in dumps
+
+    @property
+    def output(self) -> Value:
+        return self.outputs[0]
+
+    @property
+    def params(self) -> list[Value]:
+        return [v for v in self.inputs if v.is_param]
+
+    @property
+    def activations(self) -> list[Value]:
+        """The inputs that are not parameters."""
+        return [v for v in self.inputs if not v.is_param]
+
+    def __repr__(self) -> str:
+        return f"<{self.op} {self.name}>"
+
+
+class Graph:
+    """A network: inputs, outputs, nodes in topological order, and named parameters."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.nodes: list[Node] = []
+        self.params: dict[str, Value] = {}
+        self.pipeline: list[str] = []  # passes that have run, for the dump's heading
+        self.opt_level: str = "-O0"
+        self._names: set[str] = set()
+
+    # ---- naming -------------------------------------------------------------------------
+
+    def unique_name(self, base: str) -> str:
+        """``base`` if no value or node has it yet, else ``base.2``, ``base.3``, ..."""
+        if base not in self._names:
+            return base
+        n = 2
+        while f"{base}.{n}" in self._names:
+            n += 1
+        return f"{base}.{n}"
+
+    def _claim(self, name: str) -> str:
+        if name in self._names:
+            raise InternalError(f"name {name!r} is used twice in graph {self.name}")
+        self._names.add(name)
+        return name
+
+    # ---- building -----------------------------------------------------------------------
+
+    def add_input(self, name: str, type: TensorType) -> Value:
+        """Declare a graph input."""
+        value = Value(self._claim(name), type, "input")
+        self.inputs.append(value)
+        return value
+
+    def add_param(self, name: str, shape: tuple[int, ...], init: tuple[str, int] | None = None,
+                  dtype: str = "f32") -> Value:
+        """Declare a parameter tensor; ``init`` says how to initialise it without a weights file."""
+        value = Value(self._claim(name), TensorType(dtype, tuple(shape)), "param")
+        value.init = init
+        self.params[name] = value
+        return value
+
+    def add_node(
+        self,
+        op: str,
+        inputs: Iterable[Value],
+        attrs: dict[str, Any] | None = None,
+        *,
+        name: str,
+        loc: Location | None = None,
+        index: int | None = None,
+        note: str = "",
+        output_names: list[str] | None = None,
+    ) -> Node:
+        """Build a node, infer the types of its outputs, and insert it (at the end by default).
+
+        Shape errors raised by the op's shape rule are reported at ``loc``.
+        """
+        from cnnc.ops import get_op
+
+        node = Node(op, self._claim(name), list(inputs), dict(attrs or {}), loc, note)
+        opdef = get_op(op)
+        try:
+            types = opdef.infer([v.type for v in node.inputs], node.attrs)
+        except CnncError as e:
+            self._names.discard(node.name)
+            raise e.at(loc) from None
+        names = output_names or [name] + [f"{name}.{i}" for i in range(1, len(types))]
+        for out_name, t in zip(names, types, strict=True):
+            out_name = out_name if out_name == name else self._claim(self.unique_name(out_name))
+            node.outputs.append(Value(out_name, t, "node", producer=node))
+        for v in node.inputs:
+            v.users.append(node)
+        if index is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(index, node)
+        return node
+
+    # ---- rewriting ----------------------------------------------------------------------
+
+    def replace_uses(self, old: Value, new: Value) -> None:
+        """Make every user of ``old`` (and the graph outputs) read ``new`` instead."""
+        for user in old.users:
+            user.inputs = [new if v is old else v for v in user.inputs]
+            new.users.append(user)
+        old.users = []
+        self.outputs = [new if v is old else v for v in self.outputs]
+
+    def set_input(self, node: Node, i: int, value: Value) -> None:
+        """Make input ``i`` of ``node`` read ``value``."""
+        old = node.inputs[i]
+        node.inputs[i] = value
+        old.users.remove(node)  # users holds one entry per use, so this drops exactly one
+        value.users.append(node)
+
+    def remove_node(self, node: Node) -> None:
+        """Remove a node whose outputs have no users (anything else is a bug in the caller)."""
+        for out in node.outputs:
+            if out.users or out in self.outputs:
+                raise InternalError(
+                    f"cannot remove node {node.name}: its output %{out.name} is still used"
+                )
+        for v in node.inputs:
+            v.users.remove(node)
+        self.nodes.remove(node)
+        self._names.discard(node.name)
+        for out in node.outputs:
+            self._names.discard(out.name)
+
+    def remove_param(self, value: Value) -> None:
+        """Forget a parameter no node reads."""
+        if value.users:
+            raise InternalError(f"cannot remove parameter {value.name}: it is still used")
+        del self.params[value.name]
+        self._names.discard(value.name)
+
+    def rename(self, value: Value, name: str) -> None:
+        """Give a value a new (unused) name."""
+        self._names.discard(value.name)
+        value.name = self._claim(name)
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def param_count(self) -> int:
+        """Number of parameter values (scalars) in the graph."""
+        return sum(int(np.prod(v.shape, dtype=np.int64)) for v in self.params.values())
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name}: {len(self.nodes)} nodes, {len(self.params)} params>"

@@ -1,0 +1,78 @@
+"""Tensor types of IR values: an element type and a shape whose dimensions are ints or symbols."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Dim = int | str
+"""A dimension: a known size, or a symbol such as ``"N"`` for the batch axis."""
+
+BATCH = "N"
+
+_NUMPY = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32, "bool": np.bool_}
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """The element type and shape of a tensor value."""
+
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(_NUMPY[self.dtype])
+
+    @property
+    def spatial(self) -> tuple[Dim, ...]:
+        """The dimensions after batch and channels (H, W for a 2-D feature map)."""
+        return self.shape[2:]
+
+    def with_shape(self, shape: tuple[Dim, ...]) -> TensorType:
+        return TensorType(self.dtype, tuple(shape))
+
+    def numel(self) -> int | None:
+        """Number of elements, or None if a dimension is symbolic."""
+        total = 1
+        for d in self.shape:
+            if not isinstance(d, int):
+                return None
+            total *= d
+        return total
+
+    def numel_per_item(self) -> int:
+        """Number of elements of one batch item (all dimensions but the first must be known)."""
+        return int(np.prod([int(d) for d in self.shape[1:]], dtype=np.int64))
+
+    def matches(self, shape: tuple[int, ...]) -> bool:
+        """Whether a concrete shape fits this type (symbols match any size)."""
+        return len(shape) == len(self.shape) and all(
+            not isinstance(d, int) or d == s for d, s in zip(self.shape, shape, strict=True)
+        )
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+
+def f32(*shape: Dim) -> TensorType:
+    """A float32 tensor type."""
+    return TensorType("f32", tuple(shape))
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The IR name of a NumPy dtype (``float32`` -> ``f32``)."""
+    for name, np_type in _NUMPY.items():
+        if np.dtype(np_type) == dtype:
+            return name
+    raise KeyError(f"no IR type for NumPy dtype {dtype}")
+
+
+def format_dims(dims: tuple[Dim, ...]) -> str:
+    """``(5, 5)`` -> ``5x5``: how kernels and spatial sizes appear in messages."""
+    return "x".join(str(d) for d in dims)

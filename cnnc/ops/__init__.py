@@ -1,0 +1,24 @@
+"""The ops of the IR and the layers of the language, one module per op family."""
+
+from cnnc.ops import activation, conv, linear, pool, tensor  # noqa: F401 (they register)
+from cnnc.ops.base import (
+    Attr,
+    Layer,
+    LayerContext,
+    OpDef,
+    all_layers,
+    all_ops,
+    get_layer,
+    get_op,
+)
+
+__all__ = [
+    "Attr",
+    "Layer",
+    "LayerContext",
+    "OpDef",
+    "all_layers",
+    "all_ops",
+    "get_layer",
+    "get_op",
+]

@@ -1,0 +1,170 @@
+"""What an op is (shape rule, cost, dump text) and what a DSL layer is (signature, lowering)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cnnc.errors import InternalError, LayerError, Location
+from cnnc.ir.types import TensorType
+
+if TYPE_CHECKING:
+    from cnnc.ir.graph import Graph, Node, Value
+
+
+class OpDef:
+    """The meaning of one IR op: its shape rule, its cost, and how the dump shows it.
+
+    Subclasses set ``name`` and override ``infer``; the rest has useful defaults.
+    """
+
+    name: str = ""
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        """Output types from input types and attributes; raises ShapeError on a bad shape."""
+        raise NotImplementedError
+
+    def macs(self, node: Node) -> int:
+        """Multiply-accumulates for one batch item (0 for ops that do no products)."""
+        return 0
+
+    def label(self, node: Node) -> str:
+        """The op as the dump shows it (``conv2d``, ``conv2d+relu``)."""
+        return self.name
+
+    def describe(self, node: Node) -> str:
+        """The attributes as the dump shows them (``k=5x5 s=1 p=2,2,2,2``)."""
+        return ""
+
+
+_OPS: dict[str, OpDef] = {}
+
+
+def register_op(opdef: OpDef) -> OpDef:
+    """Add an op to the registry that shape inference, dumps and backends consult."""
+    if opdef.name in _OPS:
+        raise InternalError(f"op {opdef.name} registered twice")
+    _OPS[opdef.name] = opdef
+    return opdef
+
+
+def get_op(name: str) -> OpDef:
+    """The definition of IR op ``name``."""
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise InternalError(f"unknown IR op {name!r}") from None
+
+
+def all_ops() -> dict[str, OpDef]:
+    """Every registered op, by name."""
+    return dict(_OPS)
+
+
+# ---- DSL layers ---------------------------------------------------------------------------
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One argument of a DSL layer.
+
+    ``kind`` is one of: ``int``, ``ints`` (an int or a tuple of ints), ``float``,
+    ``bool``, ``pad`` (int, tuple of ints, ``same`` or ``valid``).
+    """
+
+    name: str
+    kind: str
+    default: Any = REQUIRED
+    positional: bool = False
+    minimum: float | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A DSL layer keyword: its arguments and how it lowers to IR nodes."""
+
+    keyword: str
+    attrs: tuple[Attr, ...]
+    build: Callable[[LayerContext, Value], Value]
+    doc: str
+    has_params: bool = False
+
+    def attr(self, name: str) -> Attr | None:
+        return next((a for a in self.attrs if a.name == name), None)
+
+    @property
+    def signature(self) -> str:
+        parts = []
+        for a in self.attrs:
+            if a.default is REQUIRED:
+                parts.append(a.name)
+            else:
+                default = str(a.default).lower() if isinstance(a.default, bool) else a.default
+                parts.append(f"{a.name}={default}")
+        return f"{self.keyword}({', '.join(parts)})" if parts else self.keyword
+
+
+_LAYERS: dict[str, Layer] = {}
+
+
+def register_layer(layer: Layer) -> Layer:
+    """Make a layer keyword available in the language."""
+    if layer.keyword in _LAYERS:
+        raise InternalError(f"layer {layer.keyword} registered twice")
+    _LAYERS[layer.keyword] = layer
+    return layer
+
+
+def get_layer(keyword: str) -> Layer | None:
+    """The layer called ``keyword``, or None."""
+    return _LAYERS.get(keyword)
+
+
+def all_layers() -> dict[str, Layer]:
+    """Every layer keyword of the language."""
+    return dict(_LAYERS)
+
+
+@dataclass
+class LayerContext:
+    """What a layer's ``build`` function sees: its name, arguments and the graph to extend."""
+
+    graph: Graph
+    name: str
+    loc: Location | None
+    args: dict[str, Any]
+    arg_locs: dict[str, Location] = field(default_factory=dict)
+
+    def __getitem__(self, attr: str) -> Any:
+        return self.args[attr]
+
+    def error(self, message: str, attr: str | None = None, hint: str | None = None) -> LayerError:
+        """A LayerError at the argument ``attr`` if it was written, else at the layer."""
+        return LayerError(message, self.arg_locs.get(attr, self.loc) if attr else self.loc, hint)
+
+    def param(self, suffix: str, shape: tuple[int, ...], init: tuple[str, int]) -> Value:
+        """Declare the parameter ``<layer>.<suffix>``."""
+        return self.graph.add_param(f"{self.name}.{suffix}", shape, init)
+
+    def node(self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
+             suffix: str = "") -> Value:
+        """Add a node named after the layer (plus ``suffix``) and return its output."""
+        name = self.graph.unique_name(self.name + suffix)
+        return self.graph.add_node(op, inputs, attrs, name=name, loc=self.loc).output
+
+    def spatial(self, attr: str, rank: int) -> tuple[int, ...]:
+        """An ``ints`` argument expanded to one value per spatial axis."""
+        value = self.args[attr]
+        values = value if isinstance(value, tuple) else (value,) * rank
+        if len(values) != rank:
+            raise self.error(
+                f"{attr} has {len(values)} values but the input has {rank} spatial "
+                f"{'axis' if rank == 1 else 'axes'}",
+                attr,
+                hint=f"give one value, or {rank}",
+            )
+        return values

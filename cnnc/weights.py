@@ -1,0 +1,96 @@
+"""Parameter tensors: seeded initialisation, and loading and checking a weights file (.npz)."""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from cnnc.errors import WeightsError
+from cnnc.ir.graph import Graph, Value
+
+# PyTorch keeps these counters in BatchNorm state_dicts; inference never reads them.
+IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    # Seeding per tensor name keeps each tensor's values stable when layers are added elsewhere.
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def initial_value(param: Value, seed: int) -> np.ndarray:
+    """A parameter's seeded initial tensor, following its ``init`` rule.
+
+    ``he_normal``: N(0, 2 / fan_in), He et al. 2015, for weights before a ReLU.
+    ``uniform``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's bias default.
+    """
+    kind, fan_in = param.init or ("he_normal", 1)
+    rng = _rng(seed, param.name)
+    shape = param.type.shape
+    if kind == "he_normal":
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+    if kind == "uniform":
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+    raise AssertionError(f"init rule {kind}")
+
+
+def initialize(graph: Graph, seed: int = 0) -> None:
+    """Give every parameter without data its seeded initial value (computed lazily)."""
+    for param in graph.params.values():
+        if not param.has_data:
+            param.set_data(lambda p=param: initial_value(p, seed))
+
+
+def _shape(shape: tuple) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def load(graph: Graph, path: str | Path) -> None:
+    """Load every parameter from a ``.npz`` file of tensors named as the graph names them.
+
+    The file must hold exactly the graph's parameters with exactly their shapes;
+    anything else is one WeightsError that lists every problem.
+    """
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise WeightsError("weights file not found", str(path)) from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise WeightsError(f"cannot read weights file: {e}", str(path),
+                           hint="save weights with numpy.savez(path, **tensors)") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise WeightsError("weights file holds a single array, not named tensors", str(path),
+                           hint="save weights with numpy.savez(path, **tensors)")
+    with archive:
+        found = {n for n in archive.files if not n.endswith(IGNORED_SUFFIXES)}
+        expected = graph.params
+        problems = []
+        for name in sorted(set(expected) - found):
+            problems.append(f"missing {name} {_shape(expected[name].shape)}")
+        for name in sorted(found - set(expected)):
+            problems.append(f"unexpected {name} (the network has no such parameter)")
+        tensors = {}
+        for name in sorted(found & set(expected)):
+            try:
+                array = archive[name]
+            except ValueError as e:
+                problems.append(f"{name} cannot be read: {e}")
+                continue
+            want = expected[name].shape
+            if array.shape != want:
+                problems.append(f"{name} has shape {_shape(array.shape)}, expected {_shape(want)}")
+            elif not np.issubdtype(array.dtype, np.floating):
+                problems.append(f"{name} has dtype {array.dtype}, expected floating point")
+            else:
+                tensors[name] = array
+    if problems:
+        raise WeightsError(
+            f"weights do not fit network {graph.name}:\n  " + "\n  ".join(problems), str(path),
+            hint="tensor names follow <layer>.weight and <layer>.bias; `cnnc summary` lists them",
+        )
+    for name, array in tensors.items():
+        graph.params[name].set_data(array.astype(np.float32, copy=False))
