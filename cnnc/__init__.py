@@ -1,14 +1,14 @@
 """cnnc: a compiler for convolutional neural networks.
 
-    >>> import cnnc
-    >>> model = cnnc.compile("examples/lenet5.cnn")
-    >>> y = model.run(model.random_input(batch=2))
-    >>> model.to_onnx("lenet5.onnx")
+>>> import cnnc
+>>> model = cnnc.compile("examples/lenet5.cnn")
+>>> y = model.run(model.random_input(batch=2))
+>>> model.to_onnx("lenet5.onnx")
 """
 
 __version__ = "0.1.0"
 
-from cnnc.api import Model, compile, load, parse, read_input  # noqa: E402
-from cnnc.errors import CnncError  # noqa: E402
+from cnnc.api import Model, compile, load, parse, read_input
+from cnnc.errors import CnncError
 
 __all__ = ["CnncError", "Model", "__version__", "compile", "load", "parse", "read_input"]

@@ -46,8 +46,9 @@ def _is_path(source: str | Path) -> bool:
 class Model:
     """A compiled network: its IR graph with weights, ready to run, export or inspect."""
 
-    def __init__(self, graph: Graph, *, random_weights: bool = False,
-                 onnx_path: Path | None = None):
+    def __init__(
+        self, graph: Graph, *, random_weights: bool = False, onnx_path: Path | None = None
+    ):
         self.graph = graph
         self.random_weights = random_weights
         self.onnx_path = onnx_path  # the file an imported model came from
@@ -90,23 +91,28 @@ class Model:
             try:
                 import onnxruntime as ort
             except ImportError:
-                raise UsageError("onnxruntime is not installed",
-                                 hint="pip install onnxruntime, or use --backend numpy") from None
+                raise UsageError(
+                    "onnxruntime is not installed",
+                    hint="pip install onnxruntime, or use --backend numpy",
+                ) from None
             options = ort.SessionOptions()
             options.log_severity_level = 3
             if self.onnx_path is not None:
                 model = str(self.onnx_path)
             else:
                 model = self.to_onnx().SerializeToString()
-            self._ort_session = ort.InferenceSession(model, options,
-                                                     providers=["CPUExecutionProvider"])
+            self._ort_session = ort.InferenceSession(
+                model, options, providers=["CPUExecutionProvider"]
+            )
         return self._ort_session
 
     def to_onnx(self, path: str | Path | None = None, opset: int | None = None) -> onnx.ModelProto:
         """The ONNX model; with ``path``, also check it and write it there atomically."""
         from cnnc.backends import onnx_export
 
-        model = onnx_export.to_onnx(self.graph, onnx_export.DEFAULT_OPSET if opset is None else opset)
+        model = onnx_export.to_onnx(
+            self.graph, onnx_export.DEFAULT_OPSET if opset is None else opset
+        )
         if path is not None:
             onnx_export.save(model, path)
         return model
@@ -127,8 +133,13 @@ class Model:
         return f"<cnnc.Model {self.name}: {self.param_count():,} parameters>"
 
 
-def compile(source: str | Path, *, weights: str | Path | None = None, seed: int = 0,
-            network: str | None = None) -> Model:
+def compile(
+    source: str | Path,
+    *,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    network: str | None = None,
+) -> Model:
     """Compile a program into a Model.
 
     ``source`` is a path (a ``Path``, or a string without newlines or braces) or the
@@ -148,8 +159,13 @@ def compile(source: str | Path, *, weights: str | Path | None = None, seed: int 
     return Model(graph, random_weights=weights is None)
 
 
-def load(path: str | Path, *, weights: str | Path | None = None, seed: int = 0,
-         network: str | None = None) -> Model:
+def load(
+    path: str | Path,
+    *,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    network: str | None = None,
+) -> Model:
     """A Model from a file: an ONNX model (.onnx) or a program (anything else)."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
@@ -168,5 +184,6 @@ def read_input(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise InputError("input file not found", str(path)) from None
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read input array: {e}", str(path),
-                         hint="save it with numpy.save(path, array)") from None
+        raise InputError(
+            f"cannot read input array: {e}", str(path), hint="save it with numpy.save(path, array)"
+        ) from None

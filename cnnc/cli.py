@@ -43,13 +43,18 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("model", metavar="MODEL", help="a program (.cnn) or an ONNX model (.onnx)")
-    p.add_argument("--network", metavar="NAME",
-                   help="which network of the program (default: the last one)")
+    p.add_argument(
+        "--network", metavar="NAME", help="which network of the program (default: the last one)"
+    )
     if weights:
-        p.add_argument("--weights", metavar="FILE.npz",
-                       help="trained weights, tensors named <layer>.weight / <layer>.bias")
-        p.add_argument("--seed", type=int, default=0,
-                       help="seed of the random weights and input (default 0)")
+        p.add_argument(
+            "--weights",
+            metavar="FILE.npz",
+            help="trained weights, tensors named <layer>.weight / <layer>.bias",
+        )
+        p.add_argument(
+            "--seed", type=int, default=0, help="seed of the random weights and input (default 0)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,35 +62,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cnnc",
         description="cnnc compiles convolutional neural networks written in a short language "
-                    "to ONNX, and runs them in its own NumPy interpreter.",
+        "to ONNX, and runs them in its own NumPy interpreter.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="run `cnnc COMMAND --help` for the options and examples of each command",
     )
     parser.add_argument("--version", action="version", version=f"cnnc {cnnc.__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     p = command("compile", "compile a program to an ONNX model")
     _model_args(p)
-    p.add_argument("-o", "--output", metavar="OUT.onnx",
-                   help="output file (default: the program's name with .onnx)")
-    p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset to emit (default 17; 13 up to the newest supported)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.onnx",
+        help="output file (default: the program's name with .onnx)",
+    )
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset to emit (default 17; 13 up to the newest supported)",
+    )
 
     p = command("run", "run a program or an ONNX model on an input")
     _model_args(p)
     p.add_argument("--input", metavar="X.npy", help="input batch (default: seeded random)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the random input")
-    p.add_argument("--backend", choices=cnnc.api.BACKENDS, default="numpy",
-                   help="the NumPy interpreter (default) or onnxruntime")
-    p.add_argument("--compare", action="store_true",
-                   help="run both backends and check that they agree "
-                        f"(rtol {RTOL:g}, atol {ATOL:g})")
+    p.add_argument(
+        "--backend",
+        choices=cnnc.api.BACKENDS,
+        default="numpy",
+        help="the NumPy interpreter (default) or onnxruntime",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help=f"run both backends and check that they agree (rtol {RTOL:g}, atol {ATOL:g})",
+    )
     p.add_argument("--top", type=int, default=5, help="classes to print per item (default 5)")
     p.add_argument("-o", "--output", metavar="Y.npy", help="save the output array here")
 
@@ -98,11 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> cnnc.Model:
-    model = cnnc.load(args.model, weights=getattr(args, "weights", None),
-                      seed=getattr(args, "seed", 0), network=args.network)
+    model = cnnc.load(
+        args.model,
+        weights=getattr(args, "weights", None),
+        seed=getattr(args, "seed", 0),
+        network=args.network,
+    )
     if model.random_weights:
-        print(f"note: no --weights given; {model.name} runs with random He-normal weights "
-              f"(seed {args.seed})", file=sys.stderr)
+        print(
+            f"note: no --weights given; {model.name} runs with random He-normal weights "
+            f"(seed {args.seed})",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -161,8 +193,10 @@ def cmd_run(args) -> None:
         diff = float(np.max(np.abs(a - b))) if a.size else 0.0
         agree = a.shape == b.shape and np.allclose(a, b, rtol=RTOL, atol=ATOL)
         verdict = "agree" if agree else "DISAGREE"
-        print(f"numpy interpreter and onnxruntime {verdict}: max |difference| {diff:.3g} "
-              f"(rtol {RTOL:g}, atol {ATOL:g})")
+        print(
+            f"numpy interpreter and onnxruntime {verdict}: max |difference| {diff:.3g} "
+            f"(rtol {RTOL:g}, atol {ATOL:g})"
+        )
         if not agree:
             raise CnncError("the two backends disagree; this is a bug in cnnc, please report it")
     if args.output:

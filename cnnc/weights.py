@@ -60,11 +60,17 @@ def load(graph: Graph, path: str | Path) -> None:
     except FileNotFoundError:
         raise WeightsError("weights file not found", str(path)) from None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise WeightsError(f"cannot read weights file: {e}", str(path),
-                           hint="save weights with numpy.savez(path, **tensors)") from None
+        raise WeightsError(
+            f"cannot read weights file: {e}",
+            str(path),
+            hint="save weights with numpy.savez(path, **tensors)",
+        ) from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise WeightsError("weights file holds a single array, not named tensors", str(path),
-                           hint="save weights with numpy.savez(path, **tensors)")
+        raise WeightsError(
+            "weights file holds a single array, not named tensors",
+            str(path),
+            hint="save weights with numpy.savez(path, **tensors)",
+        )
     with archive:
         found = {n for n in archive.files if not n.endswith(IGNORED_SUFFIXES)}
         expected = graph.params
@@ -89,7 +95,8 @@ def load(graph: Graph, path: str | Path) -> None:
                 tensors[name] = array
     if problems:
         raise WeightsError(
-            f"weights do not fit network {graph.name}:\n  " + "\n  ".join(problems), str(path),
+            f"weights do not fit network {graph.name}:\n  " + "\n  ".join(problems),
+            str(path),
             hint="tensor names follow <layer>.weight and <layer>.bias; `cnnc summary` lists them",
         )
     for name, array in tensors.items():

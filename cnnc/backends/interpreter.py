@@ -60,17 +60,18 @@ class Interpreter:
             raise InputError(f"input %{value.name} must be a NumPy array, got {type(x).__name__}")
         if x.dtype != value.type.numpy_dtype or not value.type.matches(x.shape):
             raise InputError(
-                f"input %{value.name} expects {value.type}, got {x.dtype} "
-                f"{list(x.shape)}",
+                f"input %{value.name} expects {value.type}, got {x.dtype} {list(x.shape)}",
                 hint=f"the network takes {value.type.numpy_dtype} arrays shaped "
-                     f"(batch, {', '.join(str(d) for d in value.type.shape[1:])})",
+                f"(batch, {', '.join(str(d) for d in value.type.shape[1:])})",
             )
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
         """Run the graph on its inputs (one array per graph input); returns its outputs."""
         if len(inputs) != len(self.input_slots):
-            raise InputError(f"network {self.graph.name} takes {len(self.input_slots)} "
-                             f"input(s), got {len(inputs)}")
+            raise InputError(
+                f"network {self.graph.name} takes {len(self.input_slots)} "
+                f"input(s), got {len(inputs)}"
+            )
         env: list[np.ndarray | None] = [None] * self.n_slots
         for value, s, x in zip(self.graph.inputs, self.input_slots, inputs, strict=True):
             self.check_input(value, x)

@@ -56,8 +56,10 @@ class Window:
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         t, left, b, r = self.pads
-        return (window_output_size(h, kh, sh, t, b, dh, self.ceil),
-                window_output_size(w, kw, sw, left, r, dw, self.ceil))
+        return (
+            window_output_size(h, kh, sh, t, b, dh, self.ceil),
+            window_output_size(w, kw, sw, left, r, dw, self.ceil),
+        )
 
     def padded(self, x: np.ndarray, value: float, oh: int, ow: int) -> np.ndarray:
         """``x`` with its padding, extended at the end if ceil mode's last window needs it."""
@@ -69,7 +71,7 @@ class Window:
         if not (t or left or b or r):
             return x
         out = np.full((n, c, h + t + b, w + left + r), value, dtype=x.dtype)
-        out[:, :, t:t + h, left:left + w] = x
+        out[:, :, t : t + h, left : left + w] = x
         return out
 
     def taps(self, xp: np.ndarray, oh: int, ow: int):
@@ -77,14 +79,23 @@ class Window:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         for i in range(kh):
             for j in range(kw):
-                yield xp[:, :, i * dh:i * dh + (oh - 1) * sh + 1:sh,
-                         j * dw:j * dw + (ow - 1) * sw + 1:sw]
+                yield xp[
+                    :,
+                    :,
+                    i * dh : i * dh + (oh - 1) * sh + 1 : sh,
+                    j * dw : j * dw + (ow - 1) * sw + 1 : sw,
+                ]
 
 
 def _window(node: Node, kernel_shape) -> Window:
     a = node.attrs
-    return Window(tuple(kernel_shape), a["stride"], a["pads"], a.get("dilation", (1,) * len(kernel_shape)),
-                  a.get("ceil", False))
+    return Window(
+        tuple(kernel_shape),
+        a["stride"],
+        a["pads"],
+        a.get("dilation", (1,) * len(kernel_shape)),
+        a.get("ceil", False),
+    )
 
 
 # ---- convolution and fully connected ------------------------------------------------------
@@ -104,7 +115,7 @@ def conv(node: Node) -> Kernel:
 
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         oh, ow = win.output_size(h, w)
         if pointwise and sh == sw == 1:
             cols = x.reshape(n, groups, cg, h * w)
@@ -112,7 +123,8 @@ def conv(node: Node) -> Kernel:
             xp = win.padded(x, 0.0, oh, ow)
             s_n, s_c, s_h, s_w = xp.strides
             view = as_strided(
-                xp, (n, groups, cg, kh, kw, oh, ow),
+                xp,
+                (n, groups, cg, kh, kw, oh, ow),
                 (s_n, s_c * cg, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
                 writeable=False,
             )
@@ -158,8 +170,9 @@ def maxpool(node: Node) -> Kernel:
     return run
 
 
-def _avg_counts(size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int,
-                include_pad: bool) -> np.ndarray:
+def _avg_counts(
+    size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int, include_pad: bool
+) -> np.ndarray:
     """How many positions each window along one axis averages over."""
     start = np.arange(out) * s - pad_begin
     end = start + k
@@ -183,8 +196,10 @@ def avgpool(node: Node) -> Kernel:
         y = next(taps).copy()
         for tap in taps:
             y += tap
-        counts = np.outer(_avg_counts(h, oh, kh, sh, t, b, include_pad),
-                          _avg_counts(w, ow, kw, sw, left, r, include_pad))
+        counts = np.outer(
+            _avg_counts(h, oh, kh, sh, t, b, include_pad),
+            _avg_counts(w, ow, kw, sw, left, r, include_pad),
+        )
         y /= counts
         return win.drop(y)
 

@@ -23,8 +23,13 @@ DEFAULT_OPSET = 17
 # Protobuf cannot hold a message over 2 GiB; larger models keep their weights in a side file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
-_ELEM = {"f32": TensorProto.FLOAT, "f64": TensorProto.DOUBLE, "i64": TensorProto.INT64,
-         "i32": TensorProto.INT32, "bool": TensorProto.BOOL}
+_ELEM = {
+    "f32": TensorProto.FLOAT,
+    "f64": TensorProto.DOUBLE,
+    "i64": TensorProto.INT64,
+    "i32": TensorProto.INT32,
+    "bool": TensorProto.BOOL,
+}
 
 
 @cache
@@ -38,7 +43,7 @@ def onnxruntime_max_opset() -> int | None:
         probe = _probe_model(opset)
         try:
             ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: S112 (any refusal means this opset is too new for it)
+        except Exception:
             continue
         return opset
     return None
@@ -49,8 +54,9 @@ def _probe_model(opset: int) -> onnx.ModelProto:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
     opsets = [helper.make_opsetid("", opset)]
-    return helper.make_model(graph, opset_imports=opsets,
-                             ir_version=helper.find_min_ir_version_for(opsets))
+    return helper.make_model(
+        graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets)
+    )
 
 
 def max_opset() -> int:
@@ -73,7 +79,7 @@ def check_opset(opset: int) -> None:
         raise UsageError(
             f"opset {opset} is not supported: cnnc emits opsets {MIN_OPSET} to {high} "
             f"(the newest that {runtimes} support)",
-            hint=f"use --opset {DEFAULT_OPSET} (the default) or any opset from {MIN_OPSET} to {high}",
+            hint=f"use --opset {DEFAULT_OPSET} (the default) or one from {MIN_OPSET} to {high}",
         )
 
 
@@ -89,8 +95,9 @@ class Emitter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
 
-    def node(self, op_type: str, inputs: list[str], outputs: list[str], name: str,
-             **attrs: Any) -> None:
+    def node(
+        self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any
+    ) -> None:
         """Add an ONNX node of the default domain."""
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
 
@@ -100,8 +107,9 @@ class Emitter:
         return name
 
     def refuse(self, node: Node, what: str) -> UsageError:
-        return UsageError(f"node {node.name}: {what} cannot be expressed in ONNX opset "
-                          f"{self.opset}", node.loc)
+        return UsageError(
+            f"node {node.name}: {what} cannot be expressed in ONNX opset {self.opset}", node.loc
+        )
 
 
 EMITTERS: dict[str, Callable[[Emitter, Node], None]] = {}
@@ -132,8 +140,14 @@ def _window_attrs(node: Node, kernel: tuple[int, ...]) -> dict[str, Any]:
 @emitter("conv")
 def _conv(e: Emitter, node: Node) -> None:
     attrs = _window_attrs(node, node.inputs[1].shape[2:])
-    e.node("Conv", _names(node.inputs), _names(node.outputs), node.name,
-           group=node.attrs["groups"], **attrs)
+    e.node(
+        "Conv",
+        _names(node.inputs),
+        _names(node.outputs),
+        node.name,
+        group=node.attrs["groups"],
+        **attrs,
+    )
 
 
 @emitter("fc")
@@ -143,8 +157,14 @@ def _fc(e: Emitter, node: Node) -> None:
 
 @emitter("maxpool")
 def _maxpool(e: Emitter, node: Node) -> None:
-    e.node("MaxPool", _names(node.inputs), _names(node.outputs), node.name,
-           ceil_mode=int(node.attrs["ceil"]), **_window_attrs(node, node.attrs["kernel"]))
+    e.node(
+        "MaxPool",
+        _names(node.inputs),
+        _names(node.outputs),
+        node.name,
+        ceil_mode=int(node.attrs["ceil"]),
+        **_window_attrs(node, node.attrs["kernel"]),
+    )
 
 
 @emitter("avgpool")
@@ -152,9 +172,15 @@ def _avgpool(e: Emitter, node: Node) -> None:
     attrs = _window_attrs(node, node.attrs["kernel"])
     if "dilations" in attrs and e.opset < 19:
         raise e.refuse(node, "a dilated avgpool (ONNX AveragePool has dilations from opset 19)")
-    e.node("AveragePool", _names(node.inputs), _names(node.outputs), node.name,
-           ceil_mode=int(node.attrs["ceil"]),
-           count_include_pad=int(node.attrs["count_include_pad"]), **attrs)
+    e.node(
+        "AveragePool",
+        _names(node.inputs),
+        _names(node.outputs),
+        node.name,
+        ceil_mode=int(node.attrs["ceil"]),
+        count_include_pad=int(node.attrs["count_include_pad"]),
+        **attrs,
+    )
 
 
 @emitter("gap")
@@ -164,8 +190,7 @@ def _gap(e: Emitter, node: Node) -> None:
 
 @emitter("softmax")
 def _softmax(e: Emitter, node: Node) -> None:
-    e.node("Softmax", _names(node.inputs), _names(node.outputs), node.name,
-           axis=node.attrs["axis"])
+    e.node("Softmax", _names(node.inputs), _names(node.outputs), node.name, axis=node.attrs["axis"])
 
 
 @emitter("flatten")
@@ -180,8 +205,9 @@ def _dropout(e: Emitter, node: Node) -> None:
 
 
 for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}.items():
-    emitter(_op)(lambda e, node, t=_onnx: e.node(t, _names(node.inputs), _names(node.outputs),
-                                                  node.name))
+    emitter(_op)(
+        lambda e, node, t=_onnx: e.node(t, _names(node.inputs), _names(node.outputs), node.name)
+    )
 
 
 # ---- model ----------------------------------------------------------------------------------
@@ -204,7 +230,8 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     outputs = {id(v) for v in graph.outputs}
     value_info = [_value_info(v) for n in graph.nodes for v in n.outputs if id(v) not in outputs]
     onnx_graph = helper.make_graph(
-        e.nodes, graph.name,
+        e.nodes,
+        graph.name,
         [_value_info(v) for v in graph.inputs],
         [_value_info(v) for v in graph.outputs],
         initializer=initializers + e.initializers,
@@ -212,15 +239,19 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     )
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(
-        onnx_graph, opset_imports=opsets, producer_name="cnnc", producer_version=__version__,
+        onnx_graph,
+        opset_imports=opsets,
+        producer_name="cnnc",
+        producer_version=__version__,
         ir_version=helper.find_min_ir_version_for(opsets),
         doc_string=f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})",
     )
     return model
 
 
-def save(model: onnx.ModelProto, path: str | Path,
-         external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+def save(
+    model: onnx.ModelProto, path: str | Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> list[Path]:
     """Check a model and write it to ``path`` atomically; returns the files written.
 
     Models whose weights exceed ``external_threshold`` bytes keep them in
@@ -236,12 +267,20 @@ def save(model: onnx.ModelProto, path: str | Path,
         if data_name is None:
             onnx.save_model(model, staged)
         else:
-            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            onnx.save_model(
+                model,
+                staged,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except onnx.checker.ValidationError as e:
-            raise InternalError(f"the emitted model fails the ONNX checker: {e}", str(path)) from None
+            raise InternalError(
+                f"the emitted model fails the ONNX checker: {e}", str(path)
+            ) from None
         written = [path]
         if data_name is not None:
             os.replace(workdir / data_name, path.parent / data_name)

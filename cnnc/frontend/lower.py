@@ -18,16 +18,20 @@ from cnnc.ops.base import REQUIRED
 def select_network(program: Program, name: str | None = None) -> Network:
     """The network called ``name``, or the last network of the program."""
     if not program.networks:
-        raise LayerError("the program defines no network", Location(program.source, 1, 1),
-                         hint="write network name(input: CxHxW) { ... }")
+        raise LayerError(
+            "the program defines no network",
+            Location(program.source, 1, 1),
+            hint="write network name(input: CxHxW) { ... }",
+        )
     if name is None:
         return program.networks[-1]
     for net in program.networks:
         if net.name == name:
             return net
     known = ", ".join(n.name for n in program.networks)
-    raise LayerError(f"the program has no network {name!r}; it defines {known}",
-                     Location(program.source, 1, 1))
+    raise LayerError(
+        f"the program has no network {name!r}; it defines {known}", Location(program.source, 1, 1)
+    )
 
 
 def lower(program: Program, network: str | None = None) -> Graph:
@@ -50,7 +54,8 @@ class _Lowering:
             raise ShapeError(
                 f"input {net.input_name} is {'x'.join(map(str, net.input_shape))}; a network "
                 "takes C×L (1-D) or C×H×W (2-D) with every size at least 1",
-                net.shape_loc, hint="for example image: 3x224x224 or signal: 1x128",
+                net.shape_loc,
+                hint="for example image: 3x224x224 or signal: 1x128",
             )
         value = self.graph.add_input(net.input_name, TensorType("f32", (BATCH, *net.input_shape)))
         if not net.statements:
@@ -90,8 +95,11 @@ class _Lowering:
         if link.label in self.labels or link.label == self.net.input_name:
             first = self.labels.get(link.label)
             where = f" (first at line {first.line})" if first else " (it names the input)"
-            raise LayerError(f"name {link.label!r} is used twice{where}", link.label_loc,
-                             hint="give each layer its own name")
+            raise LayerError(
+                f"name {link.label!r} is used twice{where}",
+                link.label_loc,
+                hint="give each layer its own name",
+            )
         self.labels[link.label] = link.label_loc
         return link.label
 
@@ -101,8 +109,9 @@ def unknown_layer(call: Call) -> LayerError:
     known = sorted(all_layers())
     close = difflib.get_close_matches(call.name, known, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
-    return LayerError(f"unknown layer {call.name!r}", call.name_loc,
-                      hint=hint + "layers: " + ", ".join(known))
+    return LayerError(
+        f"unknown layer {call.name!r}", call.name_loc, hint=hint + "layers: " + ", ".join(known)
+    )
 
 
 def bind_args(layer: Layer, call: Call) -> tuple[dict[str, Any], dict[str, Location]]:
@@ -119,7 +128,8 @@ def bind_args(layer: Layer, call: Call) -> tuple[dict[str, Any], dict[str, Locat
                 raise LayerError(
                     f"{layer.keyword} takes {len(positional)} positional "
                     f"argument{'s' if len(positional) != 1 else ''} ({names}), got more",
-                    arg.loc, hint=f"name the others: {layer.signature}",
+                    arg.loc,
+                    hint=f"name the others: {layer.signature}",
                 )
             attr = positional[i]
         else:
@@ -128,8 +138,11 @@ def bind_args(layer: Layer, call: Call) -> tuple[dict[str, Any], dict[str, Locat
                 names = [a.name for a in layer.attrs]
                 close = difflib.get_close_matches(arg.name, names, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
-                raise LayerError(f"{layer.keyword} has no attribute {arg.name!r}", arg.loc,
-                                 hint=hint + f"{layer.keyword} takes: {layer.signature}")
+                raise LayerError(
+                    f"{layer.keyword} has no attribute {arg.name!r}",
+                    arg.loc,
+                    hint=hint + f"{layer.keyword} takes: {layer.signature}",
+                )
         if attr.name in args:
             raise LayerError(f"{attr.name} is given twice", arg.loc)
         args[attr.name] = convert(layer, attr, arg.value, arg.loc)
@@ -137,8 +150,11 @@ def bind_args(layer: Layer, call: Call) -> tuple[dict[str, Any], dict[str, Locat
     for attr in layer.attrs:
         if attr.name not in args:
             if attr.default is REQUIRED:
-                raise LayerError(f"{layer.keyword} needs {attr.name} ({attr.doc})", call.loc,
-                                 hint=f"{layer.keyword} takes: {layer.signature}")
+                raise LayerError(
+                    f"{layer.keyword} needs {attr.name} ({attr.doc})",
+                    call.loc,
+                    hint=f"{layer.keyword} takes: {layer.signature}",
+                )
             args[attr.name] = attr.default
     return args, locs
 

@@ -28,8 +28,14 @@ class Importer:
         self.values: dict[str, Value] = {}
         self.constants: dict[str, np.ndarray] = {}
 
-    def fail(self, node: onnx.NodeProto | None, message: str, hint: str | None = None) -> ModelFileError:
-        at = f"{self.where}: node {node.name or node.output[0]} ({node.op_type})" if node else self.where
+    def fail(
+        self, node: onnx.NodeProto | None, message: str, hint: str | None = None
+    ) -> ModelFileError:
+        at = (
+            f"{self.where}: node {node.name or node.output[0]} ({node.op_type})"
+            if node
+            else self.where
+        )
         return ModelFileError(message, at, hint)
 
     def value(self, node: onnx.NodeProto, name: str) -> Value:
@@ -42,8 +48,9 @@ class Importer:
     def param(self, name: str, array: np.ndarray) -> Value:
         """The parameter holding an initializer (made on first use)."""
         if name not in self.values:
-            value = self.graph.add_param(self.graph.unique_name(name), array.shape,
-                                         dtype=dtype_name(array.dtype))
+            value = self.graph.add_param(
+                self.graph.unique_name(name), array.shape, dtype=dtype_name(array.dtype)
+            )
             value.set_data(array)
             self.values[name] = value
         return self.values[name]
@@ -53,14 +60,25 @@ class Importer:
             raise self.fail(node, f"input {name!r} must be a constant (an initializer)")
         return self.constants[name]
 
-    def add(self, node: onnx.NodeProto, op: str, inputs: list[Value],
-            attrs: dict[str, Any] | None = None) -> None:
+    def add(
+        self,
+        node: onnx.NodeProto,
+        op: str,
+        inputs: list[Value],
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
         """Add the IR node for an ONNX node; its output keeps the ONNX output name."""
         base = node.name or node.output[0]
         try:
-            ir = self.graph.add_node(op, inputs, attrs, name=self.graph.unique_name(base),
-                                     output_names=[self.graph.unique_name(node.output[0])]
-                                     if node.output[0] != base else None)
+            ir = self.graph.add_node(
+                op,
+                inputs,
+                attrs,
+                name=self.graph.unique_name(base),
+                output_names=[self.graph.unique_name(node.output[0])]
+                if node.output[0] != base
+                else None,
+            )
         except CnncError as e:
             raise self.fail(node, e.message, e.hint) from None
         self.values[node.output[0]] = ir.output
@@ -90,8 +108,11 @@ def _inputs(imp: Importer, node: onnx.NodeProto) -> list[Value]:
 def _window(imp: Importer, node, attrs, kernel: tuple[int, ...]) -> dict[str, Any]:
     rank = len(kernel)
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise imp.fail(node, f"auto_pad={attrs['auto_pad']} is not supported yet",
-                       hint="export the model with explicit pads")
+        raise imp.fail(
+            node,
+            f"auto_pad={attrs['auto_pad']} is not supported yet",
+            hint="export the model with explicit pads",
+        )
     return {
         "stride": tuple(attrs.get("strides", (1,) * rank)),
         "pads": tuple(attrs.get("pads", (0,) * 2 * rank)),
@@ -103,8 +124,9 @@ def _window(imp: Importer, node, attrs, kernel: tuple[int, ...]) -> dict[str, An
 def _conv(imp: Importer, node, attrs) -> None:
     inputs = _inputs(imp, node)
     kernel = tuple(inputs[1].shape[2:])
-    imp.add(node, "conv", inputs, {**_window(imp, node, attrs, kernel),
-                                  "groups": attrs.get("group", 1)})
+    imp.add(
+        node, "conv", inputs, {**_window(imp, node, attrs, kernel), "groups": attrs.get("group", 1)}
+    )
 
 
 @importer("Gemm")
@@ -122,8 +144,11 @@ def _gemm(imp: Importer, node, attrs) -> None:
 @importer("MaxPool", "AveragePool")
 def _pool(imp: Importer, node, attrs) -> None:
     kernel = tuple(attrs["kernel_shape"])
-    ir = {**_window(imp, node, attrs, kernel), "kernel": kernel,
-          "ceil": bool(attrs.get("ceil_mode", 0))}
+    ir = {
+        **_window(imp, node, attrs, kernel),
+        "kernel": kernel,
+        "ceil": bool(attrs.get("ceil_mode", 0)),
+    }
     if node.op_type == "AveragePool":
         ir["count_include_pad"] = bool(attrs.get("count_include_pad", 0))
     if len(node.output) > 1 and node.output[1]:
@@ -155,7 +180,9 @@ def _flatten(imp: Importer, node, attrs) -> None:
 
 @importer("Dropout")
 def _dropout(imp: Importer, node, attrs) -> None:
-    ratio = float(imp.constant(node, node.input[1])) if len(node.input) > 1 and node.input[1] else 0.5
+    ratio = (
+        float(imp.constant(node, node.input[1])) if len(node.input) > 1 and node.input[1] else 0.5
+    )
     imp.add(node, "dropout", [imp.value(node, node.input[0])], {"ratio": ratio})
 
 
@@ -168,8 +195,9 @@ def _read(path: Path) -> onnx.ModelProto:
     except FileNotFoundError:
         raise ModelFileError("model file not found", str(path)) from None
     except (DecodeError, OSError, ValueError, RuntimeError) as e:
-        raise ModelFileError(f"not a readable ONNX model ({e.__class__.__name__}: {e})",
-                             str(path)) from None
+        raise ModelFileError(
+            f"not a readable ONNX model ({e.__class__.__name__}: {e})", str(path)
+        ) from None
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
@@ -181,8 +209,11 @@ def _read(path: Path) -> onnx.ModelProto:
 def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
     t = vi.type.tensor_type
     if t.elem_type not in _DTYPES:
-        raise imp.fail(None, f"input {vi.name} has element type "
-                             f"{onnx.TensorProto.DataType.Name(t.elem_type)}; only float is supported")
+        raise imp.fail(
+            None,
+            f"input {vi.name} has element type "
+            f"{onnx.TensorProto.DataType.Name(t.elem_type)}; only float is supported",
+        )
     dims = []
     for i, d in enumerate(t.shape.dim):
         if d.HasField("dim_value"):
@@ -208,9 +239,11 @@ def load_onnx(path: str | Path) -> Graph:
     for node in g.node:
         fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if fn is None:
-            raise imp.fail(node, f"op {node.domain + '.' if node.domain else ''}{node.op_type} "
-                                 "is not supported",
-                           hint="supported ops: " + ", ".join(sorted(IMPORTERS)))
+            raise imp.fail(
+                node,
+                f"op {node.domain + '.' if node.domain else ''}{node.op_type} is not supported",
+                hint="supported ops: " + ", ".join(sorted(IMPORTERS)),
+            )
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         fn(imp, node, attrs)
     imp.graph.outputs = [imp.value(None, o.name) for o in g.output]

@@ -1,4 +1,4 @@
-"""Program text -> AST, with lark's LALR parser and grammar/cnn.lark; syntax errors at their place."""
+"""Program text -> AST with lark's LALR parser (grammar/cnn.lark); syntax errors at their place."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def grammar_text() -> str:
     packaged = resources.files("cnnc") / "grammar" / "cnn.lark"
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parents[2] / "grammar" / "cnn.lark").read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[2] / "grammar" / "cnn.lark").read_text(
+        encoding="utf-8"
+    )
 
 
 @cache
@@ -121,8 +123,9 @@ class ToAst(Transformer):
     def network(self, meta, children):
         name, input_name, shape, *statements = children
         dims = tuple(int(d) for d in shape.split("x"))
-        return Network(str(name), str(input_name), dims, statements,
-                       _loc(self.source, meta), self._tok(shape))
+        return Network(
+            str(name), str(input_name), dims, statements, _loc(self.source, meta), self._tok(shape)
+        )
 
     def statement(self, meta, links):
         return Statement(list(links), _loc(self.source, meta))
@@ -194,14 +197,20 @@ def _syntax_error(e, source: Source) -> ParseError:
     if isinstance(e, lark.exceptions.UnexpectedCharacters):
         char = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else ""
         loc = Location(source, e.line, e.column, e.line, e.column + 1)
-        return ParseError(f"unexpected character {char!r}", loc,
-                          hint=f"expected {_expected(e.allowed)}" if e.allowed else None)
+        return ParseError(
+            f"unexpected character {char!r}",
+            loc,
+            hint=f"expected {_expected(e.allowed)}" if e.allowed else None,
+        )
     token = getattr(e, "token", None)
     if token is None or token.type == "$END":
         lines = source.text.splitlines() or [""]
         loc = Location(source, len(lines), len(lines[-1]) + 1)
-        return ParseError(f"unexpected end of file; expected {_expected(e.expected)}", loc,
-                          hint="a '{' may be missing its '}'" if "RBRACE" in e.expected else None)
+        return ParseError(
+            f"unexpected end of file; expected {_expected(e.expected)}",
+            loc,
+            hint="a '{' may be missing its '}'" if "RBRACE" in e.expected else None,
+        )
     loc = Location(source, token.line, token.column, token.end_line, token.end_column)
     kind = _FOUND_WORDS.get(token.type)
     found = f"{kind} '{token}'" if kind else f"'{token}'"

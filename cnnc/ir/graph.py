@@ -147,8 +147,13 @@ class Graph:
         self.inputs.append(value)
         return value
 
-    def add_param(self, name: str, shape: tuple[int, ...], init: tuple[str, int] | None = None,
-                  dtype: str = "f32") -> Value:
+    def add_param(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        init: tuple[str, int] | None = None,
+        dtype: str = "f32",
+    ) -> Value:
         """Declare a parameter tensor; ``init`` says how to initialise it without a weights file."""
         value = Value(self._claim(name), TensorType(dtype, tuple(shape)), "param")
         value.init = init

@@ -42,13 +42,16 @@ def dump(graph: Graph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(header: list[str], rows: list[list[str]], footer: list[str], right: set[int]
-           ) -> list[str]:
+def _table(
+    header: list[str], rows: list[list[str]], footer: list[str], right: set[int]
+) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows, footer]) for i in range(len(header))]
 
     def fmt(r: list[str]) -> str:
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
@@ -79,8 +82,9 @@ def summary(graph: Graph) -> str:
         if params:
             kinds[label] = kinds.get(label, 0) + params
         shape = "[" + ",".join(str(d) for d in node.output.type.shape) + "]"
-        rows.append([node.name, label, shape, f"{params:,}" if params else "",
-                     f"{macs:,}" if macs else ""])
+        rows.append(
+            [node.name, label, shape, f"{params:,}" if params else "", f"{macs:,}" if macs else ""]
+        )
     lines = [f"network {graph.name}  ({graph.opt_level})"]
     lines += [f"input  %{v.name} : {v.type}" for v in graph.inputs]
     lines.append("")
@@ -91,6 +95,8 @@ def summary(graph: Graph) -> str:
     lines.append(f"multiply-accumulates per item: {total_macs:,} ({_si(total_macs)}MAC)")
     if kinds:
         shares = sorted(kinds.items(), key=lambda kv: -kv[1])
-        lines.append("parameters by op: " + ", ".join(
-            f"{k} {v / total_params:.1%} ({v:,})" for k, v in shares))
+        lines.append(
+            "parameters by op: "
+            + ", ".join(f"{k} {v / total_params:.1%} ({v:,})" for k, v in shares)
+        )
     return "\n".join(lines) + "\n"

@@ -40,15 +40,16 @@ def verify(graph: Graph) -> None:
             fail(f"node {node.name} ({node.op}) no longer type-checks: {e.message}")
         actual = [v.type for v in node.outputs]
         if expected != actual:
-            fail(f"node {node.name} ({node.op}) has output types {actual}, "
-                 f"its shape rule gives {expected}")
+            fail(
+                f"node {node.name} ({node.op}) has output types {actual}, "
+                f"its shape rule gives {expected}"
+            )
         for out in node.outputs:
             if out.producer is not node:
                 fail(f"%{out.name} is an output of {node.name} but names another producer")
             defined.add(id(out))
             names[out.name] += 1
-    for v in [*graph.inputs, *graph.params.values(),
-              *(o for n in graph.nodes for o in n.outputs)]:
+    for v in [*graph.inputs, *graph.params.values(), *(o for n in graph.nodes for o in n.outputs)]:
         recorded = Counter(id(u) for u in v.users)
         if recorded != uses.get(id(v), Counter()):
             fail(f"the use list of %{v.name} does not match the nodes that read it")

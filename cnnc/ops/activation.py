@@ -42,11 +42,14 @@ ACTIVATIONS = {
 
 for _name, _formula in ACTIVATIONS.items():
     register_op(Elementwise(_name))
-    register_layer(Layer(
-        _name, (),
-        lambda ctx, x, op=_name: ctx.node(op, [x]),
-        f"Element-wise {_formula}.",
-    ))
+    register_layer(
+        Layer(
+            _name,
+            (),
+            lambda ctx, x, op=_name: ctx.node(op, [x]),
+            f"Element-wise {_formula}.",
+        )
+    )
 
 register_op(Softmax())
 
@@ -58,9 +61,11 @@ def build_softmax(ctx: LayerContext, x):
     return ctx.node("softmax", [x], {"axis": axis})
 
 
-register_layer(Layer(
-    "softmax",
-    (Attr("axis", "int", 1, positional=True, doc="the axis that sums to 1 (the channels)"),),
-    build_softmax,
-    "Class probabilities: exp(x) normalised to sum to 1 along the axis.",
-))
+register_layer(
+    Layer(
+        "softmax",
+        (Attr("axis", "int", 1, positional=True, doc="the axis that sums to 1 (the channels)"),),
+        build_softmax,
+        "Class probabilities: exp(x) normalised to sum to 1 along the axis.",
+    )
+)

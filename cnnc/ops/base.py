@@ -81,6 +81,7 @@ class Attr:
     positional: bool = False
     minimum: float | None = None
     doc: str = ""
+    default_text: str | None = None  # how the signature shows a computed default
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class Layer:
         for a in self.attrs:
             if a.default is REQUIRED:
                 parts.append(a.name)
+            elif a.default_text is not None:
+                parts.append(f"{a.name}={a.default_text}")
             else:
                 default = str(a.default).lower() if isinstance(a.default, bool) else a.default
                 parts.append(f"{a.name}={default}")
@@ -150,8 +153,9 @@ class LayerContext:
         """Declare the parameter ``<layer>.<suffix>``."""
         return self.graph.add_param(f"{self.name}.{suffix}", shape, init)
 
-    def node(self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
-             suffix: str = "") -> Value:
+    def node(
+        self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None, suffix: str = ""
+    ) -> Value:
         """Add a node named after the layer (plus ``suffix``) and return its output."""
         name = self.graph.unique_name(self.name + suffix)
         return self.graph.add_node(op, inputs, attrs, name=name, loc=self.loc).output

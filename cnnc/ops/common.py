@@ -9,8 +9,14 @@ from cnnc.ops.base import LayerContext
 LAYOUTS = {1: "N×C×L", 2: "N×C×H×W"}
 
 
-def resolve_pads(ctx: LayerContext, attr: str, in_type: TensorType, kernel: tuple[int, ...],
-                 stride: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+def resolve_pads(
+    ctx: LayerContext,
+    attr: str,
+    in_type: TensorType,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[int, ...]:
     """The ``pad`` argument as explicit ONNX pads ``(begin..., end...)``.
 
     Accepted forms: an int (every side); for 1-D ``(begin, end)``; for 2-D
@@ -38,21 +44,28 @@ def resolve_pads(ctx: LayerContext, attr: str, in_type: TensorType, kernel: tupl
         return (*value, *value)
     if len(value) == 2 * rank:
         return tuple(value)
-    forms = "an int or (begin, end)" if rank == 1 else "an int, (h, w) or (top, left, bottom, right)"
+    forms = (
+        "an int or (begin, end)" if rank == 1 else "an int, (h, w) or (top, left, bottom, right)"
+    )
     raise ctx.error(f"pad has {len(value)} values; a {rank}-D layer takes {forms}", attr)
 
 
-def window_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
-                       dilation: int = 1, ceil: bool = False) -> int:
-    """Output length of a sliding window along one axis (may be <= 0 for impossible shapes).
+def window_output_size(
+    size: int,
+    kernel: int,
+    stride: int,
+    pad_begin: int,
+    pad_end: int,
+    dilation: int = 1,
+    ceil: bool = False,
+) -> int:
+    """Output length of a sliding window along one axis; 0 or less when the window does not fit.
 
     In ceil mode the last window must start inside the input or its leading
     padding (the rule PyTorch and onnxruntime follow).
     """
     span = size + pad_begin + pad_end - (dilation * (kernel - 1) + 1)
-    if span < 0:
-        return 0
-    if not ceil:
+    if not ceil or span < 0:
         return span // stride + 1
     out = -(-span // stride) + 1
     if (out - 1) * stride >= size + pad_begin:
@@ -60,9 +73,15 @@ def window_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_
     return out
 
 
-def windowed_shape(op: str, x: TensorType, kernel: tuple[int, ...], stride: tuple[int, ...],
-                   pads: tuple[int, ...], dilation: tuple[int, ...], ceil: bool = False
-                   ) -> tuple[int, ...]:
+def windowed_shape(
+    op: str,
+    x: TensorType,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    pads: tuple[int, ...],
+    dilation: tuple[int, ...],
+    ceil: bool = False,
+) -> tuple[int, ...]:
     """Output spatial sizes of a conv or pool, with a ShapeError that shows the shapes."""
     rank = len(kernel)
     if x.rank != rank + 2:
@@ -72,30 +91,30 @@ def windowed_shape(op: str, x: TensorType, kernel: tuple[int, ...], stride: tupl
         raise ShapeError(f"{op} needs known spatial sizes, got {x}")
     padded = tuple(s + pads[i] + pads[i + rank] for i, s in enumerate(spatial))
     reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True))
-    shape = ",".join(str(d) for d in x.shape)
+    out = tuple(
+        window_output_size(s, k, st, pads[i], pads[i + rank], d, ceil)
+        for i, (s, k, st, d) in enumerate(zip(spatial, kernel, stride, dilation, strict=True))
+    )
     if any(r > p for r, p in zip(reach, padded, strict=True)):
         what = f"kernel {format_dims(kernel)}"
         if reach != kernel:
             what += f" (dilated to {format_dims(reach)})"
         where = "its input" if padded == spatial else "its padded input"
+        shape = ",".join(str(d) for d in x.shape)
         raise ShapeError(
-            f"{op} {what} is larger than {where} {format_dims(padded)} ({shape})",
+            f"{op} {what} is larger than {where} {format_dims(padded)} ({shape}): "
+            f"its output would be {format_dims(out)}",
             hint=f"drop this {op}, use a smaller kernel, or pad its input",
-        )
-    out = tuple(
-        window_output_size(s, k, st, pads[i], pads[i + rank], d, ceil)
-        for i, (s, k, st, d) in enumerate(zip(spatial, kernel, stride, dilation, strict=True))
-    )
-    if any(o <= 0 for o in out):
-        raise ShapeError(
-            f"{op} output would be {format_dims(out)} for input ({shape})",
-            hint="use a smaller stride or kernel, or pad the input",
         )
     return out
 
 
-def describe_window(kernel: tuple[int, ...], stride: tuple[int, ...] | None, pads: tuple[int, ...],
-                    dilation: tuple[int, ...]) -> str:
+def describe_window(
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...] | None,
+    pads: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> str:
     """Dump text for a windowed op: ``k=5x5 s=1 p=2,2,2,2 d=2``; defaults are left out."""
     parts = [f"k={format_dims(kernel)}"]
     if stride is not None:
@@ -111,11 +130,13 @@ def conv_out_channels_check(ctx: LayerContext, channels: int, out: int, groups: 
     """Groups must divide both channel counts."""
     if channels % groups:
         raise ctx.error(
-            f"groups={groups} does not divide the {channels} input channels", "groups",
+            f"groups={groups} does not divide the {channels} input channels",
+            "groups",
             hint=f"use a divisor of {channels}",
         )
     if out % groups:
         raise ctx.error(
-            f"groups={groups} does not divide the {out} output channels", "groups",
+            f"groups={groups} does not divide the {out} output channels",
+            "groups",
             hint=f"use a divisor of {out}",
         )

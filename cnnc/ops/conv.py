@@ -52,7 +52,9 @@ class Conv(OpDef):
 
     def describe(self, node) -> str:
         a = node.attrs
-        text = describe_window(tuple(node.inputs[1].shape[2:]), a["stride"], a["pads"], a["dilation"])
+        text = describe_window(
+            tuple(node.inputs[1].shape[2:]), a["stride"], a["pads"], a["dilation"]
+        )
         return text + (f" g={a['groups']}" if a["groups"] != 1 else "")
 
 
@@ -75,19 +77,23 @@ def build_conv(ctx: LayerContext, x):
     return ctx.node("conv", inputs, attrs)
 
 
-register_layer(Layer(
-    "conv",
-    (
-        Attr("out", "int", positional=True, minimum=1, doc="number of kernels (output channels)"),
-        Attr("kernel", "ints", positional=True, minimum=1, doc="kernel size: k, or (kh, kw)"),
-        Attr("stride", "ints", 1, minimum=1, doc="step between windows"),
-        Attr("pad", "pad", 0, minimum=0, doc="zero padding: see Padding"),
-        Attr("dilation", "ints", 1, minimum=1, doc="spacing between kernel taps"),
-        Attr("groups", "int", 1, minimum=1, doc="channel groups (groups=C is depthwise)"),
-        Attr("bias", "bool", True, doc="add a learned bias per output channel"),
-    ),
-    build_conv,
-    "Convolution, 1-D or 2-D following the input's rank. Weights <name>.weight "
-    "[out, C/groups, kh, kw] (OIHW; OIL in 1-D) and <name>.bias [out].",
-    has_params=True,
-))
+register_layer(
+    Layer(
+        "conv",
+        (
+            Attr(
+                "out", "int", positional=True, minimum=1, doc="number of kernels (output channels)"
+            ),
+            Attr("kernel", "ints", positional=True, minimum=1, doc="kernel size: k, or (kh, kw)"),
+            Attr("stride", "ints", 1, minimum=1, doc="step between windows"),
+            Attr("pad", "pad", 0, minimum=0, doc="zero padding: see Padding"),
+            Attr("dilation", "ints", 1, minimum=1, doc="spacing between kernel taps"),
+            Attr("groups", "int", 1, minimum=1, doc="channel groups (groups=C is depthwise)"),
+            Attr("bias", "bool", True, doc="add a learned bias per output channel"),
+        ),
+        build_conv,
+        "Convolution, 1-D or 2-D following the input's rank. Weights <name>.weight "
+        "[out, C/groups, kh, kw] (OIHW; OIL in 1-D) and <name>.bias [out].",
+        has_params=True,
+    )
+)

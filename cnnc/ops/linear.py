@@ -55,18 +55,24 @@ def build_fc(ctx: LayerContext, x):
     return ctx.node("fc", inputs)
 
 
-register_layer(Layer(
-    "fc",
-    (
-        Attr("out", "int", positional=True, minimum=1, doc="number of units"),
-        Attr("bias", "bool", True, doc="add a learned bias per unit"),
-    ),
-    build_fc,
-    "Fully connected layer. After a feature map it first flattens it in C, H, W order. "
-    "Weights <name>.weight [out, in] and <name>.bias [out], as torch.nn.Linear.",
-    has_params=True,
-))
-register_layer(Layer(
-    "flatten", (), lambda ctx, x: ctx.node("flatten", [x]),
-    "N×C×H×W -> N×(C·H·W), in C, H, W order.",
-))
+register_layer(
+    Layer(
+        "fc",
+        (
+            Attr("out", "int", positional=True, minimum=1, doc="number of units"),
+            Attr("bias", "bool", True, doc="add a learned bias per unit"),
+        ),
+        build_fc,
+        "Fully connected layer. After a feature map it first flattens it in C, H, W order. "
+        "Weights <name>.weight [out, in] and <name>.bias [out], as torch.nn.Linear.",
+        has_params=True,
+    )
+)
+register_layer(
+    Layer(
+        "flatten",
+        (),
+        lambda ctx, x: ctx.node("flatten", [x]),
+        "N×C×H×W -> N×(C·H·W), in C, H, W order.",
+    )
+)

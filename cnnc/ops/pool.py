@@ -27,8 +27,9 @@ class Pool(OpDef):
                 f"kernel {format_dims(kernel)} on every side",
                 hint="a window made only of padding has no value; pad less",
             )
-        out = windowed_shape(self.name, x, kernel, attrs["stride"], pads,
-                             attrs["dilation"], attrs["ceil"])
+        out = windowed_shape(
+            self.name, x, kernel, attrs["stride"], pads, attrs["dilation"], attrs["ceil"]
+        )
         return [x.with_shape((*x.shape[:2], *out))]
 
     def label(self, node) -> str:
@@ -66,8 +67,13 @@ def _pool_attrs(ctx: LayerContext, x, keyword: str) -> dict[str, Any]:
     stride = kernel if ctx["stride"] is None else ctx.spatial("stride", rank)
     dilation = ctx.spatial("dilation", rank) if "dilation" in ctx.args else (1,) * rank
     pads = resolve_pads(ctx, "pad", x.type, kernel, stride, dilation)
-    return {"kernel": kernel, "stride": stride, "pads": pads, "dilation": dilation,
-            "ceil": ctx["ceil"]}
+    return {
+        "kernel": kernel,
+        "stride": stride,
+        "pads": pads,
+        "dilation": dilation,
+        "ceil": ctx["ceil"],
+    }
 
 
 def build_maxpool(ctx: LayerContext, x):
@@ -87,27 +93,46 @@ def build_gap(ctx: LayerContext, x):
 
 _WINDOW = (
     Attr("kernel", "ints", positional=True, minimum=1, doc="window size: k, or (kh, kw)"),
-    Attr("stride", "ints", None, minimum=1, doc="step between windows (default: the kernel)"),
+    Attr("stride", "ints", None, minimum=1, doc="step between windows", default_text="kernel"),
     Attr("pad", "pad", 0, minimum=0, doc="padding, smaller than the kernel: see Padding"),
 )
 _CEIL = Attr("ceil", "bool", False, doc="round the output size up (a partial last window)")
 
-register_layer(Layer(
-    "maxpool",
-    (*_WINDOW, Attr("dilation", "ints", 1, minimum=1, doc="spacing between window taps"), _CEIL),
-    build_maxpool,
-    "Maximum over each window; padding never wins (it is -inf).",
-))
-register_layer(Layer(
-    "avgpool",
-    (*_WINDOW, _CEIL,
-     Attr("count_include_pad", "bool", True,
-          doc="padding counts in the divisor (PyTorch's default)")),
-    build_avgpool,
-    "Mean over each window.",
-))
-register_layer(Layer(
-    "gap", (), build_gap,
-    "Global average pooling: the mean of each channel, N×C×H×W -> N×C×1×1; "
-    "the tutorial's replacement for FC layers.",
-))
+register_layer(
+    Layer(
+        "maxpool",
+        (
+            *_WINDOW,
+            Attr("dilation", "ints", 1, minimum=1, doc="spacing between window taps"),
+            _CEIL,
+        ),
+        build_maxpool,
+        "Maximum over each window; padding never wins (it is -inf).",
+    )
+)
+register_layer(
+    Layer(
+        "avgpool",
+        (
+            *_WINDOW,
+            _CEIL,
+            Attr(
+                "count_include_pad",
+                "bool",
+                True,
+                doc="padding counts in the divisor (PyTorch's default)",
+            ),
+        ),
+        build_avgpool,
+        "Mean over each window.",
+    )
+)
+register_layer(
+    Layer(
+        "gap",
+        (),
+        build_gap,
+        "Global average pooling: the mean of each channel, N×C×H×W -> N×C×1×1; "
+        "the tutorial's replacement for FC layers.",
+    )
+)

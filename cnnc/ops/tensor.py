@@ -30,9 +30,11 @@ def build_dropout(ctx: LayerContext, x):
     return ctx.node("dropout", [x], {"ratio": float(ratio)})
 
 
-register_layer(Layer(
-    "dropout",
-    (Attr("ratio", "float", 0.5, positional=True, doc="probability of dropping in training"),),
-    build_dropout,
-    "Identity at inference (the probability is recorded for the exported model).",
-))
+register_layer(
+    Layer(
+        "dropout",
+        (Attr("ratio", "float", 0.5, positional=True, doc="probability of dropping in training"),),
+        build_dropout,
+        "Identity at inference (the probability is recorded for the exported model).",
+    )
+)

@@ -1,0 +1,65 @@
+"""Every example compiles, passes the ONNX checker, and runs the same in both backends."""
+
+from __future__ import annotations
+
+import re
+
+import onnx
+import pytest
+from conftest import EXAMPLES
+from helpers import assert_every_value_agrees
+
+import cnnc
+
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.cnn"))
+
+
+def test_the_examples_directory_holds_the_tutorial_networks():
+    names = {p.stem for p in EXAMPLE_FILES}
+    assert {
+        "tutorial_conv",
+        "conv1d",
+        "lenet5",
+        "alexnet",
+        "vgg16",
+        "fc_as_conv",
+        "gap_classifier",
+    } <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.stem)
+def test_example_compiles_to_a_model_that_passes_the_full_onnx_check(path, tmp_path):
+    out = tmp_path / f"{path.stem}.onnx"
+    cnnc.compile(path).to_onnx(out)
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.stem)
+def test_example_agrees_with_onnxruntime_on_every_value_at_batch_1_and_3(path):
+    model = cnnc.compile(path)
+    compared = assert_every_value_agrees(
+        model, model.random_input(1, seed=1), model.random_input(3, seed=3)
+    )
+    assert compared == len(model.graph.nodes)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("vgg16", 138_357_544), ("alexnet", 61_100_840), ("lenet5", 61_706)],
+)
+def test_parameter_count_matches_the_reference_implementation(name, params):
+    model = cnnc.compile(EXAMPLES / f"{name}.cnn")
+    assert model.param_count() == params
+    assert f"parameters: {params:,} " in model.summary()
+
+
+def test_tutorial_demo_gives_two_3x3_feature_maps():
+    model = cnnc.compile(EXAMPLES / "tutorial_conv.cnn")
+    assert model.run(model.random_input(1)).shape == (1, 2, 3, 3)
+    assert model.graph.params["demo.weight"].shape == (2, 3, 3, 3)
+
+
+def test_vgg16_summary_shows_the_fc_layers_hold_most_parameters():
+    text = cnnc.compile(EXAMPLES / "vgg16.cnn").summary()
+    assert "parameters by op: fc 89.4% (123,642,856), conv2d 10.6% (14,714,688)" in text
+    assert re.search(r"^fc6 +fc +\[N,4096\] +102,764,544 +102,760,448$", text, re.M)
