@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import onnx
 
     from cnnc.backends.interpreter import Interpreter
+    from cnnc.passes.manager import Options as PassOptions
 
 BACKENDS = ("numpy", "onnxruntime")
 
@@ -72,7 +73,9 @@ class Model:
         if backend == "numpy":
             return self.interpreter.run(x)[0]
         if backend == "onnxruntime":
-            self.interpreter.check_input(self.graph.inputs[0], x)
+            from cnnc.backends.interpreter import check_input
+
+            check_input(self.graph.inputs[0], x, self.graph.flexible_spatial)
             session = self._onnxruntime_session()
             return session.run(None, {session.get_inputs()[0].name: x})[0]
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -106,13 +109,20 @@ class Model:
             )
         return self._ort_session
 
-    def to_onnx(self, path: str | Path | None = None, opset: int | None = None) -> onnx.ModelProto:
-        """The ONNX model; with ``path``, also check it and write it there atomically."""
+    def to_onnx(
+        self,
+        path: str | Path | None = None,
+        opset: int | None = None,
+        inline_functions: bool = False,
+    ) -> onnx.ModelProto:
+        """The ONNX model; with ``path``, also check it and write it there atomically.
+
+        Fused ops are model-local functions of standard ops unless ``inline_functions``.
+        """
         from cnnc.backends import onnx_export
 
-        model = onnx_export.to_onnx(
-            self.graph, onnx_export.DEFAULT_OPSET if opset is None else opset
-        )
+        opset = onnx_export.DEFAULT_OPSET if opset is None else opset
+        model = onnx_export.to_onnx(self.graph, opset, inline_functions)
         if path is not None:
             onnx_export.save(model, path)
         return model
@@ -125,6 +135,37 @@ class Model:
         """A table of layers with output shapes, parameter counts and multiply-accumulates."""
         return printer.summary(self.graph)
 
+    def fully_conv_report(self, input_size: tuple[int, ...] | None = None) -> str:
+        """Output stride and receptive field of one cell of a fully convolutional model, and
+        the size of its score map for an input of spatial size ``input_size``."""
+        from cnnc.passes.convolutionalize import output_shape_for, padded_layers, receptive_field
+
+        if not self.graph.flexible_spatial:
+            raise UsageError("the model is not fully convolutional; compile it with --fully-conv")
+        stride, field = receptive_field(self.graph)
+        dims = "x".join
+        lines = [
+            f"fully convolutional: output stride {dims(map(str, stride))}, receptive field "
+            f"{dims(map(str, field))} (each output cell scores one "
+            f"{dims(map(str, field))} window; windows are {dims(map(str, stride))} apart)"
+        ]
+        if input_size is not None:
+            shape = output_shape_for(self.graph, tuple(input_size))
+            lines.append(
+                f"an input of {dims(map(str, input_size))} gives a score map "
+                f"[{','.join(map(str, shape))}]"
+            )
+        padded = padded_layers(self.graph)
+        if padded:
+            lines.append(
+                f"note: {', '.join(padded)} pad or round up, so a cell is not exactly the "
+                "classifier run on a crop: on a crop, the classifier sees zero padding where "
+                "the larger image has pixels"
+            )
+        else:
+            lines.append("no layer pads: every cell equals the classifier run on its window")
+        return "\n".join(lines)
+
     def param_count(self) -> int:
         """Number of parameter values."""
         return self.graph.param_count()
@@ -133,18 +174,40 @@ class Model:
         return f"<cnnc.Model {self.name}: {self.param_count():,} parameters>"
 
 
+def optimize(
+    graph: Graph,
+    opt_level: int = 2,
+    passes: list[str] | None = None,
+    fully_conv: bool = False,
+    options: PassOptions | None = None,
+) -> None:
+    """Run a pipeline on a graph in place: ``passes`` by name, or those of ``opt_level``;
+    ``fully_conv`` adds convolutionalize."""
+    from cnnc.passes.manager import pipeline, run_passes
+
+    names = pipeline(opt_level, passes, fully_conv)
+    graph.opt_level = "--passes" if passes is not None else f"-O{opt_level}"
+    run_passes(graph, names, options)
+
+
 def compile(
     source: str | Path,
     *,
     weights: str | Path | None = None,
     seed: int = 0,
     network: str | None = None,
+    opt_level: int = 2,
+    passes: list[str] | None = None,
+    fully_conv: bool = False,
+    pass_options: PassOptions | None = None,
 ) -> Model:
     """Compile a program into a Model.
 
     ``source`` is a path (a ``Path``, or a string without newlines or braces) or the
     program text itself. Without ``weights`` (an .npz file of tensors named
     ``<layer>.weight`` and ``<layer>.bias``) the weights are seeded He-normal.
+    The graph is optimized at ``opt_level`` (0, 1 or 2), or by the named ``passes``;
+    ``fully_conv`` makes the classifier fully convolutional.
     """
     if _is_path(source):
         path = Path(source)
@@ -156,6 +219,7 @@ def compile(
         weights_mod.load(graph, weights)
     else:
         weights_mod.initialize(graph, seed)
+    optimize(graph, opt_level, passes, fully_conv, pass_options)
     return Model(graph, random_weights=weights is None)
 
 
@@ -165,16 +229,33 @@ def load(
     weights: str | Path | None = None,
     seed: int = 0,
     network: str | None = None,
+    opt_level: int = 2,
+    passes: list[str] | None = None,
+    fully_conv: bool = False,
+    pass_options: PassOptions | None = None,
 ) -> Model:
-    """A Model from a file: an ONNX model (.onnx) or a program (anything else)."""
+    """A Model from a file: an ONNX model (.onnx) or a program (anything else), optimized
+    as :func:`compile` does."""
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        if weights is not None:
-            raise UsageError("an ONNX model carries its own weights; --weights applies to programs")
-        from cnnc.frontend.onnx_import import load_onnx
+    if path.suffix.lower() != ".onnx":
+        return compile(
+            path,
+            weights=weights,
+            seed=seed,
+            network=network,
+            opt_level=opt_level,
+            passes=passes,
+            fully_conv=fully_conv,
+            pass_options=pass_options,
+        )
+    if weights is not None:
+        raise UsageError("an ONNX model carries its own weights; --weights applies to programs")
+    from cnnc.frontend.onnx_import import load_onnx
 
-        return Model(load_onnx(path), onnx_path=path)
-    return compile(path, weights=weights, seed=seed, network=network)
+    graph = load_onnx(path)
+    optimize(graph, opt_level, passes, fully_conv, pass_options)
+    # onnxruntime runs the file itself unless a pass rewrote the graph.
+    return Model(graph, onnx_path=None if graph.pipeline else path)
 
 
 def read_input(path: str | Path) -> np.ndarray:

@@ -12,6 +12,8 @@ import numpy as np
 
 import cnnc
 from cnnc.errors import CnncError, UsageError
+from cnnc.passes.manager import PASSES
+from cnnc.passes.manager import Options as PassOptions
 
 EXAMPLES = {
     "compile": """examples:
@@ -41,20 +43,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, default_level: int = 2) -> None:
     p.add_argument("model", metavar="MODEL", help="a program (.cnn) or an ONNX model (.onnx)")
     p.add_argument(
         "--network", metavar="NAME", help="which network of the program (default: the last one)"
     )
-    if weights:
-        p.add_argument(
-            "--weights",
-            metavar="FILE.npz",
-            help="trained weights, tensors named <layer>.weight / <layer>.bias",
+    p.add_argument(
+        "--weights",
+        metavar="FILE.npz",
+        help="trained weights, tensors named <layer>.weight / <layer>.bias",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights and input (default 0)"
+    )
+    opt = p.add_argument_group("optimization")
+    levels = opt.add_mutually_exclusive_group()
+    for level, what in ((0, "no passes"), (1, "clean-ups"), (2, "every optimization")):
+        default = " (the default)" if level == default_level else ""
+        levels.add_argument(
+            f"-O{level}",
+            dest="opt_level",
+            action="store_const",
+            const=level,
+            help=f"{what}{default}",
         )
-        p.add_argument(
-            "--seed", type=int, default=0, help="seed of the random weights and input (default 0)"
-        )
+    levels.add_argument(
+        "--passes", type=_names, metavar="A,B,...", help="run exactly these passes, in this order"
+    )
+    p.set_defaults(opt_level=default_level)
+    opt.add_argument(
+        "--fully-conv",
+        action="store_true",
+        help="make the classifier fully convolutional: any larger input gives a map of scores",
+    )
+    opt.add_argument(
+        "--print-ir-after",
+        type=_names,
+        default=[],
+        metavar="PASS",
+        help="print the IR (on stderr) after these passes",
+    )
+    opt.add_argument(
+        "--print-ir-after-all", action="store_true", help="print the IR after every pass"
+    )
+    opt.add_argument(
+        "--verify-each",
+        action="store_true",
+        help="check on a random input that each pass leaves the outputs unchanged",
+    )
+
+
+def _names(text: str) -> list[str]:
+    return [n for n in text.split(",") if n]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="cnnc compiles convolutional neural networks written in a short language "
         "to ONNX, and runs them in its own NumPy interpreter.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="run `cnnc COMMAND --help` for the options and examples of each command",
+        epilog="run `cnnc COMMAND --help` for the options and examples of each command; "
+        f"passes: {', '.join(PASSES)}",
     )
     parser.add_argument("--version", action="version", version=f"cnnc {cnnc.__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
@@ -95,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ONNX opset to emit (default 17; 13 up to the newest supported)",
     )
+    p.add_argument(
+        "--inline-functions",
+        action="store_true",
+        help="write fused ops as their standard ONNX ops instead of model-local functions",
+    )
 
     p = command("run", "run a program or an ONNX model on an input")
     _model_args(p)
@@ -116,20 +162,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("dump", "print the IR of a program or an ONNX model")
     _model_args(p)
+    p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
 
     p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
-    _model_args(p)
+    _model_args(p, default_level=0)
+    p.add_argument(
+        "--input-size",
+        type=_size,
+        metavar="HxW",
+        help="with --fully-conv: the size of the score map for this input size",
+    )
     return parser
 
 
-def _load(args) -> cnnc.Model:
+def _size(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 448x448, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive sizes such as 448x448, got {text!r}")
+    return dims
+
+
+def _load(args, notice: bool = True) -> cnnc.Model:
+    options = PassOptions(
+        print_after=set(args.print_ir_after),
+        print_after_all=args.print_ir_after_all,
+        verify_each=args.verify_each,
+        stop_after=getattr(args, "after", None),
+        seed=args.seed,
+        printer=lambda text: print(text, file=sys.stderr),
+    )
     model = cnnc.load(
         args.model,
-        weights=getattr(args, "weights", None),
-        seed=getattr(args, "seed", 0),
+        weights=args.weights,
+        seed=args.seed,
         network=args.network,
+        opt_level=args.opt_level,
+        passes=args.passes,
+        fully_conv=args.fully_conv,
+        pass_options=options,
     )
-    if model.random_weights:
+    if notice and model.random_weights:
         print(
             f"note: no --weights given; {model.name} runs with random He-normal weights "
             f"(seed {args.seed})",
@@ -145,7 +220,7 @@ def cmd_compile(args) -> None:
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist", str(out))
-    model.to_onnx(out, opset=args.opset)
+    model.to_onnx(out, opset=args.opset, inline_functions=args.inline_functions)
     size = sum(f.stat().st_size for f in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 1e6:,.1f} MB, {model.param_count():,} parameters)")
 
@@ -205,11 +280,16 @@ def cmd_run(args) -> None:
 
 
 def cmd_dump(args) -> None:
-    print(cnnc.load(args.model, network=args.network).dump(), end="")
+    print(_load(args, notice=False).dump(), end="")
 
 
 def cmd_summary(args) -> None:
-    print(cnnc.load(args.model, network=args.network).summary(), end="")
+    model = _load(args, notice=False)
+    print(model.summary(), end="")
+    if args.fully_conv:
+        print(model.fully_conv_report(args.input_size))
+    elif args.input_size:
+        raise UsageError("--input-size applies with --fully-conv")
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "dump": cmd_dump, "summary": cmd_summary}

@@ -25,6 +25,8 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
 
     ``he_normal``: N(0, 2 / fan_in), He et al. 2015, for weights before a ReLU.
     ``uniform``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's bias default.
+    ``bn_scale``: U(0.5, 1.5) and ``bn_shift``: N(0, 0.1²), for batch-norm scales and
+    variances, shifts and means: trained statistics are never the identity either.
     """
     kind, fan_in = param.init or ("he_normal", 1)
     rng = _rng(seed, param.name)
@@ -34,6 +36,10 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
     if kind == "uniform":
         bound = 1.0 / np.sqrt(fan_in)
         return rng.uniform(-bound, bound, shape).astype(np.float32)
+    if kind == "bn_scale":
+        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    if kind == "bn_shift":
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
     raise AssertionError(f"init rule {kind}")
 
 

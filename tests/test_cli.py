@@ -207,12 +207,15 @@ def test_dump_is_the_same_from_run_to_run():
     first, second = run_cnnc("dump", LENET), run_cnnc("dump", LENET)
     assert first.returncode == 0
     assert first.stdout == second.stdout
-    assert first.stdout.startswith("network lenet5  (-O0)\n  input  %image : f32[N,1,28,28]\n")
+    assert first.stdout.startswith(
+        "network lenet5  (-O2: remove-identity, fold-bn, fc-to-conv, fuse-conv-act, dce)\n"
+        "  input  %image : f32[N,1,28,28]\n"
+    )
 
 
 def test_dump_of_an_onnx_file(tmp_path):
-    assert run_cnnc("compile", LENET, "-o", tmp_path / "l.onnx").returncode == 0
-    proc = run_cnnc("dump", tmp_path / "l.onnx")
+    assert run_cnnc("compile", LENET, "-O0", "-o", tmp_path / "l.onnx").returncode == 0
+    proc = run_cnnc("dump", tmp_path / "l.onnx", "-O0")
     assert proc.returncode == 0
     assert "%c1         : f32[N,6,28,28]  = conv2d(%image, c1.weight, c1.bias)" in proc.stdout
 

@@ -102,6 +102,13 @@ CASES = [
     ),
     ("  fc(10) -> maxpool(2)", LayerError, 2, 13, "maxpool needs a feature map"),
     ("  softmax(axis=4)", LayerError, 2, 11, "softmax axis 4 is out of range for its input"),
+    (
+        "  softmax(axis=0)",
+        LayerError,
+        2,
+        11,
+        "softmax over the batch axis would make each item depend on the others",
+    ),
     ("  dropout(1.5)", LayerError, 2, 11, "dropout probability must be in [0, 1), got 1.5"),
     ("  c1: conv(8, 3)\n  c1: relu", LayerError, 3, 3, "name 'c1' is used twice (first at line 2)"),
     ("  x: relu", LayerError, 2, 3, "name 'x' is used twice (it names the input)"),
@@ -120,7 +127,7 @@ def test_mistake_is_reported_at_its_place(body, kind, line, col, message):
 
 def test_unknown_layer_suggests_the_closest_and_lists_all():
     err = compile_error("  maxpol(2)")
-    assert err.hint.startswith("did you mean maxpool? layers: avgpool, conv,")
+    assert err.hint.startswith("did you mean maxpool? layers: avgpool, bn, conv,")
 
 
 def test_unknown_attribute_hint_shows_the_signature():

@@ -26,6 +26,29 @@ class NodeFailure(CnncError):
     """A kernel failed while running a node (for example, out of memory)."""
 
 
+def check_input(value: Value, x: np.ndarray, flexible_spatial: bool = False) -> None:
+    """Raise InputError if ``x`` does not fit graph input ``value``.
+
+    With ``flexible_spatial`` (a fully convolutional network) the spatial sizes
+    may be larger than declared.
+    """
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"input %{value.name} must be a NumPy array, got {type(x).__name__}")
+    t = value.type
+    fits = t.matches(x.shape)
+    if flexible_spatial and not fits and x.ndim == t.rank:
+        fits = t.with_shape((*t.shape[:2], *x.shape[2:])).matches(x.shape) and all(
+            s >= d for s, d in zip(x.shape[2:], t.spatial, strict=True)
+        )
+    if x.dtype != t.numpy_dtype or not fits:
+        at_least = " (spatial sizes at least as large)" if flexible_spatial else ""
+        raise InputError(
+            f"input %{value.name} expects {t}{at_least}, got {x.dtype} {list(x.shape)}",
+            hint=f"the network takes {t.numpy_dtype} arrays shaped "
+            f"(batch, {', '.join(str(d) for d in t.shape[1:])})",
+        )
+
+
 class Interpreter:
     """A prepared graph: weights laid out for the kernels and every value's last use known."""
 
@@ -54,19 +77,22 @@ class Interpreter:
         self.output_slots = [slot(v) for v in graph.outputs]
         self.n_slots = len(slots)
 
-    def check_input(self, value: Value, x: np.ndarray) -> None:
-        """Raise InputError if ``x`` does not fit graph input ``value``."""
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"input %{value.name} must be a NumPy array, got {type(x).__name__}")
-        if x.dtype != value.type.numpy_dtype or not value.type.matches(x.shape):
-            raise InputError(
-                f"input %{value.name} expects {value.type}, got {x.dtype} {list(x.shape)}",
-                hint=f"the network takes {value.type.numpy_dtype} arrays shaped "
-                f"(batch, {', '.join(str(d) for d in value.type.shape[1:])})",
-            )
-
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
         """Run the graph on its inputs (one array per graph input); returns its outputs."""
+        env = self._execute(inputs, free=True)
+        return [env[s] for s in self.output_slots]
+
+    def run_all(self, *inputs: np.ndarray) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Run the graph keeping every value: its outputs, and each node output by name."""
+        env = self._execute(inputs, free=False)
+        values = {
+            v.name: env[s]
+            for step in self.steps
+            for v, s in zip(step.node.outputs, step.outputs, strict=True)
+        }
+        return [env[s] for s in self.output_slots], values
+
+    def _execute(self, inputs: tuple[np.ndarray, ...], free: bool) -> list[np.ndarray | None]:
         if len(inputs) != len(self.input_slots):
             raise InputError(
                 f"network {self.graph.name} takes {len(self.input_slots)} "
@@ -74,7 +100,7 @@ class Interpreter:
             )
         env: list[np.ndarray | None] = [None] * self.n_slots
         for value, s, x in zip(self.graph.inputs, self.input_slots, inputs, strict=True):
-            self.check_input(value, x)
+            check_input(value, x, self.graph.flexible_spatial)
             env[s] = x
         for step in self.steps:
             try:
@@ -88,6 +114,7 @@ class Interpreter:
             else:
                 for s, r in zip(step.outputs, results, strict=True):
                     env[s] = r
-            for s in step.free:
-                env[s] = None
-        return [env[s] for s in self.output_slots]
+            if free:
+                for s in step.free:
+                    env[s] = None
+        return env

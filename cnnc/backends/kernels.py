@@ -112,6 +112,8 @@ def conv(node: Node) -> Kernel:
     bias = node.inputs[2].data.reshape(1, k, 1) if len(node.inputs) > 2 else None
     (sh, sw), (dh, dw) = win.stride, win.dilation
     pointwise = kh == kw == 1 and not any(win.pads)
+    fused = node.attrs.get("activation")
+    activation = ELEMENTWISE[fused] if fused else None
 
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
@@ -132,6 +134,8 @@ def conv(node: Node) -> Kernel:
         y = np.matmul(wmat, cols).reshape(n, k, oh * ow)
         if bias is not None:
             y += bias
+        if activation is not None:
+            activation(y, out=y)
         return win.drop(y.reshape(n, k, oh, ow))
 
     return run
@@ -171,21 +175,19 @@ def maxpool(node: Node) -> Kernel:
 
 
 def _avg_counts(
-    size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int, include_pad: bool
+    size: int, out: int, k: int, s: int, d: int, pad_begin: int, pad_end: int, include_pad: bool
 ) -> np.ndarray:
-    """How many positions each window along one axis averages over."""
-    start = np.arange(out) * s - pad_begin
-    end = start + k
-    if include_pad:
-        return (np.minimum(end, size + pad_end) - start).astype(np.float32)
-    return (np.minimum(end, size) - np.maximum(start, 0)).astype(np.float32)
+    """How many taps of each window along one axis land on values it averages over."""
+    taps = (np.arange(out) * s - pad_begin)[:, None] + np.arange(k) * d
+    low, high = (-pad_begin, size + pad_end) if include_pad else (0, size)
+    return ((taps >= low) & (taps < high)).sum(axis=1).astype(np.float32)
 
 
 @kernel("avgpool")
 def avgpool(node: Node) -> Kernel:
     win = _window(node, node.attrs["kernel"])
     include_pad = node.attrs["count_include_pad"]
-    (kh, kw), (sh, sw) = win.kernel, win.stride
+    (kh, kw), (sh, sw), (dh, dw) = win.kernel, win.stride, win.dilation
     t, left, b, r = win.pads
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -197,8 +199,8 @@ def avgpool(node: Node) -> Kernel:
         for tap in taps:
             y += tap
         counts = np.outer(
-            _avg_counts(h, oh, kh, sh, t, b, include_pad),
-            _avg_counts(w, ow, kw, sw, left, r, include_pad),
+            _avg_counts(h, oh, kh, sh, dh, t, b, include_pad),
+            _avg_counts(w, ow, kw, sw, dw, left, r, include_pad),
         )
         y /= counts
         return win.drop(y)
@@ -217,20 +219,30 @@ def gap(node: Node) -> Kernel:
 # ---- element-wise and the rest -------------------------------------------------------------
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # exp of -|x| never overflows; both branches are exact in their half of the line.
+def _sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    # exp of -|x| never overflows; both quotients are exact in their half of the line.
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+    return np.divide(np.where(x >= 0, 1, e), 1 + e, out=out)
 
 
-ELEMENTWISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "relu": lambda x: np.maximum(x, 0),
+# Each takes ``out`` so that a conv can apply its fused activation in place.
+ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
+    "relu": lambda x, out=None: np.maximum(x, 0, out=out),
     "sigmoid": _sigmoid,
     "tanh": np.tanh,
 }
 
 for _op, _fn in ELEMENTWISE.items():
     kernel(_op)(lambda node, fn=_fn: fn)
+
+
+@kernel("bn")
+def bn(node: Node) -> Kernel:
+    weight, bias, mean, var = (v.data for v in node.inputs[1:])
+    scale = weight / np.sqrt(var + np.float32(node.attrs["epsilon"]))
+    per_channel = (-1, *(1,) * (node.inputs[0].type.rank - 2))
+    scale, shift = scale.reshape(per_channel), (bias - mean * scale).reshape(per_channel)
+    return lambda x: x * scale + shift
 
 
 @kernel("softmax")

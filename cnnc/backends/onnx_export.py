@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from cnnc import __version__
 from cnnc.errors import InternalError, UsageError
 from cnnc.ir.graph import Graph, Node, Value
+from cnnc.ops.activation import fused_function_name
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
@@ -89,17 +90,27 @@ def check_opset(opset: int) -> None:
 class Emitter:
     """Collects the ONNX nodes and initializers of one graph."""
 
-    def __init__(self, graph: Graph, opset: int):
+    def __init__(self, graph: Graph, opset: int, inline_functions: bool = False):
         self.graph = graph
         self.opset = opset
+        self.inline_functions = inline_functions
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.functions: dict[str, onnx.FunctionProto] = {}
 
     def node(
-        self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any
+        self,
+        op_type: str,
+        inputs: list[str],
+        outputs: list[str],
+        name: str,
+        domain: str = "",
+        **attrs: Any,
     ) -> None:
-        """Add an ONNX node of the default domain."""
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+        """Add an ONNX node (of the default domain unless ``domain`` says otherwise)."""
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs)
+        )
 
     def constant(self, name: str, array: np.ndarray) -> str:
         """Add an initializer that is not an IR parameter (for example Dropout's ratio)."""
@@ -137,17 +148,58 @@ def _window_attrs(node: Node, kernel: tuple[int, ...]) -> dict[str, Any]:
     return attrs
 
 
+# IR activation ops and their ONNX ops; IR attributes keep ONNX's attribute names.
+ACTIVATION_OPS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
+FUNCTION_DOMAIN = "cnnc"
+_CONV_ATTRS = {
+    "kernel_shape": AttributeProto.INTS,
+    "strides": AttributeProto.INTS,
+    "pads": AttributeProto.INTS,
+    "dilations": AttributeProto.INTS,
+    "group": AttributeProto.INT,
+}
+
+
+def _fused_function(e: Emitter, activation: str, act_attrs: dict[str, Any]) -> str:
+    """The model-local function Conv+activation: standard Conv and activation ops, whose
+    attributes refer to the call's, so one function serves every such conv."""
+    name = fused_function_name(activation)
+    if name not in e.functions:
+        conv = helper.make_node("Conv", ["X", "W", "B"], ["T"])
+        conv.attribute.extend(helper.make_attribute_ref(a, t) for a, t in _CONV_ATTRS.items())
+        act = helper.make_node(ACTIVATION_OPS[activation], ["T"], ["Y"])
+        act.attribute.extend(helper.make_attribute_ref(a, AttributeProto.FLOAT) for a in act_attrs)
+        e.functions[name] = helper.make_function(
+            FUNCTION_DOMAIN,
+            name,
+            ["X", "W", "B"],
+            ["Y"],
+            [conv, act],
+            [helper.make_opsetid("", e.opset)],
+            attributes=[*_CONV_ATTRS, *act_attrs],
+            doc_string=f"Conv followed by {ACTIVATION_OPS[activation]} (cnnc fuse-conv-act)",
+        )
+    return name
+
+
 @emitter("conv")
 def _conv(e: Emitter, node: Node) -> None:
-    attrs = _window_attrs(node, node.inputs[1].shape[2:])
-    e.node(
-        "Conv",
-        _names(node.inputs),
-        _names(node.outputs),
-        node.name,
-        group=node.attrs["groups"],
-        **attrs,
-    )
+    attrs = {**_window_attrs(node, node.inputs[1].shape[2:]), "group": node.attrs["groups"]}
+    inputs, outputs = _names(node.inputs), _names(node.outputs)
+    activation = node.attrs.get("activation")
+    if activation is None:
+        e.node("Conv", inputs, outputs, node.name, **attrs)
+        return
+    act_attrs = node.attrs["activation_attrs"]
+    if e.inline_functions:
+        pre = f"{node.name}.preact"
+        e.node("Conv", inputs, [pre], f"{node.name}.conv", **attrs)
+        e.node(ACTIVATION_OPS[activation], [pre], outputs, node.name, **act_attrs)
+        return
+    attrs.setdefault("dilations", [1] * len(attrs["kernel_shape"]))
+    function = _fused_function(e, activation, act_attrs)
+    call_inputs = inputs if len(inputs) == 3 else [*inputs, ""]
+    e.node(function, call_inputs, outputs, node.name, domain=FUNCTION_DOMAIN, **attrs, **act_attrs)
 
 
 @emitter("fc")
@@ -198,13 +250,24 @@ def _flatten(e: Emitter, node: Node) -> None:
     e.node("Flatten", _names(node.inputs), _names(node.outputs), node.name, axis=1)
 
 
+@emitter("bn")
+def _bn(e: Emitter, node: Node) -> None:
+    e.node(
+        "BatchNormalization",
+        _names(node.inputs),
+        _names(node.outputs),
+        node.name,
+        epsilon=node.attrs["epsilon"],
+    )
+
+
 @emitter("dropout")
 def _dropout(e: Emitter, node: Node) -> None:
     ratio = e.constant(f"{node.name}.ratio", np.array(node.attrs["ratio"], dtype=np.float32))
     e.node("Dropout", [node.inputs[0].name, ratio], _names(node.outputs), node.name)
 
 
-for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}.items():
+for _op, _onnx in ACTIVATION_OPS.items():
     emitter(_op)(
         lambda e, node, t=_onnx: e.node(t, _names(node.inputs), _names(node.outputs), node.name)
     )
@@ -213,14 +276,25 @@ for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}.items()
 # ---- model ----------------------------------------------------------------------------------
 
 
-def _value_info(v: Value) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], list(v.type.shape))
+def _value_info(v: Value, spatial: list | None = None) -> onnx.ValueInfoProto:
+    """A value's type; ``spatial`` replaces its spatial sizes (symbols, or None for unknown)."""
+    shape = list(v.type.shape)
+    if spatial is not None and len(shape) > 2:
+        shape[2:] = spatial[-(len(shape) - 2) :]
+    return helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], shape)
 
 
-def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """The ONNX model of a graph (not yet checked: :func:`save` checks what it writes)."""
+def to_onnx(
+    graph: Graph, opset: int = DEFAULT_OPSET, inline_functions: bool = False
+) -> onnx.ModelProto:
+    """The ONNX model of a graph (not yet checked: :func:`save` checks what it writes).
+
+    Fused nodes become calls of model-local functions (domain ``cnnc``) whose bodies
+    are standard ops, or with ``inline_functions`` those standard ops themselves. A
+    fully convolutional graph gets symbolic spatial sizes on its input and output.
+    """
     check_opset(opset)
-    e = Emitter(graph, opset)
+    e = Emitter(graph, opset, inline_functions)
     for node in graph.nodes:
         fn = EMITTERS.get(node.op)
         if fn is None:
@@ -228,22 +302,29 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         fn(e, node)
     initializers = [numpy_helper.from_array(p.data, p.name) for p in graph.params.values()]
     outputs = {id(v) for v in graph.outputs}
-    value_info = [_value_info(v) for n in graph.nodes for v in n.outputs if id(v) not in outputs]
+    flexible = graph.flexible_spatial
+    inner = [None, None] if flexible else None
+    value_info = [
+        _value_info(v, inner) for n in graph.nodes for v in n.outputs if id(v) not in outputs
+    ]
     onnx_graph = helper.make_graph(
         e.nodes,
         graph.name,
-        [_value_info(v) for v in graph.inputs],
-        [_value_info(v) for v in graph.outputs],
+        [_value_info(v, ["H", "W"] if flexible else None) for v in graph.inputs],
+        [_value_info(v, ["OH", "OW"] if flexible else None) for v in graph.outputs],
         initializer=initializers + e.initializers,
         value_info=value_info,
     )
     opsets = [helper.make_opsetid("", opset)]
+    if e.functions:
+        opsets.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
     model = helper.make_model(
         onnx_graph,
         opset_imports=opsets,
         producer_name="cnnc",
         producer_version=__version__,
-        ir_version=helper.find_min_ir_version_for(opsets),
+        ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
+        functions=list(e.functions.values()),
         doc_string=f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})",
     )
     return model

@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from cnnc.errors import CnncError, ModelFileError
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name
+from cnnc.ops.activation import FUSIBLE, fused_function_name
 
 _DTYPES = {onnx.TensorProto.FLOAT: "f32"}
 
@@ -121,12 +123,25 @@ def _window(imp: Importer, node, attrs, kernel: tuple[int, ...]) -> dict[str, An
 
 
 @importer("Conv")
-def _conv(imp: Importer, node, attrs) -> None:
+def _conv(imp: Importer, node, attrs, fused: dict[str, Any] | None = None) -> None:
     inputs = _inputs(imp, node)
     kernel = tuple(inputs[1].shape[2:])
-    imp.add(
-        node, "conv", inputs, {**_window(imp, node, attrs, kernel), "groups": attrs.get("group", 1)}
-    )
+    ir = {**_window(imp, node, attrs, kernel), "groups": attrs.get("group", 1), **(fused or {})}
+    imp.add(node, "conv", inputs, ir)
+
+
+FUNCTION_DOMAIN = "cnnc"
+FUSED = {fused_function_name(act): act for act in FUSIBLE}
+
+
+def _fused_conv(imp: Importer, node: onnx.NodeProto, activation: str) -> None:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    conv_attrs = {
+        k: attrs.pop(k)
+        for k in ("kernel_shape", "strides", "pads", "dilations", "group")
+        if k in attrs
+    }
+    _conv(imp, node, conv_attrs, {"activation": activation, "activation_attrs": attrs})
 
 
 @importer("Gemm")
@@ -176,6 +191,13 @@ def _flatten(imp: Importer, node, attrs) -> None:
     if attrs.get("axis", 1) != 1:
         raise imp.fail(node, f"Flatten with axis={attrs['axis']} is not supported (only axis=1)")
     imp.add(node, "flatten", _inputs(imp, node))
+
+
+@importer("BatchNormalization")
+def _bn(imp: Importer, node, attrs) -> None:
+    if attrs.get("training_mode", 0) or len(node.output) > 1:
+        raise imp.fail(node, "BatchNormalization in training mode is not supported")
+    imp.add(node, "bn", _inputs(imp, node), {"epsilon": float(attrs.get("epsilon", 1e-5))})
 
 
 @importer("Dropout")
@@ -229,6 +251,11 @@ def load_onnx(path: str | Path) -> Graph:
 
     path = Path(path)
     model = _read(path)
+    # Other producers' model-local functions are their bodies; cnnc's own fused
+    # Conv+activation functions become fused convs again.
+    others = [(f.domain, f.name) for f in model.functions if f.domain != FUNCTION_DOMAIN]
+    if others:
+        model = onnx.inliner.inline_selected_functions(model, others)
     imp = Importer(model, str(path))
     g = model.graph
     for init in g.initializer:
@@ -237,6 +264,9 @@ def load_onnx(path: str | Path) -> Graph:
         if vi.name not in imp.constants:
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
     for node in g.node:
+        if node.domain == FUNCTION_DOMAIN and node.op_type in FUSED:
+            _fused_conv(imp, node, FUSED[node.op_type])
+            continue
         fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if fn is None:
             raise imp.fail(

@@ -66,6 +66,16 @@ class Value:
             self._data, self._thunk = None, (lambda d=data: d)
             self.data  # noqa: B018 (check the shape now, while the caller is on the stack)
 
+    def derive(self, fn: Callable[[np.ndarray], np.ndarray], shape: tuple | None = None) -> None:
+        """Make a parameter's data ``fn(data)``, computed lazily; with ``shape``, its new shape."""
+        data, thunk = self._data, self._thunk
+        if data is None and thunk is None:
+            raise InternalError(f"parameter {self.name} has no data to derive from")
+        if shape is not None:
+            self.type = self.type.with_shape(tuple(shape))
+        self._data = None
+        self._thunk = lambda: fn(data if data is not None else thunk())
+
     def __repr__(self) -> str:
         return f"%{self.name}: {self.type}"
 
@@ -120,6 +130,8 @@ class Graph:
         self.params: dict[str, Value] = {}
         self.pipeline: list[str] = []  # passes that have run, for the dump's heading
         self.opt_level: str = "-O0"
+        # A fully convolutional network takes inputs larger than declared (convolutionalize).
+        self.flexible_spatial = False
         self._names: set[str] = set()
 
     # ---- naming -------------------------------------------------------------------------
@@ -199,13 +211,70 @@ class Graph:
 
     # ---- rewriting ----------------------------------------------------------------------
 
-    def replace_uses(self, old: Value, new: Value) -> None:
-        """Make every user of ``old`` (and the graph outputs) read ``new`` instead."""
-        for user in old.users:
-            user.inputs = [new if v is old else v for v in user.inputs]
-            new.users.append(user)
-        old.users = []
+    def replace_uses(self, old: Value, new: Value, keep: Node | None = None) -> None:
+        """Make every user of ``old`` but ``keep`` (and the graph outputs) read ``new`` instead."""
+        users, old.users = old.users, [u for u in old.users if u is keep]
+        for user in users:
+            if user is not keep:
+                user.inputs = [new if v is old else v for v in user.inputs]
+                new.users.append(user)
         self.outputs = [new if v is old else v for v in self.outputs]
+
+    def replace_node(
+        self,
+        old: Node,
+        op: str,
+        inputs: list[Value],
+        attrs: dict[str, Any],
+        note: str | None = None,
+    ) -> Node:
+        """Put a new node in ``old``'s place, with its name, place in the source and note.
+
+        The users of ``old``'s outputs read the new node's outputs instead; if their
+        type changed, the caller must make those users fit again.
+        """
+        index = self.nodes.index(old)
+        for v in old.inputs:
+            v.users.remove(old)
+        del self.nodes[index]
+        self._names.discard(old.name)
+        for out in old.outputs:
+            self._names.discard(out.name)
+        new = self.add_node(
+            op,
+            inputs,
+            attrs,
+            name=old.name,
+            loc=old.loc,
+            index=index,
+            note=old.note if note is None else note,
+            output_names=[v.name for v in old.outputs],
+        )
+        for old_out, new_out in zip(old.outputs, new.outputs, strict=True):
+            self.replace_uses(old_out, new_out)
+        return new
+
+    def insert_after(
+        self,
+        value: Value,
+        op: str,
+        attrs: dict[str, Any] | None = None,
+        *,
+        name: str,
+        note: str = "",
+        loc: Location | None = None,
+    ) -> Node:
+        """A new node reading ``value``, placed after its producer; every other reader of
+        ``value`` (and the graph outputs) reads the new node's output instead."""
+        index = self.nodes.index(value.producer) + 1 if value.producer is not None else 0
+        node = self.add_node(op, [value], attrs, name=name, loc=loc, index=index, note=note)
+        self.replace_uses(value, node.output, keep=node)
+        return node
+
+    def bypass(self, node: Node) -> None:
+        """Remove a node whose output equals its first input; its users read that input."""
+        self.replace_uses(node.output, node.inputs[0])
+        self.remove_node(node)
 
     def set_input(self, node: Node, i: int, value: Value) -> None:
         """Make input ``i`` of ``node`` read ``value``."""

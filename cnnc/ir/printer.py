@@ -26,8 +26,9 @@ def dump(graph: Graph) -> str:
     if graph.pipeline:
         heading += ": " + ", ".join(graph.pipeline)
     lines = [f"network {graph.name}  ({heading})"]
+    larger = "  (or larger: fully convolutional)" if graph.flexible_spatial else ""
     for v in graph.inputs:
-        lines.append(f"  input  %{v.name} : {v.type}")
+        lines.append(f"  input  %{v.name} : {v.type}{larger}")
     lines.append(f"  params {len(graph.params)} tensors, {graph.param_count():,} values")
     lines.append("")
     rows = [_row(n) for n in graph.nodes]

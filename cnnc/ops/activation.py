@@ -40,6 +40,15 @@ ACTIVATIONS = {
     "tanh": "tanh(x)",
 }
 
+# Activations a convolution can apply to its own output (fuse-conv-act).
+FUSIBLE = frozenset(ACTIVATIONS)
+
+
+def fused_function_name(activation: str) -> str:
+    """The ONNX function (domain ``cnnc``) of a conv fused with ``activation``: ConvRelu, ..."""
+    return "Conv" + "".join(part.title() for part in activation.split("_"))
+
+
 for _name, _formula in ACTIVATIONS.items():
     register_op(Elementwise(_name))
     register_layer(
@@ -58,6 +67,12 @@ def build_softmax(ctx: LayerContext, x):
     axis = ctx["axis"]
     if not -x.type.rank <= axis < x.type.rank:
         raise ctx.error(f"softmax axis {axis} is out of range for its input {x.type}", "axis")
+    if axis in (0, -x.type.rank):
+        raise ctx.error(
+            "softmax over the batch axis would make each item depend on the others",
+            "axis",
+            hint="use axis=1, the channels",
+        )
     return ctx.node("softmax", [x], {"axis": axis})
 
 

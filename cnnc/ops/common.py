@@ -111,14 +111,13 @@ def windowed_shape(
 
 def describe_window(
     kernel: tuple[int, ...],
-    stride: tuple[int, ...] | None,
+    stride: tuple[int, ...],
     pads: tuple[int, ...],
     dilation: tuple[int, ...],
 ) -> str:
     """Dump text for a windowed op: ``k=5x5 s=1 p=2,2,2,2 d=2``; defaults are left out."""
     parts = [f"k={format_dims(kernel)}"]
-    if stride is not None:
-        parts.append(f"s={stride[0] if len(set(stride)) == 1 else format_dims(stride)}")
+    parts.append(f"s={stride[0] if len(set(stride)) == 1 else format_dims(stride)}")
     if any(pads):
         parts.append("p=" + ",".join(str(p) for p in pads))
     if any(d != 1 for d in dilation):

@@ -23,7 +23,8 @@ def feature_map_rank(ctx: LayerContext, x_type: TensorType, keyword: str) -> int
 
 
 class Conv(OpDef):
-    """inputs (x, weight[, bias]); attrs stride, pads, dilation, groups (ONNX Conv)."""
+    """inputs (x, weight[, bias]); attrs stride, pads, dilation, groups (ONNX Conv), and
+    after fuse-conv-act ``activation`` (an activation op) with its ``activation_attrs``."""
 
     name = "conv"
 
@@ -48,7 +49,8 @@ class Conv(OpDef):
         return prod(node.output.type.shape[1:]) * prod(w[1:])
 
     def label(self, node) -> str:
-        return f"conv{node.inputs[1].type.rank - 2}d"
+        act = node.attrs.get("activation")
+        return f"conv{node.inputs[1].type.rank - 2}d" + (f"+{act}" if act else "")
 
     def describe(self, node) -> str:
         a = node.attrs

@@ -1,0 +1,60 @@
+"""fold-bn: batch normalization after a conv or an fc folds into that layer's weights and bias.
+
+    y = conv(x, W, b); z = bn(y, gamma, beta, mean, var)
+        ==>  z = conv(x, W * s, (b - mean) * s + beta)     with s = gamma / sqrt(var + eps)
+
+The scale applies to each output channel (each row of an fc weight); a layer
+without bias gains one, named ``<layer>.bias``.
+
+Leaves alone (and why):
+- a bn whose input has other users, or is a network output: they need the unnormalized value;
+- a bn after anything but a conv or an fc (after an add or a pool, say): there are no
+  weights to fold into;
+- a conv that already has a fused activation: the bn comes after the activation;
+- a layer whose weights are shared with another node (possible in imported models):
+  rescaling them would change the other node too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnc.ir.graph import Graph, Node
+
+
+def _foldable_into(graph: Graph, bn: Node) -> Node | None:
+    x = bn.inputs[0]
+    layer = x.producer
+    if layer is None or layer.op not in ("conv", "fc") or layer.attrs.get("activation"):
+        return None
+    if len(x.users) != 1 or x in graph.outputs:
+        return None
+    if any(len(p.users) != 1 for p in layer.params):
+        return None
+    return layer
+
+
+def fold_bn(graph: Graph) -> bool:
+    """Fold every foldable bn into the conv or fc before it."""
+    changed = False
+    for bn in [n for n in graph.nodes if n.op == "bn"]:
+        layer = _foldable_into(graph, bn)
+        if layer is None:
+            continue
+        gamma, beta, mean, var = bn.inputs[1:]
+        eps = bn.attrs["epsilon"]
+
+        def scale(gamma=gamma, var=var, eps=eps) -> np.ndarray:
+            return gamma.data / np.sqrt(var.data + np.float32(eps))
+
+        x, weight, *bias = layer.inputs
+        weight.derive(lambda w, scale=scale: w * scale().reshape(-1, *(1,) * (w.ndim - 1)))
+        if bias:
+            bias[0].derive(lambda b, s=scale, m=mean, t=beta: (b - m.data) * s() + t.data)
+        else:
+            bias = [graph.add_param(graph.unique_name(f"{layer.name}.bias"), beta.shape)]
+            bias[0].set_data(lambda s=scale, m=mean, t=beta: t.data - m.data * s())
+        graph.replace_node(layer, layer.op, [x, weight, bias[0]], layer.attrs)
+        graph.bypass(bn)
+        changed = True
+    return changed

@@ -1,0 +1,159 @@
+"""The pass manager: named passes and pipelines, verified after every pass, printable, checkable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnc.errors import CnncError, UsageError
+from cnnc.ir.graph import Graph
+from cnnc.ir.printer import dump
+from cnnc.ir.verify import verify
+from cnnc.passes.convolutionalize import convolutionalize
+from cnnc.passes.dce import dce
+from cnnc.passes.fc_to_conv import fc_to_conv
+from cnnc.passes.fold_bn import fold_bn
+from cnnc.passes.fuse_conv_act import fuse_conv_act
+from cnnc.passes.remove_identity import remove_identity
+
+PASSES: dict[str, Callable[[Graph], bool]] = {
+    "remove-identity": remove_identity,
+    "dce": dce,
+    "fold-bn": fold_bn,
+    "fc-to-conv": fc_to_conv,
+    "fuse-conv-act": fuse_conv_act,
+    "convolutionalize": convolutionalize,
+}
+
+PIPELINES: dict[int, list[str]] = {
+    0: [],
+    1: ["remove-identity", "dce"],
+    2: ["remove-identity", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce"],
+}
+
+# The tolerance within which a pass must leave every output unchanged (--verify-each).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+class PassChangedOutputs(CnncError):
+    """A pass changed what the network computes (a bug in that pass)."""
+
+
+@dataclass
+class Options:
+    """How to run a pipeline: what to print and what to check."""
+
+    print_after: set[str] = field(default_factory=set)
+    print_after_all: bool = False
+    verify_each: bool = False
+    stop_after: str | None = None
+    seed: int = 0
+    printer: Callable[[str], None] = print
+
+
+def pipeline(
+    opt_level: int = 2, passes: list[str] | None = None, fully_conv: bool = False
+) -> list[str]:
+    """The names of the passes to run: an explicit list, or an -O level (plus convolutionalize)."""
+    if passes is None:
+        if opt_level not in PIPELINES:
+            raise UsageError(f"unknown optimization level -O{opt_level}; use -O0, -O1 or -O2")
+        names = list(PIPELINES[opt_level])
+    else:
+        names = list(passes)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise UsageError(f"unknown pass {unknown[0]!r}; known passes: {', '.join(PASSES)}")
+    if fully_conv and "convolutionalize" not in names:
+        # Clean-ups after it would not touch what it produces; before dce is where it belongs.
+        at = names.index("dce") if "dce" in names else len(names)
+        names.insert(at, "convolutionalize")
+    return names
+
+
+def run_passes(graph: Graph, names: list[str], options: Options | None = None) -> Graph:
+    """Run the named passes in order on ``graph`` (in place), verifying it after each one."""
+    options = options or Options()
+    for name in {*options.print_after, *([options.stop_after] if options.stop_after else [])}:
+        if name not in names:
+            raise UsageError(
+                f"pass {name!r} is not in the pipeline ({', '.join(names) or 'empty'})"
+            )
+    output_names = [v.name for v in graph.outputs]
+    for name in names:
+        before = _snapshot(graph, options.seed) if options.verify_each else None
+        PASSES[name](graph)
+        graph.pipeline.append(name)
+        _keep_output_names(graph, output_names)
+        verify(graph)
+        if before is not None:
+            _check_unchanged(graph, name, before, options.seed)
+        if options.print_after_all or name in options.print_after:
+            options.printer(f"# IR after {name}\n{dump(graph)}")
+        if name == options.stop_after:
+            break
+    return graph
+
+
+def _keep_output_names(graph: Graph, names: list[str]) -> None:
+    """The network's outputs keep their names, which users of the model rely on; a value
+    that took such a name inside the graph gets another."""
+    for value, name in zip(graph.outputs, names, strict=True):
+        if value.name == name:
+            continue
+        holder = next((v for n in graph.nodes for v in n.outputs if v.name == name), None)
+        if holder is not None:
+            graph.rename(holder, graph.unique_name(name))
+        graph.rename(value, name)
+
+
+Snapshot = tuple[list[np.ndarray], dict[str, np.ndarray]]
+
+
+def _snapshot(graph: Graph, seed: int) -> Snapshot:
+    """The outputs and every named value of the graph on a seeded random batch of 2."""
+    from cnnc.backends.interpreter import Interpreter
+
+    (value,) = graph.inputs
+    shape = [2, *value.type.shape[1:]]
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return Interpreter(graph).run_all(x)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal within RTOL, and ATOL scaled to the tensor's magnitude (sums may cancel)."""
+    if a.size != b.size:
+        return False
+    scale = max(1.0, float(np.abs(b).max(initial=0)))
+    return bool(np.allclose(a.reshape(b.shape), b, rtol=RTOL, atol=ATOL * scale))
+
+
+def _check_unchanged(graph: Graph, name: str, before: Snapshot, seed: int) -> None:
+    old_outputs, old_values = before
+    new_outputs, new_values = _snapshot(graph, seed)
+    changed = [
+        f"%{v.name}"
+        for v, a, b in zip(graph.outputs, new_outputs, old_outputs, strict=True)
+        if not _close(a, b)
+    ]
+    if not changed:
+        return
+    message = f"pass {name} changed the network's outputs ({', '.join(changed)})"
+    # A rewrite may rename or fuse values, so the first node whose value matches nothing
+    # computed before the pass is where the pass went wrong.
+    for node in graph.nodes:
+        for out in node.outputs:
+            value = new_values[out.name]
+            if any(_close(value, old) for old in old_values.values()):
+                continue
+            old = old_values.get(out.name)
+            if old is not None and old.size == value.size:
+                diff = float(np.max(np.abs(value.reshape(old.shape) - old)))
+                message += f"; the first node whose value differs is {node.name} ({node.op}), "
+                message += f"max |difference| {diff:.3g} from %{out.name} before the pass"
+            else:
+                message += f"; the first node whose value differs is {node.name} ({node.op})"
+            raise PassChangedOutputs(message, node.loc)
+    raise PassChangedOutputs(message)
