@@ -29,7 +29,12 @@ EXAMPLES = {
   cnnc dump examples/lenet5.cnn
   cnnc dump lenet5.onnx""",
     "summary": """examples:
-  cnnc summary examples/vgg16.cnn""",
+  cnnc summary examples/vgg16.cnn
+  cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384""",
+    "bench": """examples:
+  cnnc bench examples/vgg16.cnn                    # batch 1, 10 runs
+  cnnc bench examples/lenet5.cnn --batch 64 --repeat 50 --reference
+  cnnc bench examples/alexnet.cnn -O0 --json > alexnet-O0.json""",
 }
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -164,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
 
+    p = command("bench", "time the interpreter against onnxruntime on the same input")
+    _model_args(p)
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs per backend (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for BLAS and onnxruntime (default: the CPUs available)",
+    )
+    p.add_argument(
+        "--reference", action="store_true", help="also time onnx.reference.ReferenceEvaluator"
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
     p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
     _model_args(p, default_level=0)
     p.add_argument(
@@ -292,7 +313,37 @@ def cmd_summary(args) -> None:
         raise UsageError("--input-size applies with --fully-conv")
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "dump": cmd_dump, "summary": cmd_summary}
+def cmd_bench(args) -> None:
+    import json
+
+    from cnnc.bench import bench
+
+    for flag in ("batch", "repeat"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise UsageError("--warmup must be at least 0 and --threads at least 1")
+    report = bench(
+        _load(args, notice=False),
+        batch=args.batch,
+        repeat=args.repeat,
+        threads=args.threads,
+        reference=args.reference,
+        warmup=args.warmup,
+        seed=args.seed,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    if not report.agree:
+        raise CnncError("the backends disagree; this is a bug in cnnc, please report it")
+
+
+COMMANDS = {
+    "compile": cmd_compile,
+    "run": cmd_run,
+    "dump": cmd_dump,
+    "summary": cmd_summary,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,3 +240,92 @@ def test_every_command_has_help_with_an_example(command):
     proc = run_cnnc(command, "--help")
     assert proc.returncode == 0
     assert f"examples:\n  cnnc {command} " in proc.stdout
+
+
+# ---- optimization options ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "heading"),
+    [
+        ([], "network lenet5  (-O2: remove-identity, fold-bn, fc-to-conv, fuse-conv-act, dce)"),
+        (["-O1"], "network lenet5  (-O1: remove-identity, dce)"),
+        (["-O0"], "network lenet5  (-O0)"),
+        (["--passes", "fc-to-conv,dce"], "network lenet5  (--passes: fc-to-conv, dce)"),
+    ],
+    ids=["default", "O1", "O0", "passes"],
+)
+def test_dump_heads_with_the_pipeline(flags, heading):
+    proc = run_cnnc("dump", LENET, *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == heading
+
+
+def test_an_unknown_pass_is_one_clean_error():
+    proc = run_cnnc("compile", LENET, "--passes", "fold-bn,fusion")
+    assert_clean_failure(
+        proc,
+        "error: unknown pass 'fusion'; known passes: remove-identity, dce, fold-bn, "
+        "fc-to-conv, fuse-conv-act, convolutionalize",
+    )
+
+
+def test_dump_after_stops_the_pipeline_there():
+    proc = run_cnnc("dump", LENET, "--after", "fc-to-conv")
+    assert proc.stdout.splitlines()[0] == (
+        "network lenet5  (-O2: remove-identity, fold-bn, fc-to-conv)"
+    )
+    assert "= relu(%f1)" in proc.stdout
+
+
+def test_print_ir_after_all_goes_to_stderr(tmp_path):
+    proc = run_cnnc("compile", LENET, "-o", tmp_path / "m.onnx", "--print-ir-after-all")
+    assert proc.returncode == 0
+    headings = [line for line in proc.stderr.splitlines() if line.startswith("# IR after")]
+    assert headings == [
+        f"# IR after {p}"
+        for p in ("remove-identity", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce")
+    ]
+    assert proc.stdout.startswith("wrote ")
+
+
+def test_print_ir_after_one_pass(tmp_path):
+    proc = run_cnnc("run", LENET, "--print-ir-after", "fuse-conv-act")
+    assert proc.returncode == 0
+    assert proc.stderr.count("# IR after") == 1
+    assert "conv2d+relu(%image, c1.weight, c1.bias)" in proc.stderr
+
+
+def test_verify_each_passes_on_an_example():
+    proc = run_cnnc("run", EXAMPLES / "cifar_bn.cnn", "--verify-each", "--compare")
+    assert proc.returncode == 0, proc.stderr
+    assert "agree" in proc.stdout
+
+
+def test_inline_functions_writes_plain_ops(tmp_path):
+    out = tmp_path / "m.onnx"
+    assert run_cnnc("compile", LENET, "-o", out, "--inline-functions").returncode == 0
+    assert not onnx.load(str(out)).functions
+
+
+def test_a_fully_convolutional_model_runs_on_a_larger_image(tmp_path):
+    out = tmp_path / "fcn.onnx"
+    assert run_cnnc("compile", LENET, "--fully-conv", "-o", out).returncode == 0
+    image = np.random.default_rng(0).standard_normal((1, 1, 60, 44)).astype(np.float32)
+    np.save(tmp_path / "x.npy", image)
+    proc = run_cnnc("run", out, "--input", tmp_path / "x.npy", "--compare")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1] == "output shape [1, 10, 9, 5]"
+
+
+def test_summary_fully_conv_reports_the_window_and_the_map():
+    proc = run_cnnc("summary", LENET, "--fully-conv", "--input-size", "60x44")
+    assert proc.returncode == 0, proc.stderr
+    assert "fully convolutional: output stride 4x4, receptive field 32x32" in proc.stdout
+    assert "an input of 60x44 gives a score map [N,10,9,5]" in proc.stdout
+
+
+def test_summary_input_size_needs_fully_conv():
+    proc = run_cnnc("summary", LENET, "--input-size", "60x44")
+    assert proc.returncode == 1
+    assert "--input-size applies with --fully-conv" in proc.stderr

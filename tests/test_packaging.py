@@ -100,3 +100,10 @@ def test_every_layer_is_documented_in_the_readme_with_its_signature():
     text = (ROOT / "README.md").read_text()
     for layer in all_layers().values():
         assert f"| `{layer.keyword}` | `{layer.signature}` |" in text
+
+
+def test_the_readme_shows_the_golden_O2_dump_of_lenet5():
+    text = (ROOT / "README.md").read_text()
+    golden = (ROOT / "tests" / "golden" / "lenet5.O2.dump").read_text()
+    block = text.split("LeNet-5 at `-O2` (`tests/golden/lenet5.O2.dump`):\n\n```\n", 1)[1]
+    assert block.split("```", 1)[0] == golden

@@ -151,6 +151,7 @@ def _window_attrs(node: Node, kernel: tuple[int, ...]) -> dict[str, Any]:
 # IR activation ops and their ONNX ops; IR attributes keep ONNX's attribute names.
 ACTIVATION_OPS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
 FUNCTION_DOMAIN = "cnnc"
+MIN_INPUT_KEY = "cnnc.min_input_shape"
 _CONV_ATTRS = {
     "kernel_shape": AttributeProto.INTS,
     "strides": AttributeProto.INTS,
@@ -303,15 +304,19 @@ def to_onnx(
     initializers = [numpy_helper.from_array(p.data, p.name) for p in graph.params.values()]
     outputs = {id(v) for v in graph.outputs}
     flexible = graph.flexible_spatial
-    inner = [None, None] if flexible else None
+    one_d = graph.inputs[0].type.rank == 3
     value_info = [
-        _value_info(v, inner) for n in graph.nodes for v in n.outputs if id(v) not in outputs
+        _value_info(v, [None, None] if flexible else None)
+        for n in graph.nodes
+        for v in n.outputs
+        if id(v) not in outputs
     ]
+    sizes, out_sizes = (["L"], ["OL"]) if one_d else (["H", "W"], ["OH", "OW"])
     onnx_graph = helper.make_graph(
         e.nodes,
         graph.name,
-        [_value_info(v, ["H", "W"] if flexible else None) for v in graph.inputs],
-        [_value_info(v, ["OH", "OW"] if flexible else None) for v in graph.outputs],
+        [_value_info(v, sizes if flexible else None) for v in graph.inputs],
+        [_value_info(v, out_sizes if flexible else None) for v in graph.outputs],
         initializer=initializers + e.initializers,
         value_info=value_info,
     )
@@ -327,6 +332,10 @@ def to_onnx(
         functions=list(e.functions.values()),
         doc_string=f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})",
     )
+    if flexible:
+        # The declared input is the smallest the network takes; importing needs its sizes.
+        (x,) = graph.inputs
+        helper.set_model_props(model, {MIN_INPUT_KEY: "x".join(map(str, x.type.shape[1:]))})
     return model
 
 

@@ -29,6 +29,7 @@ class Importer:
         self.graph = Graph(model.graph.name or Path(where).stem)
         self.values: dict[str, Value] = {}
         self.constants: dict[str, np.ndarray] = {}
+        self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
 
     def fail(
         self, node: onnx.NodeProto | None, message: str, hint: str | None = None
@@ -131,6 +132,7 @@ def _conv(imp: Importer, node, attrs, fused: dict[str, Any] | None = None) -> No
 
 
 FUNCTION_DOMAIN = "cnnc"
+MIN_INPUT_KEY = "cnnc.min_input_shape"
 FUSED = {fused_function_name(act): act for act in FUSIBLE}
 
 
@@ -236,12 +238,19 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
             f"input {vi.name} has element type "
             f"{onnx.TensorProto.DataType.Name(t.elem_type)}; only float is supported",
         )
-    dims = []
-    for i, d in enumerate(t.shape.dim):
+    dims: list = [BATCH]
+    for i, d in enumerate(t.shape.dim[1:], start=1):
         if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
+        elif i - 1 < len(imp.min_input):
+            dims.append(imp.min_input[i - 1])
         else:
-            dims.append(BATCH if i == 0 else (d.dim_param or f"d{i}"))
+            raise imp.fail(
+                None,
+                f"input {vi.name} has a symbolic size {d.dim_param or '?'} at axis {i}; "
+                "cnnc needs every size but the batch",
+                hint="export the model with a fixed input size",
+            )
     return TensorType(_DTYPES[t.elem_type], tuple(dims))
 
 
@@ -257,6 +266,10 @@ def load_onnx(path: str | Path) -> Graph:
     if others:
         model = onnx.inliner.inline_selected_functions(model, others)
     imp = Importer(model, str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    if MIN_INPUT_KEY in props:
+        imp.min_input = tuple(int(d) for d in props[MIN_INPUT_KEY].split("x"))
+        imp.graph.flexible_spatial = True
     g = model.graph
     for init in g.initializer:
         imp.constants[init.name] = numpy_helper.to_array(init, base_dir=str(path.parent))

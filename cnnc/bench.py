@@ -1,0 +1,213 @@
+"""``cnnc bench``: time the interpreter against onnxruntime (and onnx.reference) in one process."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from cnnc.api import Model
+from cnnc.ops import get_op
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@dataclass
+class Timing:
+    """Latencies of one backend, in seconds."""
+
+    backend: str
+    runs: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+@dataclass
+class Report:
+    """Everything one ``cnnc bench`` run measured."""
+
+    model: str
+    pipeline: str
+    batch: int
+    threads: int
+    repeat: int
+    warmup: int
+    macs_per_item: int
+    param_bytes: int
+    timings: dict[str, Timing]
+    peak_bytes: int
+    max_difference: dict[str, float]
+    agree: bool
+
+    def ratio(self, a: str, b: str) -> float | None:
+        if a in self.timings and b in self.timings:
+            return self.timings[a].median / self.timings[b].median
+        return None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["timings"] = {
+            name: {
+                "median_s": t.median,
+                "min_s": min(t.runs),
+                "max_s": max(t.runs),
+                "runs_s": t.runs,
+                "items_per_s": self.batch / t.median,
+                "gflops": 2 * self.macs_per_item * self.batch / t.median / 1e9,
+            }
+            for name, t in self.timings.items()
+        }
+        out["interpreter_over_onnxruntime"] = self.ratio("numpy", "onnxruntime")
+        out["reference_over_interpreter"] = self.ratio("onnx.reference", "numpy")
+        return out
+
+    def render(self) -> str:
+        lines = [
+            f"{self.model} ({self.pipeline}), batch {self.batch}, {self.threads} thread(s), "
+            f"median of {self.repeat} runs after {self.warmup} warm-up run(s)",
+            f"{'':<18}{'median':>11}{'min':>11}{'max':>11}{'items/s':>11}{'GFLOP/s':>10}",
+        ]
+        names = {
+            "numpy": "numpy interpreter",
+            "onnxruntime": "onnxruntime",
+            "onnx.reference": "onnx.reference",
+        }
+        for key, t in self.timings.items():
+            gflops = 2 * self.macs_per_item * self.batch / t.median / 1e9
+            lines.append(
+                f"{names[key]:<18}{_ms(t.median):>11}{_ms(min(t.runs)):>11}{_ms(max(t.runs)):>11}"
+                f"{self.batch / t.median:>11.1f}{gflops:>10.1f}"
+            )
+        if (r := self.ratio("numpy", "onnxruntime")) is not None:
+            lines.append(f"interpreter / onnxruntime: {r:.2f}")
+        if (r := self.ratio("onnx.reference", "numpy")) is not None:
+            lines.append(f"onnx.reference / interpreter: {r:.1f}")
+        lines.append(
+            f"peak memory of the interpreter's tensors in a run: {self.peak_bytes / 1e6:,.1f} MB "
+            f"(parameters: {self.param_bytes / 1e6:,.1f} MB)"
+        )
+        diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_difference.items())
+        verdict = "agree" if self.agree else "DISAGREE"
+        lines.append(f"outputs {verdict} (rtol {RTOL:g}, atol {ATOL:g}); max |difference|: {diffs}")
+        return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def _progress(total: int) -> Callable[[str], None]:
+    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return lambda label: None
+    done = [0]
+
+    def step(label: str) -> None:
+        done[0] += 1
+        filled = 30 * done[0] // total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done[0]}/{total} {label:<16}")
+        if done[0] == total:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+        sys.stderr.flush()
+
+    return step
+
+
+def _peak_bytes(run: Callable[[], object]) -> int:
+    """Peak NumPy allocation during one run (NumPy reports its buffers to tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def bench(
+    model: Model,
+    batch: int = 1,
+    repeat: int = 10,
+    threads: int | None = None,
+    reference: bool = False,
+    warmup: int = 2,
+    seed: int = 0,
+) -> Report:
+    """Time the interpreter and onnxruntime (and onnx.reference) on one seeded input,
+    alternating between them, and check that their outputs agree."""
+    import onnxruntime as ort
+    from threadpoolctl import threadpool_limits
+
+    threads = threads or _cpu_count()
+    x = model.random_input(batch, seed)
+    interpreter = model.interpreter
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    proto = model.to_onnx()
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    input_name = session.get_inputs()[0].name
+    backends: dict[str, Callable[[], np.ndarray]] = {
+        "numpy": lambda: interpreter.run(x)[0],
+        "onnxruntime": lambda: session.run(None, {input_name: x})[0],
+    }
+    if reference:
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(proto)
+        backends["onnx.reference"] = lambda: evaluator.run(None, {input_name: x})[0]
+    timings = {name: Timing(name) for name in backends}
+    outputs = {}
+    step = _progress((warmup + repeat) * len(backends))
+    with threadpool_limits(limits=threads):
+        for i in range(warmup + repeat):
+            for name, run in backends.items():
+                start = time.perf_counter()
+                outputs[name] = run()
+                elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    timings[name].runs.append(elapsed)
+                step(name)
+        peak = _peak_bytes(backends["numpy"])
+    ours = outputs["numpy"]
+    diffs = {
+        name: float(np.max(np.abs(ours - y.reshape(ours.shape)))) if y.size == ours.size else np.inf
+        for name, y in outputs.items()
+        if name != "numpy"
+    }
+    agree = all(
+        y.size == ours.size and np.allclose(ours, y.reshape(ours.shape), rtol=RTOL, atol=ATOL)
+        for name, y in outputs.items()
+    )
+    graph = model.graph
+    return Report(
+        model=graph.name,
+        pipeline=graph.opt_level,
+        batch=batch,
+        threads=threads,
+        repeat=repeat,
+        warmup=warmup,
+        macs_per_item=sum(get_op(n.op).macs(n) for n in graph.nodes),
+        param_bytes=sum(p.data.nbytes for p in graph.params.values()),
+        timings=timings,
+        peak_bytes=peak,
+        max_difference=diffs,
+        agree=agree,
+    )
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
