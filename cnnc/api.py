@@ -60,6 +60,11 @@ class Model:
     def name(self) -> str:
         return self.graph.name
 
+    @property
+    def warnings(self) -> list[CnncError]:
+        """What the compiler noticed but accepted (unused values), as reports."""
+        return list(self.graph.warnings)
+
     def random_input(self, batch: int = 1, seed: int = 0) -> np.ndarray:
         """A seeded standard-normal input of the network's shape for ``batch`` items."""
         (value,) = self.graph.inputs

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from cnnc.api import Model
+from cnnc.compare import DESCRIPTION, agree, max_difference
 from cnnc.ops import get_op
-
-RTOL, ATOL = 1e-4, 1e-5
 
 
 @dataclass
@@ -96,7 +95,7 @@ class Report:
         )
         diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_difference.items())
         verdict = "agree" if self.agree else "DISAGREE"
-        lines.append(f"outputs {verdict} (rtol {RTOL:g}, atol {ATOL:g}); max |difference|: {diffs}")
+        lines.append(f"outputs {verdict} ({DESCRIPTION}); max |difference|: {diffs}")
         return "\n".join(lines)
 
 
@@ -181,15 +180,8 @@ def bench(
                 step(name)
         peak = _peak_bytes(backends["numpy"])
     ours = outputs["numpy"]
-    diffs = {
-        name: float(np.max(np.abs(ours - y.reshape(ours.shape)))) if y.size == ours.size else np.inf
-        for name, y in outputs.items()
-        if name != "numpy"
-    }
-    agree = all(
-        y.size == ours.size and np.allclose(ours, y.reshape(ours.shape), rtol=RTOL, atol=ATOL)
-        for name, y in outputs.items()
-    )
+    diffs = {name: max_difference(y, ours) for name, y in outputs.items() if name != "numpy"}
+    agreed = all(agree(y, ours) for y in outputs.values())
     graph = model.graph
     return Report(
         model=graph.name,
@@ -203,7 +195,7 @@ def bench(
         timings=timings,
         peak_bytes=peak,
         max_difference=diffs,
-        agree=agree,
+        agree=agreed,
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import cnnc
+from cnnc.compare import DESCRIPTION, agree, max_difference
 from cnnc.errors import CnncError, UsageError
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
@@ -36,8 +37,6 @@ EXAMPLES = {
   cnnc bench examples/lenet5.cnn --batch 64 --repeat 50 --reference
   cnnc bench examples/alexnet.cnn -O0 --json > alexnet-O0.json""",
 }
-
-RTOL, ATOL = 1e-4, 1e-5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare",
         action="store_true",
-        help=f"run both backends and check that they agree (rtol {RTOL:g}, atol {ATOL:g})",
+        help=f"run both backends and check that they agree ({DESCRIPTION})",
     )
     p.add_argument("--top", type=int, default=5, help="classes to print per item (default 5)")
     p.add_argument("-o", "--output", metavar="Y.npy", help="save the output array here")
@@ -225,6 +224,8 @@ def _load(args, notice: bool = True) -> cnnc.Model:
         fully_conv=args.fully_conv,
         pass_options=options,
     )
+    for warning in model.warnings:
+        print(warning.render(), file=sys.stderr)
     if notice and model.random_weights:
         print(
             f"note: no --weights given; {model.name} runs with random He-normal weights "
@@ -286,14 +287,13 @@ def cmd_run(args) -> None:
     print("\n".join(_describe_output(y, args.top)))
     if args.compare:
         a, b = results["numpy"], results["onnxruntime"]
-        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-        agree = a.shape == b.shape and np.allclose(a, b, rtol=RTOL, atol=ATOL)
-        verdict = "agree" if agree else "DISAGREE"
+        same = a.shape == b.shape and agree(a, b)
+        verdict = "agree" if same else "DISAGREE"
         print(
-            f"numpy interpreter and onnxruntime {verdict}: max |difference| {diff:.3g} "
-            f"(rtol {RTOL:g}, atol {ATOL:g})"
+            f"numpy interpreter and onnxruntime {verdict}: max |difference| "
+            f"{max_difference(a, b):.3g} ({DESCRIPTION})"
         )
-        if not agree:
+        if not same:
             raise CnncError("the two backends disagree; this is a bug in cnnc, please report it")
     if args.output:
         _save_array(Path(args.output), y)

@@ -68,6 +68,7 @@ class CnncError(Exception):
         self.message = message
         self.where = where
         self.hint = hint
+        self.notes: list[str] = []  # where the place was reached from (block calls)
 
     @property
     def location(self) -> Location | None:
@@ -81,16 +82,27 @@ class CnncError(Exception):
 
     def render(self) -> str:
         """The full report: ``place: error: message``, the source excerpt, the hint."""
-        head = f"{self.where}: error: {self.message}" if self.where else f"error: {self.message}"
+        head = (
+            f"{self.where}: {self.kind}: {self.message}"
+            if self.where
+            else f"{self.kind}: {self.message}"
+        )
         parts = [head]
         if self.location is not None and (excerpt := self.location.excerpt()):
             parts.append(excerpt)
         if self.hint:
             parts.append(f"hint: {self.hint}")
+        parts.extend(f"note: {note}" for note in self.notes)
         return "\n".join(parts)
 
     def __str__(self) -> str:
         return self.render()
+
+
+class CnncWarning(CnncError):
+    """Something legal but probably not meant (an unused value); reported, never raised."""
+
+    kind = "warning"
 
 
 class ParseError(CnncError):

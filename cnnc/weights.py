@@ -26,7 +26,8 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
     ``he_normal``: N(0, 2 / fan_in), He et al. 2015, for weights before a ReLU.
     ``uniform``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's bias default.
     ``bn_scale``: U(0.5, 1.5) and ``bn_shift``: N(0, 0.1²), for batch-norm scales and
-    variances, shifts and means: trained statistics are never the identity either.
+    shifts (and statistics, until :func:`initialize` measures them): trained values
+    are never the identity either.
     """
     kind, fan_in = param.init or ("he_normal", 1)
     rng = _rng(seed, param.name)
@@ -44,10 +45,49 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
 
 
 def initialize(graph: Graph, seed: int = 0) -> None:
-    """Give every parameter without data its seeded initial value (computed lazily)."""
+    """Give every parameter without data its seeded initial value (computed lazily).
+
+    Batch-norm statistics are then measured on a seeded random batch, as training
+    would leave them, so that activations keep their scale through deep networks.
+    """
+    random_stats = [
+        node
+        for node in graph.nodes
+        if node.op == "bn" and not any(v.has_data for v in node.inputs[3:5])
+    ]
     for param in graph.params.values():
         if not param.has_data:
             param.set_data(lambda p=param: initial_value(p, seed))
+    if random_stats:
+        _calibrate(graph, random_stats, seed)
+
+
+CALIBRATION_BATCH = 4
+
+
+def _calibrate(graph: Graph, bns: list, seed: int) -> None:
+    """Set each bn's running mean and variance to those of its input on a seeded random
+    batch, in order, so that every bn normalises what reaches it."""
+    from cnnc.backends.kernels import KERNELS
+
+    (x,) = graph.inputs
+    shape = (CALIBRATION_BATCH, *x.type.shape[1:])
+    env = {id(x): _rng(seed, "calibration").standard_normal(shape, dtype=np.float32)}
+    last_use = {id(v): i for i, n in enumerate(graph.nodes) for v in n.activations}
+    todo = {id(n) for n in bns}
+    for i, node in enumerate(graph.nodes):
+        inputs = [env[id(v)] for v in node.activations]
+        if id(node) in todo:
+            axes = (0, *range(2, inputs[0].ndim))
+            node.inputs[3].set_data(inputs[0].mean(axis=axes, dtype=np.float64).astype(np.float32))
+            node.inputs[4].set_data(inputs[0].var(axis=axes, dtype=np.float64).astype(np.float32))
+            todo.discard(id(node))
+            if not todo:
+                return
+        env[id(node.output)] = KERNELS[node.op](node)(*inputs)
+        for v in node.activations:
+            if last_use[id(v)] == i:
+                env.pop(id(v), None)
 
 
 def _shape(shape: tuple) -> str:

@@ -29,13 +29,14 @@ CASES = [
         11,
         "conv kernel must be an integer or a tuple of integers such as (3, 3), got 2.5",
     ),
-    ("  conv(8, 3, bias=yes)", LayerError, 2, 14, "conv bias must be true or false, got yes"),
+    ("  conv(8, 3, bias=1)", LayerError, 2, 14, "conv bias must be true or false, got 1"),
+    ("  conv(8, 3, bias=yes)", LayerError, 2, 19, "undefined name 'yes'"),
     (
-        "  conv(8, 3, pad=wide)",
+        "  conv(8, 3, pad=(1, same))",
         LayerError,
         2,
         14,
-        "conv pad must be an integer, a tuple of integers, same or valid, got wide",
+        "conv pad must be an integer, a tuple of integers, same or valid, got (1, same)",
     ),
     (
         "  conv(8, 3, pad=(1, 2, 3))",
@@ -111,7 +112,7 @@ CASES = [
     ),
     ("  dropout(1.5)", LayerError, 2, 11, "dropout probability must be in [0, 1), got 1.5"),
     ("  c1: conv(8, 3)\n  c1: relu", LayerError, 3, 3, "name 'c1' is used twice (first at line 2)"),
-    ("  x: relu", LayerError, 2, 3, "name 'x' is used twice (it names the input)"),
+    ("  x: relu", LayerError, 2, 3, "name 'x' is used twice (it names a value)"),
 ]
 
 
@@ -127,7 +128,7 @@ def test_mistake_is_reported_at_its_place(body, kind, line, col, message):
 
 def test_unknown_layer_suggests_the_closest_and_lists_all():
     err = compile_error("  maxpol(2)")
-    assert err.hint.startswith("did you mean maxpool? layers: avgpool, bn, conv,")
+    assert err.hint.startswith("did you mean maxpool? layers: add, avgpool, bn,")
 
 
 def test_unknown_attribute_hint_shows_the_signature():

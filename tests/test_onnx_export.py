@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import EXAMPLES
-from helpers import ATOL, RTOL, ort_session
+from helpers import assert_agree, ort_session
 from onnx.reference import ReferenceEvaluator
 
 import cnnc
@@ -37,7 +37,7 @@ def test_each_end_of_the_opset_range_checks_and_runs(lenet, tmp_path, end):
     assert [(o.domain, o.version) for o in model.opset_import] == [("", opset)]
     x = lenet.random_input(2)
     y = ort_session(model).run(None, {"image": x})[0]
-    np.testing.assert_allclose(y, lenet.run(x), rtol=RTOL, atol=ATOL)
+    assert_agree(y, lenet.run(x))
 
 
 @pytest.mark.parametrize("opset", [12, 99])
@@ -108,7 +108,7 @@ def test_onnx_reference_evaluator_agrees_with_the_interpreter():
     model = cnnc.compile(EXAMPLES / "conv1d.cnn")
     x = model.random_input(3)
     (y,) = ReferenceEvaluator(model.to_onnx()).run(None, {"signal": x})
-    np.testing.assert_allclose(y, model.run(x), rtol=RTOL, atol=ATOL)
+    assert_agree(y, model.run(x))
 
 
 def test_an_exported_model_imports_back_to_the_same_graph_and_outputs(lenet, tmp_path):
@@ -129,7 +129,7 @@ def test_large_models_keep_their_weights_in_an_external_data_file(lenet, tmp_pat
     assert path.stat().st_size < 20_000 < (tmp_path / "big.onnx.data").stat().st_size
     x = lenet.random_input(1)
     y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
-    np.testing.assert_allclose(y[0], lenet.run(x), rtol=RTOL, atol=ATOL)
+    assert_agree(y[0], lenet.run(x))
 
 
 def test_a_failed_export_leaves_no_file_behind(lenet, tmp_path):

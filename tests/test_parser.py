@@ -6,6 +6,23 @@ import pytest
 
 import cnnc
 from cnnc.errors import ParseError
+from cnnc.frontend.parser import BinOp, Literal, Name, Neg, TupleExpr
+
+
+def plain(expr):
+    """An argument expression as plain Python data, for comparisons."""
+    if isinstance(expr, Literal):
+        return expr.value
+    if isinstance(expr, Name):
+        return expr.id
+    if isinstance(expr, Neg):
+        return ("-", plain(expr.operand))
+    if isinstance(expr, TupleExpr):
+        return tuple(plain(i) for i in expr.items)
+    if isinstance(expr, BinOp):
+        return (expr.op, plain(expr.left), plain(expr.right))
+    raise AssertionError(expr)
+
 
 LENET = """\
 # a comment before the network
@@ -33,14 +50,14 @@ def test_labels_name_layers_and_unlabelled_layers_have_none():
 def test_arguments_keep_their_order_names_and_values():
     (net,) = cnnc.parse(LENET).networks
     args = net.statements[0].links[0].call.args
-    assert [(a.name, a.value) for a in args] == [(None, 6), ("kernel", 5), ("pad", 2)]
+    assert [(a.name, plain(a.value)) for a in args] == [(None, 6), ("kernel", 5), ("pad", 2)]
 
 
 @pytest.mark.parametrize(
     ("text", "value"),
     [
         ("3", 3),
-        ("-1", -1),
+        ("-1", ("-", 1)),
         ("0.5", 0.5),
         ("1e-5", 1e-5),
         ("(1, 2)", (1, 2)),
@@ -52,7 +69,7 @@ def test_arguments_keep_their_order_names_and_values():
 )
 def test_argument_values_of_every_form(text, value):
     (net,) = cnnc.parse(f"network n(x: 1x8x8) {{ layer(a={text}) }}").networks
-    assert net.statements[0].links[0].call.args[0].value == value
+    assert plain(net.statements[0].links[0].call.args[0].value) == value
 
 
 def test_newlines_do_not_matter_so_a_chain_may_break_after_an_arrow():
@@ -86,12 +103,17 @@ def test_a_program_may_define_several_networks():
             "network n(x: 1x8x8) {\n  conv(8, 3)\n",
             2,
             13,
-            "unexpected end of file; expected '->', '}' or a name",
+            "unexpected end of file; expected '->', '[', '}' or a name",
         ),
         ("network n(x 1x8x8) { relu }", 1, 13, "unexpected shape '1x8x8'; expected ':'"),
-        ("network n(x: 1x8x8) {\n  relu -> -> relu\n}", 2, 11, "unexpected '->'; expected a name"),
+        (
+            "network n(x: 1x8x8) {\n  relu -> -> relu\n}",
+            2,
+            11,
+            "unexpected '->'; expected '[' or a name",
+        ),
         ("network n(x: 1x8x8) {\n  conv(8, $)\n}", 2, 11, "unexpected character '$'"),
-        ("net n(x: 1x8x8) { relu }", 1, 1, "unexpected name 'net'; expected 'network'"),
+        ("net n(x: 1x8x8) { relu }", 1, 1, "unexpected name 'net'; expected 'block' or 'network'"),
         ("network n(x: 1x8x8) {\n  conv(8, 3,)\n}", 2, 13, "unexpected ')'"),
     ],
     ids=[

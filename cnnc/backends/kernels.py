@@ -3,9 +3,9 @@
 A prepare function receives the node once (attributes known, parameters laid
 out for the kernel) and returns the function the interpreter calls on every
 run with the node's activation inputs.  Kernels are vectorised: convolutions
-are im2col views and BLAS matrix products, pooling loops over kernel taps
-only, never over pixels, channels or batch items.  1-D ops run as 2-D ops on a
-height-1 map.
+are im2col views and BLAS matrix products, pooling loops over kernel taps and
+lrn over the offsets of its channel window only, never over pixels, channels or
+batch items.  1-D windowed ops run as 2-D ops on a height-1 map.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from cnnc.ir.graph import Node
 from cnnc.ops.common import window_output_size
 
 Kernel = Callable[..., np.ndarray]
+Activation = Callable[..., np.ndarray]  # f(x, out=None), so that a conv can apply it in place
 KERNELS: dict[str, Callable[[Node], Kernel]] = {}
 
 
@@ -113,7 +114,7 @@ def conv(node: Node) -> Kernel:
     (sh, sw), (dh, dw) = win.stride, win.dilation
     pointwise = kh == kw == 1 and not any(win.pads)
     fused = node.attrs.get("activation")
-    activation = ELEMENTWISE[fused] if fused else None
+    activation = ELEMENTWISE[fused](node.attrs["activation_attrs"]) if fused else None
 
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
@@ -216,6 +217,14 @@ def gap(node: Node) -> Kernel:
     return run
 
 
+@kernel("global_maxpool")
+def global_maxpool(node: Node) -> Kernel:
+    def run(x: np.ndarray) -> np.ndarray:
+        return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+    return run
+
+
 # ---- element-wise and the rest -------------------------------------------------------------
 
 
@@ -225,15 +234,43 @@ def _sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return np.divide(np.where(x >= 0, 1, e), 1 + e, out=out)
 
 
-# Each takes ``out`` so that a conv can apply its fused activation in place.
-ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
-    "relu": lambda x, out=None: np.maximum(x, 0, out=out),
-    "sigmoid": _sigmoid,
-    "tanh": np.tanh,
+def _leaky_relu(attrs: dict) -> Activation:
+    alpha = np.float32(attrs["alpha"])
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = x.copy()
+        elif out is not x:
+            np.copyto(out, x)
+        # Only the negative values change (NaN is not negative: it stays NaN).
+        return np.multiply(out, alpha, out=out, where=out < 0)
+
+    return run
+
+
+def _clip(attrs: dict) -> Activation:
+    # ONNX Clip: the max bound wins when min > max, so max(x, min) comes first.
+    low, high = np.float32(attrs["min"]), np.float32(attrs["max"])
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        y = np.maximum(x, low, out=out)
+        return np.minimum(y, high, out=y)
+
+    return run
+
+
+# Each takes an activation's attributes and returns its function of (x, out=None): the
+# op's kernel, and what a conv fused with it applies in place on its output.
+ELEMENTWISE: dict[str, Callable[[dict], Activation]] = {
+    "relu": lambda attrs: lambda x, out=None: np.maximum(x, 0, out=out),
+    "leaky_relu": _leaky_relu,
+    "clip": _clip,
+    "sigmoid": lambda attrs: _sigmoid,
+    "tanh": lambda attrs: np.tanh,
 }
 
-for _op, _fn in ELEMENTWISE.items():
-    kernel(_op)(lambda node, fn=_fn: fn)
+for _op, _make in ELEMENTWISE.items():
+    kernel(_op)(lambda node, make=_make: make(node.attrs))
 
 
 @kernel("bn")
@@ -243,6 +280,47 @@ def bn(node: Node) -> Kernel:
     per_channel = (-1, *(1,) * (node.inputs[0].type.rank - 2))
     scale, shift = scale.reshape(per_channel), (bias - mean * scale).reshape(per_channel)
     return lambda x: x * scale + shift
+
+
+@kernel("lrn")
+def lrn(node: Node) -> Kernel:
+    a = node.attrs
+    size = a["size"]
+    before = (size - 1) // 2
+    after = size - 1 - before
+    scale, bias, beta = np.float32(a["alpha"] / size), np.float32(a["bias"]), np.float32(a["beta"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        channels = x.shape[1]
+        # Window taps beyond the first or last channel only ever read zeros: skip them.
+        lead, trail = min(before, channels - 1), min(after, channels - 1)
+        squares = np.zeros((x.shape[0], lead + channels + trail, *x.shape[2:]), x.dtype)
+        np.square(x, out=squares[:, lead : lead + channels])
+        sums = squares[:, :channels].copy()
+        for offset in range(1, lead + trail + 1):
+            sums += squares[:, offset : offset + channels]
+        sums *= scale
+        sums += bias
+        return x / np.power(sums, beta, out=sums)
+
+    return run
+
+
+@kernel("add")
+def add(node: Node) -> Kernel:
+    def run(*xs: np.ndarray) -> np.ndarray:
+        # Summed left to right, as the chain of ONNX Adds the exporter writes.
+        y = np.add(xs[0], xs[1])
+        for x in xs[2:]:
+            y += x
+        return y
+
+    return run
+
+
+@kernel("concat")
+def concat(node: Node) -> Kernel:
+    return lambda *xs: np.concatenate(xs, axis=1)
 
 
 @kernel("softmax")

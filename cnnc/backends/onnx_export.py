@@ -148,8 +148,16 @@ def _window_attrs(node: Node, kernel: tuple[int, ...]) -> dict[str, Any]:
     return attrs
 
 
-# IR activation ops and their ONNX ops; IR attributes keep ONNX's attribute names.
-ACTIVATION_OPS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
+# IR activation ops and their ONNX ops; IR attributes keep ONNX's attribute names, except
+# clip's bounds, which ONNX Clip takes as inputs.
+ACTIVATION_OPS = {
+    "relu": "Relu",
+    "leaky_relu": "LeakyRelu",
+    "clip": "Clip",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+}
+CLIP_BOUNDS = ("min", "max")
 FUNCTION_DOMAIN = "cnnc"
 MIN_INPUT_KEY = "cnnc.min_input_shape"
 _CONV_ATTRS = {
@@ -161,6 +169,40 @@ _CONV_ATTRS = {
 }
 
 
+def _activation(e: Emitter, op: str, attrs: dict[str, Any], x: str, y: str, name: str) -> None:
+    """The ONNX node of an activation; clip's finite bounds become the scalar initializers
+    ``<name>.min`` and ``<name>.max`` (an infinite one is left out: no bound)."""
+    if op != "clip":
+        e.node(ACTIVATION_OPS[op], [x], [y], name, **attrs)
+        return
+    bounds = [
+        e.constant(f"{name}.{b}", np.array(attrs[b], dtype=np.float32))
+        if np.isfinite(attrs[b])
+        else ""
+        for b in CLIP_BOUNDS
+    ]
+    while bounds and not bounds[-1]:
+        bounds.pop()
+    e.node("Clip", [x, *bounds], [y], name)
+
+
+def _function_activation(activation: str, act_attrs: dict[str, Any]) -> list[onnx.NodeProto]:
+    """The activation inside a fused function, reading its attributes from the call's: as
+    attribute references, or for Clip, Constant nodes whose value refers to ``min``/``max``."""
+    if activation != "clip":
+        act = helper.make_node(ACTIVATION_OPS[activation], ["T"], ["Y"])
+        act.attribute.extend(helper.make_attribute_ref(a, AttributeProto.FLOAT) for a in act_attrs)
+        return [act]
+    nodes = []
+    for bound in CLIP_BOUNDS:
+        value = helper.make_attribute_ref("value_float", AttributeProto.FLOAT)
+        value.ref_attr_name = bound
+        constant = helper.make_node("Constant", [], [bound])
+        constant.attribute.append(value)
+        nodes.append(constant)
+    return [*nodes, helper.make_node("Clip", ["T", *CLIP_BOUNDS], ["Y"])]
+
+
 def _fused_function(e: Emitter, activation: str, act_attrs: dict[str, Any]) -> str:
     """The model-local function Conv+activation: standard Conv and activation ops, whose
     attributes refer to the call's, so one function serves every such conv."""
@@ -168,14 +210,12 @@ def _fused_function(e: Emitter, activation: str, act_attrs: dict[str, Any]) -> s
     if name not in e.functions:
         conv = helper.make_node("Conv", ["X", "W", "B"], ["T"])
         conv.attribute.extend(helper.make_attribute_ref(a, t) for a, t in _CONV_ATTRS.items())
-        act = helper.make_node(ACTIVATION_OPS[activation], ["T"], ["Y"])
-        act.attribute.extend(helper.make_attribute_ref(a, AttributeProto.FLOAT) for a in act_attrs)
         e.functions[name] = helper.make_function(
             FUNCTION_DOMAIN,
             name,
             ["X", "W", "B"],
             ["Y"],
-            [conv, act],
+            [conv, *_function_activation(activation, act_attrs)],
             [helper.make_opsetid("", e.opset)],
             attributes=[*_CONV_ATTRS, *act_attrs],
             doc_string=f"Conv followed by {ACTIVATION_OPS[activation]} (cnnc fuse-conv-act)",
@@ -195,7 +235,7 @@ def _conv(e: Emitter, node: Node) -> None:
     if e.inline_functions:
         pre = f"{node.name}.preact"
         e.node("Conv", inputs, [pre], f"{node.name}.conv", **attrs)
-        e.node(ACTIVATION_OPS[activation], [pre], outputs, node.name, **act_attrs)
+        _activation(e, activation, act_attrs, pre, outputs[0], node.name)
         return
     attrs.setdefault("dilations", [1] * len(attrs["kernel_shape"]))
     function = _fused_function(e, activation, act_attrs)
@@ -241,6 +281,41 @@ def _gap(e: Emitter, node: Node) -> None:
     e.node("GlobalAveragePool", _names(node.inputs), _names(node.outputs), node.name)
 
 
+@emitter("global_maxpool")
+def _global_maxpool(e: Emitter, node: Node) -> None:
+    e.node("GlobalMaxPool", _names(node.inputs), _names(node.outputs), node.name)
+
+
+@emitter("lrn")
+def _lrn(e: Emitter, node: Node) -> None:
+    (x,), (y,) = _names(node.inputs), _names(node.outputs)
+    if node.inputs[0].type.rank != 3:
+        e.node("LRN", [x], [y], node.name, **node.attrs)
+        return
+    # onnxruntime's LRN takes N×C×H×W only: a 1-D map N×C×L runs as N×C×L×1.
+    axes = e.constant(f"{node.name}.axes", np.array([3], dtype=np.int64))
+    e.node("Unsqueeze", [x, axes], [f"{node.name}.2d"], f"{node.name}.unsqueeze")
+    e.node("LRN", [f"{node.name}.2d"], [f"{node.name}.lrn"], f"{node.name}.lrn", **node.attrs)
+    e.node("Squeeze", [f"{node.name}.lrn", axes], [y], node.name)
+
+
+@emitter("add")
+def _add(e: Emitter, node: Node) -> None:
+    # ONNX Add is binary: a chain, whose partial sums are named <node>.sum2, <node>.sum3, ...
+    (y,) = _names(node.outputs)
+    partial, *rest = _names(node.inputs)
+    for i, x in enumerate(rest, start=2):
+        last = i == len(node.inputs)
+        out, name = (y, node.name) if last else (f"{node.name}.sum{i}",) * 2
+        e.node("Add", [partial, x], [out], name)
+        partial = out
+
+
+@emitter("concat")
+def _concat(e: Emitter, node: Node) -> None:
+    e.node("Concat", _names(node.inputs), _names(node.outputs), node.name, axis=1)
+
+
 @emitter("softmax")
 def _softmax(e: Emitter, node: Node) -> None:
     e.node("Softmax", _names(node.inputs), _names(node.outputs), node.name, axis=node.attrs["axis"])
@@ -268,9 +343,11 @@ def _dropout(e: Emitter, node: Node) -> None:
     e.node("Dropout", [node.inputs[0].name, ratio], _names(node.outputs), node.name)
 
 
-for _op, _onnx in ACTIVATION_OPS.items():
+for _op in ACTIVATION_OPS:
     emitter(_op)(
-        lambda e, node, t=_onnx: e.node(t, _names(node.inputs), _names(node.outputs), node.name)
+        lambda e, node, op=_op: _activation(
+            e, op, node.attrs, node.inputs[0].name, node.output.name, node.name
+        )
     )
 
 

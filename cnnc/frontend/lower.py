@@ -1,18 +1,37 @@
-"""AST -> IR: resolve layers and their arguments, name every layer, build and verify the graph."""
+"""AST -> IR: resolve names, layers, blocks and their arguments, name every layer, verify."""
 
 from __future__ import annotations
 
 import difflib
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
-from cnnc.errors import LayerError, Location, ShapeError
-from cnnc.frontend.parser import Call, Link, Network, Program
+from cnnc.errors import CnncError, CnncWarning, LayerError, Location, ShapeError
+from cnnc.frontend.parser import (
+    Arg,
+    BinOp,
+    Block,
+    Call,
+    Expr,
+    Link,
+    Literal,
+    Name,
+    Neg,
+    Network,
+    Program,
+    Statement,
+    TupleExpr,
+)
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType
 from cnnc.ir.verify import verify
 from cnnc.ops import Attr, Layer, LayerContext, all_layers, get_layer
 from cnnc.ops.base import REQUIRED
+
+# Words an argument may use that are not names of values or parameters.
+WORDS = {"true", "false", "same", "valid"}
+BLOCK_INPUT = "in"
 
 
 def select_network(program: Program, name: str | None = None) -> Network:
@@ -30,26 +49,74 @@ def select_network(program: Program, name: str | None = None) -> Network:
             return net
     known = ", ".join(n.name for n in program.networks)
     raise LayerError(
-        f"the program has no network {name!r}; it defines {known}", Location(program.source, 1, 1)
+        f"the program has no network {name!r}; it defines {known}",
+        Location(program.source, 1, 1),
     )
 
 
 def lower(program: Program, network: str | None = None) -> Graph:
-    """Build the IR graph of one network of a parsed program, and verify it."""
-    return _Lowering(select_network(program, network)).run()
+    """Build the IR graph of one network of a parsed program, and verify it.
+
+    Warnings (unused values) are left in ``graph.warnings``.
+    """
+    return _Lowering(program).network(select_network(program, network))
+
+
+@dataclass
+class _Binding:
+    value: Value
+    loc: Location | None
+    used: bool = False
+
+
+@dataclass
+class _Scope:
+    """The names visible in a network body or in one instance of a block."""
+
+    prefix: str  # prepended to layer names: "" or "layer1.0."
+    params: dict[str, Any]
+    values: dict[str, _Binding]
+    reserved: set[str]  # labels the body gives, which automatic names avoid
+    block: Block | None = None
+    labels: dict[str, Location] = field(default_factory=dict)
+    counters: Counter = field(default_factory=Counter)
+
+    def lookup(self, name: str) -> Any:
+        if name in self.values:
+            binding = self.values[name]
+            binding.used = True
+            return binding.value
+        return self.params[name]
+
+    def knows(self, name: str) -> bool:
+        return name in self.values or name in self.params
 
 
 class _Lowering:
-    def __init__(self, net: Network):
-        self.net = net
-        self.graph = Graph(net.name)
-        self.labels: dict[str, Location] = {}
-        self.counters: Counter[str] = Counter()
-        # Auto-generated names must not take a name the user gives a later layer.
-        self.reserved = {link.label for stmt in net.statements for link in stmt.links if link.label}
+    def __init__(self, program: Program):
+        self.program = program
+        self.blocks: dict[str, Block] = {}
+        for block in program.blocks:
+            if block.name in self.blocks:
+                first = self.blocks[block.name].loc.line
+                raise LayerError(
+                    f"block {block.name!r} is defined twice (first at line {first})", block.name_loc
+                )
+            if get_layer(block.name) is not None:
+                raise LayerError(
+                    f"block {block.name!r} has the name of a layer",
+                    block.name_loc,
+                    hint="choose another name",
+                )
+            self.blocks[block.name] = block
+        self.graph: Graph | None = None
+        self.stack: list[str] = []  # blocks being expanded, to catch recursion
+        self.warned: set[tuple[int, int, str]] = set()
+        self.warnings: list[CnncWarning] = []
 
-    def run(self) -> Graph:
-        net = self.net
+    # ---- networks and statements ------------------------------------------------------------
+
+    def network(self, net: Network) -> Graph:
         if len(net.input_shape) not in (2, 3) or not all(d > 0 for d in net.input_shape):
             raise ShapeError(
                 f"input {net.input_name} is {'x'.join(map(str, net.input_shape))}; a network "
@@ -57,72 +124,302 @@ class _Lowering:
                 net.shape_loc,
                 hint="for example image: 3x224x224 or signal: 1x128",
             )
-        value = self.graph.add_input(net.input_name, TensorType("f32", (BATCH, *net.input_shape)))
+        self.graph = Graph(net.name)
+        x = self.graph.add_input(net.input_name, TensorType("f32", (BATCH, *net.input_shape)))
         if not net.statements:
             raise LayerError(f"network {net.name} has no layers", net.loc)
-        for stmt in net.statements:
-            label = None
-            for link in stmt.links:
-                label = link.label or label
-                value = self.link(link, value, label)
-        self.graph.outputs = [value]
+        scope = _Scope(
+            "", {}, {net.input_name: _Binding(x, None, used=True)}, _labels(net.statements)
+        )
+        self.graph.outputs = [self.body(net.statements, scope, x)]
+        self.graph.warnings = self.warnings
         verify(self.graph)
         return self.graph
 
-    def link(self, link: Link, x: Value, chain_label: str | None) -> Value:
-        call = link.call
-        layer = get_layer(call.name)
-        if layer is None:
-            raise unknown_layer(call)
-        args, arg_locs = bind_args(layer, call)
-        name = self.name_for(link, chain_label)
-        ctx = LayerContext(self.graph, name, call.loc, args, arg_locs)
-        return layer.build(ctx, x)
+    def body(self, statements: list[Statement], scope: _Scope, x: Value) -> Value:
+        for stmt in statements:
+            x = self.statement(stmt, scope, x)
+        for name, binding in scope.values.items():
+            if not binding.used and binding.loc is not None:
+                key = (binding.loc.line, binding.loc.col, name)
+                if key not in self.warned:
+                    self.warned.add(key)
+                    self.warnings.append(
+                        CnncWarning(
+                            f"value {name!r} is never used",
+                            binding.loc,
+                            hint="use it, or drop the binding",
+                        )
+                    )
+        return x
 
-    def name_for(self, link: Link, chain_label: str | None) -> str:
+    def statement(self, stmt: Statement, scope: _Scope, x: Value) -> Value:
+        links = stmt.links
+        first = links[0].bare_name
+        if first is not None and scope.knows(first):
+            value = scope.lookup(first)
+            if not isinstance(value, Value):
+                raise LayerError(f"{first!r} is a parameter ({value!r}), not a value", links[0].loc)
+            x, links = value, links[1:]
+        label = None
+        for link in links:
+            label = scope.prefix + link.label if link.label else label
+            x = self.link(link, scope, x, label)
+        if stmt.binding is not None:
+            self.bind(stmt, scope, x)
+        return x
+
+    def bind(self, stmt: Statement, scope: _Scope, value: Value) -> None:
+        name, loc = stmt.binding, stmt.binding_loc
+        if name == BLOCK_INPUT or name in WORDS:
+            raise LayerError(f"{name!r} is a reserved word and cannot name a value", loc)
+        if get_layer(name) is not None or name in self.blocks:
+            kind = "layer" if get_layer(name) is not None else "block"
+            raise LayerError(f"{name!r} is the name of a {kind}; a value needs another name", loc)
+        if name in scope.params:
+            raise LayerError(
+                f"{name!r} is a parameter of block {scope.block.name}; a value needs another name",
+                loc,
+            )
+        if name in scope.values:
+            first = scope.values[name].loc
+            where = f" (first at line {first.line})" if first else " (it names the input)"
+            raise LayerError(
+                f"value {name!r} is defined twice{where}", loc, hint="give each value its own name"
+            )
+        scope.values[name] = _Binding(value, loc)
+
+    # ---- links: layers and blocks -----------------------------------------------------------
+
+    def link(self, link: Link, scope: _Scope, x: Value, chain_label: str | None) -> Value:
+        name = self.name_for(link, scope, chain_label)
+        if link.steps is not None:
+            index = 0
+            for step in link.steps:
+                for _ in range(self.repeat(step, scope)):
+                    x = self.apply(step.call, scope, x, f"{name}.{index}")
+                    index += 1
+            return x
+        times = self.repeat(link, scope)
+        for i in range(times):
+            x = self.apply(link.call, scope, x, f"{name}.{i}" if link.repeat else name)
+        return x
+
+    def apply(self, call: Call, scope: _Scope, x: Value, name: str) -> Value:
+        """One layer or block instance called ``name``, applied to ``x``."""
+        layer = get_layer(call.name)
+        block = self.blocks.get(call.name)
+        if block is not None:
+            return self.expand(block, call, scope, x, name)
+        if layer is None:
+            if scope.knows(call.name):
+                raise LayerError(
+                    f"{call.name!r} is a value; a value can only start a chain",
+                    call.name_loc,
+                    hint=f"write {call.name} -> ... on its own",
+                )
+            raise self.unknown(call)
+        args, locs = bind_args(layer, call, self.arguments(call, scope))
+        return layer.build(LayerContext(self.graph, name, call.loc, args, locs), x)
+
+    def repeat(self, link: Link, scope: _Scope) -> int:
+        if link.repeat is None:
+            return 1
+        times = evaluate(link.repeat, scope)
+        if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+            raise LayerError(
+                f"a repetition count must be a positive integer, got {times!r}", link.repeat.loc
+            )
+        return times
+
+    def name_for(self, link: Link, scope: _Scope, chain_label: str | None) -> str:
         """A layer's name: its label; else ``<label>.<keyword>`` after a labelled layer of the
-        same statement; else ``<keyword><n>``, counting that keyword's layers from 1."""
-        keyword = link.call.name
-        self.counters[keyword] += 1
+        same statement; else ``<keyword><n>``, counting that keyword's layers from 1. Inside a
+        block every name starts with the instance's name."""
+        keyword = link.call.name if link.call is not None else "sequence"
+        scope.counters[keyword] += 1
         if link.label is None and chain_label is not None:
             return self.graph.unique_name(f"{chain_label}.{keyword}")
         if link.label is None:
-            n = self.counters[keyword]
-            while f"{keyword}{n}" in self.reserved:
+            n = scope.counters[keyword]
+            # relu6 counts as relu6_1, relu6_2: "relu61" would read as relu #61.
+            sep = "_" if keyword[-1].isdigit() else ""
+            while f"{keyword}{sep}{n}" in scope.reserved:
                 n += 1
-            self.counters[keyword] = n
-            return f"{keyword}{n}"
-        if link.label in self.labels or link.label == self.net.input_name:
-            first = self.labels.get(link.label)
-            where = f" (first at line {first.line})" if first else " (it names the input)"
+            scope.counters[keyword] = n
+            return scope.prefix + f"{keyword}{sep}{n}"
+        if link.label in scope.labels or link.label in scope.values:
+            first = scope.labels.get(link.label)
+            where = f" (first at line {first.line})" if first else " (it names a value)"
             raise LayerError(
                 f"name {link.label!r} is used twice{where}",
                 link.label_loc,
                 hint="give each layer its own name",
             )
-        self.labels[link.label] = link.label_loc
-        return link.label
+        scope.labels[link.label] = link.label_loc
+        return scope.prefix + link.label
+
+    def unknown(self, call: Call) -> LayerError:
+        known = sorted(all_layers())
+        blocks = sorted(self.blocks)
+        close = difflib.get_close_matches(call.name, known + blocks, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        hint += "layers: " + ", ".join(known)
+        if blocks:
+            hint += "; blocks: " + ", ".join(blocks)
+        return LayerError(f"unknown layer {call.name!r}", call.name_loc, hint=hint)
+
+    def arguments(self, call: Call, scope: _Scope) -> list[tuple[Arg, Any]]:
+        return [(arg, evaluate(arg.value, scope)) for arg in call.args]
+
+    def expand(self, block: Block, call: Call, scope: _Scope, x: Value, name: str) -> Value:
+        if block.name in self.stack:
+            cycle = " -> ".join([*self.stack[self.stack.index(block.name) :], block.name])
+            raise LayerError(
+                f"block {block.name} calls itself ({cycle})",
+                call.name_loc,
+                hint="blocks cannot be recursive; repeat with * n instead",
+            )
+        params = self.block_params(block, call, scope)
+        inner = _Scope(
+            f"{name}.",
+            params,
+            {BLOCK_INPUT: _Binding(x, None, used=True)},
+            _labels(block.statements),
+            block,
+        )
+        if not block.statements:
+            raise LayerError(f"block {block.name} has no layers", block.loc)
+        self.stack.append(block.name)
+        try:
+            return self.body(block.statements, inner, x)
+        except CnncError as e:
+            args = ", ".join(_source_text(a.loc) for a in call.args)
+            e.notes.append(f"in {name}: {block.name}({args}), called at {call.loc}")
+            raise
+        finally:
+            self.stack.pop()
+
+    def block_params(self, block: Block, call: Call, scope: _Scope) -> dict[str, Any]:
+        names = [p.name for p in block.params]
+        given: dict[str, tuple[Any, Location]] = {}
+        for i, arg in enumerate(call.args):
+            if arg.name is None:
+                if any(a.name is not None for a in call.args[:i]):
+                    raise LayerError("a positional argument cannot follow a named one", arg.loc)
+                if i >= len(names):
+                    raise LayerError(
+                        f"block {block.name} takes {len(names)} parameter"
+                        f"{'s' if len(names) != 1 else ''}, got more",
+                        arg.loc,
+                        hint=f"{block.name}({', '.join(names)})",
+                    )
+                key = names[i]
+            else:
+                if arg.name not in names:
+                    close = difflib.get_close_matches(arg.name, names, n=1)
+                    hint = f"did you mean {close[0]}? " if close else ""
+                    raise LayerError(
+                        f"block {block.name} has no parameter {arg.name!r}",
+                        arg.loc,
+                        hint=hint + f"{block.name}({', '.join(names)})",
+                    )
+                key = arg.name
+            if key in given:
+                raise LayerError(f"{key} is given twice", arg.loc)
+            given[key] = (evaluate(arg.value, scope), arg.loc)
+        # Defaults may use the parameters before them: block b(c, mid=c // 4).
+        params: dict[str, Any] = {}
+        defaults = _Scope("", params, {}, set(), block)
+        for p in block.params:
+            if p.name in given:
+                params[p.name] = given[p.name][0]
+            elif p.default is not None:
+                params[p.name] = evaluate(p.default, defaults)
+            else:
+                raise LayerError(
+                    f"block {block.name} needs parameter {p.name}",
+                    call.loc,
+                    hint=f"{block.name}({', '.join(names)})",
+                )
+        return params
 
 
-def unknown_layer(call: Call) -> LayerError:
-    """The error for a call of a layer the language does not have."""
-    known = sorted(all_layers())
-    close = difflib.get_close_matches(call.name, known, n=1)
-    hint = f"did you mean {close[0]}? " if close else ""
-    return LayerError(
-        f"unknown layer {call.name!r}", call.name_loc, hint=hint + "layers: " + ", ".join(known)
-    )
+def _labels(statements: list[Statement]) -> set[str]:
+    return {link.label for stmt in statements for link in stmt.links if link.label}
 
 
-def bind_args(layer: Layer, call: Call) -> tuple[dict[str, Any], dict[str, Location]]:
-    """Match a call's arguments to the layer's attributes, checking and converting each."""
+def _source_text(loc: Location) -> str:
+    line = loc.source.line(loc.line) if loc.source else ""
+    end = loc.end_col if loc.end_line == loc.line and loc.end_col else len(line) + 1
+    return line[loc.col - 1 : end - 1]
+
+
+# ---- argument expressions --------------------------------------------------------------------
+
+
+def evaluate(expr: Expr, scope: _Scope) -> Any:
+    """The value of an argument expression: a number, a tuple, a word, or an IR value."""
+    if isinstance(expr, Literal):
+        return expr.value
+    if isinstance(expr, Name):
+        if scope.knows(expr.id):
+            return scope.lookup(expr.id)
+        if expr.id in WORDS:
+            return expr.id
+        known = sorted({*scope.params, *scope.values, *WORDS})
+        close = difflib.get_close_matches(expr.id, known, n=1)
+        raise LayerError(
+            f"undefined name {expr.id!r}",
+            expr.loc,
+            hint=f"did you mean {close[0]}?" if close else None,
+        )
+    if isinstance(expr, TupleExpr):
+        return tuple(evaluate(item, scope) for item in expr.items)
+    if isinstance(expr, Neg):
+        operand = evaluate(expr.operand, scope)
+        if not _is_number(operand):
+            raise LayerError(f"cannot negate {operand!r}", expr.loc)
+        return -operand
+    if isinstance(expr, BinOp):
+        left, right = evaluate(expr.left, scope), evaluate(expr.right, scope)
+        if not (_is_number(left) and _is_number(right)):
+            raise LayerError(f"{expr.op} needs numbers, got {left!r} and {right!r}", expr.loc)
+        if expr.op == "+":
+            return left + right
+        if expr.op == "-":
+            return left - right
+        if expr.op == "*":
+            return left * right
+        if right == 0:
+            raise LayerError("division by zero", expr.loc)
+        return left // right
+    raise AssertionError(f"expression {expr!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# ---- layer arguments -------------------------------------------------------------------------
+
+
+def bind_args(
+    layer: Layer, call: Call, values: list[tuple[Arg, Any]]
+) -> tuple[dict[str, Any], dict[str, Location]]:
+    """Match a call's evaluated arguments to the layer's attributes, checking each."""
     positional = [a for a in layer.attrs if a.positional]
+    variadic = next((a for a in positional if a.kind == "values"), None)
     args: dict[str, Any] = {}
     locs: dict[str, Location] = {}
-    for i, arg in enumerate(call.args):
+    for i, (arg, value) in enumerate(values):
         if arg.name is None:
-            if any(a.name is not None for a in call.args[:i]):
+            if any(a.name is not None for a, _ in values[:i]):
                 raise LayerError("a positional argument cannot follow a named one", arg.loc)
+            if variadic is not None:
+                args.setdefault(variadic.name, []).append(convert(layer, variadic, value, arg.loc))
+                locs.setdefault(variadic.name, arg.loc)
+                continue
             if i >= len(positional):
                 names = ", ".join(a.name for a in positional) or "none"
                 raise LayerError(
@@ -134,8 +431,8 @@ def bind_args(layer: Layer, call: Call) -> tuple[dict[str, Any], dict[str, Locat
             attr = positional[i]
         else:
             attr = layer.attr(arg.name)
-            if attr is None:
-                names = [a.name for a in layer.attrs]
+            if attr is None or attr.kind == "values":
+                names = [a.name for a in layer.attrs if a.kind != "values"]
                 close = difflib.get_close_matches(arg.name, names, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
                 raise LayerError(
@@ -145,23 +442,28 @@ def bind_args(layer: Layer, call: Call) -> tuple[dict[str, Any], dict[str, Locat
                 )
         if attr.name in args:
             raise LayerError(f"{attr.name} is given twice", arg.loc)
-        args[attr.name] = convert(layer, attr, arg.value, arg.loc)
+        args[attr.name] = convert(layer, attr, value, arg.loc)
         locs[attr.name] = arg.loc
     for attr in layer.attrs:
         if attr.name not in args:
-            if attr.default is REQUIRED:
+            if attr.kind == "values":
+                args[attr.name] = []
+            elif attr.default is REQUIRED:
                 raise LayerError(
                     f"{layer.keyword} needs {attr.name} ({attr.doc})",
                     call.loc,
                     hint=f"{layer.keyword} takes: {layer.signature}",
                 )
-            args[attr.name] = attr.default
+            else:
+                args[attr.name] = attr.default
     return args, locs
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, tuple):
         return "(" + ", ".join(_describe(v) for v in value) + ")"
+    if isinstance(value, Value):
+        return f"the value %{value.name}"
     return str(value)
 
 
@@ -180,22 +482,26 @@ def convert(layer: Layer, attr: Attr, value: Any, loc: Location) -> Any:
 
     def ints(v: Any, expected: str) -> tuple[int, ...] | int:
         items = v if isinstance(v, tuple) else (v,)
-        if not items or not all(isinstance(i, int) for i in items):
+        if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
             raise bad(expected)
         for i in items:
             check_min(i)
         return v
 
     kind = attr.kind
+    if kind == "values":
+        if not isinstance(value, Value):
+            raise LayerError(f"{layer.keyword} takes names of values, got {_describe(value)}", loc)
+        return value
     if kind == "int":
-        if not isinstance(value, int):
+        if not isinstance(value, int) or isinstance(value, bool):
             raise bad("an integer")
         check_min(value)
         return value
     if kind == "ints":
         return ints(value, "an integer or a tuple of integers such as (3, 3)")
     if kind == "float":
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        if not _is_number(value):
             raise bad("a number")
         check_min(value)
         return float(value)

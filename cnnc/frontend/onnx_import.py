@@ -178,9 +178,100 @@ def _gap(imp: Importer, node, attrs) -> None:
     imp.add(node, "gap", _inputs(imp, node))
 
 
+@importer("GlobalMaxPool")
+def _global_maxpool(imp: Importer, node, attrs) -> None:
+    imp.add(node, "global_maxpool", _inputs(imp, node))
+
+
 @importer("Relu", "Sigmoid", "Tanh")
 def _elementwise(imp: Importer, node, attrs) -> None:
     imp.add(node, node.op_type.lower(), _inputs(imp, node))
+
+
+@importer("LeakyRelu")
+def _leaky_relu(imp: Importer, node, attrs) -> None:
+    imp.add(node, "leaky_relu", _inputs(imp, node), {"alpha": float(attrs.get("alpha", 0.01))})
+
+
+@importer("Clip")
+def _clip(imp: Importer, node, attrs) -> None:
+    # Opset 11 made the bounds inputs; before, they were attributes. A missing one is no bound.
+    bounds = {"min": -np.inf, "max": np.inf}
+    for i, bound in enumerate(bounds, start=1):
+        if bound in attrs:
+            bounds[bound] = float(attrs[bound])
+        elif len(node.input) > i and node.input[i]:
+            value = imp.constant(node, node.input[i])
+            if value.size != 1:
+                raise imp.fail(node, f"Clip's {bound} must be a scalar, got shape {value.shape}")
+            bounds[bound] = float(value.reshape(()))
+    imp.add(node, "clip", [imp.value(node, node.input[0])], bounds)
+
+
+@importer("LRN")
+def _lrn(imp: Importer, node, attrs) -> None:
+    ir = {
+        "size": attrs["size"],
+        "alpha": float(attrs.get("alpha", 1e-4)),
+        "beta": float(attrs.get("beta", 0.75)),
+        "bias": float(attrs.get("bias", 1.0)),
+    }
+    imp.add(node, "lrn", _inputs(imp, node), ir)
+
+
+def _merged(imp: Importer, node: onnx.NodeProto) -> list[Value]:
+    """The inputs of a merge, which must all be computed values: the IR adds and joins
+    branches of the network, not constants."""
+    inputs = _inputs(imp, node)
+    for v in inputs:
+        if v.is_param:
+            raise imp.fail(
+                node,
+                f"input {v.name!r} is a constant; cnnc merges computed values only",
+                hint="fold the constant into the layer before (a conv's bias, say)",
+            )
+    return inputs
+
+
+@importer("Add", "Sum")
+def _add(imp: Importer, node, attrs) -> None:
+    inputs = _merged(imp, node)
+    if len(inputs) == 1:
+        imp.alias(node, inputs[0])
+    else:
+        imp.add(node, "add", inputs)
+
+
+@importer("Concat")
+def _concat(imp: Importer, node, attrs) -> None:
+    inputs = _merged(imp, node)
+    rank = inputs[0].type.rank
+    if attrs["axis"] not in (1, 1 - rank):
+        raise imp.fail(
+            node,
+            f"Concat along axis {attrs['axis']} of a rank-{rank} tensor is not supported: "
+            "cnnc joins channels only (axis 1)",
+        )
+    if len(inputs) == 1:
+        imp.alias(node, inputs[0])
+    else:
+        imp.add(node, "concat", inputs)
+
+
+@importer("Constant")
+def _constant(imp: Importer, node, attrs) -> None:
+    # Exporters write small constants (Clip's bounds, say) as nodes rather than initializers.
+    kinds = {
+        "value": numpy_helper.to_array,
+        "value_float": lambda v: np.array(v, dtype=np.float32),
+        "value_floats": lambda v: np.array(v, dtype=np.float32),
+        "value_int": lambda v: np.array(v, dtype=np.int64),
+        "value_ints": lambda v: np.array(v, dtype=np.int64),
+    }
+    ((kind, value),) = attrs.items()
+    if kind not in kinds:
+        raise imp.fail(node, f"a Constant given by {kind} is not supported")
+    imp.constants[node.output[0]] = kinds[kind](value)
 
 
 @importer("Softmax")

@@ -17,40 +17,118 @@ from cnnc.errors import Location, ParseError, Source
 
 
 @dataclass
+class Expr:
+    """An argument expression; evaluated when the program is lowered."""
+
+    loc: Location
+
+
+@dataclass
+class Literal(Expr):
+    """An integer, a number or a tuple of integers written as a shape (3x5)."""
+
+    value: Any
+
+
+@dataclass
+class Name(Expr):
+    """A name: a block parameter, a value, or a word such as same, valid, true, false."""
+
+    id: str
+
+
+@dataclass
+class BinOp(Expr):
+    """``left op right`` with op one of + - * //."""
+
+    op: str
+    left: Expr
+    right: Expr
+
+
+@dataclass
+class Neg(Expr):
+    """``-operand``."""
+
+    operand: Expr
+
+
+@dataclass
+class TupleExpr(Expr):
+    """``(a, b, ...)``."""
+
+    items: list[Expr]
+
+
+@dataclass
 class Arg:
-    """``value`` or ``name=value`` inside a call; values are int, float, str (a name) or tuple."""
+    """``expr`` or ``name=expr`` inside a call."""
 
     name: str | None
-    value: Any
+    value: Expr
     loc: Location
 
 
 @dataclass
 class Call:
-    """A layer applied in a chain: ``conv(6, kernel=5)`` or ``relu``."""
+    """A layer or block applied in a chain: ``conv(6, kernel=5)``, ``relu``, ``basic(64)``."""
 
     name: str
     args: list[Arg]
     loc: Location
     name_loc: Location
+    parens: bool = False
 
 
 @dataclass
 class Link:
-    """One step of a chain, optionally labelled: ``c1: conv(6, 5)``."""
+    """One step of a chain, optionally labelled and repeated: ``layer1: basic(64) * 2``;
+    or a sequence ``layer2: [basic_down(128), basic(128)]`` (``call`` is None, ``steps``
+    holds the unlabelled steps)."""
 
     label: str | None
-    call: Call
+    call: Call | None
     loc: Location
     label_loc: Location | None = None
+    repeat: Expr | None = None
+    steps: list[Link] | None = None
+
+    @property
+    def bare_name(self) -> str | None:
+        """The name, if this step is a bare name (which may refer to a value)."""
+        if self.call is None or self.label is not None or self.repeat is not None:
+            return None
+        return None if self.call.parens else self.call.name
 
 
 @dataclass
 class Statement:
-    """A chain of layers ``a -> b -> c`` that continues from the previous statement's value."""
+    """A chain ``a -> b -> c``, optionally bound to a name: ``y = a -> b``."""
 
     links: list[Link]
     loc: Location
+    binding: str | None = None
+    binding_loc: Location | None = None
+
+
+@dataclass
+class Param:
+    """A block parameter, with its default."""
+
+    name: str
+    default: Expr | None
+    loc: Location
+
+
+@dataclass
+class Block:
+    """``block name(params) { statements }``: a reusable sub-network whose input is ``in``."""
+
+    name: str
+    params: list[Param]
+    statements: list[Statement]
+    loc: Location
+    name_loc: Location
 
 
 @dataclass
@@ -71,6 +149,7 @@ class Program:
 
     source: Source
     networks: list[Network] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
 
 
 # ---- the parser ----------------------------------------------------------------------------
@@ -114,54 +193,107 @@ class ToAst(Transformer):
         super().__init__()
         self.source = source
 
+    def _loc(self, meta) -> Location:
+        return _loc(self.source, meta)
+
     def _tok(self, tok) -> Location:
         return Location(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
 
-    def start(self, meta, networks):
-        return Program(self.source, list(networks))
+    def start(self, meta, definitions):
+        program = Program(self.source)
+        for d in definitions:
+            (program.networks if isinstance(d, Network) else program.blocks).append(d)
+        return program
 
     def network(self, meta, children):
         name, input_name, shape, *statements = children
         dims = tuple(int(d) for d in shape.split("x"))
         return Network(
-            str(name), str(input_name), dims, statements, _loc(self.source, meta), self._tok(shape)
+            str(name), str(input_name), dims, statements, self._loc(meta), self._tok(shape)
         )
 
-    def statement(self, meta, links):
-        return Statement(list(links), _loc(self.source, meta))
+    def block(self, meta, children):
+        name, *rest = children
+        params = [c for c in rest if isinstance(c, Param)]
+        statements = [c for c in rest if isinstance(c, Statement)]
+        return Block(str(name), params, statements, self._loc(meta), self._tok(name))
+
+    def param(self, meta, children):
+        name, default = children
+        return Param(str(name), default, self._tok(name))
+
+    def binding(self, meta, children):
+        name, chain = children
+        return Statement(chain.links, self._loc(meta), str(name), self._tok(name))
+
+    def expression(self, meta, children):
+        return children[0]
+
+    def chain(self, meta, links):
+        return Statement(list(links), self._loc(meta))
 
     def link(self, meta, children):
-        if len(children) == 2:
-            label, call = children
-            return Link(str(label), call, _loc(self.source, meta), self._tok(label))
-        return Link(None, children[0], _loc(self.source, meta))
+        path, call, repeat = children
+        label = path[0] if path else None
+        return Link(label, call, self._loc(meta), path[1] if path else None, repeat)
+
+    def sequence(self, meta, children):
+        path, *steps = children
+        return Link(
+            path[0] if path else None, None, self._loc(meta), path[1] if path else None, steps=steps
+        )
+
+    def step(self, meta, children):
+        call, repeat = children
+        return Link(None, call, self._loc(meta), repeat=repeat)
+
+    def path(self, meta, parts):
+        return ".".join(str(p) for p in parts), self._loc(meta)
+
+    def bare_call(self, meta, children):
+        (name,) = children
+        return Call(str(name), [], self._loc(meta), self._tok(name))
 
     def call(self, meta, children):
         name, *args = children
         args = [a for a in args if a is not None]
-        return Call(str(name), args, _loc(self.source, meta), self._tok(name))
+        return Call(str(name), args, self._loc(meta), self._tok(name), parens=True)
 
     def arg(self, meta, children):
-        return Arg(None, children[0], _loc(self.source, meta))
+        return Arg(None, children[0], self._loc(meta))
 
     def keyword_arg(self, meta, children):
         name, value = children
-        return Arg(str(name), value, _loc(self.source, meta))
+        return Arg(str(name), value, self._loc(meta))
 
     def int_value(self, meta, children):
-        return int(children[0])
+        return Literal(self._loc(meta), int(children[0]))
 
     def float_value(self, meta, children):
-        return float(children[0])
+        return Literal(self._loc(meta), float(children[0]))
 
     def shape_value(self, meta, children):
-        return tuple(int(d) for d in children[0].split("x"))
+        return Literal(self._loc(meta), tuple(int(d) for d in children[0].split("x")))
 
     def name_value(self, meta, children):
-        return str(children[0])
+        return Name(self._loc(meta), str(children[0]))
 
     def tuple_value(self, meta, children):
-        return tuple(children)
+        return TupleExpr(self._loc(meta), list(children))
+
+    def neg(self, meta, children):
+        return Neg(self._loc(meta), children[0])
+
+    def _binop(op):
+        def build(self, meta, children):
+            return BinOp(self._loc(meta), op, children[0], children[1])
+
+        return build
+
+    add = _binop("+")
+    sub = _binop("-")
+    mul = _binop("*")
+    floordiv = _binop("//")
 
 
 _TOKEN_WORDS = {
@@ -186,8 +318,14 @@ def _describe_terminal(name: str) -> str:
     return f"'{term.pattern.value}'" if term.pattern.type == "str" else name
 
 
+# Operators that may continue almost any expression; listing them hides what is missing.
+_OPERATORS = {"'+'", "'-'", "'*'", "'//'"}
+
+
 def _expected(names) -> str:
     words = sorted({_describe_terminal(n) for n in names})
+    if set(words) - _OPERATORS:
+        words = [w for w in words if w not in _OPERATORS]
     if len(words) > 1:
         return ", ".join(words[:-1]) + " or " + words[-1]
     return words[0] if words else "something else"

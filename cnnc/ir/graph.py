@@ -119,6 +119,20 @@ class Node:
         return f"<{self.op} {self.name}>"
 
 
+def _numel(v: Value) -> int:
+    return int(np.prod(v.shape, dtype=np.int64))
+
+
+def is_statistic(param: Value) -> bool:
+    """Whether a parameter holds statistics (running mean, variance) rather than learned values."""
+    from cnnc.ops import get_op
+
+    return any(
+        any(u.inputs[i] is param for i in get_op(u.op).statistics if i < len(u.inputs))
+        for u in param.users
+    )
+
+
 class Graph:
     """A network: inputs, outputs, nodes in topological order, and named parameters."""
 
@@ -132,6 +146,7 @@ class Graph:
         self.opt_level: str = "-O0"
         # A fully convolutional network takes inputs larger than declared (convolutionalize).
         self.flexible_spatial = False
+        self.warnings: list = []  # CnncWarning from lowering (unused values)
         self._names: set[str] = set()
 
     # ---- naming -------------------------------------------------------------------------
@@ -311,9 +326,13 @@ class Graph:
 
     # ---- queries ------------------------------------------------------------------------
 
+    def value_count(self) -> int:
+        """Number of scalars in all parameter tensors, statistics included."""
+        return sum(_numel(v) for v in self.params.values())
+
     def param_count(self) -> int:
-        """Number of parameter values (scalars) in the graph."""
-        return sum(int(np.prod(v.shape, dtype=np.int64)) for v in self.params.values())
+        """Number of learned parameters: what PyTorch counts, without batch-norm statistics."""
+        return sum(_numel(v) for v in self.params.values() if not is_statistic(v))
 
     def __repr__(self) -> str:
         return f"<Graph {self.name}: {len(self.nodes)} nodes, {len(self.params)} params>"

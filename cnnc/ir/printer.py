@@ -29,7 +29,7 @@ def dump(graph: Graph) -> str:
     larger = "  (or larger: fully convolutional)" if graph.flexible_spatial else ""
     for v in graph.inputs:
         lines.append(f"  input  %{v.name} : {v.type}{larger}")
-    lines.append(f"  params {len(graph.params)} tensors, {graph.param_count():,} values")
+    lines.append(f"  params {len(graph.params)} tensors, {graph.value_count():,} values")
     lines.append("")
     rows = [_row(n) for n in graph.nodes]
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(8)]
@@ -69,13 +69,14 @@ def _si(n: float) -> str:
 def summary(graph: Graph) -> str:
     """A table of layers: op, output shape, parameters and multiply-accumulates, with totals
     and each op kind's share of the parameters."""
+    from cnnc.ir.graph import is_statistic
     from cnnc.ops import get_op
 
     rows, kinds = [], {}
     total_params = total_macs = 0
     for node in graph.nodes:
         opdef = get_op(node.op)
-        params = sum(int(v.type.numel() or 0) for v in node.params)
+        params = sum(int(v.type.numel() or 0) for v in node.params if not is_statistic(v))
         macs = opdef.macs(node)
         total_params += params
         total_macs += macs
@@ -93,6 +94,9 @@ def summary(graph: Graph) -> str:
     lines += _table(["layer", "op", "output", "params", "MACs"], rows, totals, right={3, 4})
     lines.append("")
     lines.append(f"parameters: {total_params:,} ({total_params * 4 / 1e6:,.1f} MB as float32)")
+    statistics = graph.value_count() - graph.param_count()
+    if statistics:
+        lines.append(f"batch-norm statistics (not learned): {statistics:,}")
     lines.append(f"multiply-accumulates per item: {total_macs:,} ({_si(total_macs)}MAC)")
     if kinds:
         shares = sorted(kinds.items(), key=lambda kv: -kv[1])

@@ -1,6 +1,6 @@
 """The ops of the IR and the layers of the language, one module per op family."""
 
-from cnnc.ops import activation, conv, linear, norm, pool, tensor  # noqa: F401 (they register)
+from cnnc.ops import activation, conv, linear, merge, norm, pool, tensor  # noqa: F401 (register)
 from cnnc.ops.base import (
     Attr,
     Layer,

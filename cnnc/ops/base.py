@@ -20,6 +20,8 @@ class OpDef:
     """
 
     name: str = ""
+    # Input positions holding statistics rather than learned parameters (PyTorch buffers).
+    statistics: tuple[int, ...] = ()
 
     def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
         """Output types from input types and attributes; raises ShapeError on a bad shape."""
@@ -72,7 +74,8 @@ class Attr:
     """One argument of a DSL layer.
 
     ``kind`` is one of: ``int``, ``ints`` (an int or a tuple of ints), ``float``,
-    ``bool``, ``pad`` (int, tuple of ints, ``same`` or ``valid``).
+    ``bool``, ``pad`` (int, tuple of ints, ``same`` or ``valid``), ``values`` (the
+    names of values, taking every positional argument: the inputs of a merge).
     """
 
     name: str
@@ -101,7 +104,9 @@ class Layer:
     def signature(self) -> str:
         parts = []
         for a in self.attrs:
-            if a.default is REQUIRED:
+            if a.kind == "values":
+                parts.append("a, b, ...")
+            elif a.default is REQUIRED:
                 parts.append(a.name)
             elif a.default_text is not None:
                 parts.append(f"{a.name}={a.default_text}")

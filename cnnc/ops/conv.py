@@ -7,6 +7,7 @@ from typing import Any
 
 from cnnc.errors import ShapeError
 from cnnc.ir.types import TensorType
+from cnnc.ops.activation import activation_label, activation_text
 from cnnc.ops.base import Attr, Layer, LayerContext, OpDef, register_layer, register_op
 from cnnc.ops.common import conv_out_channels_check, describe_window, resolve_pads, windowed_shape
 
@@ -49,15 +50,19 @@ class Conv(OpDef):
         return prod(node.output.type.shape[1:]) * prod(w[1:])
 
     def label(self, node) -> str:
+        conv = f"conv{node.inputs[1].type.rank - 2}d"
         act = node.attrs.get("activation")
-        return f"conv{node.inputs[1].type.rank - 2}d" + (f"+{act}" if act else "")
+        return f"{conv}+{activation_label(act, node.attrs['activation_attrs'])}" if act else conv
 
     def describe(self, node) -> str:
         a = node.attrs
         text = describe_window(
             tuple(node.inputs[1].shape[2:]), a["stride"], a["pads"], a["dilation"]
         )
-        return text + (f" g={a['groups']}" if a["groups"] != 1 else "")
+        text += f" g={a['groups']}" if a["groups"] != 1 else ""
+        act = a.get("activation")
+        act_text = activation_text(act, a["activation_attrs"]) if act else ""
+        return f"{text} {act_text}" if act_text else text
 
 
 register_op(Conv())

@@ -1,4 +1,5 @@
-"""Batch normalization at inference (``bn``): a per-channel scale and shift from four tensors."""
+"""Normalization: batch normalization at inference (``bn``, a per-channel scale and shift from
+four tensors) and local response normalization across channels (``lrn``, AlexNet)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from cnnc.errors import ShapeError
 from cnnc.ir.types import TensorType
 from cnnc.ops.base import Attr, Layer, LayerContext, OpDef, register_layer, register_op
+from cnnc.ops.conv import feature_map_rank
 
 
 class BatchNorm(OpDef):
@@ -14,6 +16,7 @@ class BatchNorm(OpDef):
     y = (x - mean) / sqrt(var + epsilon) * weight + bias, per channel (axis 1)."""
 
     name = "bn"
+    statistics = (3, 4)
 
     def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
         x = inputs[0]
@@ -53,5 +56,64 @@ register_layer(
         "Batch normalization (inference) over the channels, after a conv or an fc. "
         "Tensors <name>.weight, .bias, .running_mean, .running_var [C], as torch.nn.BatchNorm.",
         has_params=True,
+    )
+)
+
+
+class LocalResponseNorm(OpDef):
+    """ONNX LRN, attrs size, alpha, beta, bias (the language's k):
+    y = x / (bias + alpha / size * s) ** beta, where s at channel c is the sum of x² over
+    channels c - floor((size-1)/2) .. c + ceil((size-1)/2) that exist.
+
+    For odd sizes this is torch.nn.LocalResponseNorm (with k = bias). For even sizes the
+    window has one channel more after c than before; PyTorch puts it before instead, and
+    onnxruntime runs odd sizes only, so the language refuses even sizes (imported models
+    may have them).
+    """
+
+    name = "lrn"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        (x,) = inputs
+        if x.rank < 3:
+            raise ShapeError(f"lrn needs a feature map N×C×L or N×C×H×W, got {x}")
+        return [x]
+
+    def describe(self, node) -> str:
+        a = node.attrs
+        return f"size={a['size']} alpha={a['alpha']:g} beta={a['beta']:g} k={a['bias']:g}"
+
+
+register_op(LocalResponseNorm())
+
+
+def build_lrn(ctx: LayerContext, x):
+    feature_map_rank(ctx, x.type, "lrn")
+    size = ctx["size"]
+    if size % 2 == 0:
+        raise ctx.error(
+            f"lrn size must be odd, got {size}: an even window cannot be centred on its channel "
+            "(ONNX puts the extra channel after it, PyTorch before) and onnxruntime runs odd "
+            "sizes only",
+            "size",
+            hint=f"use {size - 1} or {size + 1}",
+        )
+    attrs = {"size": size, "alpha": ctx["alpha"], "beta": ctx["beta"], "bias": ctx["k"]}
+    return ctx.node("lrn", [x], attrs)
+
+
+register_layer(
+    Layer(
+        "lrn",
+        (
+            Attr("size", "int", positional=True, minimum=1, doc="channels in each window (odd)"),
+            Attr("alpha", "float", 1e-4, doc="scale of the sum of squares (divided by size)"),
+            Attr("beta", "float", 0.75, doc="exponent"),
+            Attr("k", "float", 1.0, doc="added before the exponent (ONNX LRN's bias)"),
+        ),
+        build_lrn,
+        "Local response normalization across channels (AlexNet): each value divided by "
+        "(k + alpha/size · the sum of squares of the size channels around it) ** beta, "
+        "as torch.nn.LocalResponseNorm and ONNX LRN.",
     )
 )

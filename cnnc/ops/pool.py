@@ -1,4 +1,4 @@
-"""Pooling: ``maxpool``, ``avgpool`` (windowed) and ``gap`` (global average pooling)."""
+"""Pooling: ``maxpool``, ``avgpool`` (windowed), ``gap`` and ``global_maxpool`` (global)."""
 
 from __future__ import annotations
 
@@ -45,19 +45,21 @@ class Pool(OpDef):
         return text
 
 
-class GlobalAveragePool(OpDef):
-    """The mean over all spatial positions: N×C×H×W -> N×C×1×1."""
+class GlobalPool(OpDef):
+    """The mean (``gap``) or maximum (``global_maxpool``) over all spatial positions:
+    N×C×H×W -> N×C×1×1, N×C×L -> N×C×1 (ONNX GlobalAveragePool, GlobalMaxPool)."""
 
-    name = "gap"
+    def __init__(self, name: str):
+        self.name = name
 
     def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
         (x,) = inputs
         if x.rank < 3:
-            raise ShapeError(f"gap needs a feature map N×C×L or N×C×H×W, got {x}")
+            raise ShapeError(f"{self.name} needs a feature map N×C×L or N×C×H×W, got {x}")
         return [x.with_shape((*x.shape[:2], *(1,) * (x.rank - 2)))]
 
 
-for _op in (Pool("maxpool"), Pool("avgpool"), GlobalAveragePool()):
+for _op in (Pool("maxpool"), Pool("avgpool"), GlobalPool("gap"), GlobalPool("global_maxpool")):
     register_op(_op)
 
 
@@ -86,9 +88,12 @@ def build_avgpool(ctx: LayerContext, x):
     return ctx.node("avgpool", [x], attrs)
 
 
-def build_gap(ctx: LayerContext, x):
-    feature_map_rank(ctx, x.type, "gap")
-    return ctx.node("gap", [x])
+def _build_global(op: str):
+    def build(ctx: LayerContext, x):
+        feature_map_rank(ctx, x.type, op)
+        return ctx.node(op, [x])
+
+    return build
 
 
 _WINDOW = (
@@ -131,8 +136,16 @@ register_layer(
     Layer(
         "gap",
         (),
-        build_gap,
+        _build_global("gap"),
         "Global average pooling: the mean of each channel, N×C×H×W -> N×C×1×1; "
         "the tutorial's replacement for FC layers.",
+    )
+)
+register_layer(
+    Layer(
+        "global_maxpool",
+        (),
+        _build_global("global_maxpool"),
+        "Global max pooling: the maximum of each channel, N×C×H×W -> N×C×1×1.",
     )
 )

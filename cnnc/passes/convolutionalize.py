@@ -3,6 +3,7 @@
     (fc-to-conv first, so every FC layer is a convolution)
     out = flatten(s: N×K×1×1)       ==>  out = s                        N×K×H'×W'
     g = gap(x: N×C×h×w)             ==>  g = avgpool(x) k=h×w s=1       (one average per window)
+    g = global_maxpool(x)           ==>  g = maxpool(x) k=h×w s=1
 
 and the network accepts any input at least as large as the declared one. Each
 cell (i, j) of the output map is the original classifier applied to the window
@@ -20,6 +21,9 @@ from __future__ import annotations
 from cnnc.errors import ShapeError
 from cnnc.ir.graph import Graph
 from cnnc.passes.fc_to_conv import fc_to_conv
+
+# Global pools and the windowed pool that computes them at the declared size.
+WINDOWED = {"gap": "avgpool", "global_maxpool": "maxpool"}
 
 
 def convolutionalize(graph: Graph) -> bool:

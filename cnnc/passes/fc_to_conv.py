@@ -6,10 +6,15 @@
 The first rule turns an FC layer after a conv stage into an H×W convolution
 (an L convolution in 1-D); the weight keeps its values, reshaped in the C, H, W
 order in which flatten lays the map out. The second moves the flatten that
-rule leaves behind past per-channel ops f (activations, bn, dropout, softmax
-over the channels), so that the next FC layer, after a converted one, after
-gap or on any 1×1 map, sees a 1×1 map and becomes a 1×1 convolution. The
-network's output keeps its shape: the flatten ends up last.
+rule leaves behind past per-channel ops f (element-wise activations, bn,
+dropout, softmax over the channels), so that the next FC layer, after a
+converted one, after gap or on any 1×1 map, sees a 1×1 map and becomes a 1×1
+convolution. The network's output keeps its shape: the flatten ends up last.
+
+lrn is not in that list. It mixes neighbouring channels at one position, as
+softmax over the channels does, so it would commute with the flatten of a 1×1
+map all the same; but lrn takes feature maps only (ONNX LRN needs N×C×D…, and
+onnxruntime runs N×C×H×W alone), so it never follows a flatten.
 
 Leaves alone (and why):
 - an fc whose input is not a flattened feature map (after a softmax over another
@@ -27,7 +32,7 @@ from cnnc.ir.graph import Graph, Node
 from cnnc.ir.types import TensorType
 
 # Ops that act on each channel alone, so they commute with N×K×1×1 -> N×K.
-PER_CHANNEL = {"relu", "sigmoid", "tanh", "dropout", "bn"}
+PER_CHANNEL = {"relu", "leaky_relu", "clip", "sigmoid", "tanh", "dropout", "bn"}
 
 
 def _is_map(t: TensorType) -> bool:

@@ -2,10 +2,12 @@
 
     y = conv(x, W, b); z = relu(y)  ==>  z = conv+relu(x, W, b)
 
-The activation is recorded in the conv's ``activation`` attribute (with the
-activation's own attributes in ``activation_attrs``). The interpreter applies
-it in place on the matrix product's output; the ONNX exporter writes a
-model-local function whose body is the standard Conv and activation ops.
+Any element-wise activation fuses (FUSIBLE in ops/activation.py: relu, leaky_relu,
+clip and so relu6, sigmoid, tanh). It is recorded in the conv's ``activation``
+attribute, with the activation's own attributes (leaky_relu's alpha, clip's min
+and max) in ``activation_attrs``. The interpreter applies it in place on the
+matrix product's output; the ONNX exporter writes a model-local function whose
+body is the standard Conv and activation ops.
 
 Leaves alone (and why):
 - a conv whose output has other users, or is a network output: they need the value

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnnc.compare import agree
 from cnnc.errors import CnncError, UsageError
 from cnnc.ir.graph import Graph
 from cnnc.ir.printer import dump
@@ -32,9 +33,6 @@ PIPELINES: dict[int, list[str]] = {
     1: ["remove-identity", "dce"],
     2: ["remove-identity", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce"],
 }
-
-# The tolerance within which a pass must leave every output unchanged (--verify-each).
-RTOL, ATOL = 1e-4, 1e-5
 
 
 class PassChangedOutputs(CnncError):
@@ -122,21 +120,13 @@ def _snapshot(graph: Graph, seed: int) -> Snapshot:
     return Interpreter(graph).run_all(x)
 
 
-def _close(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal within RTOL, and ATOL scaled to the tensor's magnitude (sums may cancel)."""
-    if a.size != b.size:
-        return False
-    scale = max(1.0, float(np.abs(b).max(initial=0)))
-    return bool(np.allclose(a.reshape(b.shape), b, rtol=RTOL, atol=ATOL * scale))
-
-
 def _check_unchanged(graph: Graph, name: str, before: Snapshot, seed: int) -> None:
     old_outputs, old_values = before
     new_outputs, new_values = _snapshot(graph, seed)
     changed = [
         f"%{v.name}"
         for v, a, b in zip(graph.outputs, new_outputs, old_outputs, strict=True)
-        if not _close(a, b)
+        if not agree(a, b)
     ]
     if not changed:
         return
@@ -146,7 +136,7 @@ def _check_unchanged(graph: Graph, name: str, before: Snapshot, seed: int) -> No
     for node in graph.nodes:
         for out in node.outputs:
             value = new_values[out.name]
-            if any(_close(value, old) for old in old_values.values()):
+            if any(agree(value, old) for old in old_values.values()):
                 continue
             old = old_values.get(out.name)
             if old is not None and old.size == value.size:
