@@ -99,6 +99,10 @@ class Report:
         return "\n".join(lines)
 
 
+BLOCKS = 5
+SETTLE_SECONDS = 0.2
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
@@ -170,14 +174,24 @@ def bench(
     outputs = {}
     step = _progress((warmup + repeat) * len(backends))
     with threadpool_limits(limits=threads):
-        for i in range(warmup + repeat):
+        for _ in range(warmup):
             for name, run in backends.items():
-                start = time.perf_counter()
                 outputs[name] = run()
-                elapsed = time.perf_counter() - start
-                if i >= warmup:
-                    timings[name].runs.append(elapsed)
                 step(name)
+        # Alternate in a few blocks of runs rather than run by run: onnxruntime's and
+        # OpenBLAS's idle threads spin for up to a tenth of a second after they work, so a
+        # pause and an untimed run keep one backend's threads from slowing the other's.
+        blocks = min(repeat, BLOCKS)
+        for block in range(blocks):
+            runs = repeat // blocks + (block < repeat % blocks)
+            for name, run in backends.items():
+                time.sleep(SETTLE_SECONDS)
+                run()
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    outputs[name] = run()
+                    timings[name].runs.append(time.perf_counter() - start)
+                    step(name)
         peak = _peak_bytes(backends["numpy"])
     ours = outputs["numpy"]
     diffs = {name: max_difference(y, ours) for name, y in outputs.items() if name != "numpy"}

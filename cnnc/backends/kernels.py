@@ -102,6 +102,45 @@ def _window(node: Node, kernel_shape) -> Window:
 # ---- convolution and fully connected ------------------------------------------------------
 
 
+# Bytes of im2col columns built at once: small enough for the cache, so that the
+# matrix product reads them back from it, and bounding the memory a layer needs.
+COLUMN_BLOCK_BYTES = 4 * 2**20
+
+
+def _row_blocks(column_rows: int, oh: int, width: int):
+    """(first row, rows, buffer) for blocks of output rows whose im2col columns
+    (``column_rows`` × rows × ``width`` floats) fit COLUMN_BLOCK_BYTES."""
+    rows = max(1, min(oh, COLUMN_BLOCK_BYTES // (4 * column_rows * width)))
+    buffer = np.empty(column_rows * rows * width, np.float32)
+    for top in range(0, oh, rows):
+        m = min(rows, oh - top)
+        yield top, m, buffer[: column_rows * m * width]
+
+
+def _fused_activation(node: Node) -> Activation | None:
+    fused = node.attrs.get("activation")
+    return ELEMENTWISE[fused](node.attrs["activation_attrs"]) if fused else None
+
+
+def _channel_epilogue(node: Node) -> Callable[[np.ndarray], None]:
+    """Adds the bias and applies the fused activation, in place, to a conv's output laid
+    out with the channels second to last: [..., channels, positions]."""
+    bias = node.inputs[2].data.reshape(-1, 1) if len(node.inputs) > 2 else None
+    activation = _fused_activation(node)
+
+    def finish(y: np.ndarray) -> None:
+        if bias is not None:
+            y += bias
+        if activation is not None:
+            activation(y, out=y)
+
+    return finish
+
+
+# Below this width the extra columns of the wide layout cost more than the copy saves.
+WIDE_MIN_WIDTH = 20
+
+
 @kernel("conv")
 def conv(node: Node) -> Kernel:
     weight = node.inputs[1].data
@@ -109,46 +148,232 @@ def conv(node: Node) -> Kernel:
     weight = win.lift(weight) if win.one_d else weight
     k, cg, kh, kw = weight.shape
     groups = node.attrs["groups"]
-    wmat = np.ascontiguousarray(weight.reshape(groups, k // groups, cg * kh * kw))
-    bias = node.inputs[2].data.reshape(1, k, 1) if len(node.inputs) > 2 else None
+    if groups > 1 and cg == 1 and k == groups:
+        return _depthwise(node, win, weight)
+    if _winograd_applies(node, weight):
+        return _winograd(node, win, weight)
+    kg, ckk = k // groups, cg * kh * kw
+    bias = node.inputs[2].data if len(node.inputs) > 2 else None
+    activation = _fused_activation(node)
+    wmat = np.ascontiguousarray(weight.reshape(groups, kg, ckk))
+    # With a bias, im2col gains a row of ones and the weights a column holding the bias, so
+    # that the matrix product adds it.
+    rows_per_group = ckk + (bias is not None)
+    wmat_b = wmat
+    if bias is not None:
+        wmat_b = np.concatenate([wmat, bias.reshape(groups, kg, 1)], axis=2)
     (sh, sw), (dh, dw) = win.stride, win.dilation
-    pointwise = kh == kw == 1 and not any(win.pads)
-    fused = node.attrs.get("activation")
-    activation = ELEMENTWISE[fused](node.attrs["activation_attrs"]) if fused else None
+    padded = any(win.pads)
+
+    epilogue = _channel_epilogue(node)
+
+    def im2col_blocks(n: int, oh: int, width: int):
+        """The im2col block of each run of output rows, with its row of ones set; the
+        caller copies the windows into its first ckk rows."""
+        for top, m, buffer in _row_blocks(n * groups * rows_per_group, oh, width):
+            cols = buffer.reshape(n, groups, rows_per_group, m * width)
+            if bias is not None:
+                cols[:, :, ckk] = 1.0
+            yield top, m, cols
 
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
         n, _, h, w = x.shape
         oh, ow = win.output_size(h, w)
-        if pointwise and sh == sw == 1:
-            cols = x.reshape(n, groups, cg, h * w)
-        else:
-            xp = win.padded(x, 0.0, oh, ow)
-            s_n, s_c, s_h, s_w = xp.strides
-            view = as_strided(
-                xp,
-                (n, groups, cg, kh, kw, oh, ow),
-                (s_n, s_c * cg, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
-                writeable=False,
+        if groups == 1 and (kh, kw) == (h, w) and (oh, ow) == (1, 1) and not padded:
+            # The kernel covers the whole map (an FC layer made a conv): one product.
+            y = np.matmul(x.reshape(n, ckk), wmat[0].T)
+            epilogue(y[:, :, None])
+            return win.drop(y.reshape(n, k, 1, 1))
+        y = np.empty((n, k, oh, ow), np.float32)
+        if (kh, kw, sh, sw) == (1, 1, 1, 1) and not padded:
+            # A pointwise convolution is a matrix product on the input as it lies.
+            np.matmul(wmat, x.reshape(n, groups, cg, h * w), out=y.reshape(n, groups, kg, -1))
+            epilogue(y.reshape(n, k, -1))
+            return win.drop(y)
+        if sh == sw == 1 and ow >= WIDE_MIN_WIDTH:
+            return win.drop(wide_rows(x, y, oh, ow))
+        xp = win.padded(x, 0.0, oh, ow)
+        s_n, s_c, s_h, s_w = xp.strides
+        # Every window of every image, without a copy: [n, group, cg, kh, kw, oh, ow].
+        windows = as_strided(
+            xp,
+            (n, groups, cg, kh, kw, oh, ow),
+            (s_n, s_c * cg, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
+            writeable=False,
+        )
+        outputs = y.reshape(n, groups, kg, oh * ow)
+        for top, m, cols in im2col_blocks(n, oh, ow):
+            np.copyto(
+                cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, m, ow),
+                windows[..., top : top + m, :],
             )
-            cols = view.reshape(n, groups, cg * kh * kw, oh * ow)
-        y = np.matmul(wmat, cols).reshape(n, k, oh * ow)
-        if bias is not None:
-            y += bias
+            np.matmul(wmat_b, cols, out=outputs[:, :, :, top * ow : (top + m) * ow])
         if activation is not None:
             activation(y, out=y)
-        return win.drop(y.reshape(n, k, oh, ow))
+        return win.drop(y)
+
+    def wide_rows(x: np.ndarray, y: np.ndarray, oh: int, ow: int) -> np.ndarray:
+        # Stride 1: computing each output row across the whole padded width wp (a few
+        # columns too many, dropped at the end) makes every im2col row a contiguous run
+        # of the padded input, which copies at memory speed.
+        n, c, h, w = x.shape
+        top_pad, left, bottom, right = win.pads
+        hp, wp = h + top_pad + bottom, w + left + right
+        # The last row's extra columns read up to (kw - 1)·dw past the end.
+        flat = np.zeros(n * c * hp * wp + (kw - 1) * dw, np.float32)
+        flat[: n * c * hp * wp].reshape(n, c, hp, wp)[
+            :, :, top_pad : top_pad + h, left : left + w
+        ] = x
+        wide = np.empty((n, groups, kg, oh * wp), np.float32)
+        item = flat.itemsize
+        strides = (c * hp * wp, cg * hp * wp, hp * wp, dh * wp, dw, 1)
+        for top, m, cols in im2col_blocks(n, oh, wp):
+            windows = as_strided(
+                flat[top * wp :],
+                (n, groups, cg, kh, kw, m * wp),
+                tuple(s * item for s in strides),
+                writeable=False,
+            )
+            np.copyto(cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, m * wp), windows)
+            np.matmul(wmat_b, cols, out=wide[:, :, :, top * wp : (top + m) * wp])
+        # Dropping the extra columns and the activation are one pass over the output.
+        valid = wide.reshape(n, k, oh, wp)[:, :, :, :ow]
+        if activation is not None:
+            activation(valid, out=y)
+        else:
+            np.copyto(y, valid)
+        return y
+
+    return run
+
+
+# Winograd's F(2×2, 3×3): a 3×3 convolution computes each 2×2 output tile from a 4×4
+# input tile with 16 multiplications per channel pair instead of 36 (Lavin & Gray, 2015).
+# Its transforms cost memory passes that only pay off with enough channels and a map
+# large enough (measured on this project's 2-core machine; see the README's Speed).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_PIXELS = 28 * 28
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+
+
+def _winograd_applies(node: Node, weight: np.ndarray) -> bool:
+    k, c, kh, kw = weight.shape
+    a = node.attrs
+    return (
+        (kh, kw) == (3, 3)
+        and a["groups"] == 1
+        and all(s == 1 for s in a["stride"])
+        and all(d == 1 for d in a["dilation"])
+        and min(c, k) >= WINOGRAD_MIN_CHANNELS
+        and np.prod(node.inputs[0].type.spatial) >= WINOGRAD_MIN_PIXELS
+    )
+
+
+def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
+    """A 3×3, stride 1 convolution by Winograd's F(2×2, 3×3), in blocks of tile rows."""
+    k, c = weight.shape[:2]
+    g = _WINOGRAD_G
+    # The kernel transform G·w·Gᵀ, once, in float64: [16 (4×4 positions), k, c].
+    transformed = np.einsum("ai,kcij,bj->abkc", g, weight.astype(np.float64), g)
+    u = np.ascontiguousarray(transformed.reshape(16, k, c), dtype=np.float32)
+    finish = _channel_epilogue(node)
+    top, left, bottom, right = win.pads
+
+    def run(x: np.ndarray) -> np.ndarray:
+        n, _, h, w = x.shape
+        oh, ow = h + top + bottom - 2, w + left + right - 2
+        th, tw = (oh + 1) // 2, (ow + 1) // 2
+        xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2), np.float32)
+        xp[:, :, top : top + h, left : left + w] = x[:, :, : 2 * th + 2 - top, : 2 * tw + 2 - left]
+        y = np.empty((n, k, 2 * th, 2 * tw), np.float32)
+        rows = max(1, min(th, COLUMN_BLOCK_BYTES // (64 * max(c, k) * n * tw)))
+        cols = np.empty((4, n, c, 2 * rows + 2, tw), np.float32)
+        v = np.empty((4, 4, c, n * rows * tw), np.float32)
+        m = np.empty((16, k, n * rows * tw), np.float32)
+        for first in range(0, th, rows):
+            r = min(rows, th - first)
+            t = n * r * tw
+            _winograd_input(
+                xp[:, :, 2 * first : 2 * first + 2 * r + 2],
+                cols[:, :, :, : 2 * r + 2],
+                v[..., :t].reshape(4, 4, c, n, r, tw),
+                tw,
+            )
+            np.matmul(u, v[..., :t].reshape(16, c, t), out=m[:, :, :t])
+            _winograd_output(
+                m[:, :, :t].reshape(4, 4, k, n, r, tw), y[:, :, 2 * first : 2 * first + 2 * r]
+            )
+        if (2 * th, 2 * tw) != (oh, ow):
+            y = np.ascontiguousarray(y[:, :, :oh, :ow])
+        finish(y.reshape(n, k, -1))
+        return y
+
+    return run
+
+
+def _winograd_input(rows: np.ndarray, cols: np.ndarray, v: np.ndarray, tw: int) -> None:
+    """v[i, j] = (Bᵀ·d·B)[i, j] for every 4×4 tile d of ``rows`` (n, c, 2r+2, 2tw+2), written
+    as [4, 4, c, n, r, tw]; Bᵀ = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]]."""
+    d = [rows[:, :, :, j : j + 2 * tw : 2] for j in range(4)]
+    np.subtract(d[0], d[2], out=cols[0])
+    np.add(d[1], d[2], out=cols[1])
+    np.subtract(d[2], d[1], out=cols[2])
+    np.subtract(d[1], d[3], out=cols[3])
+    r = v.shape[4]
+    for j in range(4):
+        e = [cols[j][:, :, i : i + 2 * r : 2] for i in range(4)]
+        out = [v[i, j].transpose(1, 0, 2, 3) for i in range(4)]
+        np.subtract(e[0], e[2], out=out[0])
+        np.add(e[1], e[2], out=out[1])
+        np.subtract(e[2], e[1], out=out[2])
+        np.subtract(e[1], e[3], out=out[3])
+
+
+def _winograd_output(m: np.ndarray, y: np.ndarray) -> None:
+    """y's 2×2 tiles = Aᵀ·m·A for m [4, 4, k, n, r, tw]; Aᵀ = [[1,1,1,0], [0,1,-1,-1]]."""
+    for a, rows in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):
+        even = y[:, :, a::2, 0::2].transpose(1, 0, 2, 3)
+        odd = y[:, :, a::2, 1::2].transpose(1, 0, 2, 3)
+        np.add(rows[0], rows[1], out=even)
+        even += rows[2]
+        np.subtract(rows[1], rows[2], out=odd)
+        odd -= rows[3]
+
+
+def _depthwise(node: Node, win: Window, weight: np.ndarray) -> Kernel:
+    """A depthwise convolution (one kernel per channel) as a sum over its kernel taps, each
+    a per-channel scale of a shifted view: no matrix products of one row."""
+    k, _, kh, kw = weight.shape
+    taps = [
+        np.ascontiguousarray(weight[:, 0, i, j]).reshape(1, k, 1, 1)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    finish = _channel_epilogue(node)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = win.lift(x)
+        n, _, h, w = x.shape
+        oh, ow = win.output_size(h, w)
+        views = win.taps(win.padded(x, 0.0, oh, ow), oh, ow)
+        y = np.multiply(next(views), taps[0])
+        scratch = np.empty_like(y)
+        for view, tap in zip(views, taps[1:], strict=True):
+            y += np.multiply(view, tap, out=scratch)
+        finish(y.reshape(n, k, -1))
+        return win.drop(y)
 
     return run
 
 
 @kernel("fc")
 def fc(node: Node) -> Kernel:
-    weight_t = np.ascontiguousarray(node.inputs[1].data.T)
+    weight = node.inputs[1].data  # [out, in]: the product reads it transposed, without a copy
     bias = node.inputs[2].data if len(node.inputs) > 2 else None
 
     def run(x: np.ndarray) -> np.ndarray:
-        y = x @ weight_t
+        y = x @ weight.T
         if bias is not None:
             y += bias
         return y
