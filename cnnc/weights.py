@@ -33,7 +33,9 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
     rng = _rng(seed, param.name)
     shape = param.type.shape
     if kind == "he_normal":
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+        values = rng.standard_normal(shape, dtype=np.float32)
+        values *= np.float32(np.sqrt(2.0 / fan_in))  # in place: no second copy of a big tensor
+        return values
     if kind == "uniform":
         bound = 1.0 / np.sqrt(fan_in)
         return rng.uniform(-bound, bound, shape).astype(np.float32)

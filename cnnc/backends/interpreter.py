@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnc.backends.kernels import KERNELS, Kernel
+from cnnc.backends.kernels import ALIASING, IN_PLACE, KERNELS, Kernel
 from cnnc.errors import CnncError, InputError, InternalError
 from cnnc.ir.graph import Graph, Node, Value
 
@@ -20,6 +20,7 @@ class Step:
     inputs: list[int]
     outputs: list[int]
     free: list[int]
+    in_place: bool  # the kernel may write over its first input, whose memory dies here
 
 
 class NodeFailure(CnncError):
@@ -61,10 +62,19 @@ class Interpreter:
 
         self.input_slots = [slot(v) for v in graph.inputs]
         last_use: dict[int, int] = {}
+        # Values that share memory (a flatten's output is a view of its input) have one
+        # storage; it dies at the last use of any of them.
+        storage: dict[int, int] = {s: s for s in self.input_slots}
+        storage_last_use: dict[int, int] = {}
         for i, node in enumerate(graph.nodes):
             for v in node.activations:
                 last_use[slot(v)] = i
+                storage_last_use[storage[slot(v)]] = i
+            for out in node.outputs:
+                first = slot(node.activations[0]) if node.activations else None
+                storage[slot(out)] = storage[first] if node.op in ALIASING else slot(out)
         keep = {slot(v) for v in graph.outputs}
+        pinned = {storage[s] for s in keep} | {storage[s] for s in self.input_slots}
         self.steps: list[Step] = []
         for i, node in enumerate(graph.nodes):
             prepare = KERNELS.get(node.op)
@@ -73,7 +83,14 @@ class Interpreter:
             ins = [slot(v) for v in node.activations]
             outs = [slot(v) for v in node.outputs]
             free = sorted({s for s in ins if last_use[s] == i and s not in keep})
-            self.steps.append(Step(node, prepare(node), ins, outs, free))
+            first = storage[ins[0]] if ins else None
+            in_place = (
+                node.op in IN_PLACE
+                and first not in pinned
+                and storage_last_use[first] == i
+                and node.activations[0].type == node.output.type
+            )
+            self.steps.append(Step(node, prepare(node), ins, outs, free, in_place))
         self.output_slots = [slot(v) for v in graph.outputs]
         self.n_slots = len(slots)
 
@@ -103,8 +120,12 @@ class Interpreter:
             check_input(value, x, self.graph.flexible_spatial)
             env[s] = x
         for step in self.steps:
+            args = [env[s] for s in step.inputs]
             try:
-                results = step.run(*(env[s] for s in step.inputs))
+                if free and step.in_place:
+                    results = step.run(*args, out=args[0])
+                else:
+                    results = step.run(*args)
             except (ValueError, FloatingPointError, MemoryError) as e:
                 raise NodeFailure(
                     f"running node {step.node.name} ({step.node.op}) failed: {e}", step.node.loc

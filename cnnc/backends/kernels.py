@@ -22,6 +22,12 @@ Kernel = Callable[..., np.ndarray]
 Activation = Callable[..., np.ndarray]  # f(x, out=None), so that a conv can apply it in place
 KERNELS: dict[str, Callable[[Node], Kernel]] = {}
 
+# Ops whose kernel takes ``out=`` and may write its result over its first input: the
+# interpreter passes it when that input's memory dies at the node.
+IN_PLACE = {"bn", "add"}
+# Ops whose output may share memory with their input (a view), so that memory lives on.
+ALIASING = {"flatten", "dropout"}
+
 
 def kernel(op: str):
     """Register the prepare function of IR op ``op``."""
@@ -137,8 +143,11 @@ def _channel_epilogue(node: Node) -> Callable[[np.ndarray], None]:
     return finish
 
 
-# Below this width the extra columns of the wide layout cost more than the copy saves.
-WIDE_MIN_WIDTH = 20
+# The wide layout computes a few extra columns per row to make the im2col copy a run of
+# contiguous memory. That pays off for wide maps, and for few kernels (when the product
+# is cheap next to the copy); elsewhere the extra columns cost more than the copy saves.
+WIDE_MIN_WIDTH = 100
+WIDE_MAX_KERNELS = 32
 
 
 @kernel("conv")
@@ -157,11 +166,18 @@ def conv(node: Node) -> Kernel:
     activation = _fused_activation(node)
     wmat = np.ascontiguousarray(weight.reshape(groups, kg, ckk))
     # With a bias, im2col gains a row of ones and the weights a column holding the bias, so
-    # that the matrix product adds it.
+    # that the matrix product adds it. That copy of the weights is made when first needed:
+    # a conv that is an FC layer (VGG's fc6: 411 MB) never needs it.
     rows_per_group = ckk + (bias is not None)
-    wmat_b = wmat
-    if bias is not None:
-        wmat_b = np.concatenate([wmat, bias.reshape(groups, kg, 1)], axis=2)
+    with_bias: list[np.ndarray] = []
+
+    def weights_with_bias() -> np.ndarray:
+        if bias is None:
+            return wmat
+        if not with_bias:
+            with_bias.append(np.concatenate([wmat, bias.reshape(groups, kg, 1)], axis=2))
+        return with_bias[0]
+
     (sh, sw), (dh, dw) = win.stride, win.dilation
     padded = any(win.pads)
 
@@ -191,7 +207,7 @@ def conv(node: Node) -> Kernel:
             np.matmul(wmat, x.reshape(n, groups, cg, h * w), out=y.reshape(n, groups, kg, -1))
             epilogue(y.reshape(n, k, -1))
             return win.drop(y)
-        if sh == sw == 1 and ow >= WIDE_MIN_WIDTH:
+        if sh == sw == 1 and (ow >= WIDE_MIN_WIDTH or k <= WIDE_MAX_KERNELS):
             return win.drop(wide_rows(x, y, oh, ow))
         xp = win.padded(x, 0.0, oh, ow)
         s_n, s_c, s_h, s_w = xp.strides
@@ -208,7 +224,7 @@ def conv(node: Node) -> Kernel:
                 cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, m, ow),
                 windows[..., top : top + m, :],
             )
-            np.matmul(wmat_b, cols, out=outputs[:, :, :, top * ow : (top + m) * ow])
+            np.matmul(weights_with_bias(), cols, out=outputs[:, :, :, top * ow : (top + m) * ow])
         if activation is not None:
             activation(y, out=y)
         return win.drop(y)
@@ -236,7 +252,7 @@ def conv(node: Node) -> Kernel:
                 writeable=False,
             )
             np.copyto(cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, m * wp), windows)
-            np.matmul(wmat_b, cols, out=wide[:, :, :, top * wp : (top + m) * wp])
+            np.matmul(weights_with_bias(), cols, out=wide[:, :, :, top * wp : (top + m) * wp])
         # Dropping the extra columns and the activation are one pass over the output.
         valid = wide.reshape(n, k, oh, wp)[:, :, :, :ow]
         if activation is not None:
@@ -496,6 +512,7 @@ ELEMENTWISE: dict[str, Callable[[dict], Activation]] = {
 
 for _op, _make in ELEMENTWISE.items():
     kernel(_op)(lambda node, make=_make: make(node.attrs))
+    IN_PLACE.add(_op)
 
 
 @kernel("bn")
@@ -504,7 +521,13 @@ def bn(node: Node) -> Kernel:
     scale = weight / np.sqrt(var + np.float32(node.attrs["epsilon"]))
     per_channel = (-1, *(1,) * (node.inputs[0].type.rank - 2))
     scale, shift = scale.reshape(per_channel), (bias - mean * scale).reshape(per_channel)
-    return lambda x: x * scale + shift
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        y = np.multiply(x, scale, out=out)
+        y += shift
+        return y
+
+    return run
 
 
 @kernel("lrn")
@@ -533,9 +556,9 @@ def lrn(node: Node) -> Kernel:
 
 @kernel("add")
 def add(node: Node) -> Kernel:
-    def run(*xs: np.ndarray) -> np.ndarray:
+    def run(*xs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # Summed left to right, as the chain of ONNX Adds the exporter writes.
-        y = np.add(xs[0], xs[1])
+        y = np.add(xs[0], xs[1], out=out)
         for x in xs[2:]:
             y += x
         return y
