@@ -81,6 +81,20 @@ class Window:
         out[:, :, t : t + h, left : left + w] = x
         return out
 
+    def reduce(self, xp: np.ndarray, oh: int, ow: int, op: np.ufunc) -> np.ndarray:
+        """``op`` (maximum, add) over each window of ``xp``, separably: first over the
+        window's rows, whose slices are whole contiguous rows, then over its columns."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+
+        def fold(parts: list[np.ndarray]) -> np.ndarray:
+            acc = op(parts[0], parts[1]) if len(parts) > 1 else parts[0].copy()
+            for part in parts[2:]:
+                op(acc, part, out=acc)
+            return acc
+
+        rows = fold([xp[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh] for i in range(kh)])
+        return fold([rows[..., j * dw : j * dw + (ow - 1) * sw + 1 : sw] for j in range(kw)])
+
     def taps(self, xp: np.ndarray, oh: int, ow: int):
         """Strided views of ``xp``, one per kernel tap, each N×C×oh×ow."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
@@ -268,7 +282,7 @@ def conv(node: Node) -> Kernel:
 # input tile with 16 multiplications per channel pair instead of 36 (Lavin & Gray, 2015).
 # Its transforms cost memory passes that only pay off with enough channels and a map
 # large enough (measured on this project's 2-core machine; see the README's Speed).
-WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_PIXELS = 28 * 28
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 
@@ -331,7 +345,11 @@ def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
 def _winograd_input(rows: np.ndarray, cols: np.ndarray, v: np.ndarray, tw: int) -> None:
     """v[i, j] = (Bᵀ·d·B)[i, j] for every 4×4 tile d of ``rows`` (n, c, 2r+2, 2tw+2), written
     as [4, 4, c, n, r, tw]; Bᵀ = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]]."""
-    d = [rows[:, :, :, j : j + 2 * tw : 2] for j in range(4)]
+    # Even and odd columns, each made contiguous once, so that every tap below is a
+    # unit-stride slice (strided reads would run several times slower).
+    even = np.ascontiguousarray(rows[:, :, :, 0::2])
+    odd = np.ascontiguousarray(rows[:, :, :, 1::2])
+    d = [even[..., :tw], odd[..., :tw], even[..., 1 : tw + 1], odd[..., 1 : tw + 1]]
     np.subtract(d[0], d[2], out=cols[0])
     np.add(d[1], d[2], out=cols[1])
     np.subtract(d[2], d[1], out=cols[2])
@@ -407,11 +425,7 @@ def maxpool(node: Node) -> Kernel:
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
         oh, ow = win.output_size(*x.shape[2:])
-        taps = win.taps(win.padded(x, -np.inf, oh, ow), oh, ow)
-        y = next(taps).copy()
-        for tap in taps:
-            np.maximum(y, tap, out=y)
-        return win.drop(y)
+        return win.drop(win.reduce(win.padded(x, -np.inf, oh, ow), oh, ow, np.maximum))
 
     return run
 
@@ -436,10 +450,7 @@ def avgpool(node: Node) -> Kernel:
         x = win.lift(x)
         h, w = x.shape[2:]
         oh, ow = win.output_size(h, w)
-        taps = win.taps(win.padded(x, 0.0, oh, ow), oh, ow)
-        y = next(taps).copy()
-        for tap in taps:
-            y += tap
+        y = win.reduce(win.padded(x, 0.0, oh, ow), oh, ow, np.add)
         counts = np.outer(
             _avg_counts(h, oh, kh, sh, dh, t, b, include_pad),
             _avg_counts(w, ow, kw, sw, dw, left, r, include_pad),

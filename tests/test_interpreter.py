@@ -1,0 +1,164 @@
+"""The interpreter's fast paths (Winograd, blocked and wide im2col, in-place ops) and plan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, run_cnnc
+from helpers import assert_agree, ort_session
+
+import cnnc
+import cnnc.backends.kernels as kernels
+
+
+def agrees_with_onnxruntime(text: str, batch: int = 2) -> cnnc.Model:
+    model = cnnc.compile(text, opt_level=2)
+    x = model.random_input(batch, seed=batch)
+    expected = ort_session(cnnc.compile(text, opt_level=0).to_onnx()).run(None, {"x": x})[0]
+    assert_agree(model.run(x), expected)
+    return model
+
+
+WINOGRAD_CASES = [
+    "conv(8, 3, pad=1)",
+    "conv(8, 3)",
+    "conv(8, 3, pad=(0, 1, 2, 0))",
+    "conv(8, 3, pad=1, bias=false) -> relu",
+    "conv(8, 3, pad=2) -> sigmoid",
+]
+
+
+@pytest.mark.parametrize("layer", WINOGRAD_CASES)
+@pytest.mark.parametrize("size", [6, 7], ids=["even", "odd"])
+def test_winograd_convolutions_agree_with_onnxruntime(layer, size, monkeypatch):
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(kernels, "COLUMN_BLOCK_BYTES", 4096)  # several blocks of tile rows
+    model = agrees_with_onnxruntime(f"network n(x: 5x{size}x{size}) {{ {layer} }}", batch=3)
+    conv = model.graph.nodes[0]
+    assert kernels._winograd_applies(conv, conv.inputs[1].data)
+
+
+def test_winograd_is_chosen_for_wide_maps_with_many_channels():
+    model = cnnc.compile("network n(x: 256x28x28) { conv(256, 3, pad=1) }")
+    conv = model.graph.nodes[0]
+    assert kernels._winograd_applies(conv, conv.inputs[1].data)
+    small = cnnc.compile("network n(x: 64x28x28) { conv(64, 3, pad=1) }").graph.nodes[0]
+    assert not kernels._winograd_applies(small, small.inputs[1].data)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "conv(8, 3, pad=1)",  # wide layout, few kernels
+        "conv(40, 3, pad=1)",  # strided im2col
+        "conv(40, 3, stride=2, pad=(1, 0, 0, 1), dilation=2)",
+        "conv(40, (1, 3), pad=(0, 1), groups=5)",
+        "conv(40, 3, pad=1, bias=false) -> tanh",
+    ],
+)
+def test_im2col_in_many_small_blocks_agrees_with_onnxruntime(layer, monkeypatch):
+    monkeypatch.setattr(kernels, "COLUMN_BLOCK_BYTES", 2048)
+    agrees_with_onnxruntime(f"network n(x: 5x9x11) {{ {layer} }}", batch=3)
+
+
+def test_the_wide_layout_is_used_for_wide_maps(monkeypatch):
+    monkeypatch.setattr(kernels, "WIDE_MIN_WIDTH", 1)
+    agrees_with_onnxruntime(
+        "network n(x: 6x9x12) { conv(40, 3, pad=(2, 0, 1, 1), dilation=(1, 2)) }"
+    )
+
+
+def test_an_fc_made_a_conv_and_a_pointwise_conv_take_their_shortcuts():
+    agrees_with_onnxruntime("network n(x: 4x5x5) { fc(7) -> relu -> fc(3) }", batch=3)
+    agrees_with_onnxruntime("network n(x: 6x5x5) { conv(4, 1, groups=2) -> relu }", batch=3)
+
+
+def test_depthwise_convolutions_agree_with_onnxruntime():
+    agrees_with_onnxruntime(
+        "network n(x: 6x9x9) { conv(6, 3, stride=2, pad=1, groups=6) -> relu6 }"
+    )
+
+
+def test_the_interpreter_never_writes_into_the_callers_input():
+    model = cnnc.compile("network n(x: 3x8x8) { relu -> bn -> add(x, x) }")
+    x = model.random_input(2)
+    before = x.copy()
+    model.run(x)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_in_place_ops_do_not_overwrite_a_value_still_seen_through_a_view():
+    # flatten(y) is a view of y: relu may not run in place on y while that view lives.
+    text = """network n(x: 3x4x4) {
+        y = conv(2, 1)
+        a = y -> flatten
+        b = y -> relu -> flatten
+        add(a, b)
+    }"""
+    model = agrees_with_onnxruntime(text)
+    steps = {s.node.op: s.in_place for s in model.interpreter.steps}
+    assert steps["relu"] is False
+    assert steps["add"] is True
+
+
+def test_run_all_keeps_every_value_intact():
+    model = cnnc.compile(EXAMPLES / "resnet18.cnn", opt_level=0)
+    x = model.random_input(1)
+    outputs, values = model.interpreter.run_all(x)
+    np.testing.assert_array_equal(outputs[0], model.run(x))
+    add = next(n for n in model.graph.nodes if n.op == "add")
+    np.testing.assert_allclose(
+        values[add.output.name], values[add.inputs[0].name] + values[add.inputs[1].name], rtol=1e-6
+    )
+
+
+def test_running_a_program_imports_neither_onnx_nor_onnxruntime():
+    script = (
+        "import sys; from cnnc.cli import main; "
+        f"assert main(['run', {str(EXAMPLES / 'lenet5.cnn')!r}]) == 0; "
+        "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith('onnx'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bench_reports_every_figure_as_json():
+    proc = run_cnnc(
+        "bench",
+        EXAMPLES / "lenet5.cnn",
+        "--batch",
+        "4",
+        "--repeat",
+        "2",
+        "--warmup",
+        "1",
+        "--reference",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["timings"]) == {"numpy", "onnxruntime", "onnx.reference"}
+    for timing in report["timings"].values():
+        assert len(timing["runs_s"]) == 2
+        assert timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+        assert timing["gflops"] > 0
+    assert report["agree"] is True
+    assert report["macs_per_item"] == 416_520
+    assert report["interpreter_over_onnxruntime"] > 0
+    assert report["peak_bytes"] > 0
+
+
+def test_bench_prints_a_table_with_the_ratios():
+    proc = run_cnnc("bench", EXAMPLES / "tutorial_conv.cnn", "--repeat", "2", "--warmup", "0")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("tutorial_conv (-O2), batch 1, ")
+    assert lines[2].startswith("numpy interpreter ") and lines[3].startswith("onnxruntime ")
+    assert lines[4].startswith("interpreter / onnxruntime: ")
+    assert lines[-1].startswith("outputs agree (rtol 0.0001, atol 1e-05 + 0.0001·max|y|)")
