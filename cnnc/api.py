@@ -132,6 +132,12 @@ class Model:
             onnx_export.save(model, path)
         return model
 
+    def to_program(self, source: str = "") -> tuple[str, dict[str, np.ndarray]]:
+        """A program in cnnc's language computing this model, and its weights by name."""
+        from cnnc.backends.program import to_program
+
+        return to_program(self.graph, source)
+
     def dump(self) -> str:
         """The IR listing: one aligned line per node, with types and source lines."""
         return printer.dump(self.graph)

@@ -32,6 +32,9 @@ EXAMPLES = {
     "summary": """examples:
   cnnc summary examples/vgg16.cnn
   cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384""",
+    "import": """examples:
+  cnnc import model.onnx                   # writes model.cnn and model.npz
+  cnnc import model.onnx -o net.cnn && cnnc run net.cnn --weights net.npz""",
     "bench": """examples:
   cnnc bench examples/vgg16.cnn                    # batch 1, 10 runs
   cnnc bench examples/lenet5.cnn --batch 64 --repeat 50 --reference
@@ -168,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
 
+    p = command("import", "write an ONNX model as a program and a weights file")
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to import")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.cnn",
+        help="the program (default: the model's name with .cnn); the weights go to "
+        "the same name with .npz",
+    )
+
     p = command("bench", "time the interpreter against onnxruntime on the same input")
     _model_args(p)
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
@@ -249,14 +262,7 @@ def cmd_compile(args) -> None:
 
 def _save_array(path: Path, array: np.ndarray) -> None:
     # Write beside the target and rename, so a failure leaves no half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    _write_atomically(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _describe_output(y: np.ndarray, top: int) -> list[str]:
@@ -313,6 +319,37 @@ def cmd_summary(args) -> None:
         raise UsageError("--input-size applies with --fully-conv")
 
 
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_import(args) -> None:
+    source = Path(args.model)
+    if source.suffix.lower() != ".onnx":
+        raise UsageError(f"cnnc import reads ONNX models (.onnx), got {source}")
+    model = cnnc.load(source, opt_level=0)
+    text, weights = model.to_program(
+        source=f"imported by cnnc {cnnc.__version__} from {source.name}"
+    )
+    out = Path(args.output) if args.output else source.with_suffix(".cnn")
+    if not out.parent.is_dir():
+        raise UsageError(f"directory {out.parent} does not exist", str(out))
+    npz = out.with_suffix(".npz")
+    _write_atomically(npz, lambda f: np.savez(f, **weights))
+    _write_atomically(out, lambda f: f.write(text.encode()))
+    print(
+        f"wrote {out} ({len(model.graph.nodes)} layers) and {npz} "
+        f"({len(weights)} tensors, {model.param_count():,} parameters)"
+    )
+
+
 def cmd_bench(args) -> None:
     import json
 
@@ -343,6 +380,7 @@ COMMANDS = {
     "dump": cmd_dump,
     "summary": cmd_summary,
     "bench": cmd_bench,
+    "import": cmd_import,
 }
 
 

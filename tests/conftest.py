@@ -35,3 +35,30 @@ def write_program(tmp_path):
         return path
 
     return write
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many of ONNX's backend tests ran, and how many were refused and why."""
+    items = getattr(config, "_onnx_cases", None)
+    if not items:
+        return
+    run, refused, reasons = items
+    terminalreporter.write_sep("-", "ONNX backend test suite")
+    terminalreporter.write_line(f"{run} cases run, {refused} excluded and checked to be refused:")
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"  {count:3d}  {reason}")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    run = refused = 0
+    reasons: dict[str, int] = {}
+    for item in items:
+        name = getattr(item, "originalname", "")
+        if name == "test_backend_case_passes":
+            run += 1
+        elif name == "test_excluded_case_is_refused_with_a_clear_error":
+            refused += 1
+            reason = item.module.EXCLUDED[item.callspec.params["name"]]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if run or refused:
+        config._onnx_cases = (run, refused, reasons)

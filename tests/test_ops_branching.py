@@ -183,18 +183,34 @@ def test_an_imported_add_that_would_broadcast_is_refused_naming_the_node(tmp_pat
     assert info.value.message == "add needs inputs of one shape, got (N,4,5,5) and (N,1,5,5)"
 
 
-def test_an_imported_add_of_a_constant_is_refused_naming_the_node(tmp_path):
-    bias = np.ones((4, 1, 1), dtype=np.float32)
+@BATCHES
+def test_an_imported_add_of_a_per_channel_constant_is_an_affine(tmp_path, batch):
+    bias = np.arange(4, dtype=np.float32).reshape(4, 1, 1)
     model = onnx_model(
         [helper.make_node("Add", ["a", "bias"], ["s"], name="s")],
         {"a": (4, 5, 5)},
         4,
         {"bias": bias},
     )
+    ours = load(tmp_path, model)
+    assert [n.op for n in ours.graph.nodes] == ["affine"]
+    feeds = random_inputs({"a": (4, 5, 5)}, batch)
+    assert_agrees_with_both_runtimes(run_ours(ours, feeds), model, feeds)
+
+
+def test_an_imported_add_of_a_constant_that_is_not_per_channel_is_refused(tmp_path):
+    model = onnx_model(
+        [helper.make_node("Add", ["a", "bias"], ["s"], name="s")],
+        {"a": (4, 5, 5)},
+        4,
+        {"bias": np.ones((5, 5), dtype=np.float32)},
+    )
     with pytest.raises(ModelFileError) as info:
         load(tmp_path, model)
     assert str(info.value.where).endswith("model.onnx: node s (Add)")
-    assert info.value.message == "input 'bias' is a constant; cnnc merges computed values only"
+    assert info.value.message == (
+        "Add by a constant of shape (5, 5) is not one value per channel of f32[N,4,5,5]"
+    )
 
 
 @BATCHES

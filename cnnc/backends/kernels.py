@@ -24,9 +24,9 @@ KERNELS: dict[str, Callable[[Node], Kernel]] = {}
 
 # Ops whose kernel takes ``out=`` and may write its result over its first input: the
 # interpreter passes it when that input's memory dies at the node.
-IN_PLACE = {"bn", "add"}
+IN_PLACE = {"bn", "affine", "add"}
 # Ops whose output may share memory with their input (a view), so that memory lives on.
-ALIASING = {"flatten", "dropout"}
+ALIASING = {"flatten", "dropout", "reshape", "transpose"}
 
 
 def kernel(op: str):
@@ -541,6 +541,19 @@ def bn(node: Node) -> Kernel:
     return run
 
 
+@kernel("affine")
+def affine(node: Node) -> Kernel:
+    per_channel = (-1, *(1,) * (node.inputs[0].type.rank - 2))
+    scale, shift = (v.data.reshape(per_channel) for v in node.inputs[1:])
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        y = np.multiply(x, scale, out=out)
+        y += shift
+        return y
+
+    return run
+
+
 @kernel("lrn")
 def lrn(node: Node) -> Kernel:
     a = node.attrs
@@ -597,6 +610,18 @@ def softmax(node: Node) -> Kernel:
 @kernel("flatten")
 def flatten(node: Node) -> Kernel:
     return lambda x: x.reshape(x.shape[0], -1)
+
+
+@kernel("reshape")
+def reshape(node: Node) -> Kernel:
+    shape = tuple(node.attrs["shape"])
+    return lambda x: x.reshape(x.shape[0], *shape)
+
+
+@kernel("transpose")
+def transpose(node: Node) -> Kernel:
+    perm = tuple(node.attrs["perm"])
+    return lambda x: x.transpose(perm)
 
 
 @kernel("dropout")

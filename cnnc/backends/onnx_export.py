@@ -113,9 +113,14 @@ class Emitter:
         )
 
     def constant(self, name: str, array: np.ndarray) -> str:
-        """Add an initializer that is not an IR parameter (for example Dropout's ratio)."""
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
+        """Add an initializer that is not an IR parameter (for example Dropout's ratio),
+        under ``name`` or, if the graph has that name already, a variant of it."""
+        taken = {v.name for v in self.graph.params.values()} | {i.name for i in self.initializers}
+        unique, n = name, 2
+        while unique in taken:
+            unique, n = f"{name}.{n}", n + 1
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), unique))
+        return unique
 
     def refuse(self, node: Node, what: str) -> UsageError:
         return UsageError(
@@ -334,6 +339,35 @@ def _bn(e: Emitter, node: Node) -> None:
         _names(node.outputs),
         node.name,
         epsilon=node.attrs["epsilon"],
+    )
+
+
+@emitter("affine")
+def _affine(e: Emitter, node: Node) -> None:
+    x, weight, bias = node.inputs
+    per_channel = (-1, *(1,) * (x.type.rank - 2))
+    scale = e.constant(f"{node.name}.scale", weight.data.reshape(per_channel))
+    shift = e.constant(f"{node.name}.shift", bias.data.reshape(per_channel))
+    scaled = f"{node.name}.scaled"
+    e.node("Mul", [x.name, scale], [scaled], f"{node.name}.mul")
+    e.node("Add", [scaled, shift], _names(node.outputs), node.name)
+
+
+@emitter("reshape")
+def _reshape(e: Emitter, node: Node) -> None:
+    # 0 keeps the batch size as it comes: no batch size is baked into the model.
+    shape = e.constant(f"{node.name}.shape", np.array([0, *node.attrs["shape"]], np.int64))
+    e.node("Reshape", [node.inputs[0].name, shape], _names(node.outputs), node.name)
+
+
+@emitter("transpose")
+def _transpose(e: Emitter, node: Node) -> None:
+    e.node(
+        "Transpose",
+        _names(node.inputs),
+        _names(node.outputs),
+        node.name,
+        perm=list(node.attrs["perm"]),
     )
 
 

@@ -30,6 +30,8 @@ class Importer:
         self.values: dict[str, Value] = {}
         self.constants: dict[str, np.ndarray] = {}
         self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
+        self.consumers: dict[str, int] = {}  # how many nodes read each ONNX name
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def fail(
         self, node: onnx.NodeProto | None, message: str, hint: str | None = None
@@ -108,26 +110,43 @@ def _inputs(imp: Importer, node: onnx.NodeProto) -> list[Value]:
     return [imp.value(node, n) for n in node.input if n]
 
 
-def _window(imp: Importer, node, attrs, kernel: tuple[int, ...]) -> dict[str, Any]:
+def _window(imp: Importer, node, attrs, kernel: tuple[int, ...], x: Value) -> dict[str, Any]:
+    """Stride, pads and dilation of a Conv or pool; auto_pad becomes explicit pads."""
     rank = len(kernel)
-    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise imp.fail(
-            node,
-            f"auto_pad={attrs['auto_pad']} is not supported yet",
-            hint="export the model with explicit pads",
-        )
-    return {
-        "stride": tuple(attrs.get("strides", (1,) * rank)),
-        "pads": tuple(attrs.get("pads", (0,) * 2 * rank)),
-        "dilation": tuple(attrs.get("dilations", (1,) * rank)),
-    }
+    stride = tuple(attrs.get("strides", (1,) * rank))
+    dilation = tuple(attrs.get("dilations", (1,) * rank))
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", ""):
+        pads = tuple(attrs.get("pads", (0,) * 2 * rank))
+    elif auto_pad == "VALID":
+        pads = (0,) * 2 * rank
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s_, d in zip(x.type.spatial, kernel, stride, dilation, strict=True):
+            out = -(-int(size) // s_)
+            total = max((out - 1) * s_ + d * (k - 1) + 1 - int(size), 0)
+            small, large = total // 2, total - total // 2
+            begins.append(small if auto_pad == "SAME_UPPER" else large)
+            ends.append(large if auto_pad == "SAME_UPPER" else small)
+        pads = (*begins, *ends)
+    else:
+        raise imp.fail(node, f"auto_pad={auto_pad} is not an ONNX padding mode")
+    return {"stride": stride, "pads": pads, "dilation": dilation}
 
 
 @importer("Conv")
 def _conv(imp: Importer, node, attrs, fused: dict[str, Any] | None = None) -> None:
     inputs = _inputs(imp, node)
+    if not all(v.is_param for v in inputs[1:]):
+        raise imp.fail(
+            node,
+            "a Conv whose weights are computed is not supported",
+            hint="cnnc convolutions have constant weights (initializers)",
+        )
     kernel = tuple(inputs[1].shape[2:])
-    ir = {**_window(imp, node, attrs, kernel), "groups": attrs.get("group", 1), **(fused or {})}
+    window = _window(imp, node, attrs, kernel, inputs[0])
+    ir = {**window, "groups": attrs.get("group", 1), **(fused or {})}
     imp.add(node, "conv", inputs, ir)
 
 
@@ -148,24 +167,55 @@ def _fused_conv(imp: Importer, node: onnx.NodeProto, activation: str) -> None:
 
 @importer("Gemm")
 def _gemm(imp: Importer, node, attrs) -> None:
-    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-        raise imp.fail(node, "Gemm with transA, alpha or beta is not supported yet")
-    weight = imp.constant(node, node.input[1])
+    """Gemm(A, B, C) = alpha·A·B + beta·C with a constant B: an fc layer, alpha and beta
+    folded into its weight and bias."""
+    if attrs.get("transA", 0):
+        raise imp.fail(node, "Gemm with transA=1 is not supported (the input must be N×F)")
+    if node.input[1] not in imp.constants:
+        raise imp.fail(node, "a Gemm whose weights are computed is not supported")
+    weight = imp.constants[node.input[1]].astype(np.float32)
     if not attrs.get("transB", 0):
-        weight = np.ascontiguousarray(weight.T)  # IR fc weights are [out, in], as torch.nn.Linear
+        weight = weight.T  # IR fc weights are [out, in], as torch.nn.Linear
+    weight = np.ascontiguousarray(weight * np.float32(attrs.get("alpha", 1.0)))
     x = imp.value(node, node.input[0])
-    bias = [imp.value(node, node.input[2])] if len(node.input) > 2 and node.input[2] else []
-    imp.add(node, "fc", [x, imp.param(node.input[1], weight), *bias])
+    inputs = [x, imp.param(f"{node.input[1]}.fc", weight)]
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in imp.constants:
+            raise imp.fail(node, "a Gemm whose C input is computed is not supported")
+        c = imp.constants[node.input[2]].astype(np.float32) * np.float32(attrs.get("beta", 1.0))
+        try:
+            bias = np.broadcast_to(
+                c.reshape(-1) if c.ndim == 2 and c.shape[0] == 1 else c, (weight.shape[0],)
+            )
+        except ValueError:
+            raise imp.fail(
+                node, f"Gemm's C of shape {c.shape} is not one bias per output"
+            ) from None
+        inputs.append(imp.param(f"{node.input[2]}.fc", np.ascontiguousarray(bias)))
+    imp.add(node, "fc", inputs)
+
+
+@importer("MatMul")
+def _matmul(imp: Importer, node, attrs) -> None:
+    """x·W with a constant W [F, K] is an fc layer without bias (an Add after it becomes
+    its bias)."""
+    if node.input[1] not in imp.constants or imp.constants[node.input[1]].ndim != 2:
+        raise imp.fail(node, "only MatMul by a constant matrix (an fc layer) is supported")
+    weight = np.ascontiguousarray(imp.constants[node.input[1]].astype(np.float32).T)
+    x = imp.value(node, node.input[0])
+    imp.add(node, "fc", [x, imp.param(f"{node.input[1]}.fc", weight)])
 
 
 @importer("MaxPool", "AveragePool")
 def _pool(imp: Importer, node, attrs) -> None:
     kernel = tuple(attrs["kernel_shape"])
     ir = {
-        **_window(imp, node, attrs, kernel),
+        **_window(imp, node, attrs, kernel, imp.value(node, node.input[0])),
         "kernel": kernel,
         "ceil": bool(attrs.get("ceil_mode", 0)),
     }
+    if attrs.get("storage_order", 0):
+        raise imp.fail(node, "MaxPool with storage_order=1 is not supported")
     if node.op_type == "AveragePool":
         ir["count_include_pad"] = bool(attrs.get("count_include_pad", 0))
     if len(node.output) > 1 and node.output[1]:
@@ -220,8 +270,8 @@ def _lrn(imp: Importer, node, attrs) -> None:
 
 
 def _merged(imp: Importer, node: onnx.NodeProto) -> list[Value]:
-    """The inputs of a merge, which must all be computed values: the IR adds and joins
-    branches of the network, not constants."""
+    """The inputs of a concat, which must all be computed values: the IR joins branches
+    of the network, not constants."""
     inputs = _inputs(imp, node)
     for v in inputs:
         if v.is_param:
@@ -233,20 +283,100 @@ def _merged(imp: Importer, node: onnx.NodeProto) -> list[Value]:
     return inputs
 
 
-@importer("Add", "Sum")
-def _add(imp: Importer, node, attrs) -> None:
-    inputs = _merged(imp, node)
-    if len(inputs) == 1:
-        imp.alias(node, inputs[0])
+def _per_channel(imp: Importer, node, c: np.ndarray, x: Value) -> np.ndarray | None:
+    """A constant that broadcasts against ``x`` as one value per channel (axis 1), as a
+    vector; None if it does not."""
+    rank, channels = x.type.rank, x.type.shape[1]
+    if c.size == 1:
+        return np.full(channels, c.reshape(()), np.float32)
+    shape = list(c.shape)
+    while len(shape) > rank - 1 and shape[0] == 1:
+        shape.pop(0)
+    if len(shape) == rank - 1 and shape[0] == channels and all(d == 1 for d in shape[1:]):
+        return c.reshape(channels).astype(np.float32)
+    return None
+
+
+def _affine(imp: Importer, node, x: Value, scale: np.ndarray | None, shift: np.ndarray | None):
+    channels = x.type.shape[1]
+    scale = np.ones(channels, np.float32) if scale is None else scale
+    shift = np.zeros(channels, np.float32) if shift is None else shift
+    name = node.name or node.output[0]
+    imp.add(
+        node, "affine", [x, imp.param(f"{name}.scale", scale), imp.param(f"{name}.shift", shift)]
+    )
+
+
+@importer("Add", "Sum", "Sub", "Mul", "Div")
+def _arithmetic(imp: Importer, node, attrs) -> None:
+    """Add and Sum of computed values of one shape are merges; Add, Sub, Mul and Div by a
+    per-channel constant are an affine; Add of a bias after a MatMul is that fc's bias."""
+    names = [n for n in node.input if n]
+    constant = [n for n in names if n in imp.constants]
+    computed = [n for n in names if n not in imp.constants]
+    if not constant and node.op_type in ("Add", "Sum"):
+        inputs = [imp.value(node, n) for n in computed]
+        if len(inputs) == 1:
+            imp.alias(node, inputs[0])
+        else:
+            imp.add(node, "add", inputs)
+        return
+    if (
+        len(names) != 2
+        or len(computed) != 1
+        or (node.op_type in ("Sub", "Div") and names[0] in imp.constants)
+    ):
+        raise imp.fail(
+            node,
+            f"{node.op_type} is supported between computed values of one shape (Add, Sum) or "
+            "of a computed value and a per-channel constant",
+        )
+    x = imp.value(node, computed[0])
+    c = imp.constants[constant[0]].astype(np.float32)
+    if node.op_type == "Add" and _absorbs_bias(imp, x, c):
+        return _fc_bias(imp, node, x, c)
+    vector = _per_channel(imp, node, c, x)
+    if vector is None:
+        raise imp.fail(
+            node,
+            f"{node.op_type} by a constant of shape {c.shape} is not one value "
+            f"per channel of {x.type}",
+        )
+    if node.op_type == "Add":
+        _affine(imp, node, x, None, vector)
+    elif node.op_type == "Sub":
+        _affine(imp, node, x, None, -vector)
+    elif node.op_type == "Mul":
+        _affine(imp, node, x, vector, None)
     else:
-        imp.add(node, "add", inputs)
+        _affine(imp, node, x, 1 / vector, None)
+
+
+def _absorbs_bias(imp: Importer, x: Value, c: np.ndarray) -> bool:
+    fc = x.producer
+    return (
+        fc is not None
+        and fc.op == "fc"
+        and len(fc.inputs) == 2
+        and imp.consumers.get(x.name, 0) == 1
+        and c.size == fc.output.shape[1]
+        and c.squeeze().ndim <= 1
+    )
+
+
+def _fc_bias(imp: Importer, node, x: Value, c: np.ndarray) -> None:
+    fc = x.producer
+    name = node.name or node.output[0]
+    bias = imp.param(f"{name}.bias", np.ascontiguousarray(c.reshape(-1)))
+    new = imp.graph.replace_node(fc, "fc", [*fc.inputs, bias], fc.attrs)
+    imp.alias(node, new.output)
 
 
 @importer("Concat")
 def _concat(imp: Importer, node, attrs) -> None:
     inputs = _merged(imp, node)
     rank = inputs[0].type.rank
-    if attrs["axis"] not in (1, 1 - rank):
+    if rank < 2 or attrs["axis"] not in (1, 1 - rank):
         raise imp.fail(
             node,
             f"Concat along axis {attrs['axis']} of a rank-{rank} tensor is not supported: "
@@ -276,29 +406,136 @@ def _constant(imp: Importer, node, attrs) -> None:
 
 @importer("Softmax")
 def _softmax(imp: Importer, node, attrs) -> None:
-    imp.add(node, "softmax", _inputs(imp, node), {"axis": attrs.get("axis", -1)})
-
-
-@importer("Flatten")
-def _flatten(imp: Importer, node, attrs) -> None:
-    if attrs.get("axis", 1) != 1:
-        raise imp.fail(node, f"Flatten with axis={attrs['axis']} is not supported (only axis=1)")
-    imp.add(node, "flatten", _inputs(imp, node))
+    (x,) = _inputs(imp, node)
+    opset = imp.opset
+    axis = attrs.get("axis", -1 if opset >= 13 else 1)
+    axis = axis + x.type.rank if axis < 0 else axis
+    # Before opset 13 Softmax normalised over all the axes from ``axis`` on: the same as
+    # over ``axis`` only if the axes after it have size 1.
+    if opset < 13 and any(d != 1 for d in x.type.shape[axis + 1 :]):
+        raise imp.fail(
+            node,
+            f"Softmax (opset {opset}) over the axes {axis}.. of {x.type} is not "
+            "supported: cnnc normalises over one axis",
+        )
+    imp.add(node, "softmax", [x], {"axis": axis})
 
 
 @importer("BatchNormalization")
 def _bn(imp: Importer, node, attrs) -> None:
-    if attrs.get("training_mode", 0) or len(node.output) > 1:
+    outputs = [o for o in node.output[1:] if o and imp.consumers.get(o, 0)]
+    if attrs.get("training_mode", 0) or outputs:
         raise imp.fail(node, "BatchNormalization in training mode is not supported")
+    if not attrs.get("spatial", 1):
+        raise imp.fail(node, "BatchNormalization with spatial=0 is not supported")
     imp.add(node, "bn", _inputs(imp, node), {"epsilon": float(attrs.get("epsilon", 1e-5))})
 
 
 @importer("Dropout")
 def _dropout(imp: Importer, node, attrs) -> None:
-    ratio = (
-        float(imp.constant(node, node.input[1])) if len(node.input) > 1 and node.input[1] else 0.5
-    )
-    imp.add(node, "dropout", [imp.value(node, node.input[0])], {"ratio": ratio})
+    if len(node.input) > 2 and node.input[2] and imp.constants.get(node.input[2], False):
+        raise imp.fail(node, "Dropout in training mode is not supported")
+    if len(node.output) > 1 and node.output[1] and imp.consumers.get(node.output[1], 0):
+        raise imp.fail(node, "Dropout's mask output is not supported")
+    ratio = attrs.get("ratio", 0.5)  # an attribute before opset 12, an input after
+    if len(node.input) > 1 and node.input[1]:
+        ratio = float(imp.constant(node, node.input[1]))
+    imp.add(node, "dropout", [imp.value(node, node.input[0])], {"ratio": float(ratio)})
+
+
+@importer("Identity")
+def _identity(imp: Importer, node, attrs) -> None:
+    imp.alias(node, imp.value(node, node.input[0]))
+
+
+def _reshape_to(imp: Importer, node, x: Value, shape: tuple[int, ...]) -> None:
+    """Reshape ``x`` to a full shape: flatten, reshape of the axes after the batch, or an error."""
+    if shape[0] != x.type.shape[0]:
+        raise imp.fail(
+            node,
+            f"reshaping {x.type} to {list(shape)} moves the batch axis: cnnc "
+            "keeps the first axis as it is",
+        )
+    if len(shape) == 2 and x.type.rank > 2:
+        imp.add(node, "flatten", [x])
+    elif shape == x.type.shape:
+        imp.alias(node, x)
+    else:
+        imp.add(node, "reshape", [x], {"shape": tuple(int(d) for d in shape[1:])})
+
+
+@importer("Reshape")
+def _reshape(imp: Importer, node, attrs) -> None:
+    x = imp.value(node, node.input[0])
+    target = [int(d) for d in imp.constant(node, node.input[1]).reshape(-1)]
+    if attrs.get("allowzero", 0) and 0 in target:
+        raise imp.fail(node, "Reshape with allowzero=1 and a zero size is not supported")
+    dims = list(x.type.shape)
+    # ONNX: 0 copies the input's size on that axis, -1 takes what is left.
+    shape = [dims[i] if d == 0 else d for i, d in enumerate(target)]
+    if shape.count(-1) > 1:
+        raise imp.fail(node, "Reshape with more than one -1 is not valid ONNX")
+    if -1 in shape:
+        batch = dims[0]
+        if not isinstance(batch, int):
+            # A symbolic batch: -1 can only stand for it, or for the rest of an item.
+            if shape[0] == -1:
+                shape[0] = batch
+            else:
+                per_item = int(np.prod(dims[1:]))
+                known = int(np.prod([d for d in shape[1:] if d != -1]))
+                shape = [per_item // known if d == -1 else d for d in shape]
+        else:
+            total = int(np.prod(dims))
+            known = int(np.prod([d for d in shape if d != -1]))
+            shape = [total // known if d == -1 else d for d in shape]
+    _reshape_to(imp, node, x, tuple(shape))
+
+
+@importer("Flatten")
+def _flatten(imp: Importer, node, attrs) -> None:
+    x = imp.value(node, node.input[0])
+    axis = attrs.get("axis", 1)
+    if axis != 1:
+        raise imp.fail(
+            node,
+            f"Flatten with axis={axis} is not supported: cnnc flattens after "
+            "the batch axis (axis=1)",
+        )
+    imp.add(node, "flatten", [x])
+
+
+@importer("Unsqueeze", "Squeeze")
+def _squeeze(imp: Importer, node, attrs) -> None:
+    x = imp.value(node, node.input[0])
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = imp.constant(node, node.input[1]).reshape(-1).tolist()
+    rank = x.type.rank
+    dims = list(x.type.shape)
+    if node.op_type == "Unsqueeze":
+        out_rank = rank + len(axes)
+        for a in sorted(a + out_rank if a < 0 else a for a in axes):
+            dims.insert(a, 1)
+    else:
+        if axes is None:
+            axes = [i for i, d in enumerate(dims) if d == 1 and i > 0]
+        drop = {a + rank if a < 0 else a for a in axes}
+        dims = [d for i, d in enumerate(dims) if i not in drop]
+    _reshape_to(imp, node, x, tuple(dims))
+
+
+@importer("Transpose")
+def _transpose(imp: Importer, node, attrs) -> None:
+    x = imp.value(node, node.input[0])
+    perm = tuple(attrs.get("perm", range(x.type.rank - 1, -1, -1)))
+    if perm[0] != 0:
+        raise imp.fail(
+            node,
+            f"Transpose with perm={list(perm)} moves the batch axis: cnnc "
+            "keeps the first axis first",
+        )
+    imp.add(node, "transpose", [x], {"perm": perm})
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -313,11 +550,17 @@ def _read(path: Path) -> onnx.ModelProto:
         raise ModelFileError(
             f"not a readable ONNX model ({e.__class__.__name__}: {e})", str(path)
         ) from None
+    return _check(model, str(path))
+
+
+def _check(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    if not model.graph.node and not model.graph.output:
+        raise ModelFileError("not an ONNX model: it has no graph", where)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"the model fails the ONNX checker: {first}", str(path)) from None
+        raise ModelFileError(f"the model fails the ONNX checker: {first}", where) from None
     return model
 
 
@@ -329,10 +572,12 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
             f"input {vi.name} has element type "
             f"{onnx.TensorProto.DataType.Name(t.elem_type)}; only float is supported",
         )
-    dims: list = [BATCH]
-    for i, d in enumerate(t.shape.dim[1:], start=1):
+    dims: list = []
+    for i, d in enumerate(t.shape.dim):
         if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
+        elif i == 0:
+            dims.append(BATCH)
         elif i - 1 < len(imp.min_input):
             dims.append(imp.min_input[i - 1])
         else:
@@ -342,28 +587,57 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
                 "cnnc needs every size but the batch",
                 hint="export the model with a fixed input size",
             )
+    if not dims:
+        raise imp.fail(None, f"input {vi.name} is a scalar; cnnc takes tensors with a batch axis")
     return TensorType(_DTYPES[t.elem_type], tuple(dims))
 
 
-def load_onnx(path: str | Path) -> Graph:
-    """Import an ONNX model file into a verified IR graph."""
+def _fold(imp: Importer, node: onnx.NodeProto) -> None:
+    """Compute a node whose inputs are all constants (weights built by ConstantOfShape,
+    Unsqueeze, Mul, ...) at import, with onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {n: imp.constants[n] for n in node.input if n}
+    inputs = [
+        helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+        for n, a in feeds.items()
+    ]
+    outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=list(imp.model.opset_import))
+    try:
+        results = ReferenceEvaluator(model).run(None, feeds)
+    except Exception as e:  # whatever the reference raises, the node cannot be computed
+        raise imp.fail(node, f"cannot compute this constant node: {e}") from None
+    for name, value in zip([o for o in node.output if o], results, strict=True):
+        imp.constants[name] = np.asarray(value)
+
+
+def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) -> Graph:
+    """Import an ONNX model (a file, or a ModelProto) into a verified IR graph."""
     from cnnc.ir.verify import verify
 
-    path = Path(path)
-    model = _read(path)
+    if isinstance(source, onnx.ModelProto):
+        model, base_dir = _check(source, where or "<model>"), None
+        where = where or "<model>"
+    else:
+        path = Path(source)
+        model, base_dir, where = _read(path), str(path.parent), str(path)
     # Other producers' model-local functions are their bodies; cnnc's own fused
     # Conv+activation functions become fused convs again.
     others = [(f.domain, f.name) for f in model.functions if f.domain != FUNCTION_DOMAIN]
     if others:
         model = onnx.inliner.inline_selected_functions(model, others)
-    imp = Importer(model, str(path))
+    imp = Importer(model, where)
     props = {p.key: p.value for p in model.metadata_props}
     if MIN_INPUT_KEY in props:
         imp.min_input = tuple(int(d) for d in props[MIN_INPUT_KEY].split("x"))
         imp.graph.flexible_spatial = True
     g = model.graph
     for init in g.initializer:
-        imp.constants[init.name] = numpy_helper.to_array(init, base_dir=str(path.parent))
+        imp.constants[init.name] = numpy_helper.to_array(init, base_dir=base_dir or "")
+    for name in [n for node in g.node for n in node.input] + [o.name for o in g.output]:
+        imp.consumers[name] = imp.consumers.get(name, 0) + 1
     for vi in g.input:
         if vi.name not in imp.constants:
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
@@ -372,6 +646,12 @@ def load_onnx(path: str | Path) -> Graph:
             _fused_conv(imp, node, FUSED[node.op_type])
             continue
         fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if node.op_type == "Constant" and fn is not None:
+            fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+            continue
+        if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
+            _fold(imp, node)
+            continue
         if fn is None:
             raise imp.fail(
                 node,
@@ -380,7 +660,14 @@ def load_onnx(path: str | Path) -> Graph:
             )
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         fn(imp, node, attrs)
-    imp.graph.outputs = [imp.value(None, o.name) for o in g.output]
+    outputs = []
+    for o in g.output:
+        if o.name in imp.constants and o.name not in imp.values:
+            raise imp.fail(
+                None, f"output {o.name} is a constant; cnnc computes outputs from inputs"
+            )
+        outputs.append(imp.value(None, o.name))
+    imp.graph.outputs = outputs
     imp.graph.opt_level = "imported"
     verify(imp.graph)
     return imp.graph

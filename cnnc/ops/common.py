@@ -84,6 +84,10 @@ def windowed_shape(
 ) -> tuple[int, ...]:
     """Output spatial sizes of a conv or pool, with a ShapeError that shows the shapes."""
     rank = len(kernel)
+    if rank not in LAYOUTS:
+        raise ShapeError(
+            f"{op} over {rank} spatial axes is not supported: cnnc has 1-D and 2-D {op}s"
+        )
     if x.rank != rank + 2:
         raise ShapeError(f"{op} with a {rank}-D kernel needs an input {LAYOUTS[rank]}, got {x}")
     spatial = tuple(x.spatial)

@@ -117,3 +117,41 @@ register_layer(
         "as torch.nn.LocalResponseNorm and ONNX LRN.",
     )
 )
+
+
+class Affine(OpDef):
+    """inputs (x, weight, bias): y = x · weight + bias per channel (axis 1) — a batch norm
+    whose statistics are folded in, or an imported Mul/Add by a per-channel constant."""
+
+    name = "affine"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        x = inputs[0]
+        if x.rank < 2:
+            raise ShapeError(f"affine needs an input with channels N×C…, got {x}")
+        for p in inputs[1:]:
+            if p.shape != (x.shape[1],):
+                raise ShapeError(f"affine parameter {p} does not match the {x.shape[1]} channels")
+        return [x]
+
+
+register_op(Affine())
+
+
+def build_affine(ctx: LayerContext, x):
+    channels = x.shape[1]
+    weight = ctx.param("weight", (channels,), ("bn_scale", channels))
+    bias = ctx.param("bias", (channels,), ("bn_shift", channels))
+    return ctx.node("affine", [x, weight, bias])
+
+
+register_layer(
+    Layer(
+        "affine",
+        (),
+        build_affine,
+        "A learned scale and shift per channel: x · <name>.weight + <name>.bias [C]. "
+        "-O2 folds it into a conv or fc before it.",
+        has_params=True,
+    )
+)

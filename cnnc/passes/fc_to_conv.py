@@ -32,7 +32,7 @@ from cnnc.ir.graph import Graph, Node
 from cnnc.ir.types import TensorType
 
 # Ops that act on each channel alone, so they commute with N×K×1×1 -> N×K.
-PER_CHANNEL = {"relu", "leaky_relu", "clip", "sigmoid", "tanh", "dropout", "bn"}
+PER_CHANNEL = {"affine", "relu", "leaky_relu", "clip", "sigmoid", "tanh", "dropout", "bn"}
 
 
 def _is_map(t: TensorType) -> bool:

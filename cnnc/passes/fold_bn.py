@@ -2,6 +2,7 @@
 
     y = conv(x, W, b); z = bn(y, gamma, beta, mean, var)
         ==>  z = conv(x, W * s, (b - mean) * s + beta)     with s = gamma / sqrt(var + eps)
+    y = conv(x, W, b); z = affine(y, s, t)  ==>  z = conv(x, W * s, b * s + t)
 
 The scale applies to each output channel (each row of an fc weight); a layer
 without bias gains one, named ``<layer>.bias``.
@@ -16,6 +17,8 @@ Leaves alone (and why):
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,27 +37,37 @@ def _foldable_into(graph: Graph, bn: Node) -> Node | None:
     return layer
 
 
+def _scale_and_shift(node: Node) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]:
+    """The per-channel scale s and shift t of a bn or affine node: y = x·s + t (lazily)."""
+    if node.op == "affine":
+        weight, bias = node.inputs[1:]
+        return (lambda: weight.data), (lambda: bias.data)
+    gamma, beta, mean, var = node.inputs[1:]
+    eps = np.float32(node.attrs["epsilon"])
+
+    def scale() -> np.ndarray:
+        return gamma.data / np.sqrt(var.data + eps)
+
+    return scale, (lambda: beta.data - mean.data * scale())
+
+
 def fold_bn(graph: Graph) -> bool:
-    """Fold every foldable bn into the conv or fc before it."""
+    """Fold every foldable bn (or affine) into the conv or fc before it."""
     changed = False
-    for bn in [n for n in graph.nodes if n.op == "bn"]:
-        layer = _foldable_into(graph, bn)
+    for norm in [n for n in graph.nodes if n.op in ("bn", "affine")]:
+        layer = _foldable_into(graph, norm)
         if layer is None:
             continue
-        gamma, beta, mean, var = bn.inputs[1:]
-        eps = bn.attrs["epsilon"]
-
-        def scale(gamma=gamma, var=var, eps=eps) -> np.ndarray:
-            return gamma.data / np.sqrt(var.data + np.float32(eps))
-
+        scale, shift = _scale_and_shift(norm)
         x, weight, *bias = layer.inputs
-        weight.derive(lambda w, scale=scale: w * scale().reshape(-1, *(1,) * (w.ndim - 1)))
+        weight.derive(lambda w, s=scale: w * s().reshape(-1, *(1,) * (w.ndim - 1)))
         if bias:
-            bias[0].derive(lambda b, s=scale, m=mean, t=beta: (b - m.data) * s() + t.data)
+            bias[0].derive(lambda b, s=scale, t=shift: b * s() + t())
         else:
-            bias = [graph.add_param(graph.unique_name(f"{layer.name}.bias"), beta.shape)]
-            bias[0].set_data(lambda s=scale, m=mean, t=beta: t.data - m.data * s())
+            channels = (weight.shape[0],)
+            bias = [graph.add_param(graph.unique_name(f"{layer.name}.bias"), channels)]
+            bias[0].set_data(shift)
         graph.replace_node(layer, layer.op, [x, weight, bias[0]], layer.attrs)
-        graph.bypass(bn)
+        graph.bypass(norm)
         changed = True
     return changed

@@ -1,0 +1,214 @@
+"""IR -> a program in cnnc's language and its weights: what `cnnc import` writes."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnc.errors import UsageError
+from cnnc.ir.graph import Graph, Node, Value
+
+# The parameter names of each op's layer, in the order of the node's parameter inputs.
+PARAM_NAMES = {
+    "conv": ("weight", "bias"),
+    "fc": ("weight", "bias"),
+    "bn": ("weight", "bias", "running_mean", "running_var"),
+    "affine": ("weight", "bias"),
+}
+
+
+def _number(v: float) -> str:
+    if math.isinf(v):
+        # The language has no infinity; the largest float32 bounds nothing a network computes.
+        return ("-" if v < 0 else "") + "3.4028235e38"
+    if float(v).is_integer():
+        return str(int(v))
+    # Attributes are float32 in ONNX: their shortest float32 spelling reads back the same.
+    return str(np.float32(v))
+
+
+def _ints(values) -> str:
+    values = tuple(int(v) for v in values)
+    return str(values[0]) if len(values) == 1 else "(" + ", ".join(map(str, values)) + ")"
+
+
+def _spatial(values) -> str:
+    """One value if all axes agree, else a tuple."""
+    values = tuple(values)
+    return str(values[0]) if len(set(values)) == 1 else _ints(values)
+
+
+def _window(node: Node, kernel, default_stride) -> list[str]:
+    a = node.attrs
+    args = [_spatial(kernel)]
+    if tuple(a["stride"]) != tuple(default_stride):
+        args.append(f"stride={_spatial(a['stride'])}")
+    if any(a["pads"]):
+        args.append(f"pad={_pads(a['pads'])}")
+    if any(d != 1 for d in a.get("dilation", ())):
+        args.append(f"dilation={_spatial(a['dilation'])}")
+    return args
+
+
+def _conv(node: Node) -> str:
+    weight = node.inputs[1]
+    kernel = weight.shape[2:]
+    args = [str(weight.shape[0]), *_window(node, kernel, (1,) * len(kernel))]
+    if node.attrs["groups"] != 1:
+        args.append(f"groups={node.attrs['groups']}")
+    if len(node.inputs) < 3:
+        args.append("bias=false")
+    text = f"conv({', '.join(args)})"
+    if node.attrs.get("activation"):
+        raise UsageError(f"node {node.name}: a fused conv has no layer; write the graph at -O0")
+    return text
+
+
+def _pool(node: Node) -> str:
+    a = node.attrs
+    args = _window(node, a["kernel"], a["kernel"])
+    if a["ceil"]:
+        args.append("ceil=true")
+    if node.op == "avgpool":
+        args.append(f"count_include_pad={'true' if a['count_include_pad'] else 'false'}")
+    return f"{node.op}({', '.join(args)})"
+
+
+WRITERS: dict[str, Callable[[Node], str]] = {
+    "conv": _conv,
+    "maxpool": _pool,
+    "avgpool": _pool,
+    "fc": lambda n: f"fc({n.inputs[1].shape[0]}" + (")" if len(n.inputs) > 2 else ", bias=false)"),
+    "bn": lambda n: f"bn(eps={_number(n.attrs['epsilon'])})",
+    "affine": lambda n: "affine",
+    "softmax": lambda n: f"softmax(axis={n.attrs['axis']})",
+    "dropout": lambda n: f"dropout({_number(n.attrs['ratio'])})",
+    "leaky_relu": lambda n: f"leaky_relu(alpha={_number(n.attrs['alpha'])})",
+    "clip": lambda n: f"clip({_number(n.attrs['min'])}, {_number(n.attrs['max'])})",
+    "lrn": lambda n: (
+        f"lrn({n.attrs['size']}, alpha={_number(n.attrs['alpha'])}, "
+        f"beta={_number(n.attrs['beta'])}, k={_number(n.attrs['bias'])})"
+    ),
+    "reshape": lambda n: f"reshape({_tuple(n.attrs['shape'])})",
+    "transpose": lambda n: f"transpose({_tuple(n.attrs['perm'][1:])})",
+}
+for _op in ("relu", "sigmoid", "tanh", "gap", "global_maxpool", "flatten", "add", "concat"):
+    WRITERS[_op] = lambda n, op=_op: op
+
+
+def _pads(pads) -> str:
+    """The shortest padding form: one int, (h, w) for both sides of each axis, or all four."""
+    pads = tuple(int(p) for p in pads)
+    rank = len(pads) // 2
+    if len(set(pads)) == 1:
+        return str(pads[0])
+    if rank == 2 and pads[:2] == pads[2:]:
+        return _ints(pads[:2])
+    return _ints(pads)
+
+
+def _tuple(values) -> str:
+    values = [str(int(v)) for v in values]
+    return "(" + ", ".join(values) + ("," if len(values) == 1 else "") + ")"
+
+
+_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class _Names:
+    """Labels and value names for the program, valid in the language and all different.
+
+    A label may be a dotted path (``layer1.0.conv1``); a value name may not.
+    """
+
+    taken: set[str] = field(default_factory=set)
+    keywords: set[str] = field(default_factory=set)  # a value may not be called like a layer
+
+    def make(self, raw: str, suffix: str = "", dotted: bool = False) -> str:
+        parts = [re.sub(r"[^A-Za-z0-9_]", "_", p).strip("_") for p in raw.split(".")]
+        parts = [p for p in parts if p] or ["layer"]
+        if not dotted:
+            parts = ["_".join(parts)]
+        if not _LABEL.fullmatch(parts[0]):
+            parts[0] = "n" + parts[0]
+        parts[1:] = [p if p.isdigit() or _LABEL.fullmatch(p) else "n" + p for p in parts[1:]]
+        base = ".".join(parts) + suffix
+        name, n = base, 2
+        while name in self.taken or (not dotted and name in self.keywords):
+            name, n = f"{base}_{n}", n + 1
+        self.taken.add(name)
+        return name
+
+
+MERGES = ("add", "concat")
+
+
+def _needs_name(graph: Graph, value: Value, following: Node | None) -> bool:
+    """Whether a value is read other than by the very next statement continuing from it."""
+    if value in graph.outputs:
+        return following is not None
+    for user in value.users:
+        continues = (
+            user is following
+            and user.op not in MERGES
+            and user.activations[0] is value
+            and user.activations.count(value) == 1
+        )
+        if not continues:
+            return True
+    return False
+
+
+def _keywords() -> set[str]:
+    from cnnc.ops import all_layers
+
+    return {*all_layers(), "in", "true", "false", "same", "valid"}
+
+
+def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarray]]:
+    """A program computing ``graph`` (one statement per node) and its weights by name."""
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise UsageError(
+            f"graph {graph.name} has {len(graph.inputs)} inputs and {len(graph.outputs)} "
+            "outputs; a program has one of each"
+        )
+    (x,) = graph.inputs
+    if x.type.rank not in (3, 4) or not all(isinstance(d, int) for d in x.type.shape[1:]):
+        raise UsageError(f"input {x.name} is {x.type}; a program takes C×L or C×H×W")
+    names = _Names(keywords=_keywords())
+    network = names.make(graph.name or "network")
+    value_names: dict[int, str] = {id(x): names.make(x.name)}
+    lines, weights = [], {}
+    previous: Value = x
+    for i, node in enumerate(graph.nodes):
+        writer = WRITERS.get(node.op)
+        if writer is None:
+            raise UsageError(f"node {node.name}: op {node.op} has no layer in the language")
+        label = names.make(node.name, dotted=True)
+        inputs = node.activations
+        if node.op in MERGES:
+            call = f"{label}: {node.op}({', '.join(value_names[id(v)] for v in inputs)})"
+        else:
+            call = f"{label}: {writer(node)}"
+            if inputs[0] is not previous:
+                call = f"{value_names[id(inputs[0])]} -> {call}"
+        following = graph.nodes[i + 1] if i + 1 < len(graph.nodes) else None
+        if _needs_name(graph, node.output, following):
+            value_names[id(node.output)] = names.make(node.name, "_out")
+            call = f"{value_names[id(node.output)]} = {call}"
+        lines.append(f"    {call}")
+        for suffix, param in zip(PARAM_NAMES.get(node.op, ()), node.params, strict=False):
+            weights[f"{label}.{suffix}"] = param.data
+        previous = node.output
+    (y,) = graph.outputs
+    if y is not previous:
+        lines.append(f"    {value_names[id(y)]}")
+    shape = "x".join(str(d) for d in x.type.shape[1:])
+    header = [f"# {source}" if source else "# imported by cnnc"]
+    header.append(f"network {network}({value_names[id(x)]}: {shape}) {{")
+    return "\n".join([*header, *lines, "}"]) + "\n", weights
