@@ -17,6 +17,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from cnnc.ir.graph import Node
 from cnnc.ops.common import window_output_size
+from cnnc.ops.norm import channel_scale_shift
 
 Kernel = Callable[..., np.ndarray]
 Activation = Callable[..., np.ndarray]  # f(x, out=None), so that a conv can apply it in place
@@ -527,24 +528,10 @@ for _op, _make in ELEMENTWISE.items():
 
 
 @kernel("bn")
-def bn(node: Node) -> Kernel:
-    weight, bias, mean, var = (v.data for v in node.inputs[1:])
-    scale = weight / np.sqrt(var + np.float32(node.attrs["epsilon"]))
-    per_channel = (-1, *(1,) * (node.inputs[0].type.rank - 2))
-    scale, shift = scale.reshape(per_channel), (bias - mean * scale).reshape(per_channel)
-
-    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        y = np.multiply(x, scale, out=out)
-        y += shift
-        return y
-
-    return run
-
-
 @kernel("affine")
-def affine(node: Node) -> Kernel:
+def scale_shift(node: Node) -> Kernel:
     per_channel = (-1, *(1,) * (node.inputs[0].type.rank - 2))
-    scale, shift = (v.data.reshape(per_channel) for v in node.inputs[1:])
+    scale, shift = (a.reshape(per_channel) for a in channel_scale_shift(node))
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         y = np.multiply(x, scale, out=out)

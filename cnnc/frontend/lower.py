@@ -317,12 +317,11 @@ class _Lowering:
                 key = names[i]
             else:
                 if arg.name not in names:
-                    close = difflib.get_close_matches(arg.name, names, n=1)
-                    hint = f"did you mean {close[0]}? " if close else ""
-                    raise LayerError(
-                        f"block {block.name} has no parameter {arg.name!r}",
-                        arg.loc,
-                        hint=hint + f"{block.name}({', '.join(names)})",
+                    raise _no_such(
+                        f"block {block.name} has no parameter",
+                        arg,
+                        names,
+                        f"{block.name}({', '.join(names)})",
                     )
                 key = arg.name
             if key in given:
@@ -433,12 +432,11 @@ def bind_args(
             attr = layer.attr(arg.name)
             if attr is None or attr.kind == "values":
                 names = [a.name for a in layer.attrs if a.kind != "values"]
-                close = difflib.get_close_matches(arg.name, names, n=1)
-                hint = f"did you mean {close[0]}? " if close else ""
-                raise LayerError(
-                    f"{layer.keyword} has no attribute {arg.name!r}",
-                    arg.loc,
-                    hint=hint + f"{layer.keyword} takes: {layer.signature}",
+                raise _no_such(
+                    f"{layer.keyword} has no attribute",
+                    arg,
+                    names,
+                    f"{layer.keyword} takes: {layer.signature}",
                 )
         if attr.name in args:
             raise LayerError(f"{attr.name} is given twice", arg.loc)
@@ -457,6 +455,13 @@ def bind_args(
             else:
                 args[attr.name] = attr.default
     return args, locs
+
+
+def _no_such(what: str, arg: Arg, names: list[str], takes: str) -> LayerError:
+    """The error for a named argument nothing has: the closest name, and what is taken."""
+    close = difflib.get_close_matches(arg.name, names, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return LayerError(f"{what} {arg.name!r}", arg.loc, hint=hint + takes)
 
 
 def _describe(value: Any) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cnnc.errors import ShapeError
 from cnnc.ir.types import TensorType
 from cnnc.ops.base import Attr, Layer, LayerContext, OpDef, register_layer, register_op
@@ -32,6 +34,16 @@ class BatchNorm(OpDef):
 
 
 register_op(BatchNorm())
+
+
+def channel_scale_shift(node) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel scale s and shift t of a bn or affine node: y = x·s + t."""
+    if node.op == "affine":
+        return node.inputs[1].data, node.inputs[2].data
+    weight, bias, mean, var = (v.data for v in node.inputs[1:])
+    scale = weight / np.sqrt(var + np.float32(node.attrs["epsilon"]))
+    return scale, bias - mean * scale
+
 
 # Random BN statistics are not the identity, so that folding them is visible and tested.
 _BN_PARAMS = (

@@ -18,11 +18,8 @@ Leaves alone (and why):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
-
 from cnnc.ir.graph import Graph, Node
+from cnnc.ops.norm import channel_scale_shift
 
 
 def _foldable_into(graph: Graph, bn: Node) -> Node | None:
@@ -37,20 +34,6 @@ def _foldable_into(graph: Graph, bn: Node) -> Node | None:
     return layer
 
 
-def _scale_and_shift(node: Node) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]:
-    """The per-channel scale s and shift t of a bn or affine node: y = x·s + t (lazily)."""
-    if node.op == "affine":
-        weight, bias = node.inputs[1:]
-        return (lambda: weight.data), (lambda: bias.data)
-    gamma, beta, mean, var = node.inputs[1:]
-    eps = np.float32(node.attrs["epsilon"])
-
-    def scale() -> np.ndarray:
-        return gamma.data / np.sqrt(var.data + eps)
-
-    return scale, (lambda: beta.data - mean.data * scale())
-
-
 def fold_bn(graph: Graph) -> bool:
     """Fold every foldable bn (or affine) into the conv or fc before it."""
     changed = False
@@ -58,7 +41,14 @@ def fold_bn(graph: Graph) -> bool:
         layer = _foldable_into(graph, norm)
         if layer is None:
             continue
-        scale, shift = _scale_and_shift(norm)
+
+        # Lazily, as everything that touches weights: a dump never computes them.
+        def scale(n=norm):
+            return channel_scale_shift(n)[0]
+
+        def shift(n=norm):
+            return channel_scale_shift(n)[1]
+
         x, weight, *bias = layer.inputs
         weight.derive(lambda w, s=scale: w * s().reshape(-1, *(1,) * (w.ndim - 1)))
         if bias:
