@@ -291,13 +291,6 @@ class Graph:
         self.replace_uses(node.output, node.inputs[0])
         self.remove_node(node)
 
-    def set_input(self, node: Node, i: int, value: Value) -> None:
-        """Make input ``i`` of ``node`` read ``value``."""
-        old = node.inputs[i]
-        node.inputs[i] = value
-        old.users.remove(node)  # users holds one entry per use, so this drops exactly one
-        value.users.append(node)
-
     def remove_node(self, node: Node) -> None:
         """Remove a node whose outputs have no users (anything else is a bug in the caller)."""
         for out in node.outputs:

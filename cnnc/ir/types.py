@@ -60,11 +60,6 @@ class TensorType:
         return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
 
 
-def f32(*shape: Dim) -> TensorType:
-    """A float32 tensor type."""
-    return TensorType("f32", tuple(shape))
-
-
 def dtype_name(dtype: np.dtype) -> str:
     """The IR name of a NumPy dtype (``float32`` -> ``f32``)."""
     for name, np_type in _NUMPY.items():

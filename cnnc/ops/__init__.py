@@ -7,7 +7,6 @@ from cnnc.ops.base import (
     LayerContext,
     OpDef,
     all_layers,
-    all_ops,
     get_layer,
     get_op,
 )
@@ -18,7 +17,6 @@ __all__ = [
     "LayerContext",
     "OpDef",
     "all_layers",
-    "all_ops",
     "get_layer",
     "get_op",
 ]

@@ -59,11 +59,6 @@ def get_op(name: str) -> OpDef:
         raise InternalError(f"unknown IR op {name!r}") from None
 
 
-def all_ops() -> dict[str, OpDef]:
-    """Every registered op, by name."""
-    return dict(_OPS)
-
-
 # ---- DSL layers ---------------------------------------------------------------------------
 
 REQUIRED = object()
