@@ -152,6 +152,7 @@ def bench(
     threads = threads or _cpu_count()
     x = model.random_input(batch, seed)
     interpreter = model.interpreter
+    interpreter.threads = threads
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from helpers import assert_agree, ort_session
 
 import cnnc
 import cnnc.backends.kernels as kernels
+from cnnc.backends import parallel
 
 
 def agrees_with_onnxruntime(text: str, batch: int = 2) -> cnnc.Model:
@@ -82,6 +84,101 @@ def test_depthwise_convolutions_agree_with_onnxruntime():
     agrees_with_onnxruntime(
         "network n(x: 6x9x9) { conv(6, 3, stride=2, pad=1, groups=6) -> relu6 }"
     )
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Every kernel shares its work between the threads, however small; returns the set of
+    workers that ran a task."""
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMENTS", 1)
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_MACS", 1)
+    workers: set[int] = set()
+    pool_map = parallel.Pool.map
+
+    def recording_map(self, task, count):
+        started: set[int] = set()
+        overlap = threading.Condition()
+
+        def recorded(i, worker):
+            workers.add(worker)
+            with overlap:  # each thread waits until another has a task too: they overlap
+                started.add(worker)
+                overlap.notify_all()
+                if self.threads > 1 and count > 1:
+                    overlap.wait_for(lambda: len(started) > 1, timeout=5)
+            task(i, worker)
+
+        pool_map(self, recorded, count)
+
+    monkeypatch.setattr(parallel.Pool, "map", recording_map)
+    return workers
+
+
+SPLIT_CASES = [
+    ("5x9x11", "conv(8, 3, pad=1) -> relu"),  # wide layout, row blocks
+    ("5x9x11", "conv(40, 3, stride=2, pad=(1, 0, 0, 1), dilation=2) -> tanh"),  # strided im2col
+    ("5x9x11", "conv(40, (1, 3), pad=(0, 1), groups=5)"),
+    ("6x9x9", "conv(130, 3, pad=1, bias=false) -> relu"),  # one block: kernels split
+    ("6x9x9", "conv(130, 3, stride=2, pad=1) -> sigmoid"),
+    ("6x5x5", "conv(130, 1) -> relu -> conv(7, 1)"),  # pointwise: kernels, then columns
+    ("6x9x9", "conv(6, 3, pad=1, groups=6) -> relu6"),  # depthwise
+    ("5x7x7", "conv(8, 3, pad=1) -> maxpool(3, stride=2, pad=1) -> avgpool(2, ceil=true)"),
+    ("4x5x5", "fc(7) -> relu -> fc(3)"),  # whole-map conv, then a 1×1
+    ("3x8", "conv(4, 3, pad=1) -> relu -> flatten -> fc(5)"),
+]
+
+
+@pytest.mark.parametrize(("shape", "layers"), SPLIT_CASES)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_kernels_split_between_threads_agree_with_onnxruntime(
+    shape, layers, threads, split_everything, monkeypatch
+):
+    monkeypatch.setattr(kernels, "COLUMN_BLOCK_BYTES", 4096)  # several blocks per layer
+    text = f"network n(x: {shape}) {{ {layers} }}"
+    model = cnnc.compile(text, opt_level=2)
+    model.interpreter.threads = threads
+    x = model.random_input(2, seed=threads)
+    expected = ort_session(cnnc.compile(text, opt_level=0).to_onnx()).run(None, {"x": x})[0]
+    assert_agree(model.run(x), expected)
+    assert len(split_everything) > 1
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_winograd_tiles_split_between_threads_agree_with_onnxruntime(
+    threads, split_everything, monkeypatch
+):
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(kernels, "COLUMN_BLOCK_BYTES", 4096)
+    text = "network n(x: 5x11x11) { conv(8, 3, pad=1) -> relu -> conv(6, 3) }"
+    model = cnnc.compile(text, opt_level=2)
+    model.interpreter.threads = threads
+    x = model.random_input(3)
+    expected = ort_session(cnnc.compile(text, opt_level=0).to_onnx()).run(None, {"x": x})[0]
+    assert_agree(model.run(x), expected)
+    assert len(split_everything) > 1
+
+
+def test_an_example_gives_the_same_answer_on_one_thread_and_on_two():
+    model = cnnc.compile(EXAMPLES / "resnet18.cnn")
+    x = model.random_input(1)
+    two = cnnc.compile(EXAMPLES / "resnet18.cnn")
+    model.interpreter.threads, two.interpreter.threads = 1, 2
+    assert_agree(two.run(x), model.run(x))
+
+
+def test_a_task_that_fails_on_another_thread_fails_the_map():
+    pool = parallel.Pool(2)
+    done = []
+
+    def task(i, worker):
+        if i == 5:
+            raise ValueError("task 5 failed")
+        done.append(i)
+
+    with pytest.raises(ValueError, match="task 5 failed"):
+        pool.map(task, 40)
+    assert sorted(done) == [i for i in range(40) if i != 5]  # the others all finished
 
 
 def test_the_interpreter_never_writes_into_the_callers_input():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnc.backends import parallel
 from cnnc.backends.kernels import ALIASING, IN_PLACE, KERNELS, Kernel
 from cnnc.errors import CnncError, InputError, InternalError
 from cnnc.ir.graph import Graph, Node, Value
@@ -53,8 +54,10 @@ def check_input(value: Value, x: np.ndarray, flexible_spatial: bool = False) -> 
 class Interpreter:
     """A prepared graph: weights laid out for the kernels and every value's last use known."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, threads: int | None = None):
         self.graph = graph
+        # Threads the kernels share their work between (BLAS itself runs single-threaded).
+        self.threads = threads or parallel.cpu_count()
         slots: dict[int, int] = {}
 
         def slot(v: Value) -> int:
@@ -119,6 +122,11 @@ class Interpreter:
         for value, s, x in zip(self.graph.inputs, self.input_slots, inputs, strict=True):
             check_input(value, x, self.graph.flexible_spatial)
             env[s] = x
+        with parallel.using(self.threads):
+            self._steps(env, free)
+        return env
+
+    def _steps(self, env: list[np.ndarray | None], free: bool) -> None:
         for step in self.steps:
             args = [env[s] for s in step.inputs]
             try:
@@ -138,4 +146,3 @@ class Interpreter:
             if free:
                 for s in step.free:
                     env[s] = None
-        return env

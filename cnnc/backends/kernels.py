@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from cnnc.backends import parallel
 from cnnc.ir.graph import Node
 from cnnc.ops.common import window_output_size
 from cnnc.ops.norm import channel_scale_shift
@@ -126,16 +127,19 @@ def _window(node: Node, kernel_shape) -> Window:
 # Bytes of im2col columns built at once: small enough for the cache, so that the
 # matrix product reads them back from it, and bounding the memory a layer needs.
 COLUMN_BLOCK_BYTES = 4 * 2**20
+# With at least this many kernels, a layer whose im2col is one block splits its kernels
+# between the threads (all of them share the columns); with fewer, it splits its rows.
+SPLIT_KERNELS_FROM = 128
 
 
-def _row_blocks(column_rows: int, oh: int, width: int):
-    """(first row, rows, buffer) for blocks of output rows whose im2col columns
-    (``column_rows`` × rows × ``width`` floats) fit COLUMN_BLOCK_BYTES."""
+def _row_blocks(column_rows: int, oh: int, width: int, kernels: int) -> list[tuple[int, int]]:
+    """(first, stop) runs of output rows whose im2col columns (``column_rows`` × rows ×
+    ``width`` floats) fit COLUMN_BLOCK_BYTES; as many as a multiple of the threads when the
+    work (multiplied by ``kernels``) is worth sharing, so that they share it evenly."""
     rows = max(1, min(oh, COLUMN_BLOCK_BYTES // (4 * column_rows * width)))
-    buffer = np.empty(column_rows * rows * width, np.float32)
-    for top in range(0, oh, rows):
-        m = min(rows, oh - top)
-        yield top, m, buffer[: column_rows * m * width]
+    blocks = -(-oh // rows)
+    threads = len(parallel.pieces(oh, macs=kernels * column_rows * oh * width))
+    return parallel.split(oh, -(-blocks // threads) * threads)
 
 
 def _fused_activation(node: Node) -> Activation | None:
@@ -144,18 +148,72 @@ def _fused_activation(node: Node) -> Activation | None:
 
 
 def _channel_epilogue(node: Node) -> Callable[[np.ndarray], None]:
-    """Adds the bias and applies the fused activation, in place, to a conv's output laid
-    out with the channels second to last: [..., channels, positions]."""
-    bias = node.inputs[2].data.reshape(-1, 1) if len(node.inputs) > 2 else None
+    """Adds the bias and applies the fused activation, in place, to a conv's output
+    [n, channels, ...], the threads taking a share of the channels each."""
+    bias = node.inputs[2].data if len(node.inputs) > 2 else None
     activation = _fused_activation(node)
 
     def finish(y: np.ndarray) -> None:
-        if bias is not None:
-            y += bias
-        if activation is not None:
-            activation(y, out=y)
+        if bias is None and activation is None:
+            return
+        parts = parallel.pieces(y.shape[1], y.size)
+
+        def part(i: int, worker: int) -> None:
+            lo, hi = parts[i]
+            view = y[:, lo:hi]
+            if bias is not None:
+                view += bias[lo:hi].reshape(-1, *(1,) * (y.ndim - 2))
+            if activation is not None:
+                activation(view, out=view)
+
+        parallel.current().map(part, len(parts))
 
     return finish
+
+
+def _apply(activation: Activation | None, source: np.ndarray, y: np.ndarray) -> None:
+    """y = activation(source) (or a copy), the threads taking a share of the channels."""
+    parts = parallel.pieces(y.shape[1], y.size)
+
+    def part(i: int, worker: int) -> None:
+        lo, hi = parts[i]
+        if activation is not None:
+            activation(source[:, lo:hi], out=y[:, lo:hi])
+        elif source is not y:
+            np.copyto(y[:, lo:hi], source[:, lo:hi])
+
+    parallel.current().map(part, len(parts))
+
+
+def _products(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """y = weights @ x for weights [groups, k, c], x [n, groups, c, p], y [n, groups, k, p],
+    the threads splitting the columns p, or the kernels k when the columns are few."""
+    k, p = weights.shape[1], x.shape[-1]
+    pool = parallel.current()
+    parts = parallel.pieces(k if k >= SPLIT_KERNELS_FROM else p, macs=weights.size * p * x.shape[0])
+
+    def part(i: int, worker: int) -> None:
+        lo, hi = parts[i]
+        if k >= SPLIT_KERNELS_FROM:
+            np.matmul(weights[:, lo:hi], x, out=y[:, :, lo:hi])
+        else:
+            np.matmul(weights, x[..., lo:hi], out=y[..., lo:hi])
+
+    pool.map(part, len(parts))
+
+
+def _fc_product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x @ weight.T for x [n, in] and weight [out, in] (read transposed, without a copy),
+    the threads splitting the outputs: each reads its share of the weights."""
+    y = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    parts = parallel.pieces(weight.shape[0], weight.size, macs=weight.size * x.shape[0])
+
+    def part(i: int, worker: int) -> None:
+        lo, hi = parts[i]
+        np.matmul(x, weight[lo:hi].T, out=y[:, lo:hi])
+
+    parallel.current().map(part, len(parts))
+    return y
 
 
 # The wide layout computes a few extra columns per row to make the im2col copy a run of
@@ -198,14 +256,48 @@ def conv(node: Node) -> Kernel:
 
     epilogue = _channel_epilogue(node)
 
-    def im2col_blocks(n: int, oh: int, width: int):
-        """The im2col block of each run of output rows, with its row of ones set; the
-        caller copies the windows into its first ckk rows."""
-        for top, m, buffer in _row_blocks(n * groups * rows_per_group, oh, width):
+    def im2col(
+        copy: Callable[[np.ndarray, int, int], None],
+        outputs: np.ndarray,
+        n: int,
+        oh: int,
+        width: int,
+    ) -> None:
+        """outputs[n, groups, kg, oh·width] = weights × the im2col columns, built in blocks
+        of output rows by ``copy(columns, first, stop, channels)`` into the rows of each
+        group's ``channels`` (the row of ones is set here): each thread copies and
+        multiplies its own blocks, or, for a layer of one block and many kernels, the
+        threads copy a share of its channels each and then split the kernels."""
+        column_rows = n * groups * rows_per_group
+        pool = parallel.current()
+        weights = weights_with_bias()
+
+        def columns(worker: int, first: int, stop: int) -> np.ndarray:
+            m = stop - first
+            buffer = pool.scratch(worker, column_rows * m * width)
             cols = buffer.reshape(n, groups, rows_per_group, m * width)
             if bias is not None:
                 cols[:, :, ckk] = 1.0
-            yield top, m, cols
+            copy(cols, first, stop, slice(None))
+            return cols
+
+        one_block = 4 * column_rows * oh * width <= COLUMN_BLOCK_BYTES
+        if one_block and groups == 1 and kg >= SPLIT_KERNELS_FROM:
+            cols = pool.scratch(0, column_rows * oh * width).reshape(n, 1, rows_per_group, -1)
+            if bias is not None:
+                cols[:, :, ckk] = 1.0
+            shares = parallel.pieces(cg, column_rows * oh * width)
+            pool.map(lambda i, worker: copy(cols, 0, oh, slice(*shares[i])), len(shares))
+            _products(weights, cols, outputs)
+            return
+        blocks = _row_blocks(column_rows, oh, width, kg)
+
+        def block(i: int, worker: int) -> None:
+            first, stop = blocks[i]
+            cols = columns(worker, first, stop)
+            np.matmul(weights, cols, out=outputs[..., first * width : stop * width])
+
+        pool.map(block, len(blocks))
 
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
@@ -213,13 +305,13 @@ def conv(node: Node) -> Kernel:
         oh, ow = win.output_size(h, w)
         if groups == 1 and (kh, kw) == (h, w) and (oh, ow) == (1, 1) and not padded:
             # The kernel covers the whole map (an FC layer made a conv): one product.
-            y = np.matmul(x.reshape(n, ckk), wmat[0].T)
+            y = _fc_product(x.reshape(n, ckk), wmat[0])
             epilogue(y[:, :, None])
             return win.drop(y.reshape(n, k, 1, 1))
         y = np.empty((n, k, oh, ow), np.float32)
         if (kh, kw, sh, sw) == (1, 1, 1, 1) and not padded:
             # A pointwise convolution is a matrix product on the input as it lies.
-            np.matmul(wmat, x.reshape(n, groups, cg, h * w), out=y.reshape(n, groups, kg, -1))
+            _products(wmat, x.reshape(n, groups, cg, h * w), y.reshape(n, groups, kg, -1))
             epilogue(y.reshape(n, k, -1))
             return win.drop(y)
         if sh == sw == 1 and (ow >= WIDE_MIN_WIDTH or k <= WIDE_MAX_KERNELS):
@@ -233,15 +325,16 @@ def conv(node: Node) -> Kernel:
             (s_n, s_c * cg, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
             writeable=False,
         )
-        outputs = y.reshape(n, groups, kg, oh * ow)
-        for top, m, cols in im2col_blocks(n, oh, ow):
+
+        def copy(cols: np.ndarray, first: int, stop: int, channels: slice) -> None:
             np.copyto(
-                cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, m, ow),
-                windows[..., top : top + m, :],
+                cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, stop - first, ow)[:, :, channels],
+                windows[:, :, channels, ..., first:stop, :],
             )
-            np.matmul(weights_with_bias(), cols, out=outputs[:, :, :, top * ow : (top + m) * ow])
+
+        im2col(copy, y.reshape(n, groups, kg, oh * ow), n, oh, ow)
         if activation is not None:
-            activation(y, out=y)
+            _apply(activation, y, y)
         return win.drop(y)
 
     def wide_rows(x: np.ndarray, y: np.ndarray, oh: int, ow: int) -> np.ndarray:
@@ -258,22 +351,19 @@ def conv(node: Node) -> Kernel:
         ] = x
         wide = np.empty((n, groups, kg, oh * wp), np.float32)
         item = flat.itemsize
-        strides = (c * hp * wp, cg * hp * wp, hp * wp, dh * wp, dw, 1)
-        for top, m, cols in im2col_blocks(n, oh, wp):
+        strides = tuple(s * item for s in (c * hp * wp, cg * hp * wp, hp * wp, dh * wp, dw, 1))
+
+        def copy(cols: np.ndarray, first: int, stop: int, channels: slice) -> None:
+            size = (stop - first) * wp
             windows = as_strided(
-                flat[top * wp :],
-                (n, groups, cg, kh, kw, m * wp),
-                tuple(s * item for s in strides),
-                writeable=False,
+                flat[first * wp :], (n, groups, cg, kh, kw, size), strides, writeable=False
             )
-            np.copyto(cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, m * wp), windows)
-            np.matmul(weights_with_bias(), cols, out=wide[:, :, :, top * wp : (top + m) * wp])
+            target = cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, size)
+            np.copyto(target[:, :, channels], windows[:, :, channels])
+
+        im2col(copy, wide, n, oh, wp)
         # Dropping the extra columns and the activation are one pass over the output.
-        valid = wide.reshape(n, k, oh, wp)[:, :, :, :ow]
-        if activation is not None:
-            activation(valid, out=y)
-        else:
-            np.copyto(y, valid)
+        _apply(activation, wide.reshape(n, k, oh, wp)[:, :, :, :ow], y)
         return y
 
     return run
@@ -319,25 +409,33 @@ def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
         xp[:, :, top : top + h, left : left + w] = x[:, :, : 2 * th + 2 - top, : 2 * tw + 2 - left]
         y = np.empty((n, k, 2 * th, 2 * tw), np.float32)
         rows = max(1, min(th, COLUMN_BLOCK_BYTES // (64 * max(c, k) * n * tw)))
-        cols = np.empty((4, n, c, 2 * rows + 2, tw), np.float32)
-        v = np.empty((4, 4, c, n * rows * tw), np.float32)
-        m = np.empty((16, k, n * rows * tw), np.float32)
-        for first in range(0, th, rows):
-            r = min(rows, th - first)
+        blocks = -(-th // rows)
+        threads = len(parallel.pieces(th, macs=16 * c * k * n * th * tw))
+        blocks = parallel.split(th, -(-blocks // threads) * threads)
+        pool = parallel.current()
+
+        def block(i: int, worker: int) -> None:
+            first, stop = blocks[i]
+            r = stop - first
             t = n * r * tw
+            sizes = (4 * n * c * (2 * r + 2) * tw, 16 * c * t, 16 * k * t)
+            scratch = pool.scratch(worker, sum(sizes))
+            cols, v, m = np.split(scratch, np.cumsum(sizes)[:2])
+            v = v.reshape(16, c, t)
             _winograd_input(
-                xp[:, :, 2 * first : 2 * first + 2 * r + 2],
-                cols[:, :, :, : 2 * r + 2],
-                v[..., :t].reshape(4, 4, c, n, r, tw),
+                xp[:, :, 2 * first : 2 * stop + 2],
+                cols.reshape(4, n, c, 2 * r + 2, tw),
+                v.reshape(4, 4, c, n, r, tw),
                 tw,
             )
-            np.matmul(u, v[..., :t].reshape(16, c, t), out=m[:, :, :t])
-            _winograd_output(
-                m[:, :, :t].reshape(4, 4, k, n, r, tw), y[:, :, 2 * first : 2 * first + 2 * r]
-            )
+            np.matmul(u, v, out=m.reshape(16, k, t))
+            rows_out = y[:, :, 2 * first : 2 * stop]
+            _winograd_output(m.reshape(4, 4, k, n, r, tw), rows_out)
+            finish(rows_out)  # while the rows are in this core's cache
+
+        pool.map(block, len(blocks))
         if (2 * th, 2 * tw) != (oh, ow):
             y = np.ascontiguousarray(y[:, :, :oh, :ow])
-        finish(y.reshape(n, k, -1))
         return y
 
     return run
@@ -408,7 +506,7 @@ def fc(node: Node) -> Kernel:
     bias = node.inputs[2].data if len(node.inputs) > 2 else None
 
     def run(x: np.ndarray) -> np.ndarray:
-        y = x @ weight.T
+        y = _fc_product(x, weight)
         if bias is not None:
             y += bias
         return y
