@@ -167,6 +167,43 @@ def test_an_example_gives_the_same_answer_on_one_thread_and_on_two():
     assert_agree(two.run(x), model.run(x))
 
 
+def test_small_weight_matrices_multiply_column_chunks(monkeypatch):
+    monkeypatch.setattr(kernels, "SMALL_PRODUCT_MACS", 2000)  # chunks of a few columns
+    calls = []
+    matmul = kernels._matmul
+
+    def recording(weights, x, out):
+        calls.append(x.shape[-1] >= 2 * (2000 // (weights.shape[-2] * weights.shape[-1])))
+        matmul(weights, x, out)
+
+    monkeypatch.setattr(kernels, "_matmul", recording)
+    agrees_with_onnxruntime("network n(x: 3x9x11) { conv(6, 3, pad=1) -> relu }", batch=3)
+    agrees_with_onnxruntime("network n(x: 3x9x11) { conv(5, (2, 3), stride=2) -> conv(4, 1) }")
+    assert any(calls)
+
+
+@pytest.mark.parametrize(("batch", "split"), [(4, True), (3, False), (9, True)])
+def test_a_batch_runs_in_shares_one_per_thread(batch, split, monkeypatch):
+    text = "network n(x: 3x12x12) { conv(6, 3, pad=1) -> relu -> maxpool(2) -> fc(5) }"
+    model = cnnc.compile(text)
+    model.interpreter.threads = 2
+    shares = []
+    steps = model.interpreter._steps
+
+    def recording(env, free):
+        shares.append(next(x.shape[0] for x in env if x is not None))
+        steps(env, free)
+
+    monkeypatch.setattr(model.interpreter, "_steps", recording)
+    x = model.random_input(batch)
+    expected = ort_session(cnnc.compile(text, opt_level=0).to_onnx()).run(None, {"x": x})[0]
+    assert_agree(model.run(x), expected)
+    assert sorted(shares) == ([batch // 2, batch - batch // 2] if split else [batch])
+    shares.clear()
+    _, values = model.interpreter.run_all(x)  # keeps every value: one share
+    assert shares == [batch] and len(next(iter(values.values()))) == batch
+
+
 def test_a_task_that_fails_on_another_thread_fails_the_map():
     pool = parallel.Pool(2)
     done = []

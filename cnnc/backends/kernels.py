@@ -83,19 +83,21 @@ class Window:
         out[:, :, t : t + h, left : left + w] = x
         return out
 
-    def reduce(self, xp: np.ndarray, oh: int, ow: int, op: np.ufunc) -> np.ndarray:
-        """``op`` (maximum, add) over each window of ``xp``, separably: first over the
+    def reduce(self, xp: np.ndarray, oh: int, ow: int, op: np.ufunc, out: np.ndarray) -> None:
+        """out = ``op`` (maximum, add) over each window of ``xp``, separably: first over the
         window's rows, whose slices are whole contiguous rows, then over its columns."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
 
-        def fold(parts: list[np.ndarray]) -> np.ndarray:
-            acc = op(parts[0], parts[1]) if len(parts) > 1 else parts[0].copy()
+        def fold(parts: list[np.ndarray], acc: np.ndarray | None = None) -> np.ndarray:
+            if len(parts) == 1:
+                return parts[0] if acc is None else np.copyto(acc, parts[0]) or acc
+            acc = op(parts[0], parts[1], out=acc)
             for part in parts[2:]:
                 op(acc, part, out=acc)
             return acc
 
         rows = fold([xp[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh] for i in range(kh)])
-        return fold([rows[..., j * dw : j * dw + (ow - 1) * sw + 1 : sw] for j in range(kw)])
+        fold([rows[..., j * dw : j * dw + (ow - 1) * sw + 1 : sw] for j in range(kw)], out)
 
     def taps(self, xp: np.ndarray, oh: int, ow: int):
         """Strided views of ``xp``, one per kernel tap, each N×C×oh×ow."""
@@ -147,28 +149,35 @@ def _fused_activation(node: Node) -> Activation | None:
     return ELEMENTWISE[fused](node.attrs["activation_attrs"]) if fused else None
 
 
-def _channel_epilogue(node: Node) -> Callable[[np.ndarray], None]:
+def _channel_epilogue(node: Node) -> Callable[..., None]:
     """Adds the bias and applies the fused activation, in place, to a conv's output
-    [n, channels, ...], the threads taking a share of the channels each."""
+    [n, channels, ...], or to channels ``first``, ``first + 1``, ... of it; the threads
+    take a share of the channels each."""
     bias = node.inputs[2].data if len(node.inputs) > 2 else None
     activation = _fused_activation(node)
 
-    def finish(y: np.ndarray) -> None:
+    def finish(y: np.ndarray, first: int = 0) -> None:
         if bias is None and activation is None:
             return
-        parts = parallel.pieces(y.shape[1], y.size)
 
-        def part(i: int, worker: int) -> None:
-            lo, hi = parts[i]
-            view = y[:, lo:hi]
+        def part(channels: slice) -> None:
+            view = y[:, channels]
             if bias is not None:
-                view += bias[lo:hi].reshape(-1, *(1,) * (y.ndim - 2))
+                shift = bias[first + channels.start : first + channels.stop]
+                view += shift.reshape(-1, *(1,) * (y.ndim - 2))
             if activation is not None:
                 activation(view, out=view)
 
-        parallel.current().map(part, len(parts))
+        _by_channels(part, y.shape[1], y.size)
 
     return finish
+
+
+def _by_channels(work: Callable[[slice], None], channels: int, elements: int) -> None:
+    """``work(channels)`` on shares of the channels, one per thread when ``elements`` (of
+    memory passes) are worth sharing."""
+    shares = parallel.pieces(channels, elements)
+    parallel.current().map(lambda i, worker: work(slice(*shares[i])), len(shares))
 
 
 def _apply(activation: Activation | None, source: np.ndarray, y: np.ndarray) -> None:
@@ -185,6 +194,32 @@ def _apply(activation: Activation | None, source: np.ndarray, y: np.ndarray) -> 
     parallel.current().map(part, len(parts))
 
 
+# OpenBLAS multiplies small matrices (m·n·k up to about 2^20 here) with kernels of their
+# own that skip packing; a product of few kernels by many columns runs 1.3-2.5 times as
+# fast cut into such column chunks (measured: 6×26 by 61440 columns 0.72 -> 0.28 ms).
+SMALL_PRODUCT_MACS = 1 << 19
+SMALL_WEIGHTS = 1 << 14
+
+
+def _matmul(weights: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out = weights @ x for weights [..., k, r], x [..., r, p], out [..., k, p]; small
+    weight matrices multiply column chunks of x, as a batch of small products."""
+    k, r = weights.shape[-2:]
+    p = x.shape[-1]
+    chunk = SMALL_PRODUCT_MACS // max(1, k * r)
+    if k * r > SMALL_WEIGHTS or p < 2 * chunk:
+        np.matmul(weights, x, out=out)
+        return
+    full = p - p % chunk
+
+    def chunks(a: np.ndarray) -> np.ndarray:
+        return a[..., :full].reshape(*a.shape[:-1], full // chunk, chunk).swapaxes(-3, -2)
+
+    np.matmul(weights[..., None, :, :], chunks(x), out=chunks(out))
+    if full < p:
+        np.matmul(weights, x[..., full:], out=out[..., full:])
+
+
 def _products(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y = weights @ x for weights [groups, k, c], x [n, groups, c, p], y [n, groups, k, p],
     the threads splitting the columns p, or the kernels k when the columns are few."""
@@ -197,7 +232,7 @@ def _products(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         if k >= SPLIT_KERNELS_FROM:
             np.matmul(weights[:, lo:hi], x, out=y[:, :, lo:hi])
         else:
-            np.matmul(weights, x[..., lo:hi], out=y[..., lo:hi])
+            _matmul(weights, x[..., lo:hi], y[..., lo:hi])
 
     pool.map(part, len(parts))
 
@@ -257,45 +292,63 @@ def conv(node: Node) -> Kernel:
     epilogue = _channel_epilogue(node)
 
     def im2col(
-        copy: Callable[[np.ndarray, int, int], None],
-        outputs: np.ndarray,
-        n: int,
+        copy: Callable[[np.ndarray, int, int, slice], None],
+        y: np.ndarray,
         oh: int,
         width: int,
     ) -> None:
-        """outputs[n, groups, kg, oh·width] = weights × the im2col columns, built in blocks
-        of output rows by ``copy(columns, first, stop, channels)`` into the rows of each
-        group's ``channels`` (the row of ones is set here): each thread copies and
-        multiplies its own blocks, or, for a layer of one block and many kernels, the
-        threads copy a share of its channels each and then split the kernels."""
-        column_rows = n * groups * rows_per_group
+        """y = activation(weights × im2col columns), in blocks of output rows. Each block's
+        columns are built by ``copy(columns, first, stop, channels)`` into the rows of each
+        group's ``channels`` (the row of ones is set here), laid out [groups, rows, n, m,
+        width] so that one product covers the whole batch; the product lands in scratch
+        memory, and the activation (dropping ``width - ow`` extra columns) moves it into y
+        while it is in the cache. Each thread copies, multiplies and finishes its own
+        blocks, or, for a layer of one block and many kernels, the threads copy a share of
+        its channels each and then split the kernels."""
+        n, ow = y.shape[0], y.shape[3]
+        column_rows = groups * rows_per_group
         pool = parallel.current()
         weights = weights_with_bias()
 
-        def columns(worker: int, first: int, stop: int) -> np.ndarray:
-            m = stop - first
-            buffer = pool.scratch(worker, column_rows * m * width)
-            cols = buffer.reshape(n, groups, rows_per_group, m * width)
-            if bias is not None:
-                cols[:, :, ckk] = 1.0
-            copy(cols, first, stop, slice(None))
-            return cols
+        def finish(product: np.ndarray, first: int, stop: int, kernels: slice) -> None:
+            # product [kernels, n, rows, width] -> y[n, kernels, rows, :ow]
+            source = product.transpose(1, 0, 2, 3)[..., :ow]
+            target = y[:, kernels, first:stop]
+            if activation is not None:
+                activation(source, out=target)
+            else:
+                np.copyto(target, source)
 
-        one_block = 4 * column_rows * oh * width <= COLUMN_BLOCK_BYTES
-        if one_block and groups == 1 and kg >= SPLIT_KERNELS_FROM:
-            cols = pool.scratch(0, column_rows * oh * width).reshape(n, 1, rows_per_group, -1)
+        def scratch(worker: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+            size = column_rows * n * m * width
+            buffer = pool.scratch(worker, size + k * n * m * width)
+            cols = buffer[:size].reshape(groups, rows_per_group, n * m * width)
             if bias is not None:
-                cols[:, :, ckk] = 1.0
-            shares = parallel.pieces(cg, column_rows * oh * width)
+                cols[:, ckk] = 1.0
+            return cols, buffer[size:].reshape(groups, kg, n * m * width)
+
+        one_block = 4 * (column_rows + k) * n * oh * width <= COLUMN_BLOCK_BYTES
+        if one_block and groups == 1 and kg >= SPLIT_KERNELS_FROM:
+            cols, product = scratch(0, oh)
+            shares = parallel.pieces(cg, column_rows * n * oh * width)
             pool.map(lambda i, worker: copy(cols, 0, oh, slice(*shares[i])), len(shares))
-            _products(weights, cols, outputs)
+            kernel_shares = parallel.pieces(k, macs=k * column_rows * n * oh * width)
+
+            def share(i: int, worker: int) -> None:
+                part = slice(*kernel_shares[i])
+                np.matmul(weights[0, part], cols[0], out=product[0, part])
+                finish(product[0, part].reshape(-1, n, oh, width), 0, oh, part)
+
+            pool.map(share, len(kernel_shares))
             return
-        blocks = _row_blocks(column_rows, oh, width, kg)
+        blocks = _row_blocks((column_rows + k) * n, oh, width, kg)
 
         def block(i: int, worker: int) -> None:
             first, stop = blocks[i]
-            cols = columns(worker, first, stop)
-            np.matmul(weights, cols, out=outputs[..., first * width : stop * width])
+            cols, product = scratch(worker, stop - first)
+            copy(cols, first, stop, slice(None))
+            _matmul(weights, cols, product)
+            finish(product.reshape(k, n, stop - first, width), first, stop, slice(None))
 
         pool.map(block, len(blocks))
 
@@ -318,23 +371,19 @@ def conv(node: Node) -> Kernel:
             return win.drop(wide_rows(x, y, oh, ow))
         xp = win.padded(x, 0.0, oh, ow)
         s_n, s_c, s_h, s_w = xp.strides
-        # Every window of every image, without a copy: [n, group, cg, kh, kw, oh, ow].
+        # Every window of every image, without a copy: [group, cg, kh, kw, n, oh, ow].
         windows = as_strided(
             xp,
-            (n, groups, cg, kh, kw, oh, ow),
-            (s_n, s_c * cg, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
+            (groups, cg, kh, kw, n, oh, ow),
+            (s_c * cg, s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw),
             writeable=False,
         )
 
         def copy(cols: np.ndarray, first: int, stop: int, channels: slice) -> None:
-            np.copyto(
-                cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, stop - first, ow)[:, :, channels],
-                windows[:, :, channels, ..., first:stop, :],
-            )
+            target = cols[:, :ckk].reshape(groups, cg, kh, kw, n, stop - first, ow)
+            np.copyto(target[:, channels], windows[:, channels, ..., first:stop, :])
 
-        im2col(copy, y.reshape(n, groups, kg, oh * ow), n, oh, ow)
-        if activation is not None:
-            _apply(activation, y, y)
+        im2col(copy, y, oh, ow)
         return win.drop(y)
 
     def wide_rows(x: np.ndarray, y: np.ndarray, oh: int, ow: int) -> np.ndarray:
@@ -346,24 +395,22 @@ def conv(node: Node) -> Kernel:
         hp, wp = h + top_pad + bottom, w + left + right
         # The last row's extra columns read up to (kw - 1)·dw past the end.
         flat = np.zeros(n * c * hp * wp + (kw - 1) * dw, np.float32)
-        flat[: n * c * hp * wp].reshape(n, c, hp, wp)[
+        inside = flat[: n * c * hp * wp].reshape(n, c, hp, wp)[
             :, :, top_pad : top_pad + h, left : left + w
-        ] = x
-        wide = np.empty((n, groups, kg, oh * wp), np.float32)
+        ]
+        _by_channels(lambda channels: np.copyto(inside[:, channels], x[:, channels]), c, x.size)
         item = flat.itemsize
-        strides = tuple(s * item for s in (c * hp * wp, cg * hp * wp, hp * wp, dh * wp, dw, 1))
+        strides = tuple(s * item for s in (cg * hp * wp, hp * wp, dh * wp, dw, c * hp * wp, 1))
 
         def copy(cols: np.ndarray, first: int, stop: int, channels: slice) -> None:
             size = (stop - first) * wp
             windows = as_strided(
-                flat[first * wp :], (n, groups, cg, kh, kw, size), strides, writeable=False
+                flat[first * wp :], (groups, cg, kh, kw, n, size), strides, writeable=False
             )
-            target = cols[:, :, :ckk].reshape(n, groups, cg, kh, kw, size)
-            np.copyto(target[:, :, channels], windows[:, :, channels])
+            target = cols[:, :ckk].reshape(groups, cg, kh, kw, n, size)
+            np.copyto(target[:, channels], windows[:, channels])
 
-        im2col(copy, wide, n, oh, wp)
-        # Dropping the extra columns and the activation are one pass over the output.
-        _apply(activation, wide.reshape(n, k, oh, wp)[:, :, :, :ow], y)
+        im2col(copy, y, oh, wp)
         return y
 
     return run
@@ -406,7 +453,9 @@ def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
         oh, ow = h + top + bottom - 2, w + left + right - 2
         th, tw = (oh + 1) // 2, (ow + 1) // 2
         xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2), np.float32)
-        xp[:, :, top : top + h, left : left + w] = x[:, :, : 2 * th + 2 - top, : 2 * tw + 2 - left]
+        inside = xp[:, :, top : top + h, left : left + w]
+        source = x[:, :, : 2 * th + 2 - top, : 2 * tw + 2 - left]
+        _by_channels(lambda ch: np.copyto(inside[:, ch], source[:, ch]), c, x.size)
         y = np.empty((n, k, 2 * th, 2 * tw), np.float32)
         rows = max(1, min(th, COLUMN_BLOCK_BYTES // (64 * max(c, k) * n * tw)))
         blocks = -(-th // rows)
@@ -489,12 +538,18 @@ def _depthwise(node: Node, win: Window, weight: np.ndarray) -> Kernel:
         x = win.lift(x)
         n, _, h, w = x.shape
         oh, ow = win.output_size(h, w)
-        views = win.taps(win.padded(x, 0.0, oh, ow), oh, ow)
-        y = np.multiply(next(views), taps[0])
-        scratch = np.empty_like(y)
-        for view, tap in zip(views, taps[1:], strict=True):
-            y += np.multiply(view, tap, out=scratch)
-        finish(y.reshape(n, k, -1))
+        y = np.empty((n, k, oh, ow), np.float32)
+
+        def part(channels: slice) -> None:
+            views = win.taps(win.padded(x[:, channels], 0.0, oh, ow), oh, ow)
+            out = y[:, channels]
+            np.multiply(next(views), taps[0][:, channels], out=out)
+            scratch = np.empty_like(out)
+            for view, tap in zip(views, taps[1:], strict=True):
+                out += np.multiply(view, tap[:, channels], out=scratch)
+            finish(out, channels.start)
+
+        _by_channels(part, k, y.size * kh * kw)
         return win.drop(y)
 
     return run
@@ -523,8 +578,16 @@ def maxpool(node: Node) -> Kernel:
 
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
-        oh, ow = win.output_size(*x.shape[2:])
-        return win.drop(win.reduce(win.padded(x, -np.inf, oh, ow), oh, ow, np.maximum))
+        n, c, h, w = x.shape
+        oh, ow = win.output_size(h, w)
+        y = np.empty((n, c, oh, ow), np.float32)
+
+        def pool(channels: slice) -> None:
+            xp = win.padded(x[:, channels], -np.inf, oh, ow)
+            win.reduce(xp, oh, ow, np.maximum, y[:, channels])
+
+        _by_channels(pool, c, x.size)
+        return win.drop(y)
 
     return run
 
@@ -549,12 +612,17 @@ def avgpool(node: Node) -> Kernel:
         x = win.lift(x)
         h, w = x.shape[2:]
         oh, ow = win.output_size(h, w)
-        y = win.reduce(win.padded(x, 0.0, oh, ow), oh, ow, np.add)
         counts = np.outer(
             _avg_counts(h, oh, kh, sh, dh, t, b, include_pad),
             _avg_counts(w, ow, kw, sw, dw, left, r, include_pad),
         )
-        y /= counts
+        y = np.empty((x.shape[0], x.shape[1], oh, ow), np.float32)
+
+        def pool(channels: slice) -> None:
+            win.reduce(win.padded(x[:, channels], 0.0, oh, ow), oh, ow, np.add, y[:, channels])
+            y[:, channels] /= counts
+
+        _by_channels(pool, x.shape[1], x.size)
         return win.drop(y)
 
     return run

@@ -43,6 +43,8 @@ class Pool:
             ThreadPoolExecutor(threads - 1, thread_name_prefix="cnnc") if threads > 1 else None
         )
         self._scratch: list[np.ndarray | None] = [None] * threads
+        # What a task sees as the current pool: one thread, with its worker's own scratch.
+        self._inner = [self] if threads == 1 else [Pool(1) for _ in range(threads)]
 
     def scratch(self, worker: int, size: int) -> np.ndarray:
         """``size`` float32s of ``worker``'s own scratch memory, reused by every kernel of a
@@ -55,6 +57,9 @@ class Pool:
     def release(self) -> None:
         """Free the scratch memory (at the end of a run)."""
         self._scratch = [None] * self.threads
+        for inner in self._inner:
+            if inner is not self:
+                inner.release()
 
     def map(self, task: Callable[[int, int], None], count: int) -> None:
         """Run ``task(i, worker)`` for every i in range(count), handing each i to the next
@@ -70,7 +75,7 @@ class Pool:
         def drain(worker: int) -> None:
             # A task runs its own pieces serially: the other threads are busy.
             outer = getattr(_local, "pool", None)
-            _local.pool = _SERIAL
+            _local.pool = self._inner[worker]
             try:
                 while (i := next(counter)) < count:
                     task(i, worker)
@@ -93,7 +98,6 @@ class Pool:
 
 
 _SERIAL = Pool(1)
-_pools: dict[int, Pool] = {}
 _local = threading.local()
 
 
@@ -133,9 +137,12 @@ def _blas_controller():
 @contextmanager
 def using(threads: int) -> Iterator[Pool]:
     """Run kernels on this thread with ``threads`` threads, and BLAS single-threaded."""
-    pool = _pools.get(threads)
+    # Each calling thread has pools of its own: two interpreters running at once on two
+    # threads never share scratch memory.
+    pools = _local.__dict__.setdefault("pools", {})
+    pool = pools.get(threads)
     if pool is None:
-        pool = _pools[threads] = Pool(threads)
+        pool = pools[threads] = Pool(threads)
     previous = getattr(_local, "pool", None)
     _local.pool = pool
     try:
