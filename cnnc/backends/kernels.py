@@ -420,7 +420,7 @@ def conv(node: Node) -> Kernel:
 # input tile with 16 multiplications per channel pair instead of 36 (Lavin & Gray, 2015).
 # Its transforms cost memory passes that only pay off with enough channels and a map
 # large enough (measured on this project's 2-core machine; see the README's Speed).
-WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_PIXELS = 28 * 28
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 
