@@ -187,15 +187,20 @@ def bench(
             for name, run in backends.items():
                 outputs[name] = run()
                 step(name)
-        # Alternate in a few blocks of runs rather than run by run: onnxruntime's and
-        # OpenBLAS's idle threads spin for up to a tenth of a second after they work, so a
-        # pause and an untimed run keep one backend's threads from slowing the other's.
+        # Alternate in a few blocks of runs rather than run by run: onnxruntime's idle
+        # threads spin for a while after they work, so each block starts with untimed runs
+        # for SETTLE_SECONDS, while the other backend's threads wind down. Busy runs, not a
+        # pause: on a virtual machine an idle pause makes the next tens of milliseconds of
+        # thread wake-ups slow (measured: LeNet-5 b64 1.55 ms after busy runs, 2.5 ms after
+        # a 0.2 s pause), which would time the host's power management, not the backend.
         blocks = min(repeat, BLOCKS)
         for block in range(blocks):
             runs = repeat // blocks + (block < repeat % blocks)
             for name, run in backends.items():
-                time.sleep(SETTLE_SECONDS)
+                settled = time.perf_counter() + SETTLE_SECONDS
                 run()
+                while time.perf_counter() < settled:
+                    run()
                 for _ in range(runs):
                     start = time.perf_counter()
                     outputs[name] = run()
