@@ -23,7 +23,7 @@ import numpy as np
 
 # Below this much work per thread a piece is not worth a thread hand-off (about 50 µs):
 # elements that a pass over memory reads or writes, or multiply-adds of a matrix product.
-MIN_PARALLEL_ELEMENTS = 1 << 17
+MIN_PARALLEL_ELEMENTS = 1 << 16
 MIN_PARALLEL_MACS = 1 << 22
 
 
