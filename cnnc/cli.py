@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="threads for BLAS and onnxruntime (default: the CPUs available)",
+        help="threads for the interpreter and onnxruntime (default: the CPUs available)",
     )
     p.add_argument(
         "--reference", action="store_true", help="also time onnx.reference.ReferenceEvaluator"
