@@ -62,6 +62,19 @@ class Window:
     def drop(self, y: np.ndarray) -> np.ndarray:
         return y[:, :, 0, :] if self.one_d else y
 
+    def by_channels(
+        self, x: np.ndarray, channels: int, work: Callable[..., None], passes: int = 1
+    ) -> np.ndarray:
+        """An output [n, channels, oh, ow] filled by ``work(x, out, share, oh, ow)`` for
+        shares of its channels (``out`` = the share's slice of it), one share per thread
+        when ``passes`` over the input are worth sharing."""
+        x = self.lift(x)
+        n, _, h, w = x.shape
+        oh, ow = self.output_size(h, w)
+        y = np.empty((n, channels, oh, ow), np.float32)
+        _by_channels(lambda share: work(x, y[:, share], share, oh, ow), channels, x.size * passes)
+        return self.drop(y)
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         t, left, b, r = self.pads
@@ -534,25 +547,15 @@ def _depthwise(node: Node, win: Window, weight: np.ndarray) -> Kernel:
     ]
     finish = _channel_epilogue(node)
 
-    def run(x: np.ndarray) -> np.ndarray:
-        x = win.lift(x)
-        n, _, h, w = x.shape
-        oh, ow = win.output_size(h, w)
-        y = np.empty((n, k, oh, ow), np.float32)
+    def part(x: np.ndarray, out: np.ndarray, channels: slice, oh: int, ow: int) -> None:
+        views = win.taps(win.padded(x[:, channels], 0.0, oh, ow), oh, ow)
+        np.multiply(next(views), taps[0][:, channels], out=out)
+        scratch = np.empty_like(out)
+        for view, tap in zip(views, taps[1:], strict=True):
+            out += np.multiply(view, tap[:, channels], out=scratch)
+        finish(out, channels.start)
 
-        def part(channels: slice) -> None:
-            views = win.taps(win.padded(x[:, channels], 0.0, oh, ow), oh, ow)
-            out = y[:, channels]
-            np.multiply(next(views), taps[0][:, channels], out=out)
-            scratch = np.empty_like(out)
-            for view, tap in zip(views, taps[1:], strict=True):
-                out += np.multiply(view, tap[:, channels], out=scratch)
-            finish(out, channels.start)
-
-        _by_channels(part, k, y.size * kh * kw)
-        return win.drop(y)
-
-    return run
+    return lambda x: win.by_channels(x, k, part, passes=kh * kw)
 
 
 @kernel("fc")
@@ -576,20 +579,10 @@ def fc(node: Node) -> Kernel:
 def maxpool(node: Node) -> Kernel:
     win = _window(node, node.attrs["kernel"])
 
-    def run(x: np.ndarray) -> np.ndarray:
-        x = win.lift(x)
-        n, c, h, w = x.shape
-        oh, ow = win.output_size(h, w)
-        y = np.empty((n, c, oh, ow), np.float32)
+    def pool(x: np.ndarray, out: np.ndarray, channels: slice, oh: int, ow: int) -> None:
+        win.reduce(win.padded(x[:, channels], -np.inf, oh, ow), oh, ow, np.maximum, out)
 
-        def pool(channels: slice) -> None:
-            xp = win.padded(x[:, channels], -np.inf, oh, ow)
-            win.reduce(xp, oh, ow, np.maximum, y[:, channels])
-
-        _by_channels(pool, c, x.size)
-        return win.drop(y)
-
-    return run
+    return lambda x: win.by_channels(x, x.shape[1], pool)
 
 
 def _avg_counts(
@@ -608,24 +601,15 @@ def avgpool(node: Node) -> Kernel:
     (kh, kw), (sh, sw), (dh, dw) = win.kernel, win.stride, win.dilation
     t, left, b, r = win.pads
 
-    def run(x: np.ndarray) -> np.ndarray:
-        x = win.lift(x)
+    def pool(x: np.ndarray, out: np.ndarray, channels: slice, oh: int, ow: int) -> None:
+        win.reduce(win.padded(x[:, channels], 0.0, oh, ow), oh, ow, np.add, out)
         h, w = x.shape[2:]
-        oh, ow = win.output_size(h, w)
-        counts = np.outer(
+        out /= np.outer(
             _avg_counts(h, oh, kh, sh, dh, t, b, include_pad),
             _avg_counts(w, ow, kw, sw, dw, left, r, include_pad),
         )
-        y = np.empty((x.shape[0], x.shape[1], oh, ow), np.float32)
 
-        def pool(channels: slice) -> None:
-            win.reduce(win.padded(x[:, channels], 0.0, oh, ow), oh, ow, np.add, y[:, channels])
-            y[:, channels] /= counts
-
-        _by_channels(pool, x.shape[1], x.size)
-        return win.drop(y)
-
-    return run
+    return lambda x: win.by_channels(x, x.shape[1], pool)
 
 
 @kernel("gap")
