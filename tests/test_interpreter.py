@@ -80,10 +80,27 @@ def test_an_fc_made_a_conv_and_a_pointwise_conv_take_their_shortcuts():
     agrees_with_onnxruntime("network n(x: 6x5x5) { conv(4, 1, groups=2) -> relu }", batch=3)
 
 
-def test_depthwise_convolutions_agree_with_onnxruntime():
-    agrees_with_onnxruntime(
-        "network n(x: 6x9x9) { conv(6, 3, stride=2, pad=1, groups=6) -> relu6 }"
-    )
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "conv(6, 3, stride=2, pad=1, groups=6) -> relu6",
+        "conv(6, 3, pad=1, groups=6) -> relu6",
+        "conv(6, (3, 2), pad=(2, 0, 1, 1), dilation=(1, 2), groups=6, bias=false)",
+        "conv(6, 5, pad=same, groups=6) -> leaky_relu(0.1)",
+    ],
+)
+@pytest.mark.parametrize("taps", [False, True], ids=["im2col", "taps"])
+def test_depthwise_convolutions_agree_with_onnxruntime(layer, taps, monkeypatch):
+    monkeypatch.setattr(kernels, "DEPTHWISE_TAPS_MIN_PIXELS", 1 if taps else 10**9)
+    model = agrees_with_onnxruntime(f"network n(x: 6x9x11) {{ {layer} }}", batch=3)
+    conv = model.graph.nodes[0]
+    stride_one = conv.attrs["stride"] == (1, 1)
+    assert kernels._depthwise_applies(conv, conv.inputs[1].data) == (taps and stride_one)
+
+
+def test_a_1d_depthwise_convolution_sums_its_taps(monkeypatch):
+    monkeypatch.setattr(kernels, "DEPTHWISE_TAPS_MIN_PIXELS", 1)
+    agrees_with_onnxruntime("network n(x: 4x17) { conv(4, 3, pad=(2, 1), dilation=2, groups=4) }")
 
 
 @pytest.fixture
