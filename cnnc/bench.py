@@ -16,6 +16,8 @@ from cnnc.api import Model
 from cnnc.compare import DESCRIPTION, agree, max_difference
 from cnnc.ops import get_op
 
+PROFILE_ROWS = 15  # nodes listed one by one in the profile
+
 
 @dataclass
 class Timing:
@@ -45,6 +47,10 @@ class Report:
     peak_bytes: int
     max_difference: dict[str, float]
     agree: bool
+    # With profiling: one row a node, (name, op, interpreter s, onnxruntime s or None),
+    # slowest first, and the onnxruntime time that belongs to no node of ours.
+    nodes: list[tuple[str, str, float, float | None]] = field(default_factory=list)
+    unmatched_onnxruntime_s: float = 0.0
 
     def ratio(self, a: str, b: str) -> float | None:
         if a in self.timings and b in self.timings:
@@ -96,7 +102,31 @@ class Report:
         diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_difference.items())
         verdict = "agree" if self.agree else "DISAGREE"
         lines.append(f"outputs {verdict} ({DESCRIPTION}); max |difference|: {diffs}")
+        if self.nodes:
+            lines += self._render_nodes()
         return "\n".join(lines)
+
+    def _render_nodes(self, most: int = PROFILE_ROWS) -> list[str]:
+        lines = [
+            "",
+            f"slowest nodes (medians of {self.repeat} node-by-node interpreter runs; "
+            "onnxruntime from its profiler):",
+            f"{'interpreter':>12}{'onnxruntime':>13}{'ratio':>8}  node",
+        ]
+        for name, op, ours, theirs in self.nodes[:most]:
+            other = f"{_ms(theirs):>13}{ours / theirs:>8.2f}" if theirs else f"{'-':>13}{'':>8}"
+            lines.append(f"{_ms(ours):>12}{other}  {name} ({op})")
+        rest = self.nodes[most:]
+        if rest:
+            ours = sum(row[2] for row in rest)
+            theirs = sum(row[3] or 0.0 for row in rest)
+            lines.append(f"{_ms(ours):>12}{_ms(theirs):>13}{'':>8}  {len(rest)} more nodes")
+        if self.unmatched_onnxruntime_s:
+            lines.append(
+                f"{'':>12}{_ms(self.unmatched_onnxruntime_s):>13}{'':>8}  "
+                "onnxruntime's own nodes (layout reorders)"
+            )
+        return lines
 
 
 BLOCKS = 5
@@ -143,6 +173,7 @@ def bench(
     reference: bool = False,
     warmup: int = 2,
     seed: int = 0,
+    profile: bool = False,
 ) -> Report:
     """Time the interpreter and onnxruntime (and onnx.reference) on one seeded input,
     alternating between them, and check that their outputs agree."""
@@ -211,6 +242,21 @@ def bench(
     diffs = {name: max_difference(y, ours) for name, y in outputs.items() if name != "numpy"}
     agreed = all(agree(y, ours) for y in outputs.values())
     graph = model.graph
+    nodes, unmatched = [], 0.0
+    if profile:
+        with threadpool_limits(limits=1):
+            interpreter.run(x)
+            times = interpreter.profile(x, repeat)
+        theirs, unmatched = _onnxruntime_node_times(
+            proto, [n.name for n in graph.nodes], x, threads, repeat + warmup, warmup
+        )
+        nodes = sorted(
+            (
+                (n.name, _op_name(n), statistics.median(times[n.name]), theirs.get(n.name))
+                for n in graph.nodes
+            ),
+            key=lambda row: -row[2],
+        )
     return Report(
         model=graph.name,
         pipeline=graph.opt_level,
@@ -224,7 +270,63 @@ def bench(
         peak_bytes=peak,
         max_difference=diffs,
         agree=agreed,
+        nodes=nodes,
+        unmatched_onnxruntime_s=unmatched,
     )
+
+
+def _op_name(node) -> str:
+    fused = node.attrs.get("activation")
+    return f"{node.op}+{fused}" if fused else node.op
+
+
+def _onnxruntime_node_times(
+    proto, node_names: list[str], x: np.ndarray, threads: int, runs: int, skip: int
+) -> tuple[dict[str, float], float]:
+    """Median seconds per run of each of our nodes in onnxruntime, from its profiler, and
+    the time of onnxruntime's nodes that are none of ours. onnxruntime renames what it
+    rewrites (``layer1.conv_nchwc``) and inlines fused functions under the call's name,
+    so an onnxruntime node belongs to the longest node name of ours it starts with (up to
+    a ``_``, ``/`` or ``.``)."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    names = sorted(node_names, key=len, reverse=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        feed = {session.get_inputs()[0].name: x}
+        for _ in range(runs):
+            session.run(None, feed)
+        with open(session.end_profiling(), encoding="utf-8") as f:
+            events = json.load(f)
+    per_run: dict[str, list[float]] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+            per_run.setdefault(name.removesuffix("_kernel_time"), []).append(event["dur"] / 1e6)
+    ours: dict[str, float] = {}
+    unmatched = 0.0
+    for name, durations in per_run.items():
+        seconds = statistics.median(durations[skip:] or durations)
+        owner = next(
+            (n for n in names if name == n or name.startswith((n + "_", n + "/", n + "."))), None
+        )
+        if owner is None:
+            unmatched += seconds
+        else:
+            ours[owner] = ours.get(owner, 0.0) + seconds
+    return ours, unmatched
 
 
 def _cpu_count() -> int:

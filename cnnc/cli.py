@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference", action="store_true", help="also time onnx.reference.ReferenceEvaluator"
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time every node, in the interpreter and in onnxruntime's profiler",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
@@ -368,6 +373,7 @@ def cmd_bench(args) -> None:
         reference=args.reference,
         warmup=args.warmup,
         seed=args.seed,
+        profile=args.profile,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     if not report.agree:

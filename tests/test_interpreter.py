@@ -305,6 +305,40 @@ def test_bench_reports_every_figure_as_json():
     assert report["peak_bytes"] > 0
 
 
+def test_bench_profiles_every_node_in_both_backends(tmp_path):
+    proc = run_cnnc(
+        "bench",
+        EXAMPLES / "lenet5.cnn",
+        "--repeat",
+        "2",
+        "--warmup",
+        "1",
+        "--profile",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    nodes = json.loads(proc.stdout)["nodes"]
+    model = cnnc.compile(EXAMPLES / "lenet5.cnn")
+    assert sorted(row[0] for row in nodes) == sorted(n.name for n in model.graph.nodes)
+    assert [row[2] for row in nodes] == sorted((row[2] for row in nodes), reverse=True)
+    ops = {row[0]: row[1] for row in nodes}
+    assert ops["c1"] == "conv+relu" and ops["c1.maxpool"] == "maxpool"
+    # onnxruntime's profiler times every conv and pool under the name of our node
+    timed = {row[0] for row in nodes if row[3] is not None and row[3] > 0}
+    assert {"c1", "c2", "c1.maxpool", "c2.maxpool", "f1", "f2", "f3"} <= timed
+    assert list(tmp_path.iterdir()) == []  # the profiler's file is gone
+
+
+def test_bench_prints_the_slowest_nodes():
+    proc = run_cnnc("bench", EXAMPLES / "lenet5.cnn", "--repeat", "2", "--profile")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("slowest nodes")))
+    assert lines[start + 1].split() == ["interpreter", "onnxruntime", "ratio", "node"]
+    assert any(line.endswith(" c1 (conv+relu)") for line in lines[start + 2 :])
+
+
 def test_bench_prints_a_table_with_the_ratios():
     proc = run_cnnc("bench", EXAMPLES / "tutorial_conv.cnn", "--repeat", "2", "--warmup", "0")
     assert proc.returncode == 0, proc.stderr
