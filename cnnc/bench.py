@@ -177,21 +177,14 @@ def bench(
 ) -> Report:
     """Time the interpreter and onnxruntime (and onnx.reference) on one seeded input,
     alternating between them, and check that their outputs agree."""
-    import onnxruntime as ort
     from threadpoolctl import threadpool_limits
 
     threads = threads or _cpu_count()
     x = model.random_input(batch, seed)
     interpreter = model.interpreter
     interpreter.threads = threads
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
     proto = model.to_onnx()
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = _onnxruntime_session(proto, threads)
     input_name = session.get_inputs()[0].name
     backends: dict[str, Callable[[], np.ndarray]] = {
         "numpy": lambda: interpreter.run(x)[0],
@@ -275,6 +268,23 @@ def bench(
     )
 
 
+def _onnxruntime_session(proto, threads: int, profile: str | None = None):
+    """An onnxruntime CPU session on ``threads`` threads; with ``profile``, its profiler
+    writes to files with that prefix."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
 def _op_name(node) -> str:
     fused = node.attrs.get("activation")
     return f"{node.op}+{fused}" if fused else node.op
@@ -292,19 +302,9 @@ def _onnxruntime_node_times(
     import os
     import tempfile
 
-    import onnxruntime as ort
-
     names = sorted(node_names, key=len, reverse=True)
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        session = _onnxruntime_session(proto, threads, profile=os.path.join(tmp, "profile"))
         feed = {session.get_inputs()[0].name: x}
         for _ in range(runs):
             session.run(None, feed)

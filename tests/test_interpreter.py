@@ -207,9 +207,9 @@ def test_a_batch_runs_in_shares_one_per_thread(batch, split, monkeypatch):
     shares = []
     steps = model.interpreter._steps
 
-    def recording(env, free):
+    def recording(env, free, timer=None):
         shares.append(next(x.shape[0] for x in env if x is not None))
-        steps(env, free)
+        steps(env, free, timer)
 
     monkeypatch.setattr(model.interpreter, "_steps", recording)
     x = model.random_input(batch)

@@ -114,7 +114,12 @@ class Interpreter:
         }
         return [env[s] for s in self.output_slots], values
 
-    def _execute(self, inputs: tuple[np.ndarray, ...], free: bool) -> list[np.ndarray | None]:
+    def _execute(
+        self,
+        inputs: tuple[np.ndarray, ...],
+        free: bool,
+        timer: Callable[[Step, float], None] | None = None,
+    ) -> list[np.ndarray | None]:
         if len(inputs) != len(self.input_slots):
             raise InputError(
                 f"network {self.graph.name} takes {len(self.input_slots)} "
@@ -126,9 +131,9 @@ class Interpreter:
             env[s] = x
         with parallel.using(self.threads) as pool:
             n = inputs[0].shape[0] if inputs and inputs[0].ndim else 0
-            if free and self._splits_batch(n):
+            if free and timer is None and self._splits_batch(n):
                 return self._batch_split(pool, env, n)
-            self._steps(env, free)
+            self._steps(env, free, timer)
         return env
 
     def _splits_batch(self, n: int) -> bool:
@@ -160,12 +165,7 @@ class Interpreter:
         node on the interpreter's threads (a batch is not split into shares here)."""
         times: dict[str, list[float]] = {step.node.name: [] for step in self.steps}
         for _ in range(repeat):
-            env: list[np.ndarray | None] = [None] * self.n_slots
-            (value,), (s,) = self.graph.inputs, self.input_slots
-            check_input(value, x, self.graph.flexible_spatial)
-            env[s] = x
-            with parallel.using(self.threads):
-                self._steps(env, True, lambda step, seconds: times[step.node.name].append(seconds))
+            self._execute((x,), True, lambda step, seconds: times[step.node.name].append(seconds))
         return times
 
     def _steps(

@@ -72,7 +72,7 @@ class Window:
         n, _, h, w = x.shape
         oh, ow = self.output_size(h, w)
         y = np.empty((n, channels, oh, ow), np.float32)
-        _by_channels(lambda share: work(x, y[:, share], share, oh, ow), channels, x.size * passes)
+        parallel.share(channels, lambda share: work(x, y[:, share], share, oh, ow), x.size * passes)
         return self.drop(y)
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -138,7 +138,8 @@ SPLIT_KERNELS_FROM = 128
 def _row_blocks(column_rows: int, oh: int, width: int, kernels: int) -> list[tuple[int, int]]:
     """(first, stop) runs of output rows whose im2col columns (``column_rows`` × rows ×
     ``width`` floats) fit COLUMN_BLOCK_BYTES; as many as a multiple of the threads when the
-    work (multiplied by ``kernels``) is worth sharing, so that they share it evenly."""
+    work (each column value used by ``kernels`` multiply-adds) is worth sharing, so that
+    they share it evenly."""
     rows = max(1, min(oh, COLUMN_BLOCK_BYTES // (4 * column_rows * width)))
     blocks = -(-oh // rows)
     threads = len(parallel.pieces(oh, macs=kernels * column_rows * oh * width))
@@ -169,30 +170,14 @@ def _channel_epilogue(node: Node) -> Callable[..., None]:
             if activation is not None:
                 activation(view, out=view)
 
-        _by_channels(part, y.shape[1], y.size)
+        parallel.share(y.shape[1], part, y.size)
 
     return finish
 
 
-def _by_channels(work: Callable[[slice], None], channels: int, elements: int) -> None:
-    """``work(channels)`` on shares of the channels, one per thread when ``elements`` (of
-    memory passes) are worth sharing."""
-    shares = parallel.pieces(channels, elements)
-    parallel.current().map(lambda i, worker: work(slice(*shares[i])), len(shares))
-
-
-def _apply(activation: Activation | None, source: np.ndarray, y: np.ndarray) -> None:
-    """y = activation(source) (or a copy), the threads taking a share of the channels."""
-    parts = parallel.pieces(y.shape[1], y.size)
-
-    def part(i: int, worker: int) -> None:
-        lo, hi = parts[i]
-        if activation is not None:
-            activation(source[:, lo:hi], out=y[:, lo:hi])
-        elif source is not y:
-            np.copyto(y[:, lo:hi], source[:, lo:hi])
-
-    parallel.current().map(part, len(parts))
+def _copy_by_channels(target: np.ndarray, source: np.ndarray) -> None:
+    """target[...] = source, the threads taking a share of the channels each."""
+    parallel.share(target.shape[1], lambda ch: np.copyto(target[:, ch], source[:, ch]), source.size)
 
 
 # OpenBLAS multiplies small matrices (m·n·k up to about 2^20 here) with kernels of their
@@ -225,30 +210,26 @@ def _products(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y = weights @ x for weights [groups, k, c], x [n, groups, c, p], y [n, groups, k, p],
     the threads splitting the columns p, or the kernels k when the columns are few."""
     k, p = weights.shape[1], x.shape[-1]
-    pool = parallel.current()
-    parts = parallel.pieces(k if k >= SPLIT_KERNELS_FROM else p, macs=weights.size * p * x.shape[0])
 
-    def part(i: int, worker: int) -> None:
-        lo, hi = parts[i]
+    def part(share: slice) -> None:
         if k >= SPLIT_KERNELS_FROM:
-            np.matmul(weights[:, lo:hi], x, out=y[:, :, lo:hi])
+            np.matmul(weights[:, share], x, out=y[:, :, share])
         else:
-            _matmul(weights, x[..., lo:hi], y[..., lo:hi])
+            _matmul(weights, x[..., share], y[..., share])
 
-    pool.map(part, len(parts))
+    parallel.share(k if k >= SPLIT_KERNELS_FROM else p, part, macs=weights.size * p * x.shape[0])
 
 
 def _fc_product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x @ weight.T for x [n, in] and weight [out, in] (read transposed, without a copy),
     the threads splitting the outputs: each reads its share of the weights."""
     y = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    parts = parallel.pieces(weight.shape[0], weight.size, macs=weight.size * x.shape[0])
-
-    def part(i: int, worker: int) -> None:
-        lo, hi = parts[i]
-        np.matmul(x, weight[lo:hi].T, out=y[:, lo:hi])
-
-    parallel.current().map(part, len(parts))
+    parallel.share(
+        weight.shape[0],
+        lambda share: np.matmul(x, weight[share].T, out=y[:, share]),
+        weight.size,
+        macs=weight.size * x.shape[0],
+    )
     return y
 
 
@@ -331,16 +312,13 @@ def conv(node: Node) -> Kernel:
         one_block = 4 * (column_rows + k) * n * oh * width <= COLUMN_BLOCK_BYTES
         if one_block and groups == 1 and kg >= SPLIT_KERNELS_FROM:
             cols, product = scratch(0, oh)
-            shares = parallel.pieces(cg, column_rows * n * oh * width)
-            pool.map(lambda i, worker: copy(cols, 0, oh, slice(*shares[i])), len(shares))
-            kernel_shares = parallel.pieces(k, macs=k * column_rows * n * oh * width)
+            parallel.share(cg, lambda part: copy(cols, 0, oh, part), column_rows * n * oh * width)
 
-            def share(i: int, worker: int) -> None:
-                part = slice(*kernel_shares[i])
+            def kernels(part: slice) -> None:
                 np.matmul(weights[0, part], cols[0], out=product[0, part])
                 finish(product[0, part].reshape(-1, n, oh, width), 0, oh, part)
 
-            pool.map(share, len(kernel_shares))
+            parallel.share(k, kernels, macs=k * column_rows * n * oh * width)
             return
         blocks = _row_blocks((column_rows + k) * n, oh, width, kg)
 
@@ -399,7 +377,7 @@ def conv(node: Node) -> Kernel:
         inside = flat[: n * c * hp * wp].reshape(n, c, hp, wp)[
             :, :, top_pad : top_pad + h, left : left + w
         ]
-        _by_channels(lambda channels: np.copyto(inside[:, channels], x[:, channels]), c, x.size)
+        _copy_by_channels(inside, x)
         item = flat.itemsize
         strides = tuple(s * item for s in (cg * hp * wp, hp * wp, dh * wp, dw, c * hp * wp, 1))
 
@@ -454,14 +432,13 @@ def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
         oh, ow = h + top + bottom - 2, w + left + right - 2
         th, tw = (oh + 1) // 2, (ow + 1) // 2
         xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2), np.float32)
-        inside = xp[:, :, top : top + h, left : left + w]
-        source = x[:, :, : 2 * th + 2 - top, : 2 * tw + 2 - left]
-        _by_channels(lambda ch: np.copyto(inside[:, ch], source[:, ch]), c, x.size)
+        _copy_by_channels(
+            xp[:, :, top : top + h, left : left + w],
+            x[:, :, : 2 * th + 2 - top, : 2 * tw + 2 - left],
+        )
         y = np.empty((n, k, 2 * th, 2 * tw), np.float32)
-        rows = max(1, min(th, COLUMN_BLOCK_BYTES // (64 * max(c, k) * n * tw)))
-        blocks = -(-th // rows)
-        threads = len(parallel.pieces(th, macs=16 * c * k * n * th * tw))
-        blocks = parallel.split(th, -(-blocks // threads) * threads)
+        # A tile row's transformed input and product: 16 values per tile and channel.
+        blocks = _row_blocks(16 * max(c, k) * n, th, tw, min(c, k))
         pool = parallel.current()
 
         def block(i: int, worker: int) -> None:

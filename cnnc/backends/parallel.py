@@ -122,6 +122,13 @@ def pieces(count: int, elements: int = 0, macs: int = 0) -> list[tuple[int, int]
     return split(count, threads if worth else 1)
 
 
+def share(count: int, work: Callable[[slice], None], elements: int = 0, macs: int = 0) -> None:
+    """``work(piece)`` on the pieces of ``range(count)`` that :func:`pieces` gives, each
+    piece a slice, on the current pool's threads."""
+    shares = pieces(count, elements, macs)
+    current().map(lambda i, worker: work(slice(*shares[i])), len(shares))
+
+
 _blas = None
 
 
