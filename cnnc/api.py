@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,23 +67,71 @@ class Model:
         return list(self.graph.warnings)
 
     def random_input(self, batch: int = 1, seed: int = 0) -> np.ndarray:
-        """A seeded standard-normal input of the network's shape for ``batch`` items."""
-        (value,) = self.graph.inputs
-        dims = [batch, *value.type.shape[1:]]
-        if not all(isinstance(d, int) for d in dims):
-            raise UsageError(f"input %{value.name} has symbolic sizes {value.type}; pass an input")
-        return np.random.default_rng(seed).standard_normal(dims, dtype=np.float32)
+        """A seeded standard-normal input of the network's shape for ``batch`` items (for a
+        network of one input; :meth:`random_inputs` gives one for each)."""
+        if len(self.graph.inputs) != 1:
+            names = ", ".join(f"%{v.name}" for v in self.graph.inputs)
+            raise UsageError(
+                f"network {self.name} has {len(self.graph.inputs)} inputs ({names})",
+                hint="use random_inputs(), which gives one array for each",
+            )
+        return self.random_inputs(batch, seed)[0]
 
-    def run(self, x: np.ndarray, backend: str = "numpy") -> np.ndarray:
-        """Run the network on a batch ``x`` in the NumPy interpreter or in onnxruntime."""
+    def random_inputs(self, batch: int = 1, seed: int = 0) -> list[np.ndarray]:
+        """One seeded standard-normal array for each input of the network."""
+        arrays = []
+        for i, value in enumerate(self.graph.inputs):
+            dims = [batch, *value.type.shape[1:]]
+            if not all(isinstance(d, int) for d in dims):
+                raise UsageError(
+                    f"input %{value.name} has symbolic sizes {value.type}; pass an input"
+                )
+            # The first input's values do not depend on how many inputs there are.
+            rng = np.random.default_rng(seed if i == 0 else [seed, i])
+            arrays.append(rng.standard_normal(dims, dtype=np.float32))
+        return arrays
+
+    @property
+    def input_names(self) -> list[str]:
+        """The names of the network's inputs, in the order :meth:`run` takes them."""
+        return [v.name for v in self.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """The names of the network's outputs, in the order :meth:`run` returns them."""
+        return [v.name for v in self.graph.outputs]
+
+    def run(
+        self, *inputs: np.ndarray, backend: str = "numpy"
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Run the network on a batch (one array per input, in order) in the NumPy
+        interpreter or in onnxruntime: its output, or a tuple of its outputs."""
+        outputs = self.run_all_outputs(*inputs, backend=backend)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def run_named(self, *inputs: np.ndarray, backend: str = "numpy") -> dict[str, np.ndarray]:
+        """Run the network; its outputs by name."""
+        outputs = self.run_all_outputs(*inputs, backend=backend)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def run_all_outputs(self, *inputs: np.ndarray, backend: str = "numpy") -> list[np.ndarray]:
+        """Run the network; the list of its outputs."""
         if backend == "numpy":
-            return self.interpreter.run(x)[0]
+            return self.interpreter.run(*inputs)
         if backend == "onnxruntime":
-            from cnnc.backends.interpreter import check_input
+            from cnnc.backends.interpreter import check_batch, check_input
 
-            check_input(self.graph.inputs[0], x, self.graph.flexible_spatial)
+            if len(inputs) != len(self.graph.inputs):
+                raise InputError(
+                    f"network {self.name} takes {len(self.graph.inputs)} input(s), "
+                    f"got {len(inputs)}"
+                )
+            for value, x in zip(self.graph.inputs, inputs, strict=True):
+                check_input(value, x, self.graph.flexible_spatial)
+            check_batch(self.graph.inputs, inputs)
             session = self._onnxruntime_session()
-            return session.run(None, {session.get_inputs()[0].name: x})[0]
+            names = [i.name for i in session.get_inputs()]
+            return session.run(None, dict(zip(names, inputs, strict=True)))
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
     @property
@@ -269,13 +318,39 @@ def load(
     return Model(graph, onnx_path=None if graph.pipeline else path)
 
 
-def read_input(path: str | Path) -> np.ndarray:
-    """An input batch from a .npy file (never unpickled)."""
+# How files that are not NumPy arrays begin, to name them in the error.
+_NOT_ARRAYS = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"BM": "a BMP image",
+    b"GIF8": "a GIF image",
+    b"\x08\x01\x12": "an ONNX model",
+}
+
+
+def read_input(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
+    """An input batch from a .npy file, or named batches (one per input) from an .npz
+    file; nothing is ever unpickled."""
+    path = Path(path)
     try:
-        return np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            head = f.read(8)
     except FileNotFoundError:
         raise InputError("input file not found", str(path)) from None
-    except (OSError, ValueError) as e:
-        raise InputError(
-            f"cannot read input array: {e}", str(path), hint="save it with numpy.save(path, array)"
-        ) from None
+    except IsADirectoryError:
+        raise InputError("is a directory, not an input array file", str(path)) from None
+    except OSError as e:
+        raise InputError(f"cannot read the input: {e.strerror}", str(path)) from None
+    hint = "save an input with numpy.save(path, array), or several with numpy.savez"
+    if not head.startswith((b"\x93NUMPY", b"PK\x03\x04")):
+        what = next((w for magic, w in _NOT_ARRAYS.items() if head.startswith(magic)), None)
+        found = f"it looks like {what}" if what else "it does not start like one"
+        raise InputError(f"not a NumPy array file (.npy or .npz): {found}", str(path), hint=hint)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"cannot read the input array: {e}", str(path), hint=hint) from None

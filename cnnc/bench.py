@@ -180,25 +180,25 @@ def bench(
     from threadpoolctl import threadpool_limits
 
     threads = threads or _cpu_count()
-    x = model.random_input(batch, seed)
+    xs = model.random_inputs(batch, seed)
     interpreter = model.interpreter
     interpreter.threads = threads
     proto = model.to_onnx()
     session = _onnxruntime_session(proto, threads)
-    input_name = session.get_inputs()[0].name
-    backends: dict[str, Callable[[], np.ndarray]] = {
-        "numpy": lambda: interpreter.run(x)[0],
-        "onnxruntime": lambda: session.run(None, {input_name: x})[0],
+    feed = dict(zip(model.input_names, xs, strict=True))
+    backends: dict[str, Callable[[], list[np.ndarray]]] = {
+        "numpy": lambda: interpreter.run(*xs),
+        "onnxruntime": lambda: session.run(None, feed),
     }
     if reference:
         from onnx.reference import ReferenceEvaluator
 
         evaluator = ReferenceEvaluator(proto)
 
-        def run_reference() -> np.ndarray:
+        def run_reference() -> list[np.ndarray]:
             # onnx.reference's products are numpy's: BLAS gets the threads.
             with threadpool_limits(limits=threads):
-                return evaluator.run(None, {input_name: x})[0]
+                return evaluator.run(None, feed)
 
         backends["onnx.reference"] = run_reference
     timings = {name: Timing(name) for name in backends}
@@ -232,16 +232,20 @@ def bench(
                     step(name)
         peak = _peak_bytes(backends["numpy"])
     ours = outputs["numpy"]
-    diffs = {name: max_difference(y, ours) for name, y in outputs.items() if name != "numpy"}
-    agreed = all(agree(y, ours) for y in outputs.values())
+    diffs = {
+        name: max(max_difference(a, b) for a, b in zip(ys, ours, strict=True))
+        for name, ys in outputs.items()
+        if name != "numpy"
+    }
+    agreed = all(agree(a, b) for ys in outputs.values() for a, b in zip(ys, ours, strict=True))
     graph = model.graph
     nodes, unmatched = [], 0.0
     if profile:
         with threadpool_limits(limits=1):
-            interpreter.run(x)
-            times = interpreter.profile(x, repeat)
+            interpreter.run(*xs)
+            times = interpreter.profile(xs, repeat)
         theirs, unmatched = _onnxruntime_node_times(
-            proto, [n.name for n in graph.nodes], x, threads, repeat + warmup, warmup
+            proto, [n.name for n in graph.nodes], feed, threads, repeat + warmup, warmup
         )
         nodes = sorted(
             (
@@ -291,7 +295,7 @@ def _op_name(node) -> str:
 
 
 def _onnxruntime_node_times(
-    proto, node_names: list[str], x: np.ndarray, threads: int, runs: int, skip: int
+    proto, node_names: list[str], feed: dict[str, np.ndarray], threads: int, runs: int, skip: int
 ) -> tuple[dict[str, float], float]:
     """Median seconds per run of each of our nodes in onnxruntime, from its profiler, and
     the time of onnxruntime's nodes that are none of ours. onnxruntime renames what it
@@ -305,7 +309,6 @@ def _onnxruntime_node_times(
     names = sorted(node_names, key=len, reverse=True)
     with tempfile.TemporaryDirectory() as tmp:
         session = _onnxruntime_session(proto, threads, profile=os.path.join(tmp, "profile"))
-        feed = {session.get_inputs()[0].name: x}
         for _ in range(runs):
             session.run(None, feed)
         with open(session.end_profiling(), encoding="utf-8") as f:

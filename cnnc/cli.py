@@ -25,7 +25,8 @@ EXAMPLES = {
   cnnc run examples/lenet5.cnn                     # random weights, random input
   cnnc run lenet5.onnx --backend onnxruntime --batch 4
   cnnc run lenet5.onnx --compare                   # both backends, check they agree
-  cnnc run model.cnn --weights w.npz --input x.npy -o y.npy""",
+  cnnc run model.cnn --weights w.npz --input x.npy -o y.npy
+  cnnc run two_inputs.cnn --input image=x.npy --input mask=m.npy -o outputs.npz""",
     "dump": """examples:
   cnnc dump examples/lenet5.cnn
   cnnc dump lenet5.onnx""",
@@ -151,7 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "run a program or an ONNX model on an input")
     _model_args(p)
-    p.add_argument("--input", metavar="X.npy", help="input batch (default: seeded random)")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="[NAME=]X.npy",
+        help="input batch (default: seeded random); a network of several inputs takes one "
+        "--input each, in order or as NAME=FILE, or one .npz of arrays named like its inputs",
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size of the random input")
     p.add_argument(
         "--backend",
@@ -284,30 +292,92 @@ def _describe_output(y: np.ndarray, top: int) -> list[str]:
     return lines
 
 
+def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
+    """The arrays of ``--input`` options, one per network input: ``FILE.npy`` fills the
+    next input in order, ``NAME=FILE.npy`` the input called NAME, and ``FILE.npz`` the
+    inputs named by its arrays (any one array, for a network of one input)."""
+    names = model.input_names
+    given: dict[str, np.ndarray] = {}
+    in_order: list[np.ndarray] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        named = bool(sep) and name in names
+        data = cnnc.read_input(path if named else spec)
+        if isinstance(data, dict):
+            if len(names) == 1 and len(data) == 1:
+                data = {names[0]: next(iter(data.values()))}
+            unknown = sorted(set(data) - set(names))
+            if unknown:
+                raise UsageError(
+                    f"{spec} holds {', '.join(unknown)}, which name no input of {model.name}",
+                    hint="name the arrays after the inputs: " + ", ".join(names),
+                )
+            given.update(data)
+        elif named:
+            given[name] = data
+        else:
+            in_order.append(data)
+    for name in names:
+        if name not in given and in_order:
+            given[name] = in_order.pop(0)
+    if in_order:
+        raise UsageError(f"{len(specs)} --input arrays for the {len(names)} input(s) of {model.name}")
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise UsageError(
+            f"no --input for {', '.join(missing)}",
+            hint=f"{model.name} takes " + ", ".join(names) + "; give --input NAME=FILE.npy each",
+        )
+    return [given[n] for n in names]
+
+
+def _shapes(arrays: list[np.ndarray]) -> str:
+    return ", ".join(str(list(a.shape)) for a in arrays)
+
+
 def cmd_run(args) -> None:
     model = _load(args)
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    x = cnnc.read_input(args.input) if args.input else model.random_input(args.batch, args.seed)
-    if args.output and not Path(args.output).parent.is_dir():
-        raise UsageError(f"directory {Path(args.output).parent} does not exist", args.output)
+    if args.input:
+        xs = _read_inputs(model, args.input)
+    else:
+        xs = model.random_inputs(args.batch, args.seed)
+    outputs = model.output_names
+    if args.output:
+        out = Path(args.output)
+        if not out.parent.is_dir():
+            raise UsageError(f"directory {out.parent} does not exist", args.output)
+        if len(outputs) > 1 and out.suffix.lower() != ".npz":
+            raise UsageError(
+                f"{model.name} has {len(outputs)} outputs; -o needs an .npz file to hold them",
+                args.output,
+            )
     backends = cnnc.api.BACKENDS if args.compare else (args.backend,)
-    results = {b: model.run(x, backend=b) for b in backends}
-    y = results[args.backend]
-    print(f"{model.name} on input {list(x.shape)} ({args.backend})")
-    print("\n".join(_describe_output(y, args.top)))
+    results = {b: model.run_all_outputs(*xs, backend=b) for b in backends}
+    ys = results[args.backend]
+    print(f"{model.name} on input {_shapes(xs)} ({args.backend})")
+    for name, y in zip(outputs, ys, strict=True):
+        lines = _describe_output(y, args.top)
+        if len(outputs) > 1:
+            lines[0] = f"output %{name}: shape {list(y.shape)}"
+        print("\n".join(lines))
     if args.compare:
-        a, b = results["numpy"], results["onnxruntime"]
-        same = a.shape == b.shape and agree(a, b)
+        pairs = list(zip(results["numpy"], results["onnxruntime"], strict=True))
+        same = all(a.shape == b.shape and agree(a, b) for a, b in pairs)
         verdict = "agree" if same else "DISAGREE"
         print(
             f"numpy interpreter and onnxruntime {verdict}: max |difference| "
-            f"{max_difference(a, b):.3g} ({DESCRIPTION})"
+            f"{max(max_difference(a, b) for a, b in pairs):.3g} ({DESCRIPTION})"
         )
         if not same:
             raise CnncError("the two backends disagree; this is a bug in cnnc, please report it")
     if args.output:
-        _save_array(Path(args.output), y)
+        if len(outputs) > 1:
+            arrays = dict(zip(outputs, ys, strict=True))
+            _write_atomically(Path(args.output), lambda f: np.savez(f, **arrays))
+        else:
+            _save_array(Path(args.output), ys[0])
         print(f"wrote {args.output}")
 
 

@@ -72,9 +72,12 @@ def _calibrate(graph: Graph, bns: list, seed: int) -> None:
     batch, in order, so that every bn normalises what reaches it."""
     from cnnc.backends.kernels import KERNELS
 
-    (x,) = graph.inputs
-    shape = (CALIBRATION_BATCH, *x.type.shape[1:])
-    env = {id(x): _rng(seed, "calibration").standard_normal(shape, dtype=np.float32)}
+    env = {
+        id(x): _rng(seed, f"calibration.{i}" if i else "calibration").standard_normal(
+            (CALIBRATION_BATCH, *x.type.shape[1:]), dtype=np.float32
+        )
+        for i, x in enumerate(graph.inputs)
+    }
     last_use = {id(v): i for i, n in enumerate(graph.nodes) for v in n.activations}
     todo = {id(n) for n in bns}
     for i, node in enumerate(graph.nodes):

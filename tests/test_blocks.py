@@ -75,7 +75,10 @@ def test_add_of_different_shapes_shows_both_shapes():
     err = error_of("network n(x: 2x6x6) {\n a = conv(3, 1)\n add(a, x)\n}")
     assert isinstance(err, ShapeError)
     assert (err.location.line, err.location.col) == (3, 2)
-    assert err.message == "add needs inputs of one shape, got (N,3,6,6) and (N,2,6,6)"
+    assert err.message == (
+        "add needs shapes that broadcast, got (N,3,6,6) and (N,2,6,6): the channels differ "
+        "(3 and 2), and neither is 1"
+    )
 
 
 def test_concat_of_different_sizes_shows_both_shapes():

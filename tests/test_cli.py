@@ -150,7 +150,7 @@ def test_an_input_file_that_is_not_npy_is_an_error(tmp_path):
     (tmp_path / "x.npy").write_text("hello")
     proc = run_cnnc("run", LENET, "--input", tmp_path / "x.npy")
     assert proc.returncode == 1
-    assert f"{tmp_path / 'x.npy'}: error: cannot read input array" in proc.stderr
+    assert f"{tmp_path / 'x.npy'}: error: not a NumPy array file (.npy or .npz)" in proc.stderr
 
 
 def test_run_with_weights(tmp_path):

@@ -140,8 +140,8 @@ def test_an_add_of_three_values_exports_as_a_chain_of_two_adds():
     model = ir_merge("add", {"a": (3, 4, 4), "b": (3, 4, 4), "c": (3, 4, 4)}).to_onnx()
     onnx.checker.check_model(model, full_check=True)
     assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in model.graph.node] == [
-        ("Add", "m.sum2", ["a", "b"], ["m.sum2"]),
-        ("Add", "m", ["m.sum2", "c"], ["m"]),
+        ("Add", "m.step2", ["a", "b"], ["m.step2"]),
+        ("Add", "m", ["m.step2", "c"], ["m"]),
     ]
 
 
@@ -171,16 +171,31 @@ def test_an_add_of_values_of_different_shapes_is_a_shape_error_showing_both():
     b = graph.add_input("b", TensorType("f32", ("N", 3, 5, 5)))
     with pytest.raises(ShapeError) as info:
         graph.add_node("add", [a, b], name="s")
-    assert info.value.message == "add needs inputs of one shape, got (N,4,5,5) and (N,3,5,5)"
+    assert info.value.message == (
+        "add needs shapes that broadcast, got (N,4,5,5) and (N,3,5,5): the channels differ "
+        "(4 and 3), and neither is 1"
+    )
 
 
-def test_an_imported_add_that_would_broadcast_is_refused_naming_the_node(tmp_path):
+@BATCHES
+def test_an_imported_add_that_broadcasts_over_the_channels_matches_both_runtimes(
+    tmp_path, batch
+):
     shapes = {"a": (4, 5, 5), "b": (1, 5, 5)}
+    model = onnx_model([helper.make_node("Add", ["a", "b"], ["s"], name="s")], shapes, 4)
+    ours = load(tmp_path, model)
+    assert [n.op for n in ours.graph.nodes] == ["add"]
+    feeds = random_inputs(shapes, batch)
+    assert_agrees_with_both_runtimes(run_ours(ours, feeds), model, feeds)
+
+
+def test_an_imported_add_that_cannot_broadcast_is_refused_naming_the_node(tmp_path):
+    shapes = {"a": (4, 5, 5), "b": (3, 5, 5)}
     model = onnx_model([helper.make_node("Add", ["a", "b"], ["s"], name="s")], shapes, 4)
     with pytest.raises(ModelFileError) as info:
         load(tmp_path, model)
     assert str(info.value.where).endswith("model.onnx: node s (Add)")
-    assert info.value.message == "add needs inputs of one shape, got (N,4,5,5) and (N,1,5,5)"
+    assert info.value.message.startswith("add needs shapes that broadcast, got (N,4,5,5)")
 
 
 @BATCHES

@@ -53,6 +53,14 @@ def check_input(value: Value, x: np.ndarray, flexible_spatial: bool = False) -> 
         )
 
 
+def check_batch(values: list[Value], inputs) -> None:
+    """Raise InputError unless every input has the same batch size (its first axis)."""
+    sizes = {x.shape[0] for x in inputs}
+    if len(sizes) > 1:
+        given = ", ".join(f"%{v.name} {x.shape[0]}" for v, x in zip(values, inputs, strict=True))
+        raise InputError(f"the inputs of one run need one batch size, got {given}")
+
+
 class Interpreter:
     """A prepared graph: weights laid out for the kernels and every value's last use known."""
 
@@ -129,6 +137,7 @@ class Interpreter:
         for value, s, x in zip(self.graph.inputs, self.input_slots, inputs, strict=True):
             check_input(value, x, self.graph.flexible_spatial)
             env[s] = x
+        check_batch(self.graph.inputs, inputs)
         with parallel.using(self.threads) as pool:
             n = inputs[0].shape[0] if inputs and inputs[0].ndim else 0
             if free and timer is None and self._splits_batch(n):
@@ -160,12 +169,14 @@ class Interpreter:
             env[s] = np.concatenate([r[j] for r in results])
         return env
 
-    def profile(self, x: np.ndarray, repeat: int) -> dict[str, list[float]]:
-        """Seconds each node takes on input ``x``, run after run: the graph runs node by
+    def profile(self, inputs: list[np.ndarray], repeat: int) -> dict[str, list[float]]:
+        """Seconds each node takes on ``inputs``, run after run: the graph runs node by
         node on the interpreter's threads (a batch is not split into shares here)."""
         times: dict[str, list[float]] = {step.node.name: [] for step in self.steps}
         for _ in range(repeat):
-            self._execute((x,), True, lambda step, seconds: times[step.node.name].append(seconds))
+            self._execute(
+                tuple(inputs), True, lambda step, seconds: times[step.node.name].append(seconds)
+            )
         return times
 
     def _steps(

@@ -26,7 +26,7 @@ KERNELS: dict[str, Callable[[Node], Kernel]] = {}
 
 # Ops whose kernel takes ``out=`` and may write its result over its first input: the
 # interpreter passes it when that input's memory dies at the node.
-IN_PLACE = {"bn", "affine", "add"}
+IN_PLACE = {"bn", "affine"}
 # Ops whose output may share memory with their input (a view), so that memory lives on.
 ALIASING = {"flatten", "dropout", "reshape", "transpose"}
 
@@ -710,16 +710,27 @@ def lrn(node: Node) -> Kernel:
     return run
 
 
-@kernel("add")
-def add(node: Node) -> Kernel:
+_ARITHMETIC = {"add": np.add, "mul": np.multiply, "sub": np.subtract, "div": np.divide}
+
+
+def _arithmetic(ufunc: np.ufunc) -> Callable[[Node], Kernel]:
     def run(*xs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        # Summed left to right, as the chain of ONNX Adds the exporter writes.
-        y = np.add(xs[0], xs[1], out=out)
-        for x in xs[2:]:
-            y += x
+        # Left to right, as the chain of binary ONNX ops the exporter writes. A partial
+        # result lands in ``out`` (the first input's memory, which dies here), or in the
+        # previous partial result, wherever it has the shape the step broadcasts to.
+        y = xs[0]
+        for i, x in enumerate(xs[1:]):
+            target = out if i == 0 else y
+            fits = target is not None and target.shape == np.broadcast_shapes(y.shape, x.shape)
+            y = ufunc(y, x, out=target if fits else None)
         return y
 
-    return run
+    return lambda node: run
+
+
+for _op, _ufunc in _ARITHMETIC.items():
+    kernel(_op)(_arithmetic(_ufunc))
+    IN_PLACE.add(_op)
 
 
 @kernel("concat")

@@ -304,16 +304,22 @@ def _lrn(e: Emitter, node: Node) -> None:
     e.node("Squeeze", [f"{node.name}.lrn", axes], [y], node.name)
 
 
-@emitter("add")
-def _add(e: Emitter, node: Node) -> None:
-    # ONNX Add is binary: a chain, whose partial sums are named <node>.sum2, <node>.sum3, ...
+ARITHMETIC_OPS = {"add": "Add", "mul": "Mul", "sub": "Sub", "div": "Div"}
+
+
+def _arithmetic(e: Emitter, node: Node) -> None:
+    # ONNX's ops are binary: a chain, whose partial results are <node>.step2, <node>.step3...
     (y,) = _names(node.outputs)
     partial, *rest = _names(node.inputs)
     for i, x in enumerate(rest, start=2):
         last = i == len(node.inputs)
-        out, name = (y, node.name) if last else (f"{node.name}.sum{i}",) * 2
-        e.node("Add", [partial, x], [out], name)
+        out, name = (y, node.name) if last else (f"{node.name}.step{i}",) * 2
+        e.node(ARITHMETIC_OPS[node.op], [partial, x], [out], name)
         partial = out
+
+
+for _op in ARITHMETIC_OPS:
+    emitter(_op)(_arithmetic)
 
 
 @emitter("concat")

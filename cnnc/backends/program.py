@@ -96,7 +96,8 @@ WRITERS: dict[str, Callable[[Node], str]] = {
     "reshape": lambda n: f"reshape({_tuple(n.attrs['shape'])})",
     "transpose": lambda n: f"transpose({_tuple(n.attrs['perm'][1:])})",
 }
-for _op in ("relu", "sigmoid", "tanh", "gap", "global_maxpool", "flatten", "add", "concat"):
+MERGES = ("add", "mul", "sub", "div", "concat")
+for _op in ("relu", "sigmoid", "tanh", "gap", "global_maxpool", "flatten", *MERGES):
     WRITERS[_op] = lambda n, op=_op: op
 
 
@@ -145,13 +146,12 @@ class _Names:
         return name
 
 
-MERGES = ("add", "concat")
 
-
-def _needs_name(graph: Graph, value: Value, following: Node | None) -> bool:
-    """Whether a value is read other than by the very next statement continuing from it."""
+def _needs_name(graph: Graph, value: Value, following: Node | None, declared: bool) -> bool:
+    """Whether a value is read other than by the very next statement continuing from it
+    (or is an output the heading declares)."""
     if value in graph.outputs:
-        return following is not None
+        return declared
     for user in value.users:
         continues = (
             user is following
@@ -172,19 +172,16 @@ def _keywords() -> set[str]:
 
 def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarray]]:
     """A program computing ``graph`` (one statement per node) and its weights by name."""
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        raise UsageError(
-            f"graph {graph.name} has {len(graph.inputs)} inputs and {len(graph.outputs)} "
-            "outputs; a program has one of each"
-        )
-    (x,) = graph.inputs
-    if x.type.rank not in (3, 4) or not all(isinstance(d, int) for d in x.type.shape[1:]):
-        raise UsageError(f"input {x.name} is {x.type}; a program takes C×L or C×H×W")
+    for x in graph.inputs:
+        if x.type.rank not in (3, 4) or not all(isinstance(d, int) for d in x.type.shape[1:]):
+            raise UsageError(f"input {x.name} is {x.type}; a program takes C×L or C×H×W")
     names = _Names(keywords=_keywords())
     network = names.make(graph.name or "network")
-    value_names: dict[int, str] = {id(x): names.make(x.name)}
+    value_names: dict[int, str] = {id(x): names.make(x.name) for x in graph.inputs}
+    # Several outputs are declared in the heading, under their own names.
+    declared = len(graph.outputs) > 1 or graph.outputs[0].producer is not graph.nodes[-1]
     lines, weights = [], {}
-    previous: Value = x
+    previous: Value = graph.inputs[0]
     for i, node in enumerate(graph.nodes):
         writer = WRITERS.get(node.op)
         if writer is None:
@@ -198,17 +195,24 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
             if inputs[0] is not previous:
                 call = f"{value_names[id(inputs[0])]} -> {call}"
         following = graph.nodes[i + 1] if i + 1 < len(graph.nodes) else None
-        if _needs_name(graph, node.output, following):
-            value_names[id(node.output)] = names.make(node.name, "_out")
-            call = f"{value_names[id(node.output)]} = {call}"
+        if len(node.outputs) > 1 or _needs_name(graph, node.output, following, declared):
+            for out in node.outputs:
+                output = out in graph.outputs
+                value_names[id(out)] = names.make(out.name) if output else names.make(
+                    out.name if len(node.outputs) > 1 else node.name, "_out"
+                )
+            bound = ", ".join(value_names[id(out)] for out in node.outputs)
+            call = f"{bound} = {call}"
         lines.append(f"    {call}")
         for suffix, param in zip(PARAM_NAMES.get(node.op, ()), node.params, strict=False):
-            weights[f"{label}.{suffix}"] = param.data
+            weights[f"{label}.{suffix}" if suffix else label] = param.data
         previous = node.output
-    (y,) = graph.outputs
-    if y is not previous:
-        lines.append(f"    {value_names[id(y)]}")
-    shape = "x".join(str(d) for d in x.type.shape[1:])
+    heading = ", ".join(
+        f"{value_names[id(x)]}: {'x'.join(str(d) for d in x.type.shape[1:])}" for x in graph.inputs
+    )
+    outputs = ""
+    if declared:
+        outputs = " -> (" + ", ".join(value_names[id(y)] for y in graph.outputs) + ")"
     header = [f"# {source}" if source else "# imported by cnnc"]
-    header.append(f"network {network}({value_names[id(x)]}: {shape}) {{")
+    header.append(f"network {network}({heading}){outputs} {{")
     return "\n".join([*header, *lines, "}"]) + "\n", weights

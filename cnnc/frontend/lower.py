@@ -16,6 +16,7 @@ from cnnc.frontend.parser import (
     Expr,
     Link,
     Literal,
+    Member,
     Name,
     Neg,
     Network,
@@ -117,24 +118,63 @@ class _Lowering:
     # ---- networks and statements ------------------------------------------------------------
 
     def network(self, net: Network) -> Graph:
-        if len(net.input_shape) not in (2, 3) or not all(d > 0 for d in net.input_shape):
-            raise ShapeError(
-                f"input {net.input_name} is {'x'.join(map(str, net.input_shape))}; a network "
-                "takes C×L (1-D) or C×H×W (2-D) with every size at least 1",
-                net.shape_loc,
-                hint="for example image: 3x224x224 or signal: 1x128",
-            )
         self.graph = Graph(net.name)
-        x = self.graph.add_input(net.input_name, TensorType("f32", (BATCH, *net.input_shape)))
+        values: dict[str, _Binding] = {}
+        for inp in net.inputs:
+            if len(inp.shape) not in (2, 3) or not all(d > 0 for d in inp.shape):
+                raise ShapeError(
+                    f"input {inp.name} is {'x'.join(map(str, inp.shape))}; a network "
+                    "takes C×L (1-D) or C×H×W (2-D) with every size at least 1",
+                    inp.shape_loc,
+                    hint="for example image: 3x224x224 or signal: 1x128",
+                )
+            if inp.name in values or inp.name in (BLOCK_INPUT, *WORDS):
+                raise LayerError(
+                    f"input {inp.name!r} is "
+                    + ("declared twice" if inp.name in values else "a reserved word"),
+                    inp.loc,
+                )
+            x = self.graph.add_input(inp.name, TensorType("f32", (BATCH, *inp.shape)))
+            # Inputs other than the first one are values a statement must name to use.
+            values[inp.name] = _Binding(x, inp.loc if values else None, used=not values)
         if not net.statements:
             raise LayerError(f"network {net.name} has no layers", net.loc)
-        scope = _Scope(
-            "", {}, {net.input_name: _Binding(x, None, used=True)}, _labels(net.statements)
-        )
-        self.graph.outputs = [self.body(net.statements, scope, x)]
+        scope = _Scope("", {}, values, _labels(net.statements))
+        last = self.body(net.statements, scope, self.graph.inputs[0])
+        self.graph.outputs = self.outputs(net, scope, last)
         self.graph.warnings = self.warnings
         verify(self.graph)
         return self.graph
+
+    def outputs(self, net: Network, scope: _Scope, last: Value | tuple) -> list[Value]:
+        """The declared outputs (renamed as declared, where the name is free), or the last
+        statement's value(s)."""
+        if net.outputs is None:
+            outputs = list(last) if isinstance(last, tuple) else [last]
+            if any(v.kind == "input" for v in outputs):
+                raise LayerError(f"network {net.name} computes nothing from its input", net.loc)
+            return outputs
+        outputs = []
+        for name, loc in net.outputs:
+            if name not in scope.values:
+                close = difflib.get_close_matches(name, list(scope.values), n=1)
+                raise LayerError(
+                    f"output {name!r} is not a value of network {net.name}",
+                    loc,
+                    hint=f"did you mean {close[0]}?" if close else "bind it: name = ...",
+                )
+            value = scope.lookup(name)
+            if isinstance(value, tuple):
+                raise LayerError(f"output {name!r} holds {len(value)} values", loc)
+            if value.kind == "input":
+                raise LayerError(f"output {name!r} is an input; outputs are computed", loc)
+            if value in outputs:
+                raise LayerError(f"output {name!r} is listed twice", loc)
+            outputs.append(value)
+        for value, (name, _) in zip(outputs, net.outputs, strict=True):
+            if value.name != name and name not in self.graph._names:
+                self.graph.rename(value, name)
+        return outputs
 
     def body(self, statements: list[Statement], scope: _Scope, x: Value) -> Value:
         for stmt in statements:
@@ -153,7 +193,7 @@ class _Lowering:
                     )
         return x
 
-    def statement(self, stmt: Statement, scope: _Scope, x: Value) -> Value:
+    def statement(self, stmt: Statement, scope: _Scope, x: Value | tuple) -> Value | tuple:
         links = stmt.links
         first = links[0].bare_name
         if first is not None and scope.knows(first):
@@ -165,12 +205,27 @@ class _Lowering:
         for link in links:
             label = scope.prefix + link.label if link.label else label
             x = self.link(link, scope, x, label)
-        if stmt.binding is not None:
+        if stmt.bindings:
             self.bind(stmt, scope, x)
         return x
 
-    def bind(self, stmt: Statement, scope: _Scope, value: Value) -> None:
-        name, loc = stmt.binding, stmt.binding_loc
+    def bind(self, stmt: Statement, scope: _Scope, value: Value | tuple) -> None:
+        names = stmt.bindings
+        values = value if isinstance(value, tuple) else (value,)
+        if len(names) != len(values):
+            given = f"gives {len(values)} values" if len(values) > 1 else "gives one value"
+            raise LayerError(
+                f"the chain {given}, but {len(names)} name{'s are' if len(names) > 1 else ' is'} "
+                "bound to it",
+                names[-1][1] if len(names) > len(values) else stmt.loc,
+                hint="bind one name to each value: "
+                + ", ".join(f"v{i}" for i in range(len(values)))
+                + " = ...",
+            )
+        for (name, loc), v in zip(names, values, strict=True):
+            self.bind_name(name, loc, scope, v)
+
+    def bind_name(self, name: str, loc: Location, scope: _Scope, value: Value) -> None:
         if name == BLOCK_INPUT or name in WORDS:
             raise LayerError(f"{name!r} is a reserved word and cannot name a value", loc)
         if get_layer(name) is not None or name in self.blocks:
@@ -205,8 +260,15 @@ class _Lowering:
             x = self.apply(link.call, scope, x, f"{name}.{i}" if link.repeat else name)
         return x
 
-    def apply(self, call: Call, scope: _Scope, x: Value, name: str) -> Value:
+    def apply(self, call: Call, scope: _Scope, x: Value | tuple, name: str) -> Value | tuple:
         """One layer or block instance called ``name``, applied to ``x``."""
+        if isinstance(x, tuple):
+            raise LayerError(
+                f"{call.name} follows a layer that gives {len(x)} values; a chain carries one",
+                call.name_loc,
+                hint="bind them first: " + ", ".join(f"v{i}" for i in range(len(x))) + " = ..., "
+                "then start a chain from each",
+            )
         layer = get_layer(call.name)
         block = self.blocks.get(call.name)
         if block is not None:
@@ -280,7 +342,7 @@ class _Lowering:
                 call.name_loc,
                 hint="blocks cannot be recursive; repeat with * n instead",
             )
-        params = self.block_params(block, call, scope)
+        params = self.block_params(block, call, scope, x)
         inner = _Scope(
             f"{name}.",
             params,
@@ -300,7 +362,9 @@ class _Lowering:
         finally:
             self.stack.pop()
 
-    def block_params(self, block: Block, call: Call, scope: _Scope) -> dict[str, Any]:
+    def block_params(
+        self, block: Block, call: Call, scope: _Scope, x: Value
+    ) -> dict[str, Any]:
         names = [p.name for p in block.params]
         given: dict[str, tuple[Any, Location]] = {}
         for i, arg in enumerate(call.args):
@@ -327,9 +391,10 @@ class _Lowering:
             if key in given:
                 raise LayerError(f"{key} is given twice", arg.loc)
             given[key] = (evaluate(arg.value, scope), arg.loc)
-        # Defaults may use the parameters before them: block b(c, mid=c // 4).
+        # Defaults may use the parameters before them and the block's input:
+        # block b(c, mid=c // 4), block se(c=in.channels).
         params: dict[str, Any] = {}
-        defaults = _Scope("", params, {}, set(), block)
+        defaults = _Scope("", params, {BLOCK_INPUT: _Binding(x, None, used=True)}, set(), block)
         for p in block.params:
             if p.name in given:
                 params[p.name] = given[p.name][0]
@@ -373,6 +438,8 @@ def evaluate(expr: Expr, scope: _Scope) -> Any:
             expr.loc,
             hint=f"did you mean {close[0]}?" if close else None,
         )
+    if isinstance(expr, Member):
+        return _size_of(expr, scope)
     if isinstance(expr, TupleExpr):
         return tuple(evaluate(item, scope) for item in expr.items)
     if isinstance(expr, Neg):
@@ -394,6 +461,40 @@ def evaluate(expr: Expr, scope: _Scope) -> Any:
             raise LayerError("division by zero", expr.loc)
         return left // right
     raise AssertionError(f"expression {expr!r}")
+
+
+# The sizes an expression may read from a value, by the axis each names (1-D maps have a
+# length, 2-D maps a height and a width).
+SIZES = {
+    2: {"channels": 1},
+    3: {"channels": 1, "length": 2},
+    4: {"channels": 1, "height": 2, "width": 3},
+}
+
+
+def _size_of(expr: Member, scope: _Scope) -> int:
+    """``in.channels``, ``x.height``: a size of a value, known when the program is lowered."""
+    if not scope.knows(expr.value):
+        known = sorted(n for n, b in scope.values.items() if isinstance(b.value, Value))
+        close = difflib.get_close_matches(expr.value, known, n=1)
+        raise LayerError(
+            f"undefined value {expr.value!r}",
+            expr.value_loc,
+            hint=f"did you mean {close[0]}?" if close else None,
+        )
+    value = scope.lookup(expr.value)
+    if not isinstance(value, Value):
+        raise LayerError(f"{expr.value!r} is not a value, so it has no {expr.size}", expr.loc)
+    sizes = SIZES.get(value.type.rank, {"channels": 1})
+    if expr.size not in sizes:
+        close = difflib.get_close_matches(expr.size, list(sizes), n=1)
+        raise LayerError(
+            f"{expr.value} ({value.type}) has no size {expr.size!r}; it has "
+            + ", ".join(sizes),
+            expr.loc,
+            hint=f"did you mean {expr.value}.{close[0]}?" if close else None,
+        )
+    return int(value.type.shape[sizes[expr.size]])
 
 
 def _is_number(v: Any) -> bool:

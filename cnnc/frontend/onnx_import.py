@@ -309,17 +309,18 @@ def _affine(imp: Importer, node, x: Value, scale: np.ndarray | None, shift: np.n
 
 @importer("Add", "Sum", "Sub", "Mul", "Div")
 def _arithmetic(imp: Importer, node, attrs) -> None:
-    """Add and Sum of computed values of one shape are merges; Add, Sub, Mul and Div by a
-    per-channel constant are an affine; Add of a bias after a MatMul is that fc's bias."""
+    """Add, Sum, Sub, Mul and Div of computed values that broadcast are the IR's element-wise
+    ops; Add, Sub, Mul and Div by a per-channel constant are an affine; Add of a bias after a
+    MatMul is that fc's bias."""
     names = [n for n in node.input if n]
     constant = [n for n in names if n in imp.constants]
     computed = [n for n in names if n not in imp.constants]
-    if not constant and node.op_type in ("Add", "Sum"):
+    if not constant:
         inputs = [imp.value(node, n) for n in computed]
         if len(inputs) == 1:
             imp.alias(node, inputs[0])
         else:
-            imp.add(node, "add", inputs)
+            imp.add(node, "add" if node.op_type == "Sum" else node.op_type.lower(), inputs)
         return
     if (
         len(names) != 2
@@ -328,8 +329,8 @@ def _arithmetic(imp: Importer, node, attrs) -> None:
     ):
         raise imp.fail(
             node,
-            f"{node.op_type} is supported between computed values of one shape (Add, Sum) or "
-            "of a computed value and a per-channel constant",
+            f"{node.op_type} is supported between computed values that broadcast, or of a "
+            "computed value and a per-channel constant",
         )
     x = imp.value(node, computed[0])
     c = imp.constants[constant[0]].astype(np.float32)

@@ -54,6 +54,15 @@ class Neg(Expr):
 
 
 @dataclass
+class Member(Expr):
+    """``value.size``: a size of a value (``in.channels``, ``x.height``)."""
+
+    value: str
+    size: str
+    value_loc: Location
+
+
+@dataclass
 class TupleExpr(Expr):
     """``(a, b, ...)``."""
 
@@ -107,8 +116,8 @@ class Statement:
 
     links: list[Link]
     loc: Location
-    binding: str | None = None
-    binding_loc: Location | None = None
+    # ``y = ...`` binds one name; ``a, b = ...`` the values of a layer that gives several.
+    bindings: list[tuple[str, Location]] = field(default_factory=list)
 
 
 @dataclass
@@ -132,15 +141,33 @@ class Block:
 
 
 @dataclass
-class Network:
-    """``network name(input: CxHxW) { statements }``."""
+class NetworkInput:
+    """``name: CxHxW`` in a network's heading."""
 
     name: str
-    input_name: str
-    input_shape: tuple[int, ...]
-    statements: list[Statement]
+    shape: tuple[int, ...]
     loc: Location
     shape_loc: Location
+
+
+@dataclass
+class Network:
+    """``network name(input: CxHxW, ...) -> (output, ...) { statements }``; without
+    ``outputs`` the last statement's value is the one output."""
+
+    name: str
+    inputs: list[NetworkInput]
+    statements: list[Statement]
+    loc: Location
+    outputs: list[tuple[str, Location]] | None = None
+
+    @property
+    def input_name(self) -> str:
+        return self.inputs[0].name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.inputs[0].shape
 
 
 @dataclass
@@ -206,11 +233,19 @@ class ToAst(Transformer):
         return program
 
     def network(self, meta, children):
-        name, input_name, shape, *statements = children
+        name, *rest = children
+        inputs = [c for c in rest if isinstance(c, NetworkInput)]
+        outputs = next((c for c in rest if isinstance(c, list)), None)
+        statements = [c for c in rest if isinstance(c, Statement)]
+        return Network(str(name), inputs, statements, self._loc(meta), outputs)
+
+    def net_input(self, meta, children):
+        name, shape = children
         dims = tuple(int(d) for d in shape.split("x"))
-        return Network(
-            str(name), str(input_name), dims, statements, self._loc(meta), self._tok(shape)
-        )
+        return NetworkInput(str(name), dims, self._loc(meta), self._tok(shape))
+
+    def net_outputs(self, meta, names):
+        return [(str(n), self._tok(n)) for n in names]
 
     def block(self, meta, children):
         name, *rest = children
@@ -223,8 +258,8 @@ class ToAst(Transformer):
         return Param(str(name), default, self._tok(name))
 
     def binding(self, meta, children):
-        name, chain = children
-        return Statement(chain.links, self._loc(meta), str(name), self._tok(name))
+        *names, chain = children
+        return Statement(chain.links, self._loc(meta), [(str(n), self._tok(n)) for n in names])
 
     def expression(self, meta, children):
         return children[0]
@@ -277,6 +312,10 @@ class ToAst(Transformer):
 
     def name_value(self, meta, children):
         return Name(self._loc(meta), str(children[0]))
+
+    def member_value(self, meta, children):
+        value, size = children
+        return Member(self._loc(meta), str(value), str(size), self._tok(value))
 
     def tuple_value(self, meta, children):
         return TupleExpr(self._loc(meta), list(children))

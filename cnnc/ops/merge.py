@@ -1,4 +1,6 @@
-"""Merges of branches: element-wise ``add`` (residual connections) and channel ``concat``."""
+"""Merges of branches: element-wise arithmetic between computed values (``add`` for residual
+connections, ``mul`` for squeeze-and-excitation, ``sub``, ``div``), broadcasting as PyTorch
+does, and channel ``concat``."""
 
 from __future__ import annotations
 
@@ -13,21 +15,60 @@ def _shape(t: TensorType) -> str:
     return "(" + ",".join(str(d) for d in t.shape) + ")"
 
 
-class Add(OpDef):
-    """The element-wise sum of two or more tensors of one shape."""
+# The axes of a value, as messages name them.
+_AXES = {2: ("batch", "features"), 3: ("batch", "channels", "length")}
+_AXES[4] = ("batch", "channels", "height", "width")
 
-    name = "add"
+
+def broadcast_shape(op: str, inputs: list[TensorType]) -> tuple:
+    """The shape of an element-wise op's output: on every axis the inputs' sizes are equal,
+    or 1 where one input is repeated across the others (N×C×H×W with N×C×1×1 is a
+    squeeze-and-excitation scale); inputs have one rank, as PyTorch's channel-first
+    tensors of one kind do."""
+    first = inputs[0]
+    shape = list(first.shape)
+    for other in inputs[1:]:
+        if other.rank != first.rank:
+            raise ShapeError(
+                f"{op} needs inputs of one rank, got {_shape(first)} and {_shape(other)}",
+                hint="a scale per channel of a feature map is N×C×1×1: reshape an N×C value "
+                "with reshape((C, 1, 1))",
+            )
+        for axis, (a, b) in enumerate(zip(shape, other.shape, strict=True)):
+            if a == b or b == 1:
+                continue
+            if a == 1:
+                shape[axis] = b
+                continue
+            names = _AXES.get(first.rank, ())
+            where = f"the {names[axis]}" if axis < len(names) else f"axis {axis}"
+            raise ShapeError(
+                f"{op} needs shapes that broadcast, got {_shape(first)} and {_shape(other)}: "
+                f"{where} differ ({a} and {b}), and neither is 1",
+                hint="a residual branch that changes channels or size needs a projection "
+                "(a 1x1 conv with the same stride) on its shortcut"
+                if op == "add"
+                else "on each axis the sizes must be equal, or one of them 1",
+            )
+    return tuple(shape)
+
+
+class Elementwise(OpDef):
+    """The element-wise ``op`` of two (or, for add and mul, more) tensors that broadcast."""
+
+    def __init__(self, name: str, variadic: bool):
+        self.name = name
+        self.variadic = variadic
 
     def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
-        first = inputs[0]
-        for other in inputs[1:]:
-            if other != first:
-                raise ShapeError(
-                    f"add needs inputs of one shape, got {_shape(first)} and {_shape(other)}",
-                    hint="a residual branch that changes channels or size needs a projection "
-                    "(a 1x1 conv with the same stride) on its shortcut",
-                )
-        return [first]
+        if len(inputs) < 2 or (len(inputs) > 2 and not self.variadic):
+            raise ShapeError(f"{self.name} takes {'two or more' if self.variadic else 'two'} inputs")
+        return [inputs[0].with_shape(broadcast_shape(self.name, inputs))]
+
+
+# Element-wise arithmetic between computed values; add and mul take any number of inputs,
+# applied left to right.
+ARITHMETIC = {"add": True, "mul": True, "sub": False, "div": False}
 
 
 class Concat(OpDef):
@@ -53,30 +94,41 @@ class Concat(OpDef):
         return "axis=1"
 
 
-register_op(Add())
+for _op, _variadic in ARITHMETIC.items():
+    register_op(Elementwise(_op, _variadic))
 register_op(Concat())
 
 
-def _build_merge(op: str):
+def _build_merge(op: str, most: int | None = None):
     def build(ctx: LayerContext, x):
         inputs = ctx["inputs"]
-        if len(inputs) < 2:
+        if len(inputs) < 2 or (most is not None and len(inputs) > most):
+            exactly = "two" if most == 2 else "at least two"
             raise ctx.error(
-                f"{op} needs at least two values, got {len(inputs)}", hint=f"for example {op}(a, b)"
+                f"{op} needs {exactly} values, got {len(inputs)}", hint=f"for example {op}(a, b)"
             )
         return ctx.node(op, list(inputs))
 
     return build
 
 
-register_layer(
-    Layer(
-        "add",
-        (Attr("inputs", "values", positional=True, doc="the values to add"),),
-        _build_merge("add"),
-        "Element-wise sum of values of one shape: add(y, shortcut).",
+_DOCS = {
+    "add": "Element-wise sum of values that broadcast: add(y, shortcut) (a residual "
+    "connection), add(x, bias_map).",
+    "mul": "Element-wise product of values that broadcast: mul(x, s) with s N×C×1×1 scales "
+    "each channel (squeeze-and-excitation).",
+    "sub": "Element-wise difference a - b of two values that broadcast.",
+    "div": "Element-wise quotient a / b of two values that broadcast.",
+}
+for _op, _variadic in ARITHMETIC.items():
+    register_layer(
+        Layer(
+            _op,
+            (Attr("inputs", "values", positional=True, doc="the values, in order"),),
+            _build_merge(_op, None if _variadic else 2),
+            _DOCS[_op],
+        )
     )
-)
 register_layer(
     Layer(
         "concat",

@@ -114,10 +114,9 @@ def _snapshot(graph: Graph, seed: int) -> Snapshot:
     """The outputs and every named value of the graph on a seeded random batch of 2."""
     from cnnc.backends.interpreter import Interpreter
 
-    (value,) = graph.inputs
-    shape = [2, *value.type.shape[1:]]
-    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    return Interpreter(graph).run_all(x)
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal([2, *v.type.shape[1:]], dtype=np.float32) for v in graph.inputs]
+    return Interpreter(graph).run_all(*xs)
 
 
 def _check_unchanged(graph: Graph, name: str, before: Snapshot, seed: int) -> None:
