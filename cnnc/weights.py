@@ -28,6 +28,7 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
     ``bn_scale``: U(0.5, 1.5) and ``bn_shift``: N(0, 0.1²), for batch-norm scales and
     shifts (and statistics, until :func:`initialize` measures them): trained values
     are never the identity either.
+    ``constant``: every value the rule's second item (PReLU's slopes start at 0.25).
     """
     kind, fan_in = param.init or ("he_normal", 1)
     rng = _rng(seed, param.name)
@@ -41,6 +42,8 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
         return rng.uniform(-bound, bound, shape).astype(np.float32)
     if kind == "bn_scale":
         return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    if kind == "constant":
+        return np.full(shape, fan_in, np.float32)
     if kind == "bn_shift":
         return (rng.standard_normal(shape) * 0.1).astype(np.float32)
     raise AssertionError(f"init rule {kind}")

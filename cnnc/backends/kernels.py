@@ -657,19 +657,151 @@ def _clip(attrs: dict) -> Activation:
     return run
 
 
+# erf by Abramowitz and Stegun's 7.1.26: |error| < 1.5e-7, below float32's resolution of
+# the values gelu adds it to (NumPy has no erf, and SciPy is not a dependency).
+_ERF_P = 0.3275911
+_ERF_A = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
+
+
+def erf(z: np.ndarray) -> np.ndarray:
+    """The error function, element-wise, in z's precision (to 1.5e-7)."""
+    kind = z.dtype.type
+    a = np.abs(z)
+    t = np.multiply(a, kind(_ERF_P))
+    t += 1
+    np.reciprocal(t, out=t)
+    poly = np.full_like(t, kind(_ERF_A[0]))
+    for coefficient in _ERF_A[1:]:
+        poly *= t
+        poly += kind(coefficient)
+    poly *= t
+    np.square(a, out=a)
+    np.negative(a, out=a)
+    poly *= np.exp(a, out=a)
+    np.subtract(1, poly, out=poly)
+    return np.copysign(poly, z, out=poly)
+
+
+def _silu(attrs: dict) -> Activation:
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.multiply(x, _sigmoid(x), out=out)
+
+    return run
+
+
+def _hardsigmoid(alpha: float, beta: float) -> Activation:
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        y = np.multiply(x, x.dtype.type(alpha), out=out)
+        y += x.dtype.type(beta)
+        return np.clip(y, 0, 1, out=y)
+
+    return run
+
+
+def _hardswish(attrs: dict) -> Activation:
+    gate = _hardsigmoid(1 / 6, 0.5)
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.multiply(x, gate(x), out=out)
+
+    return run
+
+
+_SQRT_2_OVER_PI = float(np.sqrt(2 / np.pi))
+
+
+def _gelu(attrs: dict) -> Activation:
+    tanh = attrs["approximate"] == "tanh"
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        kind = x.dtype.type
+        if tanh:
+            inner = np.square(x)
+            inner *= kind(0.044715)
+            inner += 1
+            inner *= x
+            inner *= kind(_SQRT_2_OVER_PI)
+            gate = np.tanh(inner, out=inner)
+        else:
+            gate = erf(x * kind(1 / np.sqrt(2)))
+        gate += 1
+        gate *= kind(0.5)
+        return np.multiply(x, gate, out=out)
+
+    return run
+
+
+def _mish(attrs: dict) -> Activation:
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        gate = np.logaddexp(0, x)
+        return np.multiply(x, np.tanh(gate, out=gate), out=out)
+
+    return run
+
+
+def _elu(attrs: dict) -> Activation:
+    alpha = attrs["alpha"]
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        below = np.expm1(np.minimum(x, 0))
+        below *= x.dtype.type(alpha)
+        # NaN is not above 0: it takes the lower branch, which keeps it NaN.
+        if out is None:
+            return np.where(x > 0, x, below)
+        np.copyto(out, x)
+        np.copyto(out, below, where=~(x > 0))
+        return out
+
+    return run
+
+
+def _softplus(attrs: dict) -> Activation:
+    beta = attrs["beta"]
+
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if beta == 1:
+            return np.logaddexp(0, x, out=out)
+        y = np.multiply(x, x.dtype.type(beta), out=out)
+        np.logaddexp(0, y, out=y)
+        y /= x.dtype.type(beta)
+        return y
+
+    return run
+
+
 # Each takes an activation's attributes and returns its function of (x, out=None): the
-# op's kernel, and what a conv fused with it applies in place on its output.
+# op's kernel, and what a conv fused with it applies in place on its output. ``out`` may
+# be ``x`` itself or another array of its shape; ``x`` may be any strided view.
 ELEMENTWISE: dict[str, Callable[[dict], Activation]] = {
     "relu": lambda attrs: lambda x, out=None: np.maximum(x, 0, out=out),
     "leaky_relu": _leaky_relu,
     "clip": _clip,
     "sigmoid": lambda attrs: _sigmoid,
     "tanh": lambda attrs: np.tanh,
+    "silu": _silu,
+    "hardsigmoid": lambda attrs: _hardsigmoid(attrs["alpha"], attrs["beta"]),
+    "hardswish": _hardswish,
+    "gelu": _gelu,
+    "mish": _mish,
+    "elu": _elu,
+    "softplus": _softplus,
 }
 
 for _op, _make in ELEMENTWISE.items():
     kernel(_op)(lambda node, make=_make: make(node.attrs))
     IN_PLACE.add(_op)
+
+
+@kernel("prelu")
+def prelu(node: Node) -> Kernel:
+    slope = node.inputs[1].data.reshape(-1, *(1,) * (node.inputs[0].type.rank - 2))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        scaled = np.multiply(x, slope)
+        np.copyto(scaled, x, where=x >= 0)
+        return scaled
+
+    return run
 
 
 @kernel("bn")

@@ -17,7 +17,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from cnnc import __version__
 from cnnc.errors import InternalError, UsageError
 from cnnc.ir.graph import Graph, Node, Value
-from cnnc.ops.activation import fused_function_name
+from cnnc.ops.activation import ACTIVATIONS, FUNCTION_NAMES, function_name, fused_function_name
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
@@ -122,6 +122,33 @@ class Emitter:
         self.initializers.append(numpy_helper.from_array(np.asarray(array), unique))
         return unique
 
+    def call(
+        self,
+        function: onnx.FunctionProto,
+        inputs: list[str],
+        outputs: list[str],
+        name: str,
+        attrs: dict[str, Any],
+    ) -> None:
+        """A call of a model-local function (defined once per model), or with
+        ``inline_functions`` its body, named ``<name>/<op>`` and computing ``<name>/<value>``,
+        with the call's attributes in place of the references to them."""
+        if not self.inline_functions:
+            self.functions.setdefault(function.name, function)
+            self.node(function.name, inputs, outputs, name, domain=FUNCTION_DOMAIN, **attrs)
+            return
+        actual = {**dict(zip(function.input, inputs)), **dict(zip(function.output, outputs))}
+        for i, body_node in enumerate(function.node):
+            node = onnx.NodeProto()
+            node.CopyFrom(body_node)
+            node.input[:] = [actual.get(v, f"{name}/{v}") if v else "" for v in node.input]
+            node.output[:] = [actual.get(v, f"{name}/{v}") for v in node.output]
+            node.name = name if set(node.output) & set(outputs) else f"{name}/{i}.{node.op_type}"
+            for attr in node.attribute:
+                if attr.ref_attr_name:
+                    attr.CopyFrom(helper.make_attribute(attr.name, attrs[attr.ref_attr_name]))
+            self.nodes.append(node)
+
     def refuse(self, node: Node, what: str) -> UsageError:
         return UsageError(
             f"node {node.name}: {what} cannot be expressed in ONNX opset {self.opset}", node.loc
@@ -153,16 +180,6 @@ def _window_attrs(node: Node, kernel: tuple[int, ...]) -> dict[str, Any]:
     return attrs
 
 
-# IR activation ops and their ONNX ops; IR attributes keep ONNX's attribute names, except
-# clip's bounds, which ONNX Clip takes as inputs.
-ACTIVATION_OPS = {
-    "relu": "Relu",
-    "leaky_relu": "LeakyRelu",
-    "clip": "Clip",
-    "sigmoid": "Sigmoid",
-    "tanh": "Tanh",
-}
-CLIP_BOUNDS = ("min", "max")
 FUNCTION_DOMAIN = "cnnc"
 MIN_INPUT_KEY = "cnnc.min_input_shape"
 _CONV_ATTRS = {
@@ -174,58 +191,195 @@ _CONV_ATTRS = {
 }
 
 
-def _activation(e: Emitter, op: str, attrs: dict[str, Any], x: str, y: str, name: str) -> None:
-    """The ONNX node of an activation; clip's finite bounds become the scalar initializers
-    ``<name>.min`` and ``<name>.max`` (an infinite one is left out: no bound)."""
-    if op != "clip":
-        e.node(ACTIVATION_OPS[op], [x], [y], name, **attrs)
-        return
-    bounds = [
-        e.constant(f"{name}.{b}", np.array(attrs[b], dtype=np.float32))
-        if np.isfinite(attrs[b])
-        else ""
-        for b in CLIP_BOUNDS
+def _ref(name: str, kind: int = AttributeProto.FLOAT, refers_to: str | None = None):
+    """An attribute of a function body's node that takes the call's attribute ``refers_to``."""
+    attr = helper.make_attribute_ref(name, kind)
+    attr.ref_attr_name = refers_to or name
+    return attr
+
+
+def _node(op: str, inputs: list[str], outputs: list[str], *refs, **attrs) -> onnx.NodeProto:
+    node = helper.make_node(op, inputs, outputs, **attrs)
+    node.attribute.extend(refs)
+    return node
+
+
+def _constant(output: str, value: float | None = None, ref: str | None = None):
+    """A Constant node of one float: ``value``, or the call's float attribute ``ref``."""
+    if ref is not None:
+        return _node("Constant", [], [output], _ref("value_float", refers_to=ref))
+    return helper.make_node("Constant", [], [output], value_float=float(value))
+
+
+# ---- activations --------------------------------------------------------------------------
+
+# IR activations that are one standard ONNX op, from the opset that has it. IR attributes
+# keep ONNX's names (clip's bounds are inputs in ONNX and have rules of their own).
+ACTIVATION_OPS = {
+    "relu": ("Relu", 1),
+    "leaky_relu": ("LeakyRelu", 1),
+    "clip": ("Clip", 1),
+    "sigmoid": ("Sigmoid", 1),
+    "tanh": ("Tanh", 1),
+    "elu": ("Elu", 1),
+    "hardsigmoid": ("HardSigmoid", 1),
+    "hardswish": ("HardSwish", 14),
+    "mish": ("Mish", 18),
+    "gelu": ("Gelu", 20),
+    "softplus": ("Softplus", 1),  # beta 1 only: ONNX's Softplus has no beta
+}
+CLIP_BOUNDS = ("min", "max")
+
+
+def standard_activation(op: str, attrs: dict[str, Any], opset: int) -> str | None:
+    """The standard ONNX op computing this activation at ``opset``, or None (silu has none;
+    gelu before opset 20, hardswish before 14, mish before 18, softplus with a beta)."""
+    entry = ACTIVATION_OPS.get(op)
+    if entry is None or opset < entry[1] or (op == "softplus" and attrs["beta"] != 1):
+        return None
+    return entry[0]
+
+
+def _gelu_body(tanh: bool) -> list[onnx.NodeProto]:
+    """x/2 · (1 + erf(x/√2)), or x/2 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))."""
+    if tanh:
+        inner = [
+            _node("Mul", ["X", "X"], ["x2"]),
+            _node("Mul", ["x2", "X"], ["x3"]),
+            _constant("k", 0.044715),
+            _node("Mul", ["x3", "k"], ["kx3"]),
+            _node("Add", ["X", "kx3"], ["u"]),
+            _constant("c", float(np.sqrt(2 / np.pi))),
+            _node("Mul", ["u", "c"], ["v"]),
+            _node("Tanh", ["v"], ["g"]),
+        ]
+    else:
+        inner = [
+            _constant("c", float(1 / np.sqrt(2))),
+            _node("Mul", ["X", "c"], ["v"]),
+            _node("Erf", ["v"], ["g"]),
+        ]
+    return [
+        *inner,
+        _constant("one", 1.0),
+        _node("Add", ["g", "one"], ["g1"]),
+        _node("Mul", ["X", "g1"], ["xg"]),
+        _constant("half", 0.5),
+        _node("Mul", ["xg", "half"], ["Y"]),
     ]
-    while bounds and not bounds[-1]:
-        bounds.pop()
-    e.node("Clip", [x, *bounds], [y], name)
 
 
-def _function_activation(activation: str, act_attrs: dict[str, Any]) -> list[onnx.NodeProto]:
-    """The activation inside a fused function, reading its attributes from the call's: as
-    attribute references, or for Clip, Constant nodes whose value refers to ``min``/``max``."""
-    if activation != "clip":
-        act = helper.make_node(ACTIVATION_OPS[activation], ["T"], ["Y"])
-        act.attribute.extend(helper.make_attribute_ref(a, AttributeProto.FLOAT) for a in act_attrs)
-        return [act]
-    nodes = []
-    for bound in CLIP_BOUNDS:
-        value = helper.make_attribute_ref("value_float", AttributeProto.FLOAT)
-        value.ref_attr_name = bound
-        constant = helper.make_node("Constant", [], [bound])
-        constant.attribute.append(value)
-        nodes.append(constant)
-    return [*nodes, helper.make_node("Clip", ["T", *CLIP_BOUNDS], ["Y"])]
+def activation_body(op: str, attrs: dict[str, Any], opset: int) -> list[onnx.NodeProto]:
+    """The nodes computing activation ``op`` from ``X`` into ``Y`` inside a model-local
+    function, its attributes taken from the call's (those its name does not fix)."""
+    if op == "clip":
+        bounds = [_constant(b, ref=b) for b in CLIP_BOUNDS]
+        return [*bounds, _node("Clip", ["X", *CLIP_BOUNDS], ["Y"])]
+    if op == "softplus":
+        return [
+            _constant("beta", ref="beta"),
+            _node("Mul", ["X", "beta"], ["bx"]),
+            _node("Softplus", ["bx"], ["s"]),
+            _node("Div", ["s", "beta"], ["Y"]),
+        ]
+    standard = standard_activation(op, attrs, opset)
+    if standard is not None:
+        refs = [_ref(a) for a in attrs if op != "gelu"]
+        fixed = {"approximate": attrs["approximate"]} if op == "gelu" else {}
+        return [_node(standard, ["X"], ["Y"], *refs, **fixed)]
+    if op == "silu":
+        return [_node("Sigmoid", ["X"], ["s"]), _node("Mul", ["X", "s"], ["Y"])]
+    if op == "hardswish":
+        gate = helper.make_node("HardSigmoid", ["X"], ["h"], alpha=1 / 6, beta=0.5)
+        return [gate, _node("Mul", ["X", "h"], ["Y"])]
+    if op == "mish":
+        return [
+            _node("Softplus", ["X"], ["s"]),
+            _node("Tanh", ["s"], ["t"]),
+            _node("Mul", ["X", "t"], ["Y"]),
+        ]
+    if op == "gelu":
+        return _gelu_body(attrs["approximate"] == "tanh")
+    raise InternalError(f"activation {op} has no ONNX body")
 
 
-def _fused_function(e: Emitter, activation: str, act_attrs: dict[str, Any]) -> str:
+def _call_attrs(op: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes a call passes to an activation's function: those its name does not fix."""
+    fixed = FUNCTION_NAMES[function_name(op, attrs)][1]
+    return {k: v for k, v in attrs.items() if k not in fixed}
+
+
+def _activation(e: Emitter, op: str, attrs: dict[str, Any], x: str, y: str, name: str) -> None:
+    """An activation: its standard ONNX op, or a call of a model-local function. Clip's
+    finite bounds become the scalar initializers ``<name>.min`` and ``<name>.max`` (an
+    infinite one is left out: no bound)."""
+    if op == "clip":
+        bounds = [
+            e.constant(f"{name}.{b}", np.array(attrs[b], dtype=np.float32))
+            if np.isfinite(attrs[b])
+            else ""
+            for b in CLIP_BOUNDS
+        ]
+        while bounds and not bounds[-1]:
+            bounds.pop()
+        e.node("Clip", [x, *bounds], [y], name)
+        return
+    standard = standard_activation(op, attrs, e.opset)
+    if standard is not None:
+        e.node(standard, [x], [y], name, **({} if op == "softplus" else attrs))
+        return
+    call_attrs = _call_attrs(op, attrs)
+    function = model_function(
+        function_name(op, attrs),
+        ["X"],
+        ["Y"],
+        activation_body(op, attrs, e.opset),
+        list(call_attrs),
+        e.opset,
+        f"{ACTIVATIONS[op]} ({op})",
+    )
+    e.call(function, [x], [y], name, call_attrs)
+
+
+def model_function(
+    name: str,
+    inputs: list[str],
+    outputs: list[str],
+    body: list[onnx.NodeProto],
+    attributes: list[str],
+    opset: int,
+    doc: str,
+) -> onnx.FunctionProto:
+    """A model-local function of domain ``cnnc``: a body of standard ops."""
+    return helper.make_function(
+        FUNCTION_DOMAIN,
+        name,
+        inputs,
+        outputs,
+        body,
+        [helper.make_opsetid("", opset)],
+        attributes=attributes,
+        doc_string=doc,
+    )
+
+
+def _fused_function(e: Emitter, activation: str, act_attrs: dict[str, Any]) -> onnx.FunctionProto:
     """The model-local function Conv+activation: standard Conv and activation ops, whose
     attributes refer to the call's, so one function serves every such conv."""
-    name = fused_function_name(activation)
-    if name not in e.functions:
-        conv = helper.make_node("Conv", ["X", "W", "B"], ["T"])
-        conv.attribute.extend(helper.make_attribute_ref(a, t) for a, t in _CONV_ATTRS.items())
-        e.functions[name] = helper.make_function(
-            FUNCTION_DOMAIN,
-            name,
-            ["X", "W", "B"],
-            ["Y"],
-            [conv, *_function_activation(activation, act_attrs)],
-            [helper.make_opsetid("", e.opset)],
-            attributes=[*_CONV_ATTRS, *act_attrs],
-            doc_string=f"Conv followed by {ACTIVATION_OPS[activation]} (cnnc fuse-conv-act)",
-        )
-    return name
+    conv = helper.make_node("Conv", ["X", "W", "B"], ["T"])
+    conv.attribute.extend(helper.make_attribute_ref(a, t) for a, t in _CONV_ATTRS.items())
+    body = activation_body(activation, act_attrs, e.opset)
+    for node in body:
+        node.input[:] = ["T" if i == "X" else i for i in node.input]
+    return model_function(
+        fused_function_name(activation, act_attrs),
+        ["X", "W", "B"],
+        ["Y"],
+        [conv, *body],
+        [*_CONV_ATTRS, *_call_attrs(activation, act_attrs)],
+        e.opset,
+        f"Conv followed by {activation} (cnnc fuse-conv-act)",
+    )
 
 
 @emitter("conv")
@@ -237,15 +391,10 @@ def _conv(e: Emitter, node: Node) -> None:
         e.node("Conv", inputs, outputs, node.name, **attrs)
         return
     act_attrs = node.attrs["activation_attrs"]
-    if e.inline_functions:
-        pre = f"{node.name}.preact"
-        e.node("Conv", inputs, [pre], f"{node.name}.conv", **attrs)
-        _activation(e, activation, act_attrs, pre, outputs[0], node.name)
-        return
     attrs.setdefault("dilations", [1] * len(attrs["kernel_shape"]))
-    function = _fused_function(e, activation, act_attrs)
     call_inputs = inputs if len(inputs) == 3 else [*inputs, ""]
-    e.node(function, call_inputs, outputs, node.name, domain=FUNCTION_DOMAIN, **attrs, **act_attrs)
+    call_attrs = {**attrs, **_call_attrs(activation, act_attrs)}
+    e.call(_fused_function(e, activation, act_attrs), call_inputs, outputs, node.name, call_attrs)
 
 
 @emitter("fc")
@@ -383,12 +532,22 @@ def _dropout(e: Emitter, node: Node) -> None:
     e.node("Dropout", [node.inputs[0].name, ratio], _names(node.outputs), node.name)
 
 
-for _op in ACTIVATION_OPS:
+for _op in ACTIVATIONS:
     emitter(_op)(
         lambda e, node, op=_op: _activation(
             e, op, node.attrs, node.inputs[0].name, node.output.name, node.name
         )
     )
+
+
+@emitter("prelu")
+def _prelu(e: Emitter, node: Node) -> None:
+    # ONNX PRelu broadcasts its slope from the right: one per channel is [C, 1, 1].
+    x, slope = node.inputs
+    axes = e.constant(f"{node.name}.axes", np.arange(1, x.type.rank - 1, dtype=np.int64))
+    shaped = f"{slope.name}.per_channel"
+    e.node("Unsqueeze", [slope.name, axes], [shaped], f"{node.name}.unsqueeze")
+    e.node("PRelu", [x.name, shaped], _names(node.outputs), node.name)
 
 
 # ---- model ----------------------------------------------------------------------------------

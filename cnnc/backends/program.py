@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -18,6 +19,7 @@ PARAM_NAMES = {
     "fc": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var"),
     "affine": ("weight", "bias"),
+    "prelu": ("weight",),
 }
 
 
@@ -63,8 +65,11 @@ def _conv(node: Node) -> str:
     if len(node.inputs) < 3:
         args.append("bias=false")
     text = f"conv({', '.join(args)})"
-    if node.attrs.get("activation"):
-        raise UsageError(f"node {node.name}: a fused conv has no layer; write the graph at -O0")
+    activation = node.attrs.get("activation")
+    if activation:
+        # A fused conv is the conv and its activation, chained (named <label>.<activation>).
+        act = SimpleNamespace(op=activation, attrs=node.attrs["activation_attrs"], inputs=[])
+        text += f" -> {WRITERS[activation](act)}"
     return text
 
 
@@ -88,7 +93,20 @@ WRITERS: dict[str, Callable[[Node], str]] = {
     "softmax": lambda n: f"softmax(axis={n.attrs['axis']})",
     "dropout": lambda n: f"dropout({_number(n.attrs['ratio'])})",
     "leaky_relu": lambda n: f"leaky_relu(alpha={_number(n.attrs['alpha'])})",
-    "clip": lambda n: f"clip({_number(n.attrs['min'])}, {_number(n.attrs['max'])})",
+    "hardsigmoid": lambda n: (
+        "hardsigmoid"
+        if np.float32(n.attrs["alpha"]) == np.float32(1 / 6) and n.attrs["beta"] == 0.5
+        else f"hardsigmoid(alpha={_number(n.attrs['alpha'])}, beta={_number(n.attrs['beta'])})"
+    ),
+    "gelu": lambda n: "gelu(tanh)" if n.attrs["approximate"] == "tanh" else "gelu",
+    "elu": lambda n: f"elu({_number(n.attrs['alpha'])})",
+    "softplus": lambda n: f"softplus({_number(n.attrs['beta'])})",
+    "prelu": lambda n: f"prelu({n.inputs[1].shape[0]})",
+    "clip": lambda n: (
+        "relu6"
+        if (n.attrs["min"], n.attrs["max"]) == (0, 6)
+        else f"clip({_number(n.attrs['min'])}, {_number(n.attrs['max'])})"
+    ),
     "lrn": lambda n: (
         f"lrn({n.attrs['size']}, alpha={_number(n.attrs['alpha'])}, "
         f"beta={_number(n.attrs['beta'])}, k={_number(n.attrs['bias'])})"
@@ -97,7 +115,8 @@ WRITERS: dict[str, Callable[[Node], str]] = {
     "transpose": lambda n: f"transpose({_tuple(n.attrs['perm'][1:])})",
 }
 MERGES = ("add", "mul", "sub", "div", "concat")
-for _op in ("relu", "sigmoid", "tanh", "gap", "global_maxpool", "flatten", *MERGES):
+_BARE = ("relu", "sigmoid", "tanh", "silu", "hardswish", "mish", "gap", "global_maxpool")
+for _op in (*_BARE, "flatten", *MERGES):
     WRITERS[_op] = lambda n, op=_op: op
 
 

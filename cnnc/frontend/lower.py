@@ -429,9 +429,9 @@ def evaluate(expr: Expr, scope: _Scope) -> Any:
     if isinstance(expr, Name):
         if scope.knows(expr.id):
             return scope.lookup(expr.id)
-        if expr.id in WORDS:
+        if expr.id in WORDS or expr.id in choice_words():
             return expr.id
-        known = sorted({*scope.params, *scope.values, *WORDS})
+        known = sorted({*scope.params, *scope.values, *WORDS, *choice_words()})
         close = difflib.get_close_matches(expr.id, known, n=1)
         raise LayerError(
             f"undefined name {expr.id!r}",
@@ -495,6 +495,11 @@ def _size_of(expr: Member, scope: _Scope) -> int:
             hint=f"did you mean {expr.value}.{close[0]}?" if close else None,
         )
     return int(value.type.shape[sizes[expr.size]])
+
+
+def choice_words() -> set[str]:
+    """The words layers take as choices (``nearest``, ``reflect``, ``tanh``, ...)."""
+    return {c for layer in all_layers().values() for a in layer.attrs for c in a.choices}
 
 
 def _is_number(v: Any) -> bool:
@@ -595,10 +600,26 @@ def convert(layer: Layer, attr: Attr, value: Any, loc: Location) -> Any:
         return v
 
     kind = attr.kind
-    if kind == "values":
+    if kind in ("values", "value"):
         if not isinstance(value, Value):
-            raise LayerError(f"{layer.keyword} takes names of values, got {_describe(value)}", loc)
+            raise LayerError(
+                f"{where} must be the name of a value, got {_describe(value)}"
+                if kind == "value"
+                else f"{layer.keyword} takes names of values, got {_describe(value)}",
+                loc,
+            )
         return value
+    if kind == "choice":
+        if value not in attr.choices:
+            raise bad("one of " + ", ".join(attr.choices))
+        return value
+    if kind == "floats":
+        items = value if isinstance(value, tuple) else (value,)
+        if not items or not all(_is_number(i) for i in items):
+            raise bad("a number or a tuple of numbers such as (2, 2)")
+        for i in items:
+            check_min(i)
+        return tuple(float(i) for i in value) if isinstance(value, tuple) else float(value)
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad("an integer")

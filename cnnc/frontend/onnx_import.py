@@ -13,9 +13,10 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from cnnc.errors import CnncError, ModelFileError
+from cnnc.frontend import onnx_patterns
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name
-from cnnc.ops.activation import FUSIBLE, fused_function_name
+from cnnc.ops.activation import FUNCTION_NAMES
 
 _DTYPES = {onnx.TensorProto.FLOAT: "f32"}
 
@@ -152,17 +153,41 @@ def _conv(imp: Importer, node, attrs, fused: dict[str, Any] | None = None) -> No
 
 FUNCTION_DOMAIN = "cnnc"
 MIN_INPUT_KEY = "cnnc.min_input_shape"
-FUSED = {fused_function_name(act): act for act in FUSIBLE}
+
+# cnnc's own model-local functions (domain cnnc), by name: how each call becomes IR. A
+# function of another name, or of another domain, is inlined (its body imported).
+FUNCTIONS: dict[str, Callable[[Importer, onnx.NodeProto, dict[str, Any]], None]] = {}
 
 
-def _fused_conv(imp: Importer, node: onnx.NodeProto, activation: str) -> None:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    conv_attrs = {
-        k: attrs.pop(k)
-        for k in ("kernel_shape", "strides", "pads", "dilations", "group")
-        if k in attrs
-    }
-    _conv(imp, node, conv_attrs, {"activation": activation, "activation_attrs": attrs})
+def _decoded(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+
+
+def _activation_function(op: str, fixed: dict[str, Any]):
+    def build(imp: Importer, node, attrs) -> None:
+        ir = {**fixed, **{k: float(v) for k, v in attrs.items()}}
+        imp.add(node, op, [imp.value(node, node.input[0])], ir)
+
+    return build
+
+
+def _fused_function(activation: str, fixed: dict[str, Any]):
+    def build(imp: Importer, node, attrs) -> None:
+        conv_attrs = {
+            k: attrs.pop(k)
+            for k in ("kernel_shape", "strides", "pads", "dilations", "group")
+            if k in attrs
+        }
+        act_attrs = {**fixed, **{k: float(v) for k, v in attrs.items()}}
+        fused = {"activation": activation, "activation_attrs": act_attrs}
+        _conv(imp, node, conv_attrs, fused)
+
+    return build
+
+
+for _name, (_op, _fixed) in FUNCTION_NAMES.items():
+    FUNCTIONS[_name] = _activation_function(_op, _fixed)
+    FUNCTIONS["Conv" + _name] = _fused_function(_op, _fixed)
 
 
 @importer("Gemm")
@@ -233,9 +258,45 @@ def _global_maxpool(imp: Importer, node, attrs) -> None:
     imp.add(node, "global_maxpool", _inputs(imp, node))
 
 
-@importer("Relu", "Sigmoid", "Tanh")
+@importer("Relu", "Sigmoid", "Tanh", "HardSwish", "Mish", "Softplus")
 def _elementwise(imp: Importer, node, attrs) -> None:
-    imp.add(node, node.op_type.lower(), _inputs(imp, node))
+    attrs = {"beta": 1.0} if node.op_type == "Softplus" else {}
+    imp.add(node, node.op_type.lower(), _inputs(imp, node), attrs)
+
+
+@importer("HardSigmoid")
+def _hardsigmoid(imp: Importer, node, attrs) -> None:
+    # ONNX's defaults (0.2, 0.5) are Keras's; PyTorch's Hardsigmoid exports alpha=1/6.
+    ir = {"alpha": float(attrs.get("alpha", 0.2)), "beta": float(attrs.get("beta", 0.5))}
+    imp.add(node, "hardsigmoid", _inputs(imp, node), ir)
+
+
+@importer("Elu")
+def _elu(imp: Importer, node, attrs) -> None:
+    imp.add(node, "elu", _inputs(imp, node), {"alpha": float(attrs.get("alpha", 1.0))})
+
+
+@importer("Gelu")
+def _gelu(imp: Importer, node, attrs) -> None:
+    approximate = _decoded(attrs).get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise imp.fail(node, f"Gelu with approximate={approximate!r} is not an ONNX Gelu")
+    imp.add(node, "gelu", _inputs(imp, node), {"approximate": approximate})
+
+
+@importer("PRelu")
+def _prelu(imp: Importer, node, attrs) -> None:
+    x = imp.value(node, node.input[0])
+    if node.input[1] not in imp.constants:
+        raise imp.fail(node, "a PRelu whose slopes are computed is not supported")
+    slope = imp.constants[node.input[1]].astype(np.float32)
+    vector = slope.reshape(1) if slope.size == 1 else _per_channel(imp, node, slope, x)
+    if vector is None:
+        raise imp.fail(
+            node, f"PRelu slopes of shape {slope.shape} are not one value or one per channel"
+        )
+    name = node.input[1] if slope.ndim == 1 else f"{node.input[1]}.slopes"
+    imp.add(node, "prelu", [x, imp.param(name, np.ascontiguousarray(vector))])
 
 
 @importer("LeakyRelu")
@@ -624,9 +685,13 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
     else:
         path = Path(source)
         model, base_dir, where = _read(path), str(path.parent), str(path)
-    # Other producers' model-local functions are their bodies; cnnc's own fused
-    # Conv+activation functions become fused convs again.
-    others = [(f.domain, f.name) for f in model.functions if f.domain != FUNCTION_DOMAIN]
+    # Other producers' model-local functions are their bodies; cnnc's own functions (fused
+    # convs, activations ONNX has no op for) become IR ops again.
+    others = [
+        (f.domain, f.name)
+        for f in model.functions
+        if f.domain != FUNCTION_DOMAIN or f.name not in FUNCTIONS
+    ]
     if others:
         model = onnx.inliner.inline_selected_functions(model, others)
     imp = Importer(model, where)
@@ -637,14 +702,16 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
     g = model.graph
     for init in g.initializer:
         imp.constants[init.name] = numpy_helper.to_array(init, base_dir=base_dir or "")
-    for name in [n for node in g.node for n in node.input] + [o.name for o in g.output]:
+    nodes = onnx_patterns.rewrite(g, imp.constants)
+    for name in [n for node in nodes for n in node.input] + [o.name for o in g.output]:
         imp.consumers[name] = imp.consumers.get(name, 0) + 1
     for vi in g.input:
         if vi.name not in imp.constants:
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
-    for node in g.node:
-        if node.domain == FUNCTION_DOMAIN and node.op_type in FUSED:
-            _fused_conv(imp, node, FUSED[node.op_type])
+    for node in nodes:
+        if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
             continue
         fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if node.op_type == "Constant" and fn is not None:

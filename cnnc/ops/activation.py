@@ -1,5 +1,6 @@
 """Element-wise activations (``relu``, ``leaky_relu``, ``clip`` and ``relu6``, ``sigmoid``,
-``tanh``) and ``softmax``.
+``tanh``, ``silu``, ``hardswish``, ``hardsigmoid``, ``gelu``, ``mish``, ``elu``,
+``softplus``), ``prelu`` with its learned slopes, and ``softmax``.
 
 ``relu6`` is not an op of its own: it is ``clip`` with min 0 and max 6, which the dump
 calls relu6. Clip's bounds are float attributes in the IR where ONNX Clip takes them as
@@ -24,11 +25,16 @@ def activation_label(op: str, attrs: dict[str, Any]) -> str:
 
 
 def activation_text(op: str, attrs: dict[str, Any]) -> str:
-    """An activation's attributes as the dump shows them (``alpha=0.2``, ``min=-1 max=1``)."""
+    """An activation's attributes as the dump shows them (``alpha=0.2``, ``min=-1 max=1``,
+    ``approximate=tanh``; gelu's exact form says nothing)."""
     if activation_label(op, attrs) != op:
         return ""
     names = ("min", "max") if op == "clip" else attrs
-    return " ".join(f"{name}={attrs[name]:g}" for name in names)
+    return " ".join(
+        f"{name}={attrs[name]:g}" if isinstance(attrs[name], float) else f"{name}={attrs[name]}"
+        for name in names
+        if attrs[name] != "none"
+    )
 
 
 class Elementwise(OpDef):
@@ -62,29 +68,58 @@ class Softmax(OpDef):
         return f"axis={node.attrs['axis']}"
 
 
-# Every element-wise op and its formula; attributes keep ONNX's names (LeakyRelu's alpha).
+# Every element-wise op and its formula; attributes keep ONNX's names (LeakyRelu's alpha,
+# HardSigmoid's alpha and beta, Gelu's approximate) where ONNX has the op.
 ACTIVATIONS = {
     "relu": "max(x, 0)",
     "leaky_relu": "x if x >= 0, else alpha·x",
     "clip": "min(max(x, min), max)",
     "sigmoid": "1 / (1 + exp(-x))",
     "tanh": "tanh(x)",
+    "silu": "x · sigmoid(x) (also called swish)",
+    "hardsigmoid": "max(0, min(1, alpha·x + beta))",
+    "hardswish": "x · max(0, min(1, x/6 + 1/2))",
+    "gelu": "x · Φ(x), Φ the standard normal CDF: x/2 · (1 + erf(x/√2)); with "
+    "approximate=tanh, x/2 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))",
+    "mish": "x · tanh(softplus(x))",
+    "elu": "x if x > 0, else alpha · (exp(x) - 1)",
+    "softplus": "log(1 + exp(beta·x)) / beta",
 }
 
-# Activations a convolution can apply to its own output (fuse-conv-act).
+# Activations a convolution can apply to its own output (fuse-conv-act): every element-wise
+# one. (prelu is not element-wise in that sense: it reads a tensor of slopes.)
 FUSIBLE = frozenset(ACTIVATIONS)
 
+# The ONNX names of the activations, in model-local functions (domain ``cnnc``): the
+# activation alone where ONNX has no such op, and fused with a conv (ConvRelu, ConvSilu).
+_CAMEL = {"hardsigmoid": "HardSigmoid", "hardswish": "HardSwish"}
 
-def fused_function_name(activation: str) -> str:
+
+def function_name(op: str, attrs: dict[str, Any]) -> str:
+    """The name of an activation in ONNX functions: Relu, LeakyRelu, Silu, Gelu, GeluTanh
+    (the tanh approximation is a body of its own where ONNX has no Gelu op)."""
+    name = _CAMEL.get(op) or "".join(part.title() for part in op.split("_"))
+    return name + ("Tanh" if attrs.get("approximate") == "tanh" else "")
+
+
+def fused_function_name(activation: str, attrs: dict[str, Any]) -> str:
     """The ONNX function (domain ``cnnc``) of a conv fused with ``activation``: ConvRelu,
-    ConvLeakyRelu, ConvClip (relu6 too), ..."""
-    return "Conv" + "".join(part.title() for part in activation.split("_"))
+    ConvLeakyRelu, ConvClip (relu6 too), ConvSilu, ConvGeluTanh, ..."""
+    return "Conv" + function_name(activation, attrs)
+
+
+# Each activation function name with the activation and the attributes its name implies.
+FUNCTION_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    function_name(op, fixed): (op, fixed)
+    for op in ACTIVATIONS
+    for fixed in ([{"approximate": "none"}, {"approximate": "tanh"}] if op == "gelu" else [{}])
+}
 
 
 for _name in ACTIVATIONS:
     register_op(Elementwise(_name))
 
-for _name in ("relu", "sigmoid", "tanh"):
+for _name in ("relu", "sigmoid", "tanh", "silu", "hardswish", "mish"):
     register_layer(
         Layer(
             _name,
@@ -93,6 +128,74 @@ for _name in ("relu", "sigmoid", "tanh"):
             f"Element-wise {ACTIVATIONS[_name]}.",
         )
     )
+
+
+def _with_attrs(op: str, *names: str):
+    return lambda ctx, x: ctx.node(op, [x], {n: ctx[n] for n in names})
+
+
+register_layer(
+    Layer(
+        "hardsigmoid",
+        (
+            Attr(
+                "alpha",
+                "float",
+                1 / 6,
+                doc="slope (PyTorch's 1/6; ONNX's default is 0.2)",
+                default_text="1/6",
+            ),
+            Attr("beta", "float", 0.5, doc="offset"),
+        ),
+        _with_attrs("hardsigmoid", "alpha", "beta"),
+        f"Element-wise {ACTIVATIONS['hardsigmoid']} (torch.nn.Hardsigmoid: alpha 1/6, beta 1/2).",
+    )
+)
+register_layer(
+    Layer(
+        "gelu",
+        (
+            Attr(
+                "approximate",
+                "choice",
+                "none",
+                positional=True,
+                choices=("none", "tanh"),
+                doc="none: the exact form with erf; tanh: the tanh approximation",
+            ),
+        ),
+        _with_attrs("gelu", "approximate"),
+        f"Element-wise {ACTIVATIONS['gelu']} (torch.nn.GELU).",
+    )
+)
+register_layer(
+    Layer(
+        "elu",
+        (
+            Attr(
+                "alpha", "float", 1.0, positional=True, doc="the value approached below 0 is -alpha"
+            ),
+        ),
+        _with_attrs("elu", "alpha"),
+        f"Element-wise {ACTIVATIONS['elu']} (torch.nn.ELU).",
+    )
+)
+
+
+def build_softplus(ctx: LayerContext, x):
+    if ctx["beta"] <= 0:
+        raise ctx.error(f"softplus beta must be positive, got {ctx['beta']:g}", "beta")
+    return ctx.node("softplus", [x], {"beta": ctx["beta"]})
+
+
+register_layer(
+    Layer(
+        "softplus",
+        (Attr("beta", "float", 1.0, positional=True, doc="sharpness (torch.nn.Softplus's beta)"),),
+        build_softplus,
+        f"Element-wise {ACTIVATIONS['softplus']} (torch.nn.Softplus).",
+    )
+)
 
 register_layer(
     Layer(
@@ -165,5 +268,59 @@ register_layer(
         (Attr("axis", "int", 1, positional=True, doc="the axis that sums to 1 (the channels)"),),
         build_softmax,
         "Class probabilities: exp(x) normalised to sum to 1 along the axis.",
+    )
+)
+
+
+class PRelu(OpDef):
+    """inputs (x, weight [1] or [C]): x where x >= 0, else weight·x, with one slope for every
+    channel or one per channel (axis 1), as torch.nn.PReLU and ONNX PRelu."""
+
+    name = "prelu"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        x, slope = inputs
+        if x.rank < 2:
+            raise ShapeError(f"prelu needs an input with channels N×C…, got {x}")
+        if slope.shape not in ((1,), (x.shape[1],)):
+            raise ShapeError(
+                f"prelu slopes {slope} must be one value or one per channel of {x} "
+                f"([1] or [{x.shape[1]}])"
+            )
+        return [x]
+
+
+register_op(PRelu())
+
+
+def build_prelu(ctx: LayerContext, x):
+    count, channels = ctx["num_parameters"], x.shape[1]
+    if count not in (1, channels):
+        raise ctx.error(
+            f"prelu num_parameters must be 1 or the {channels} channels, got {count}",
+            "num_parameters",
+            hint=f"prelu(num_parameters={channels}) learns a slope per channel",
+        )
+    weight = ctx.param("weight", (count,), ("constant", ctx["init"]))
+    return ctx.node("prelu", [x, weight])
+
+
+register_layer(
+    Layer(
+        "prelu",
+        (
+            Attr(
+                "num_parameters",
+                "int",
+                1,
+                positional=True,
+                minimum=1,
+                doc="slopes: 1 (shared), or one per channel",
+            ),
+            Attr("init", "float", 0.25, doc="the slopes' initial value"),
+        ),
+        build_prelu,
+        "x for x >= 0, else a learned slope · x (torch.nn.PReLU): <name>.weight [num_parameters].",
+        has_params=True,
     )
 )

@@ -69,8 +69,10 @@ class Attr:
     """One argument of a DSL layer.
 
     ``kind`` is one of: ``int``, ``ints`` (an int or a tuple of ints), ``float``,
-    ``bool``, ``pad`` (int, tuple of ints, ``same`` or ``valid``), ``values`` (the
-    names of values, taking every positional argument: the inputs of a merge).
+    ``floats`` (a number or a tuple of numbers), ``bool``, ``pad`` (int, tuple of ints,
+    ``same`` or ``valid``), ``choice`` (one of the words in ``choices``), ``value`` (the
+    name of a value), ``values`` (the names of values, taking every positional argument:
+    the inputs of a merge).
     """
 
     name: str
@@ -80,6 +82,7 @@ class Attr:
     minimum: float | None = None
     doc: str = ""
     default_text: str | None = None  # how the signature shows a computed default
+    choices: tuple[str, ...] = ()  # the words a ``choice`` takes
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 from cnnc.ir.graph import Graph, Node
 from cnnc.ir.types import TensorType
+from cnnc.ops.activation import ACTIVATIONS
 
 # Ops that act on each channel alone, so they commute with N×K×1×1 -> N×K.
-PER_CHANNEL = {"affine", "relu", "leaky_relu", "clip", "sigmoid", "tanh", "dropout", "bn"}
+PER_CHANNEL = {*ACTIVATIONS, "prelu", "affine", "dropout", "bn"}
 
 
 def _is_map(t: TensorType) -> bool:

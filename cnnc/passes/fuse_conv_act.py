@@ -3,17 +3,19 @@
     y = conv(x, W, b); z = relu(y)  ==>  z = conv+relu(x, W, b)
 
 Any element-wise activation fuses (FUSIBLE in ops/activation.py: relu, leaky_relu,
-clip and so relu6, sigmoid, tanh). It is recorded in the conv's ``activation``
-attribute, with the activation's own attributes (leaky_relu's alpha, clip's min
-and max) in ``activation_attrs``. The interpreter applies it in place on the
-matrix product's output; the ONNX exporter writes a model-local function whose
-body is the standard Conv and activation ops.
+clip and so relu6, sigmoid, tanh, silu, hardswish, hardsigmoid, gelu, mish, elu,
+softplus): applying it to each value as the product leaves the conv is exact. It is
+recorded in the conv's ``activation`` attribute, with the activation's own attributes
+(leaky_relu's alpha, clip's min and max) in ``activation_attrs``. The interpreter
+applies it in place on the matrix product's output; the ONNX exporter writes a
+model-local function whose body is the standard Conv and the activation's ops.
 
 Leaves alone (and why):
 - a conv whose output has other users, or is a network output: they need the value
   before the activation;
 - a conv that already has an activation;
-- an activation after anything but a conv (an fc, a pool, an add).
+- an activation after anything but a conv (an fc, a pool, an add);
+- prelu: its slopes are a tensor the fused function would have to take as an input.
 """
 
 from __future__ import annotations
