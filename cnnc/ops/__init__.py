@@ -7,6 +7,7 @@ from cnnc.ops.base import (
     LayerContext,
     OpDef,
     all_layers,
+    all_ops,
     get_layer,
     get_op,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "LayerContext",
     "OpDef",
     "all_layers",
+    "all_ops",
     "get_layer",
     "get_op",
 ]

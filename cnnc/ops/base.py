@@ -51,6 +51,11 @@ def register_op(opdef: OpDef) -> OpDef:
     return opdef
 
 
+def all_ops() -> dict[str, OpDef]:
+    """Every op of the IR, by name (what each interpretation's table must cover)."""
+    return dict(_OPS)
+
+
 def get_op(name: str) -> OpDef:
     """The definition of IR op ``name``."""
     try:
