@@ -195,26 +195,42 @@ class Model:
         """A table of layers with output shapes, parameter counts and multiply-accumulates."""
         return printer.summary(self.graph)
 
+    def tensors(self) -> str:
+        """Every parameter tensor with its shape: what a weights file must hold."""
+        return printer.tensors(self.graph)
+
     def fully_conv_report(self, input_size: tuple[int, ...] | None = None) -> str:
-        """Output stride and receptive field of one cell of a fully convolutional model, and
-        the size of its score map for an input of spatial size ``input_size``."""
+        """Output stride and receptive field of one cell of each output of a fully
+        convolutional model, and the size of its maps for an input of spatial size
+        ``input_size``."""
         from cnnc.passes.convolutionalize import output_shape_for, padded_layers, receptive_field
 
         if not self.graph.flexible_spatial:
             raise UsageError("the model is not fully convolutional; compile it with --fully-conv")
-        stride, field = receptive_field(self.graph)
         dims = "x".join
-        lines = [
-            f"fully convolutional: output stride {dims(map(str, stride))}, receptive field "
-            f"{dims(map(str, field))} (each output cell scores one "
-            f"{dims(map(str, field))} window; windows are {dims(map(str, stride))} apart)"
-        ]
-        if input_size is not None:
-            shape = output_shape_for(self.graph, tuple(input_size))
-            lines.append(
-                f"an input of {dims(map(str, input_size))} gives a score map "
-                f"[{','.join(map(str, shape))}]"
-            )
+        lines = []
+        shapes = output_shape_for(self.graph, tuple(input_size)) if input_size else None
+        for i, out in enumerate(self.graph.outputs):
+            stride, field = receptive_field(self.graph, out)
+            head = "fully convolutional: " if len(self.graph.outputs) == 1 else f"%{out.name}: "
+            window = f"receptive field {dims(map(str, field))}"
+            if all(s == 1 for s in stride):
+                lines.append(
+                    f"{head}output stride 1 (the output has the input's resolution: one cell "
+                    f"per pixel), {window} (each cell sees a {dims(map(str, field))} window)"
+                )
+            else:
+                lines.append(
+                    f"{head}output stride {dims(map(str, stride))}, {window} (each output "
+                    f"cell scores one {dims(map(str, field))} window; windows are "
+                    f"{dims(map(str, stride))} apart)"
+                )
+            if shapes is not None:
+                what = "score map" if any(s != 1 for s in stride) else "map"
+                lines.append(
+                    f"an input of {dims(map(str, input_size))} gives a {what} "
+                    f"[{','.join(map(str, shapes[i]))}]"
+                )
         padded = padded_layers(self.graph)
         if padded:
             lines.append(

@@ -32,7 +32,8 @@ EXAMPLES = {
   cnnc dump lenet5.onnx""",
     "summary": """examples:
   cnnc summary examples/vgg16.cnn
-  cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384""",
+  cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384
+  cnnc summary examples/resnet18.cnn --tensors     # the names a weights file holds""",
     "import": """examples:
   cnnc import model.onnx                   # writes model.cnn and model.npz
   cnnc import model.onnx -o net.cnn && cnnc run net.cnn --weights net.npz""",
@@ -213,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
     _model_args(p, default_level=0)
     p.add_argument(
+        "--tensors",
+        action="store_true",
+        help="list every parameter tensor with its shape (the names a weights file holds)",
+    )
+    p.add_argument(
         "--input-size",
         type=_size,
         metavar="HxW",
@@ -321,7 +327,9 @@ def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
         if name not in given and in_order:
             given[name] = in_order.pop(0)
     if in_order:
-        raise UsageError(f"{len(specs)} --input arrays for the {len(names)} input(s) of {model.name}")
+        raise UsageError(
+            f"{len(specs)} --input arrays for the {len(names)} input(s) of {model.name}"
+        )
     missing = [n for n in names if n not in given]
     if missing:
         raise UsageError(
@@ -388,15 +396,26 @@ def cmd_dump(args) -> None:
 def cmd_summary(args) -> None:
     model = _load(args, notice=False)
     print(model.summary(), end="")
+    if args.tensors:
+        print()
+        print(model.tensors(), end="")
     if args.fully_conv:
         print(model.fully_conv_report(args.input_size))
     elif args.input_size:
         raise UsageError("--input-size applies with --fully-conv")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

@@ -151,7 +151,8 @@ def load(graph: Graph, path: str | Path) -> None:
         raise WeightsError(
             f"weights do not fit network {graph.name}:\n  " + "\n  ".join(problems),
             str(path),
-            hint="tensor names follow <layer>.weight and <layer>.bias; `cnnc summary` lists them",
+            hint="tensor names follow <layer>.weight and <layer>.bias; "
+            "`cnnc summary PROGRAM --tensors` lists every name with its shape",
         )
     for name, array in tensors.items():
         graph.params[name].set_data(array.astype(np.float32, copy=False))

@@ -184,3 +184,19 @@ def test_error_report_has_place_source_line_caret_and_hint():
         "      maxpool(2) -> maxpool(2) -> maxpool(3)\n" + " " * (4 + 30) + "^~~~~~~~~~\n"
         "hint: drop this maxpool, use a smaller kernel, or pad its input"
     )
+
+
+@pytest.mark.parametrize(
+    ("written", "suggested"),
+    [("Gelu", "gelu"), ("SiLU", "silu"), ("swish", "silu"), ("h_swish", "hardswish"),
+     ("BatchNorm2d", "bn"), ("Conv2d", "conv"), ("sigmod", "sigmoid"), ("LeakyReLU", "leaky_relu")],
+)  # fmt: skip
+def test_an_unknown_layer_named_as_elsewhere_suggests_cnnc_s_name(written, suggested):
+    err = compile_error(f"  {written}")
+    assert err.hint.startswith(f"did you mean {suggested}? ")
+
+
+@pytest.mark.parametrize("written", ["zzz", "pool", "norm", "activation"])
+def test_an_unknown_layer_gets_no_suggestion_that_is_merely_similar(written):
+    err = compile_error(f"  {written}")
+    assert err.hint.startswith("layers: ")

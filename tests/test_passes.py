@@ -470,3 +470,34 @@ def test_fully_conv_report_of_vgg16():
     assert lines[0].startswith("fully convolutional: output stride 32x32, receptive field 404x404")
     assert lines[1] == "an input of 384x384 gives a score map [N,1000,6,6]"
     assert lines[2].startswith("note: conv1_1, conv1_2, conv2_1")
+
+
+def test_a_network_with_a_fixed_size_reshape_cannot_be_made_fully_convolutional():
+    text = "network n(x: 4x6x6) {\n conv(4, 3, pad=1) -> r: reshape((2, 2, 36)) -> gap\n}"
+    with pytest.raises(ShapeError) as info:
+        cnnc.compile(text, fully_conv=True)
+    assert info.value.message == (
+        "network n cannot be made fully convolutional: reshape r fixes every size of its "
+        "output (2x2x36)"
+    )
+    assert info.value.location.line == 2
+
+
+def test_global_max_pooling_becomes_a_max_over_each_window():
+    text = "network g(x: 3x8x8) { c: conv(4, 3) -> relu -> global_maxpool -> f: fc(2) }"
+    fcn = cnnc.compile(text, fully_conv=True)
+    assert "maxpool2d" in labels(fcn) and "global_maxpool" not in labels(fcn)
+    image = np.random.default_rng(1).standard_normal((1, 3, 10, 9), dtype=np.float32)
+    scores = fcn.run(image)
+    classifier = cnnc.compile(text, opt_level=0)
+    assert scores.shape == (1, 2, 3, 2)
+    np.testing.assert_allclose(
+        scores[0, :, 2, 1], classifier.run(image[:, :, 2:10, 1:9])[0], rtol=1e-4, atol=1e-6
+    )
+
+
+def test_a_network_of_two_inputs_cannot_be_made_fully_convolutional():
+    text = "network n(a: 3x8x8, b: 3x8x8) { s = a -> conv(2, 1)  t = b -> conv(2, 1)  add(s, t) }"
+    with pytest.raises(ShapeError) as info:
+        cnnc.compile(text, fully_conv=True)
+    assert info.value.message.startswith("network n has 2 inputs; a fully convolutional network")

@@ -592,7 +592,17 @@ def to_onnx(
         e.nodes,
         graph.name,
         [_value_info(v, sizes if flexible else None) for v in graph.inputs],
-        [_value_info(v, out_sizes if flexible else None) for v in graph.outputs],
+        [
+            _value_info(
+                v,
+                None
+                if not flexible
+                else out_sizes
+                if len(graph.outputs) == 1
+                else [f"{d}{i}" for d in out_sizes],
+            )
+            for i, v in enumerate(graph.outputs)
+        ],
         initializer=initializers + e.initializers,
         value_info=value_info,
     )

@@ -165,7 +165,6 @@ class _Names:
         return name
 
 
-
 def _needs_name(graph: Graph, value: Value, following: Node | None, declared: bool) -> bool:
     """Whether a value is read other than by the very next statement continuing from it
     (or is an output the heading declares)."""
@@ -217,8 +216,10 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
         if len(node.outputs) > 1 or _needs_name(graph, node.output, following, declared):
             for out in node.outputs:
                 output = out in graph.outputs
-                value_names[id(out)] = names.make(out.name) if output else names.make(
-                    out.name if len(node.outputs) > 1 else node.name, "_out"
+                value_names[id(out)] = (
+                    names.make(out.name)
+                    if output
+                    else names.make(out.name if len(node.outputs) > 1 else node.name, "_out")
                 )
             bound = ", ".join(value_names[id(out)] for out in node.outputs)
             call = f"{bound} = {call}"

@@ -324,8 +324,7 @@ class _Lowering:
     def unknown(self, call: Call) -> LayerError:
         known = sorted(all_layers())
         blocks = sorted(self.blocks)
-        close = difflib.get_close_matches(call.name, known + blocks, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
+        hint = suggestion(call.name, known + blocks)
         hint += "layers: " + ", ".join(known)
         if blocks:
             hint += "; blocks: " + ", ".join(blocks)
@@ -362,9 +361,7 @@ class _Lowering:
         finally:
             self.stack.pop()
 
-    def block_params(
-        self, block: Block, call: Call, scope: _Scope, x: Value
-    ) -> dict[str, Any]:
+    def block_params(self, block: Block, call: Call, scope: _Scope, x: Value) -> dict[str, Any]:
         names = [p.name for p in block.params]
         given: dict[str, tuple[Any, Location]] = {}
         for i, arg in enumerate(call.args):
@@ -407,6 +404,80 @@ class _Lowering:
                     hint=f"{block.name}({', '.join(names)})",
                 )
         return params
+
+
+# What other frameworks call cnnc's layers (PyTorch's modules and functions, ONNX's ops,
+# common abbreviations), compared without case, underscores or a 1d/2d ending.
+FOREIGN_NAMES = {
+    "conv": ("Conv1d", "Conv2d", "convolution"),
+    "conv_transpose": (
+        "ConvTranspose1d",
+        "ConvTranspose2d",
+        "conv_transpose2d",
+        "deconv",
+        "deconvolution",
+        "transposed_conv",
+        "upconv",
+    ),
+    "upsample": (
+        "Upsample",
+        "interpolate",
+        "resize",
+        "UpsamplingNearest2d",
+        "UpsamplingBilinear2d",
+        "upsampling",
+    ),
+    "fc": ("dense", "fully_connected", "Gemm", "InnerProduct"),
+    "bn": ("BatchNorm1d", "BatchNorm2d", "batchnorm", "batch_norm", "BatchNormalization"),
+    "layernorm": ("LayerNorm", "layer_norm", "ln", "LayerNorm2d", "LayerNormalization"),
+    "groupnorm": ("GroupNorm", "group_norm", "gn", "GroupNormalization"),
+    "maxpool": ("MaxPool1d", "MaxPool2d", "max_pool", "max_pool2d", "maxpooling"),
+    "avgpool": ("AvgPool1d", "AvgPool2d", "avg_pool", "avg_pool2d", "AveragePool", "averagepool"),
+    "gap": ("GlobalAveragePool", "global_avgpool", "global_average_pooling"),
+    "adaptive_avgpool": ("AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "adaptive_avg_pool2d"),
+    "adaptive_maxpool": ("AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "adaptive_max_pool2d"),
+    "relu": ("ReLU",),
+    "silu": ("SiLU", "swish"),
+    "hardswish": ("Hardswish", "hard_swish", "h_swish", "hswish"),
+    "hardsigmoid": ("Hardsigmoid", "hard_sigmoid", "h_sigmoid", "hsigmoid"),
+    "gelu": ("GELU",),
+    "leaky_relu": ("LeakyReLU", "lrelu"),
+    "prelu": ("PReLU",),
+    "elu": ("ELU",),
+    "relu6": ("ReLU6",),
+    "softmax": ("Softmax",),
+    "concat": ("cat", "concatenate"),
+    "mul": ("multiply", "times"),
+    "sub": ("subtract", "minus"),
+    "div": ("divide",),
+    "split": ("chunk",),
+    "pad": ("ZeroPad2d", "ConstantPad2d", "ReflectionPad2d", "ReplicationPad2d", "padding"),
+    "drop_path": ("StochasticDepth", "stochastic_depth", "droppath", "DropPath"),
+    "dropout": ("Dropout",),
+    "lrn": ("LocalResponseNorm", "local_response_norm"),
+}
+
+
+def _plain(name: str) -> str:
+    name = name.lower().replace("_", "")
+    return name[:-2] if name.endswith(("1d", "2d")) else name
+
+
+_FOREIGN = {_plain(alias): ours for ours, aliases in FOREIGN_NAMES.items() for alias in aliases}
+
+
+def suggestion(name: str, known: list[str]) -> str:
+    """``did you mean X? `` for a name another framework uses, or for a close misspelling
+    (only a close one: gelu is not relu), else nothing."""
+    plain = {_plain(k): k for k in known}
+    if _plain(name) in plain:
+        return f"did you mean {plain[_plain(name)]}? "
+    ours = _FOREIGN.get(_plain(name))
+    if ours is not None:
+        # A known foreign name never gets a merely similar-looking suggestion.
+        return f"did you mean {ours}? ({name} is {ours} in cnnc) " if ours in known else ""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 def _labels(statements: list[Statement]) -> set[str]:
@@ -489,8 +560,7 @@ def _size_of(expr: Member, scope: _Scope) -> int:
     if expr.size not in sizes:
         close = difflib.get_close_matches(expr.size, list(sizes), n=1)
         raise LayerError(
-            f"{expr.value} ({value.type}) has no size {expr.size!r}; it has "
-            + ", ".join(sizes),
+            f"{expr.value} ({value.type}) has no size {expr.size!r}; it has " + ", ".join(sizes),
             expr.loc,
             hint=f"did you mean {expr.value}.{close[0]}?" if close else None,
         )

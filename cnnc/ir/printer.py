@@ -105,3 +105,23 @@ def summary(graph: Graph) -> str:
             + ", ".join(f"{k} {v / total_params:.1%} ({v:,})" for k, v in shares)
         )
     return "\n".join(lines) + "\n"
+
+
+def tensors(graph: Graph) -> str:
+    """Every parameter tensor of the graph with its shape, in the order the layers use them:
+    the names and shapes a weights file must hold."""
+    from cnnc.ir.graph import is_statistic
+
+    rows = [
+        [
+            p.name,
+            "[" + ",".join(str(d) for d in p.shape) + "]",
+            f"{p.type.numel():,}",
+            "statistic" if is_statistic(p) else "learned",
+        ]
+        for p in graph.params.values()
+    ]
+    total = ["total", "", f"{graph.value_count():,}", ""]
+    lines = [f"network {graph.name}: {len(rows)} parameter tensors", ""]
+    lines += _table(["tensor", "shape", "values", "kind"], rows, total, right={2})
+    return "\n".join(lines) + "\n"

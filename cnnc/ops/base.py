@@ -39,6 +39,11 @@ class OpDef:
         """The attributes as the dump shows them (``k=5x5 s=1 p=2,2,2,2``)."""
         return ""
 
+    def fixed_size(self, node: Node) -> str | None:
+        """Why this node works only at its declared spatial sizes (a reshape fixes them),
+        completing "reshape r1 ..."; None if it works at any larger size."""
+        return None
+
 
 _OPS: dict[str, OpDef] = {}
 

@@ -62,6 +62,9 @@ class Reshape(OpDef):
     def describe(self, node) -> str:
         return "to " + format_dims(node.attrs["shape"])
 
+    def fixed_size(self, node) -> str | None:
+        return f"fixes every size of its output ({format_dims(node.attrs['shape'])})"
+
 
 class Transpose(OpDef):
     """attr ``perm``: output axis i is input axis perm[i]; the batch axis stays first."""

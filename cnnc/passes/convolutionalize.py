@@ -12,14 +12,18 @@ long as no layer pads (padding makes the classifier see zeros where the larger
 image has pixels). Softmax over the channels, moved before the flatten by
 fc-to-conv, scores each cell.
 
-Refuses (with an error at the layer): an fc that fc-to-conv cannot convert, and a
-flatten left anywhere but at the output, since then the network is not convolutional.
+Refuses (with an error at the layer): an fc that fc-to-conv cannot convert, a flatten
+left anywhere but at the output, since then the network is not convolutional; a layer
+that only works at its declared sizes (a reshape, which fixes them; see each op's
+``fixed_size``); and a network of several inputs, which could grow differently.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from cnnc.errors import ShapeError
-from cnnc.ir.graph import Graph
+from cnnc.ir.graph import Graph, Value
 from cnnc.passes.fc_to_conv import fc_to_conv
 
 # Global pools and the windowed pool that computes them at the declared size.
@@ -28,8 +32,16 @@ WINDOWED = {"gap": "avgpool", "global_maxpool": "maxpool"}
 
 def convolutionalize(graph: Graph) -> bool:
     """Make a classifier fully convolutional; returns True (it always changes the contract)."""
+    from cnnc.ops import get_op
+
+    if len(graph.inputs) != 1:
+        raise ShapeError(
+            f"network {graph.name} has {len(graph.inputs)} inputs; a fully convolutional "
+            "network slides over one",
+            graph.nodes[0].loc if graph.nodes else None,
+        )
     fc_to_conv(graph)
-    for node in [n for n in graph.nodes if n.op == "gap"]:
+    for node in [n for n in graph.nodes if n.op in WINDOWED]:
         spatial = tuple(node.inputs[0].type.spatial)
         rank = len(spatial)
         attrs = {
@@ -38,9 +50,11 @@ def convolutionalize(graph: Graph) -> bool:
             "pads": (0,) * 2 * rank,
             "dilation": (1,) * rank,
             "ceil": False,
-            "count_include_pad": True,
         }
-        graph.replace_node(node, "avgpool", node.inputs, attrs, note="gap→avgpool")
+        if node.op == "gap":
+            attrs["count_include_pad"] = True
+        pool = WINDOWED[node.op]
+        graph.replace_node(node, pool, node.inputs, attrs, note=f"{node.op}→{pool}")
     for i, out in enumerate(graph.outputs):
         flatten = out.producer
         if flatten is not None and flatten.op == "flatten" and flatten.inputs[0].type.rank >= 3:
@@ -55,32 +69,89 @@ def convolutionalize(graph: Graph) -> bool:
                 node.loc,
                 hint="only networks whose FC layers follow a feature map can be convolutionalized",
             )
+        reason = get_op(node.op).fixed_size(node)
+        if reason is not None:
+            raise ShapeError(
+                f"network {graph.name} cannot be made fully convolutional: {node.op} "
+                f"{node.name} {reason}",
+                node.loc,
+                hint="a network slides over larger inputs only if every layer works at any size",
+            )
     graph.flexible_spatial = True
     return True
 
 
-def receptive_field(graph: Graph) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(total stride, receptive field) of one output cell, per spatial axis."""
+Jump = tuple[Fraction, ...]
+
+
+def _windowed(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
+    rank = len(jump)
+    kernel = node.attrs.get("kernel") or tuple(node.inputs[1].shape[2:])
+    dilation = node.attrs.get("dilation", (1,) * rank)
+    field = tuple(
+        f + (k - 1) * d * j for f, k, d, j in zip(field, kernel, dilation, jump, strict=True)
+    )
+    return tuple(j * s for j, s in zip(jump, node.attrs["stride"], strict=True)), field
+
+
+def _transposed(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
+    # Output cells are stride times as dense; each reads the inputs its kernel covers.
+    rank = len(jump)
+    kernel = tuple(node.inputs[1].shape[2:])
+    dilation = node.attrs.get("dilation", (1,) * rank)
+    jump = tuple(j / s for j, s in zip(jump, node.attrs["stride"], strict=True))
+    reach = tuple(
+        -(-((k - 1) * d + 1) // s)
+        for k, d, s in zip(kernel, dilation, node.attrs["stride"], strict=True)
+    )
+    field = tuple(
+        f + (r - 1) * j * s
+        for f, r, j, s in zip(field, reach, jump, node.attrs["stride"], strict=True)
+    )
+    return jump, field
+
+
+def _upsampled(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
+    # A nearest cell reads one input cell; a linear one reads two neighbours.
+    scales = node.attrs["scales"]
+    linear = node.attrs["mode"] in ("linear", "bilinear")
+    field = tuple(f + (j if linear else 0) for f, j in zip(field, jump, strict=True))
+    return tuple(
+        j / Fraction(s).limit_denominator(1000) for j, s in zip(jump, scales, strict=True)
+    ), field
+
+
+# How an op changes the spacing of output cells on the input (the jump) and how much of the
+# input one cell sees (the field); every other op keeps both.
+FIELD_RULES = {
+    "conv": _windowed,
+    "maxpool": _windowed,
+    "avgpool": _windowed,
+    "conv_transpose": _transposed,
+    "upsample": _upsampled,
+}
+
+
+def receptive_field(graph: Graph, output: Value | None = None) -> tuple[Jump, tuple[int, ...]]:
+    """(output stride, receptive field) of one cell of ``output`` (the first output by
+    default), per spatial axis. The stride is a fraction when the output is finer than
+    the input."""
     (x,) = graph.inputs
     rank = x.type.rank - 2
-    fields = {id(x): ((1,) * rank, (1,) * rank)}
+    fields: dict[int, tuple[Jump, tuple]] = {id(x): ((Fraction(1),) * rank, (1,) * rank)}
     for node in graph.nodes:
         found = [fields[id(v)] for v in node.activations if id(v) in fields]
         if not found:
             continue
-        jump = found[0][0]
+        jump = tuple(min(f[0][i] for f in found) for i in range(rank))
         field = tuple(max(f[1][i] for f in found) for i in range(rank))
-        if "stride" in node.attrs:
-            kernel = node.attrs.get("kernel") or tuple(node.inputs[1].shape[2:])
-            dilation = node.attrs.get("dilation", (1,) * rank)
-            field = tuple(
-                f + (k - 1) * d * j
-                for f, k, d, j in zip(field, kernel, dilation, jump, strict=True)
-            )
-            jump = tuple(j * s for j, s in zip(jump, node.attrs["stride"], strict=True))
+        rule = FIELD_RULES.get(node.op)
+        if rule is not None and node.inputs[0].type.rank == rank + 2:
+            jump, field = rule(node, jump, field)
         for out in node.outputs:
             fields[id(out)] = (jump, field)
-    return fields[id(graph.outputs[0])]
+    jump, field = fields[id(output or graph.outputs[0])]
+    return jump, tuple(int(f) for f in field)
 
 
 def padded_layers(graph: Graph) -> list[str]:
@@ -88,8 +159,9 @@ def padded_layers(graph: Graph) -> list[str]:
     return [n.name for n in graph.nodes if any(n.attrs.get("pads", ())) or n.attrs.get("ceil")]
 
 
-def output_shape_for(graph: Graph, spatial: tuple[int, ...]) -> tuple:
-    """The output shape of a fully convolutional graph for an input of spatial size ``spatial``."""
+def output_shape_for(graph: Graph, spatial: tuple[int, ...]) -> list[tuple]:
+    """The output shapes of a fully convolutional graph for an input of spatial size
+    ``spatial``."""
     from cnnc.ops import get_op
 
     (x,) = graph.inputs
@@ -106,4 +178,4 @@ def output_shape_for(graph: Graph, spatial: tuple[int, ...]) -> tuple:
     for node in graph.nodes:
         outs = get_op(node.op).infer([types[id(v)] for v in node.inputs], node.attrs)
         types.update((id(v), t) for v, t in zip(node.outputs, outs, strict=True))
-    return types[id(graph.outputs[0])].shape
+    return [types[id(v)].shape for v in graph.outputs]
