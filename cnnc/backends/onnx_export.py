@@ -137,7 +137,8 @@ class Emitter:
             self.functions.setdefault(function.name, function)
             self.node(function.name, inputs, outputs, name, domain=FUNCTION_DOMAIN, **attrs)
             return
-        actual = {**dict(zip(function.input, inputs)), **dict(zip(function.output, outputs))}
+        actual = dict(zip(function.input, inputs, strict=True))
+        actual.update(zip(function.output, outputs, strict=True))
         for i, body_node in enumerate(function.node):
             node = onnx.NodeProto()
             node.CopyFrom(body_node)
