@@ -27,7 +27,8 @@ SUPPORTED_OPS = {
     "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu",
     "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Gemm", "MatMul", "Softmax", "Flatten", "Reshape",
     "Transpose", "BatchNormalization", "LRN", "Dropout", "Add", "Concat", "Identity", "Sum",
-    "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant",
+    "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant", "HardSwish", "HardSigmoid",
+    "Gelu", "Mish", "Elu", "PRelu", "Softplus",
 }  # fmt: skip
 KINDS = ("node", "pytorch-converted", "pytorch-operator", "simple")
 
@@ -91,10 +92,13 @@ _REASONS = {
         "test_matmul_1d_1d", "test_matmul_1d_3d", "test_matmul_3d", "test_matmul_4d",
         "test_matmul_4d_1d", "test_matmul_bcast", "test_operator_addmm",
     ),
-    # Arithmetic is a merge (Add, Sum of one shape) or an affine (by a per-channel constant).
-    "arithmetic between computed values of different shapes, or other than a sum": (
-        "test_add_bcast", "test_div", "test_div_bcast", "test_div_example", "test_mul",
-        "test_mul_bcast", "test_mul_example", "test_sub", "test_sub_bcast", "test_sub_example",
+    # Every computed value carries the batch axis first; ONNX aligns ranks from the right.
+    "arithmetic between computed values of different ranks": (
+        "test_add_bcast", "test_div_bcast", "test_mul_bcast", "test_sub_bcast",
+    ),
+    # cnnc's prelu learns one slope, or one per channel (axis 1).
+    "PRelu slopes along other axes than the channels": (
+        "test_prelu_broadcast", "test_prelu_example",
     ),
     "MaxPool's Indices output and storage order": (
         "test_maxpool_with_argmax_2d_precomputed_pads",

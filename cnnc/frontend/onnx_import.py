@@ -291,6 +291,11 @@ def _prelu(imp: Importer, node, attrs) -> None:
         raise imp.fail(node, "a PRelu whose slopes are computed is not supported")
     slope = imp.constants[node.input[1]].astype(np.float32)
     vector = slope.reshape(1) if slope.size == 1 else _per_channel(imp, node, slope, x)
+    channels, last = x.type.shape[1], x.type.shape[-1]
+    if vector is None and slope.shape == (channels,) and last not in (channels, 1):
+        # PyTorch's TorchScript exporter wrote a per-channel slope as [C], which ONNX's
+        # broadcasting would not even accept against N×C×...×W: it meant one per channel.
+        vector = slope
     if vector is None:
         raise imp.fail(
             node, f"PRelu slopes of shape {slope.shape} are not one value or one per channel"
