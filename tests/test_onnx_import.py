@@ -147,6 +147,29 @@ def test_an_affine_after_a_conv_folds_into_it_at_O2(tmp_path):
     assert_agree(model.run(x), ort_session(helper.make_model(graph)).run(None, {"x": x})[0])
 
 
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize(("op", "pool"), [("ReduceMean", "gap"), ("ReduceMax", "global_maxpool")])
+@pytest.mark.parametrize("keepdims", [1, 0])
+def test_a_reduction_over_every_spatial_axis_is_a_global_pool(tmp_path, op, pool, keepdims, opset):
+    if opset >= 18:
+        axes = {"axes": np.array([-1, -2], np.int64)}
+        node = helper.make_node(op, ["x", "axes"], ["y"], keepdims=keepdims)
+    else:
+        axes = {}
+        node = helper.make_node(op, ["x"], ["y"], axes=[2, 3], keepdims=keepdims)
+    ours = agrees(tmp_path, one_node(node, (3, 5, 4), axes, opset=opset), (3, 5, 4))
+    assert [n.op for n in ours.graph.nodes] == [pool] + ["flatten"] * (1 - keepdims)
+
+
+def test_a_reduction_over_the_channels_is_refused(tmp_path):
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1, name="r")
+    with pytest.raises(ModelFileError) as info:
+        load(tmp_path, one_node(node, (3, 5, 4)))
+    assert info.value.message.startswith(
+        "ReduceMean over axes [1] of f32[N,3,5,4] is not supported"
+    )
+
+
 def test_a_channel_shuffle_imports_as_reshape_transpose_reshape(tmp_path):
     nodes = [
         helper.make_node("Reshape", ["x", "s1"], ["a"]),

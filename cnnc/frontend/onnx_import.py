@@ -253,6 +253,33 @@ def _gap(imp: Importer, node, attrs) -> None:
     imp.add(node, "gap", _inputs(imp, node))
 
 
+@importer("ReduceMean", "ReduceMax")
+def _reduce(imp: Importer, node, attrs) -> None:
+    """The mean or maximum over every spatial axis is gap or global_maxpool (followed by a
+    flatten when the reduced axes are dropped): how the dynamo exporter writes
+    AdaptiveAvgPool2d(1) and torch.mean(x, (2, 3))."""
+    x = imp.value(node, node.input[0])
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = imp.constant(node, node.input[1]).reshape(-1).tolist()
+    rank = x.type.rank
+    spatial = sorted(a + rank if a < 0 else a for a in (axes or range(rank)))
+    op = "gap" if node.op_type == "ReduceMean" else "global_maxpool"
+    if rank < 3 or spatial != list(range(2, rank)):
+        raise imp.fail(
+            node,
+            f"{node.op_type} over axes {list(axes) if axes is not None else 'all'} of {x.type} "
+            f"is not supported: cnnc reduces over every spatial axis ({op})",
+        )
+    if attrs.get("keepdims", 1):
+        imp.add(node, op, [x])
+        return
+    pooled = imp.graph.add_node(
+        op, [x], name=imp.graph.unique_name(f"{node.name or node.output[0]}.pool")
+    ).output
+    imp.add(node, "flatten", [pooled])
+
+
 @importer("GlobalMaxPool")
 def _global_maxpool(imp: Importer, node, attrs) -> None:
     imp.add(node, "global_maxpool", _inputs(imp, node))
