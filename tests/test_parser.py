@@ -140,3 +140,13 @@ def test_syntax_error_report_shows_the_line_and_a_caret_under_the_token():
         cnnc.parse("network n(x: 1x8x8) {\n  conv(8, 3 stride=1)\n}", "bad.cnn")
     lines = info.value.render().splitlines()
     assert lines[1:3] == ["      conv(8, 3 stride=1)", "                ^~~~~~"]
+
+
+def test_a_label_part_may_be_a_name_a_hyphen_and_a_number():
+    model = cnnc.compile(
+        "network n(x: 3x8x8) {\n trunk.block1.block1-0: conv(4, 3) -> b1-2: relu\n conv(8-1, 1)\n}",
+        opt_level=0,
+    )
+    assert [n.name for n in model.graph.nodes] == ["trunk.block1.block1-0", "b1-2", "conv2"]
+    assert "trunk.block1.block1-0.weight" in model.graph.params
+    assert model.graph.outputs[0].shape == ("N", 7, 6, 6)  # 8-1 stays arithmetic

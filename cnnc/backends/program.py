@@ -137,6 +137,7 @@ def _tuple(values) -> str:
 
 
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HYPHENATED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*-\d+")  # a label part such as block1-0
 
 
 @dataclass
@@ -150,13 +151,21 @@ class _Names:
     keywords: set[str] = field(default_factory=set)  # a value may not be called like a layer
 
     def make(self, raw: str, suffix: str = "", dotted: bool = False) -> str:
-        parts = [re.sub(r"[^A-Za-z0-9_]", "_", p).strip("_") for p in raw.split(".")]
+        parts = [
+            p
+            if dotted and _HYPHENATED.fullmatch(p)
+            else re.sub(r"[^A-Za-z0-9_]", "_", p).strip("_")
+            for p in raw.split(".")
+        ]
         parts = [p for p in parts if p] or ["layer"]
         if not dotted:
             parts = ["_".join(parts)]
-        if not _LABEL.fullmatch(parts[0]):
+        if not (_LABEL.fullmatch(parts[0]) or (dotted and _HYPHENATED.fullmatch(parts[0]))):
             parts[0] = "n" + parts[0]
-        parts[1:] = [p if p.isdigit() or _LABEL.fullmatch(p) else "n" + p for p in parts[1:]]
+        parts[1:] = [
+            p if p.isdigit() or _LABEL.fullmatch(p) or _HYPHENATED.fullmatch(p) else "n" + p
+            for p in parts[1:]
+        ]
         base = ".".join(parts) + suffix
         name, n = base, 2
         while name in self.taken or (not dotted and name in self.keywords):

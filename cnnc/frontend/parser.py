@@ -340,6 +340,7 @@ _TOKEN_WORDS = {
     "INT": "an integer",
     "FLOAT": "a number",
     "SHAPE": "a shape such as 3x32x32",
+    "HYPHENATED": "a label such as block1-0",
     "$END": "the end of the file",
 }
 
@@ -362,6 +363,9 @@ _OPERATORS = {"'+'", "'-'", "'*'", "'//'"}
 
 
 def _expected(names) -> str:
+    if "NAME" in names:
+        # Wherever a hyphenated label part may come, a name may too: it says enough.
+        names = [n for n in names if n != "HYPHENATED"]
     words = sorted({_describe_terminal(n) for n in names})
     if set(words) - _OPERATORS:
         words = [w for w in words if w not in _OPERATORS]
