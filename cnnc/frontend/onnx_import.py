@@ -34,6 +34,8 @@ class Importer:
         self.constants: dict[str, np.ndarray] = {}
         # Integer tensors computed from sizes known only at run time (onnx_shapes).
         self.shapes: dict[str, np.ndarray] = {}
+        # Slices that crop some spatial axes to a value's size: (ref, {axis: offset}).
+        self.crops: dict[Value, tuple[Value, dict[int, int]]] = {}
         self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
         self.consumers: dict[str, int] = {}  # how many nodes read each ONNX name
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -746,10 +748,8 @@ def _slice(imp: Importer, node, attrs) -> None:
     axes = [a + rank if a < 0 else a for a in (axes or range(len(starts)))]
     if steps and any(s != 1 for s in steps):
         raise imp.fail(node, f"Slice with steps {steps} is not supported: cnnc slices with step 1")
-    crop = _crop(x, starts, ends, axes)
-    if crop is not None:
-        ref, offset = crop
-        imp.add(node, "crop", [x, ref], {"offset": offset})
+    crop = _crop_axes(x, starts, ends, axes)
+    if crop is not None and _crop(imp, node, x, *crop):
         return
     cuts = []
     for axis, start, end in zip(axes, starts, ends, strict=True):
@@ -776,6 +776,8 @@ def _slice(imp: Importer, node, attrs) -> None:
     for i, (axis, start, end) in enumerate(cuts):
         if i == len(cuts) - 1:
             imp.add(node, "slice", [x], {"axis": axis, "start": start, "end": end})
+            if crop is not None and len(cuts) == 1:
+                imp.crops[imp.values[node.output[0]]] = crop
             break
         # Each axis but the last is a slice of its own, named after the node and the axis.
         step = helper.make_node("Slice", [], [f"{base}.axis{axis}"], name=f"{base}.axis{axis}")
@@ -795,24 +797,43 @@ def _bound(imp: Importer, node, x: Value, axis: int, bound: int | Dim) -> int:
     raise onnx_shapes.runtime_size_error(imp, node, bound)
 
 
-def _crop(x: Value, starts: list, ends: list, axes: list[int]) -> tuple[Value, tuple] | None:
-    """(ref, offset) if the ends are the sizes of another value ``ref`` plus the starts on
-    every spatial axis of x, and the Slice narrows nothing else."""
-    spatial = list(range(2, x.type.rank))
-    if sorted(axes) != spatial or x.type.rank - 2 not in (1, 2):
+def _crop_axes(x: Value, starts: list, ends: list, axes: list[int]) -> tuple | None:
+    """(ref, {axis: offset}) if on every axis it narrows the Slice starts at an offset and
+    ends at the size of one other value ``ref`` plus that offset: part of a crop to ref."""
+    if x.type.rank - 2 not in (1, 2) or not axes:
         return None
-    offset = {}
-    refs = set()
+    offsets, refs = {}, set()
     for axis, start, end in zip(axes, starts, ends, strict=True):
-        if not isinstance(end, Dim) or end.axis != axis or end.value is x:
+        if not isinstance(end, Dim) or end.axis != axis or axis < 2 or end.value is x:
             return None
         if isinstance(start, Dim) or start != end.offset or end.value.type.rank != x.type.rank:
             return None
-        offset[axis] = int(start)
+        offsets[axis] = int(start)
         refs.add(end.value)
-    if len(refs) != 1:
-        return None
-    return refs.pop(), tuple(offset[a] for a in spatial)
+    return (refs.pop(), offsets) if len(refs) == 1 else None
+
+
+def _crop(imp: Importer, node, x: Value, ref: Value, offsets: dict[int, int]) -> bool:
+    """Import a Slice that crops every spatial axis to ref's size as a crop (with the
+    Slice of the other axes before it, as torch writes one Slice per axis); False if the
+    crop is not complete."""
+    earlier = imp.crops.get(x)
+    source = x
+    if (
+        earlier is not None
+        and earlier[0] is ref
+        and not offsets.keys() & earlier[1].keys()
+        and imp.consumers.get(node.input[0], 0) == 1
+    ):
+        offsets = {**earlier[1], **offsets}
+        source = x.producer.inputs[0]
+    spatial = list(range(2, x.type.rank))
+    if sorted(offsets) != spatial:
+        return False
+    if source is not x:
+        imp.graph.remove_node(x.producer)
+    imp.add(node, "crop", [source, ref], {"offset": tuple(offsets[a] for a in spatial)})
+    return True
 
 
 # ---- the model ------------------------------------------------------------------------------
