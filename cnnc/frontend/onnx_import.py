@@ -695,7 +695,7 @@ def _split(imp: Importer, node, attrs) -> None:
     from num_outputs (opset 18: torch.chunk's rounding), or equal parts."""
     x = imp.value(node, node.input[0])
     rank, axis = x.type.rank, attrs.get("axis", 0)
-    if axis not in (1, 1 - rank):
+    if rank < 2 or axis not in (1, 1 - rank):
         raise imp.fail(
             node,
             f"Split along axis {axis} of {x.type} is not supported: cnnc splits the channels "
