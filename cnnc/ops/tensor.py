@@ -339,7 +339,8 @@ def build_split(ctx: LayerContext, x):
                 "sections",
                 hint=f"sizes must sum to {channels}",
             )
-    return ctx.node_outputs("split", [x], {"sizes": tuple(sizes)})
+    values = ctx.node_outputs("split", [x], {"sizes": tuple(sizes)})
+    return values if len(values) > 1 else values[0]
 
 
 register_layer(
@@ -492,9 +493,7 @@ def build_crop(ctx: LayerContext, x):
         raise ctx.error(f"crop needs a feature map N×C×L or N×C×H×W, got {x.type}")
     if ref.type.rank != x.type.rank:
         raise ctx.error(
-            f"crop takes the spatial size of {ref.name} ({ref.type}), which is not a map "
-            f"like its input {x.type}",
-            "ref",
+            f"crop needs a reference map like its input {x.type}, got {ref.type}", "ref"
         )
     offset = ctx.spatial("offset", x.type.rank - 2)
     problem = crop_problem(x.type, ref.type, offset)

@@ -4,12 +4,12 @@
     y = drop_path(x); f(y)                        ==>  f(x)
     y = pad(x) by 0 on every side; f(y)           ==>  f(x)
     y = split(x) into one part; f(y)              ==>  f(x)
-    y = slice(x) of the whole axis; f(y)          ==>  f(x)
-    y = crop(x, ref) to x's own size at 0; f(y)   ==>  f(x)
+    y = slice(x) of all the channels; f(y)        ==>  f(x)
 
-Leaves alone: a slice or crop of a spatial axis in a fully convolutional network (its
-sizes at run time are larger than the declared ones, so the same bounds may cut then);
-nothing else. An identity that is the network's output makes its input the output.
+Leaves alone: a slice of a whole spatial axis and a crop to the input's own size, since
+the network may be made fully convolutional later in the pipeline (convolutionalize runs
+after this pass), and then the same bounds cut the larger maps it runs on. An identity
+that is the network's output makes its input the output.
 """
 
 from __future__ import annotations
@@ -28,13 +28,9 @@ def _is_identity(graph: Graph, node: Node) -> bool:
     if node.op == "split":
         return len(a["sizes"]) == 1
     if node.op == "slice":
-        axis, size = a["axis"], node.inputs[0].shape[a["axis"]]
-        fixed = axis == 1 or not graph.flexible_spatial
-        return fixed and slice(a["start"], a["end"]).indices(size)[:2] == (0, size)
-    if node.op == "crop":
-        x, ref = node.inputs
-        same = x.type.spatial == ref.type.spatial and not any(a["offset"])
-        return same and not graph.flexible_spatial
+        channels = node.inputs[0].shape[1]
+        whole = slice(a["start"], a["end"]).indices(channels)[:2] == (0, channels)
+        return a["axis"] == 1 and whole
     return False
 
 
