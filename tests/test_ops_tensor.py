@@ -235,6 +235,11 @@ def test_split_mistakes_are_errors_at_their_place(statement, line, col, message)
     assert message in err.message
 
 
+def test_the_summary_lists_the_shape_of_every_part_of_a_split():
+    model = compile0("network n(x: 6x4x4) { a, b = x -> split((2, 4))  concat(b, a) }")
+    assert re.search(r"split1 +split +\[N,2,4,4\] \[N,4,4,4\]", model.summary())
+
+
 def test_a_split_into_more_chunks_than_torch_gives_suggests_sizes():
     err = error_of("network n(x: 6x3x3) { a, b, c, d = x -> split(4) }")
     assert err.hint == "give the sizes, for example split((2, 2, 1, 1))"

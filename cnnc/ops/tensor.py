@@ -263,7 +263,7 @@ register_layer(
                 doc="constant, reflect or edge (replicate is PyTorch's word for edge)",
                 choices=(*PAD_MODES, "replicate"),
             ),
-            Attr("value", "float", 0.0, doc="the fill of constant padding"),
+            Attr("value", "float", 0.0, doc="the fill of constant padding", default_text="0"),
         ),
         build_pad,
         "Pads the spatial axes: pad(1), pad((1, 2)) (h, w), pad((0, 1, 2, 3)) (top, left, "
