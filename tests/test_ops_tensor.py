@@ -235,6 +235,15 @@ def test_split_mistakes_are_errors_at_their_place(statement, line, col, message)
     assert message in err.message
 
 
+def test_random_weights_measure_the_statistics_of_a_bn_after_a_split():
+    model = cnnc.compile(
+        "network n(x: 4x5x5) { a, b = x -> split(2)  c = b -> conv(2, 1) -> bn  concat(a, c) }"
+    )
+    assert "bn" not in {n.op for n in model.graph.nodes}  # folded into the conv at -O2
+    (x,) = inputs(model, 2)
+    run_everywhere(model, [x])
+
+
 def test_the_summary_lists_the_shape_of_every_part_of_a_split():
     model = compile0("network n(x: 6x4x4) { a, b = x -> split((2, 4))  concat(b, a) }")
     assert re.search(r"split1 +split +\[N,2,4,4\] \[N,4,4,4\]", model.summary())
