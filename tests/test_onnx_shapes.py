@@ -509,6 +509,16 @@ def test_a_computed_shape_that_needs_the_batch_size_as_a_number_is_refused(
     assert "the batch size only to position 0 of a Reshape's shape" in err.hint
 
 
+def test_a_computed_shape_used_as_data_is_refused(tmp_path):
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Mul", ["x", "s"], ["y"], name="bad"),
+    ]
+    err = refused(tmp_path, model_of(nodes, (4, 3, 3)))
+    assert "node bad (Mul)" in err.render()
+    assert "input 's' is a shape computed from the batch size" in err.message
+
+
 def test_a_shape_as_an_output_is_refused(tmp_path):
     nodes = [helper.make_node("Shape", ["x"], ["y"])]
     err = refused(tmp_path, model_of(nodes, (4, 3, 3)))

@@ -55,6 +55,14 @@ class Importer:
             return self.values[name]
         if name in self.constants:
             return self.param(name, self.constants[name])
+        if name in self.shapes:
+            dims = [d for d in self.shapes[name].flat if isinstance(d, Dim) and d.known is None]
+            raise self.fail(
+                node,
+                f"input {name!r} is a shape computed from {dims[0].describe()}, which is known "
+                "only at run time; cnnc reads computed shapes as sizes only (Reshape, Slice, "
+                "Split, Pad)",
+            )
         raise self.fail(node, f"input {name!r} is not defined before this node")
 
     def param(self, name: str, array: np.ndarray) -> Value:
