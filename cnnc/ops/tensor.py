@@ -245,7 +245,7 @@ def build_pad(ctx: LayerContext, x):
         raise ctx.error(f"value is the fill of constant padding; {mode} padding has none", "value")
     problem = pad_problem(x.type, pads, mode)
     if problem:
-        hint = "crop with slice or crop, then pad" if "crop" in problem else None
+        hint = f"crop first (slice, crop), then pad in {mode} mode" if "crop" in problem else None
         raise ctx.error(problem, "amount", hint=hint)
     return ctx.node("pad", [x], {"pads": pads, "mode": mode, "value": float(ctx["value"])})
 
@@ -289,7 +289,7 @@ class Split(OpDef):
             raise ShapeError(f"split needs known channels, got {x}")
         if any(s < 1 for s in sizes) or sum(sizes) != channels:
             raise ShapeError(
-                f"split sizes {format_dims(sizes).replace('x', ', ')} must be positive and sum "
+                f"split sizes {', '.join(map(str, sizes))} must be positive and sum "
                 f"to the {channels} channels of {x}"
             )
         return [x.with_shape((x.shape[0], s, *x.shape[2:])) for s in sizes]
