@@ -911,14 +911,16 @@ def drop_path(node: Node) -> Kernel:
     return lambda x: x
 
 
-def _reflect_index(size: int, begin: int, end: int, mode: str) -> np.ndarray:
-    """For each position of an axis padded by ``begin`` and ``end``, the input position it
+def _border_sources(size: int, begin: int, end: int, mode: str) -> np.ndarray:
+    """For each position of an axis padded by ``begin`` and ``end``, the padded position it
     copies: reflected about the edges (no edge repeated), or clamped to them."""
     positions = np.arange(-begin, size + end)
     if mode == "edge":
-        return np.clip(positions, 0, size - 1)
-    positions = np.abs(positions)
-    return np.where(positions > size - 1, 2 * (size - 1) - positions, positions)
+        positions = np.clip(positions, 0, size - 1)
+    else:
+        positions = np.abs(positions)
+        positions = np.where(positions > size - 1, 2 * (size - 1) - positions, positions)
+    return positions + begin
 
 
 @kernel("pad")
@@ -939,9 +941,9 @@ def pad(node: Node) -> Kernel:
         spatial = x.shape[2:]
         shape = (*x.shape[:2], *(s + b + e for s, b, e in zip(spatial, begins, ends, strict=True)))
         y = np.empty(shape, np.float32)
+        inner = y[(slice(None), slice(None), *place)]
+        kept = x[(slice(None), slice(None), *keep)]
         if mode == "constant":
-            inner = y[(slice(None), slice(None), *place)]
-            kept = x[(slice(None), slice(None), *keep)]
 
             def fill(channels: slice) -> None:
                 y[:, channels] = value
@@ -949,20 +951,26 @@ def pad(node: Node) -> Kernel:
 
             parallel.share(x.shape[1], fill, y.size)
             return y
-        # reflect and edge: gather rows, then columns, by index (separable, so the corners
-        # come out right).
-        index = [
-            _reflect_index(s, b, e, mode) for s, b, e in zip(spatial, begins, ends, strict=True)
+        # reflect and edge: the input in the middle, then the borders copied from inside,
+        # one axis after the other (the later axes' borders include the earlier's, so the
+        # corners come out right).
+        sources = [
+            _border_sources(s, b, e, mode) for s, b, e in zip(spatial, begins, ends, strict=True)
         ]
 
-        def gather(channels: slice) -> None:
-            part = x[:, channels]
-            # The indices are in range: "clip" spares np.take the buffer "raise" writes via.
-            for axis, positions in enumerate(index[:-1], start=2):
-                part = np.take(part, positions, axis=axis, mode="clip")
-            np.take(part, index[-1], axis=x.ndim - 1, out=y[:, channels], mode="clip")
+        def fill(channels: slice) -> None:
+            inner[:, channels] = kept[:, channels]
+            done = [slice(None), channels, *place]
+            for i, (b, e, source) in enumerate(zip(begins, ends, sources, strict=True)):
+                axis, length = 2 + i, y.shape[2 + i]
+                for border in (slice(0, b), slice(length - e, length)):
+                    if border.start < border.stop:
+                        target, origin = list(done), list(done)
+                        target[axis], origin[axis] = border, source[border]
+                        y[tuple(target)] = y[tuple(origin)]
+                done[axis] = slice(None)
 
-        parallel.share(x.shape[1], gather, y.size)
+        parallel.share(x.shape[1], fill, y.size)
         return y
 
     return run
