@@ -92,7 +92,11 @@ def _calibrate(graph: Graph, bns: list, seed: int) -> None:
             todo.discard(id(node))
             if not todo:
                 return
-        env[id(node.output)] = KERNELS[node.op](node)(*inputs)
+        results = KERNELS[node.op](node)(*inputs)
+        for value, result in zip(
+            node.outputs, results if len(node.outputs) > 1 else [results], strict=True
+        ):
+            env[id(value)] = result
         for v in node.activations:
             if last_use[id(v)] == i:
                 env.pop(id(v), None)

@@ -10,6 +10,7 @@ batch items.  1-D windowed ops run as 2-D ops on a height-1 map.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -27,8 +28,9 @@ KERNELS: dict[str, Callable[[Node], Kernel]] = {}
 # Ops whose kernel takes ``out=`` and may write its result over its first input: the
 # interpreter passes it when that input's memory dies at the node.
 IN_PLACE = {"bn", "affine"}
-# Ops whose output may share memory with their input (a view), so that memory lives on.
-ALIASING = {"flatten", "dropout", "reshape", "transpose"}
+# Ops whose outputs may share memory with their first input (views), so that memory lives
+# on until the last use of any of them, and no op writes over it in place before then.
+ALIASING = {"flatten", "dropout", "drop_path", "reshape", "transpose", "split", "slice", "crop"}
 
 
 def kernel(op: str):
@@ -902,3 +904,112 @@ def transpose(node: Node) -> Kernel:
 @kernel("dropout")
 def dropout(node: Node) -> Kernel:
     return lambda x: x
+
+
+@kernel("drop_path")
+def drop_path(node: Node) -> Kernel:
+    return lambda x: x
+
+
+def _border_sources(size: int, begin: int, end: int, mode: str) -> np.ndarray:
+    """For each position of an axis padded by ``begin`` and ``end``, the padded position it
+    copies: reflected about the edges (no edge repeated), or clamped to them."""
+    positions = np.arange(-begin, size + end)
+    if mode == "edge":
+        positions = np.clip(positions, 0, size - 1)
+    else:
+        positions = np.abs(positions)
+        positions = np.where(positions > size - 1, 2 * (size - 1) - positions, positions)
+    return positions + begin
+
+
+@kernel("pad")
+def pad(node: Node) -> Kernel:
+    a = node.attrs
+    pads, mode, value = tuple(a["pads"]), a["mode"], np.float32(a["value"])
+    rank = len(pads) // 2
+    begins, ends = pads[:rank], pads[rank:]
+    # Negative amounts crop (constant mode): the input's part that stays, and where it goes.
+    keep = tuple(
+        slice(max(-b, 0), (e if e < 0 else None)) for b, e in zip(begins, ends, strict=True)
+    )
+    place = tuple(
+        slice(max(b, 0), (-e if e > 0 else None)) for b, e in zip(begins, ends, strict=True)
+    )
+
+    def run(x: np.ndarray) -> np.ndarray:
+        spatial = x.shape[2:]
+        shape = (*x.shape[:2], *(s + b + e for s, b, e in zip(spatial, begins, ends, strict=True)))
+        y = np.empty(shape, np.float32)
+        inner = y[(slice(None), slice(None), *place)]
+        kept = x[(slice(None), slice(None), *keep)]
+        if mode == "constant":
+
+            def fill(channels: slice) -> None:
+                y[:, channels] = value
+                inner[:, channels] = kept[:, channels]
+
+            parallel.share(x.shape[1], fill, y.size)
+            return y
+        # reflect and edge: the input in the middle, then the borders copied from inside,
+        # one axis after the other (the later axes' borders include the earlier's, so the
+        # corners come out right).
+        sources = [
+            _border_sources(s, b, e, mode) for s, b, e in zip(spatial, begins, ends, strict=True)
+        ]
+
+        def fill(channels: slice) -> None:
+            inner[:, channels] = kept[:, channels]
+            done = [slice(None), channels, *place]
+            for i, (b, e, source) in enumerate(zip(begins, ends, sources, strict=True)):
+                axis, length = 2 + i, y.shape[2 + i]
+                for border in (slice(0, b), slice(length - e, length)):
+                    if border.start < border.stop:
+                        target, origin = list(done), list(done)
+                        target[axis], origin[axis] = border, source[border]
+                        y[tuple(target)] = y[tuple(origin)]
+                done[axis] = slice(None)
+
+        parallel.share(x.shape[1], fill, y.size)
+        return y
+
+    return run
+
+
+@kernel("split")
+def split(node: Node) -> Kernel:
+    bounds = np.cumsum((0, *node.attrs["sizes"])).tolist()
+    pieces = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    if len(pieces) == 1:
+        return lambda x: x
+    return lambda x: tuple(x[:, piece] for piece in pieces)
+
+
+@kernel("slice")
+def slice_(node: Node) -> Kernel:
+    a = node.attrs
+    index = (slice(None),) * a["axis"] + (slice(a["start"], a["end"]),)
+    return lambda x: x[index]
+
+
+@kernel("crop")
+def crop(node: Node) -> Kernel:
+    offset = tuple(node.attrs["offset"])
+
+    def run(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        # A fully convolutional network's sizes are known only now.
+        window = ref.shape[2:]
+        if any(o + w > s for o, w, s in zip(offset, window, x.shape[2:], strict=True)):
+            raise ValueError(
+                f"crop of {'x'.join(map(str, window))} from offset "
+                f"{','.join(map(str, offset))} does not fit in {list(x.shape)}"
+            )
+        return x[
+            (
+                slice(None),
+                slice(None),
+                *(slice(o, o + w) for o, w in zip(offset, window, strict=True)),
+            )
+        ]
+
+    return run

@@ -36,6 +36,9 @@ PARAMETER_INPUTS = {
     "Dropout": (1, 2),
     "Unsqueeze": (1,),
     "Squeeze": (1,),
+    "Pad": (1, 2, 3),
+    "Slice": (1, 2, 3, 4),
+    "Split": (1,),
 }
 
 

@@ -137,8 +137,11 @@ class Emitter:
             self.functions.setdefault(function.name, function)
             self.node(function.name, inputs, outputs, name, domain=FUNCTION_DOMAIN, **attrs)
             return
-        actual = dict(zip(function.input, inputs, strict=True))
-        actual.update(zip(function.output, outputs, strict=True))
+        # A call may leave trailing optional inputs out (a conv without bias).
+        actual = {
+            **dict(zip(function.input, inputs, strict=False)),
+            **dict(zip(function.output, outputs, strict=True)),
+        }
         for i, body_node in enumerate(function.node):
             node = onnx.NodeProto()
             node.CopyFrom(body_node)
@@ -531,6 +534,83 @@ def _transpose(e: Emitter, node: Node) -> None:
 def _dropout(e: Emitter, node: Node) -> None:
     ratio = e.constant(f"{node.name}.ratio", np.array(node.attrs["ratio"], dtype=np.float32))
     e.node("Dropout", [node.inputs[0].name, ratio], _names(node.outputs), node.name)
+
+
+@emitter("drop_path")
+def _drop_path(e: Emitter, node: Node) -> None:
+    # ONNX has no stochastic depth: a function whose body is the identity it is at
+    # inference, carrying p so that the model shows where it was and imports back.
+    function = model_function(
+        "DropPath",
+        ["X"],
+        ["Y"],
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        ["p"],
+        e.opset,
+        "Stochastic depth (drop_path): drops a residual branch per item with probability p "
+        "in training; the identity at inference",
+    )
+    e.call(function, _names(node.inputs), _names(node.outputs), node.name, {"p": node.attrs["p"]})
+
+
+@emitter("pad")
+def _pad(e: Emitter, node: Node) -> None:
+    a = node.attrs
+    rank = len(a["pads"]) // 2
+    # ONNX pads every axis: none on the batch and the channels.
+    pads = [0, 0, *a["pads"][:rank], 0, 0, *a["pads"][rank:]]
+    inputs = [node.inputs[0].name, e.constant(f"{node.name}.pads", np.array(pads, np.int64))]
+    if a["mode"] == "constant" and a["value"] != 0:
+        inputs.append(e.constant(f"{node.name}.value", np.array(a["value"], np.float32)))
+    e.node("Pad", inputs, _names(node.outputs), node.name, mode=a["mode"])
+
+
+@emitter("split")
+def _split(e: Emitter, node: Node) -> None:
+    # Explicit sizes at every opset (opset 18's num_outputs rounds as torch.chunk does, but
+    # sizes say the same thing to every reader).
+    sizes = e.constant(f"{node.name}.split", np.array(node.attrs["sizes"], np.int64))
+    e.node("Split", [node.inputs[0].name, sizes], _names(node.outputs), node.name, axis=1)
+
+
+_INT64 = np.iinfo(np.int64)
+
+
+def _int64s(name: str, e: Emitter, values) -> str:
+    clamped = [min(max(int(v), _INT64.min), _INT64.max) for v in values]
+    return e.constant(name, np.array(clamped, np.int64))
+
+
+@emitter("slice")
+def _slice(e: Emitter, node: Node) -> None:
+    a = node.attrs
+    inputs = [
+        node.inputs[0].name,
+        _int64s(f"{node.name}.starts", e, [a["start"]]),
+        _int64s(f"{node.name}.ends", e, [a["end"]]),
+        _int64s(f"{node.name}.axes", e, [a["axis"]]),
+    ]
+    e.node("Slice", inputs, _names(node.outputs), node.name)
+
+
+@emitter("crop")
+def _crop(e: Emitter, node: Node) -> None:
+    x, ref = node.inputs
+    offset = np.array(node.attrs["offset"], np.int64)
+    starts = e.constant(f"{node.name}.starts", offset)
+    axes = e.constant(f"{node.name}.axes", np.arange(2, x.type.rank, dtype=np.int64))
+    if not e.graph.flexible_spatial:
+        ends = e.constant(f"{node.name}.ends", offset + np.array(ref.type.spatial, np.int64))
+    else:
+        # A fully convolutional network's sizes are known at run time only: the ends are
+        # ref's spatial sizes then, plus the offset.
+        shape, sizes, ends = (f"{node.name}.{v}" for v in ("ref_shape", "ref_size", "ends"))
+        e.node("Shape", [ref.name], [shape], f"{node.name}.shape")
+        first = e.constant(f"{node.name}.first", np.array([2], np.int64))
+        last = e.constant(f"{node.name}.last", np.array([x.type.rank], np.int64))
+        e.node("Slice", [shape, first, last], [sizes], f"{node.name}.spatial")
+        e.node("Add", [sizes, starts], [ends], f"{node.name}.ends")
+    e.node("Slice", [x.name, starts, ends, axes], _names(node.outputs), node.name)
 
 
 for _op in ACTIVATIONS:

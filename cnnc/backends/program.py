@@ -83,7 +83,7 @@ def _pool(node: Node) -> str:
     return f"{node.op}({', '.join(args)})"
 
 
-WRITERS: dict[str, Callable[[Node], str]] = {
+WRITERS: dict[str, Callable[..., str]] = {
     "conv": _conv,
     "maxpool": _pool,
     "avgpool": _pool,
@@ -113,11 +113,45 @@ WRITERS: dict[str, Callable[[Node], str]] = {
     ),
     "reshape": lambda n: f"reshape({_tuple(n.attrs['shape'])})",
     "transpose": lambda n: f"transpose({_tuple(n.attrs['perm'][1:])})",
+    "drop_path": lambda n: f"drop_path({_number(n.attrs['p'])})",
+    "pad": lambda n: _pad(n),
+    "split": lambda n: _split(n),
+    "slice": lambda n: (
+        f"slice({n.attrs['start']}, {n.attrs['end']}"
+        + (")" if n.attrs["axis"] == 1 else f", axis={n.attrs['axis']})")
+    ),
+    "crop": lambda n, names: (
+        f"crop({names[1]}"
+        + (f", offset={_spatial(n.attrs['offset'])})" if any(n.attrs["offset"]) else ")")
+    ),
 }
+# Layers that name a value besides the one they continue from (crop's reference): their
+# writer also takes the names of the node's inputs (None for one the statement continues
+# from, which has none).
+NAMES_VALUES = {"crop"}
 MERGES = ("add", "mul", "sub", "div", "concat")
 _BARE = ("relu", "sigmoid", "tanh", "silu", "hardswish", "mish", "gap", "global_maxpool")
 for _op in (*_BARE, "flatten", *MERGES):
     WRITERS[_op] = lambda n, op=_op: op
+
+
+def _pad(node: Node) -> str:
+    a = node.attrs
+    args = [_pads(a["pads"])]
+    if a["mode"] != "constant":
+        args.append(a["mode"])
+    if a["value"]:
+        args.append(f"value={_number(a['value'])}")
+    return f"pad({', '.join(args)})"
+
+
+def _split(node: Node) -> str:
+    from cnnc.ops.tensor import chunk_sizes
+
+    sizes = tuple(node.attrs["sizes"])
+    if chunk_sizes(sum(sizes), len(sizes)) == sizes:
+        return f"split({len(sizes)})"
+    return f"split({_tuple(sizes)})"
 
 
 def _pads(pads) -> str:
@@ -218,7 +252,8 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
         if node.op in MERGES:
             call = f"{label}: {node.op}({', '.join(value_names[id(v)] for v in inputs)})"
         else:
-            call = f"{label}: {writer(node)}"
+            names_of = [value_names.get(id(v)) for v in inputs] if node.op in NAMES_VALUES else None
+            call = f"{label}: {writer(node) if names_of is None else writer(node, names_of)}"
             if inputs[0] is not previous:
                 call = f"{value_names[id(inputs[0])]} -> {call}"
         following = graph.nodes[i + 1] if i + 1 < len(graph.nodes) else None
@@ -235,7 +270,8 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
         lines.append(f"    {call}")
         for suffix, param in zip(PARAM_NAMES.get(node.op, ()), node.params, strict=False):
             weights[f"{label}.{suffix}" if suffix else label] = param.data
-        previous = node.output
+        # A statement after a node of several outputs starts from a named value.
+        previous = node.output if len(node.outputs) == 1 else None
     heading = ", ".join(
         f"{value_names[id(x)]}: {'x'.join(str(d) for d in x.type.shape[1:])}" for x in graph.inputs
     )

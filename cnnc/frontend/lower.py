@@ -262,14 +262,16 @@ class _Lowering:
 
     def apply(self, call: Call, scope: _Scope, x: Value | tuple, name: str) -> Value | tuple:
         """One layer or block instance called ``name``, applied to ``x``."""
-        if isinstance(x, tuple):
+        layer = get_layer(call.name)
+        # A merge reads the values it names, not the one the chain carries.
+        merge = layer is not None and any(a.kind == "values" for a in layer.attrs)
+        if isinstance(x, tuple) and not merge:
             raise LayerError(
                 f"{call.name} follows a layer that gives {len(x)} values; a chain carries one",
                 call.name_loc,
                 hint="bind them first: " + ", ".join(f"v{i}" for i in range(len(x))) + " = ..., "
                 "then start a chain from each",
             )
-        layer = get_layer(call.name)
         block = self.blocks.get(call.name)
         if block is not None:
             return self.expand(block, call, scope, x, name)
@@ -281,7 +283,7 @@ class _Lowering:
                     hint=f"write {call.name} -> ... on its own",
                 )
             raise self.unknown(call)
-        args, locs = bind_args(layer, call, self.arguments(call, scope))
+        args, locs = bind_args(layer, call, self.arguments(call, scope, layer))
         return layer.build(LayerContext(self.graph, name, call.loc, args, locs), x)
 
     def repeat(self, link: Link, scope: _Scope) -> int:
@@ -330,8 +332,22 @@ class _Lowering:
             hint += "; blocks: " + ", ".join(blocks)
         return LayerError(f"unknown layer {call.name!r}", call.name_loc, hint=hint)
 
-    def arguments(self, call: Call, scope: _Scope) -> list[tuple[Arg, Any]]:
-        return [(arg, evaluate(arg.value, scope)) for arg in call.args]
+    def arguments(self, call: Call, scope: _Scope, layer: Layer) -> list[tuple[Arg, Any]]:
+        positional = [a for a in layer.attrs if a.positional]
+        values = []
+        for i, arg in enumerate(call.args):
+            if arg.name is not None:
+                attr = layer.attr(arg.name)
+            else:
+                attr = positional[i] if i < len(positional) else None
+            # A word given to a choice is checked against its choices (pad(1, wrap): "must
+            # be one of constant, ..."), not looked up as a name.
+            word = arg.value.id if isinstance(arg.value, Name) else None
+            if attr is not None and attr.kind == "choice" and word and not scope.knows(word):
+                values.append((arg, word))
+            else:
+                values.append((arg, evaluate(arg.value, scope)))
+        return values
 
     def expand(self, block: Block, call: Call, scope: _Scope, x: Value, name: str) -> Value:
         if block.name in self.stack:

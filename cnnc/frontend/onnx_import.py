@@ -13,10 +13,12 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from cnnc.errors import CnncError, ModelFileError
-from cnnc.frontend import onnx_patterns
+from cnnc.frontend import onnx_patterns, onnx_shapes
+from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name
 from cnnc.ops.activation import FUNCTION_NAMES
+from cnnc.ops.tensor import PAD_MODES
 
 _DTYPES = {onnx.TensorProto.FLOAT: "f32"}
 
@@ -30,6 +32,10 @@ class Importer:
         self.graph = Graph(model.graph.name or Path(where).stem)
         self.values: dict[str, Value] = {}
         self.constants: dict[str, np.ndarray] = {}
+        # Integer tensors computed from sizes known only at run time (onnx_shapes).
+        self.shapes: dict[str, np.ndarray] = {}
+        # Slices that crop some spatial axes to a value's size: (ref, {axis: offset}).
+        self.crops: dict[Value, tuple[Value, dict[int, int]]] = {}
         self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
         self.consumers: dict[str, int] = {}  # how many nodes read each ONNX name
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -49,6 +55,14 @@ class Importer:
             return self.values[name]
         if name in self.constants:
             return self.param(name, self.constants[name])
+        if name in self.shapes:
+            dims = [d for d in self.shapes[name].flat if isinstance(d, Dim) and d.known is None]
+            raise self.fail(
+                node,
+                f"input {name!r} is a shape computed from {dims[0].describe()}, which is known "
+                "only at run time; cnnc reads computed shapes as sizes only (Reshape, Slice, "
+                "Split, Pad)",
+            )
         raise self.fail(node, f"input {name!r} is not defined before this node")
 
     def param(self, name: str, array: np.ndarray) -> Value:
@@ -62,9 +76,26 @@ class Importer:
         return self.values[name]
 
     def constant(self, node: onnx.NodeProto, name: str) -> np.ndarray:
+        """A constant input: an initializer, a folded node, or a computed shape whose sizes
+        are all known at import."""
+        if name in self.shapes:
+            try:
+                return onnx_shapes.materialize(self.shapes[name])
+            except onnx_shapes.RuntimeSize as e:
+                raise onnx_shapes.runtime_size_error(self, node, e.dim) from None
         if name not in self.constants:
             raise self.fail(node, f"input {name!r} must be a constant (an initializer)")
         return self.constants[name]
+
+    def sizes(self, node: onnx.NodeProto, name: str) -> list[int | Dim]:
+        """A constant or computed integer input, flattened: ints, and Dims for the sizes
+        known only at run time (the batch size; the caller decides where one may stand)."""
+        if name in self.shapes:
+            return [
+                d if isinstance(d, Dim) and d.known is None else int(onnx_shapes.number(d))
+                for d in self.shapes[name].reshape(-1)
+            ]
+        return [int(v) for v in self.constant(node, name).reshape(-1)]
 
     def add(
         self,
@@ -72,22 +103,25 @@ class Importer:
         op: str,
         inputs: list[Value],
         attrs: dict[str, Any] | None = None,
+        outputs: int = 1,
     ) -> None:
-        """Add the IR node for an ONNX node; its output keeps the ONNX output name."""
+        """Add the IR node for an ONNX node; its first ``outputs`` outputs keep their ONNX
+        names."""
         base = node.name or node.output[0]
+        name = self.graph.unique_name(base)
+        names = list(node.output[:outputs])
         try:
             ir = self.graph.add_node(
                 op,
                 inputs,
                 attrs,
-                name=self.graph.unique_name(base),
-                output_names=[self.graph.unique_name(node.output[0])]
-                if node.output[0] != base
-                else None,
+                name=name,
+                output_names=[name if o == base else o for o in names],
             )
         except CnncError as e:
             raise self.fail(node, e.message, e.hint) from None
-        self.values[node.output[0]] = ir.output
+        for onnx_name, value in zip(names, ir.outputs, strict=True):
+            self.values[onnx_name] = value
 
     def alias(self, node: onnx.NodeProto, value: Value) -> None:
         self.values[node.output[0]] = value
@@ -188,6 +222,13 @@ def _fused_function(activation: str, fixed: dict[str, Any]):
 for _name, (_op, _fixed) in FUNCTION_NAMES.items():
     FUNCTIONS[_name] = _activation_function(_op, _fixed)
     FUNCTIONS["Conv" + _name] = _fused_function(_op, _fixed)
+
+
+def _drop_path_function(imp: Importer, node, attrs) -> None:
+    imp.add(node, "drop_path", [imp.value(node, node.input[0])], {"p": float(attrs.get("p", 0))})
+
+
+FUNCTIONS["DropPath"] = _drop_path_function
 
 
 @importer("Gemm")
@@ -561,9 +602,15 @@ def _reshape_to(imp: Importer, node, x: Value, shape: tuple[int, ...]) -> None:
 @importer("Reshape")
 def _reshape(imp: Importer, node, attrs) -> None:
     x = imp.value(node, node.input[0])
-    target = [int(d) for d in imp.constant(node, node.input[1]).reshape(-1)]
+    target = imp.sizes(node, node.input[1])
     if attrs.get("allowzero", 0) and 0 in target:
         raise imp.fail(node, "Reshape with allowzero=1 and a zero size is not supported")
+    for i, d in enumerate(target):
+        if isinstance(d, Dim):
+            if i == 0 and d.is_batch:
+                target[0] = 0  # the batch size carried through: keep the batch
+            else:
+                raise onnx_shapes.runtime_size_error(imp, node, d)
     dims = list(x.type.shape)
     # ONNX: 0 copies the input's size on that axis, -1 takes what is left.
     shape = [dims[i] if d == 0 else d for i, d in enumerate(target)]
@@ -632,6 +679,203 @@ def _transpose(imp: Importer, node, attrs) -> None:
     imp.add(node, "transpose", [x], {"perm": perm})
 
 
+@importer("Shape")
+def _shape(imp: Importer, node, attrs) -> None:
+    onnx_shapes.shape_of(imp, node, imp.value(node, node.input[0]), attrs)
+
+
+@importer("Pad")
+def _pad(imp: Importer, node, attrs) -> None:
+    """Pad of the spatial axes, constant, reflect or edge; pads (and axes, opset 18) must
+    be constants or known sizes, and leave the batch and channel axes alone."""
+    x = imp.value(node, node.input[0])
+    attrs = _decoded(attrs)
+    mode = attrs.get("mode", "constant")
+    if mode not in PAD_MODES:
+        raise imp.fail(
+            node, f"Pad mode {mode} is not supported: cnnc pads with {', '.join(PAD_MODES)}"
+        )
+    if imp.opset < 11:
+        pads, value = list(attrs["pads"]), float(attrs.get("value", 0.0))
+        axes = None
+    else:
+        pads = [int(v) for v in imp.constant(node, node.input[1]).reshape(-1)]
+        given = _optional(node, 2)
+        value = float(imp.constant(node, given).reshape(-1)[0]) if given else 0.0
+        axes = _optional(node, 3)
+        axes = [int(a) for a in imp.constant(node, axes).reshape(-1)] if axes else None
+    rank = x.type.rank
+    axes = [a + rank if a < 0 else a for a in (axes or range(rank))]
+    if len(pads) != 2 * len(axes):
+        raise imp.fail(node, f"Pad has {len(pads)} pads for {len(axes)} axes")
+    begins, ends = [0] * rank, [0] * rank
+    for i, axis in enumerate(axes):
+        begins[axis], ends[axis] = pads[i], pads[i + len(axes)]
+    if any(begins[:2]) or any(ends[:2]):
+        raise imp.fail(
+            node,
+            f"Pad of the batch or channel axis (pads {pads}) is not supported: cnnc pads the "
+            "spatial axes",
+        )
+    ir = {
+        "pads": (*begins[2:], *ends[2:]),
+        "mode": mode,
+        "value": value if mode == "constant" else 0.0,
+    }
+    imp.add(node, "pad", [x], ir)
+
+
+def _optional(node: onnx.NodeProto, i: int) -> str | None:
+    return node.input[i] if len(node.input) > i and node.input[i] else None
+
+
+@importer("Split")
+def _split(imp: Importer, node, attrs) -> None:
+    """Split of the channels: sizes from the split input (an attribute before opset 13),
+    from num_outputs (opset 18: torch.chunk's rounding), or equal parts."""
+    x = imp.value(node, node.input[0])
+    rank, axis = x.type.rank, attrs.get("axis", 0)
+    if rank < 2 or axis not in (1, 1 - rank):
+        raise imp.fail(
+            node,
+            f"Split along axis {axis} of {x.type} is not supported: cnnc splits the channels "
+            "(axis 1)",
+        )
+    channels, parts = x.type.shape[1], len(node.output)
+    if "split" in attrs:
+        sizes = [int(s) for s in attrs["split"]]
+    elif _optional(node, 1):
+        sizes = [int(s) for s in imp.constant(node, node.input[1]).reshape(-1)]
+    elif "num_outputs" in attrs:
+        size = -(-channels // attrs["num_outputs"])
+        sizes = [max(0, min(size, channels - i * size)) for i in range(parts)]
+    elif channels % parts:
+        raise imp.fail(node, f"Split of {channels} channels into {parts} equal parts")
+    else:
+        sizes = [channels // parts] * parts
+    if len(sizes) != parts or min(sizes) < 1:
+        raise imp.fail(
+            node,
+            f"Split into sizes {sizes} for {parts} outputs: cnnc splits into one part of at "
+            "least one channel per output",
+        )
+    imp.add(node, "split", [x], {"sizes": tuple(sizes)}, outputs=parts)
+
+
+# What "to the end" is as a Slice bound: larger than any size.
+_END = np.iinfo(np.int64).max
+
+
+@importer("Slice")
+def _slice(imp: Importer, node, attrs) -> None:
+    """Slice with step 1 along the channels or spatial axes: one IR slice per axis it
+    narrows; ends that are another value's spatial sizes plus the starts are a crop."""
+    x = imp.value(node, node.input[0])
+    rank = x.type.rank
+    if imp.opset < 10:
+        starts, ends = list(attrs["starts"]), list(attrs["ends"])
+        axes, steps = attrs.get("axes"), None
+    else:
+        starts = imp.sizes(node, node.input[1])
+        ends = (
+            list(imp.shapes[node.input[2]].reshape(-1))
+            if node.input[2] in imp.shapes
+            else imp.sizes(node, node.input[2])
+        )
+        axes, steps = _optional(node, 3), _optional(node, 4)
+        axes = [int(a) for a in imp.constant(node, axes).reshape(-1)] if axes else None
+        steps = [int(s) for s in imp.constant(node, steps).reshape(-1)] if steps else None
+    axes = [a + rank if a < 0 else a for a in (axes or range(len(starts)))]
+    if steps and any(s != 1 for s in steps):
+        raise imp.fail(node, f"Slice with steps {steps} is not supported: cnnc slices with step 1")
+    crop = _crop_axes(x, starts, ends, axes)
+    if crop is not None and _crop(imp, node, x, *crop):
+        return
+    cuts = []
+    for axis, start, end in zip(axes, starts, ends, strict=True):
+        start, end = _bound(imp, node, x, axis, start), _bound(imp, node, x, axis, end)
+        size = x.type.shape[axis]
+        static = axis == 1 or (axis >= 2 and not imp.graph.flexible_spatial)
+        if axis == 0:
+            if start != 0 or end < (size if isinstance(size, int) else _END):
+                raise imp.fail(
+                    node,
+                    f"Slice {start}:{end} of the batch axis is not supported: cnnc keeps "
+                    "the batch axis whole",
+                )
+            continue
+        if static:
+            start, end, _ = slice(start, end).indices(size)
+            if (start, end) == (0, size):
+                continue
+        cuts.append((axis, start, end))
+    if not cuts:
+        imp.alias(node, x)
+        return
+    base = node.name or node.output[0]
+    for i, (axis, start, end) in enumerate(cuts):
+        if i == len(cuts) - 1:
+            imp.add(node, "slice", [x], {"axis": axis, "start": start, "end": end})
+            if crop is not None and len(cuts) == 1:
+                imp.crops[imp.values[node.output[0]]] = crop
+            break
+        # Each axis but the last is a slice of its own, named after the node and the axis.
+        step = helper.make_node("Slice", [], [f"{base}.axis{axis}"], name=f"{base}.axis{axis}")
+        imp.add(step, "slice", [x], {"axis": axis, "start": start, "end": end})
+        x = imp.values[step.output[0]]
+
+
+def _bound(imp: Importer, node, x: Value, axis: int, bound: int | Dim) -> int:
+    """A Slice bound as a number: x's own size on that axis (plus an offset) counts from
+    the end, as a negative bound does; another run-time size is an error."""
+    if not isinstance(bound, Dim):
+        return int(bound)
+    if bound.axis == axis and (bound.value is x or axis == 0):
+        return bound.offset if bound.offset < 0 else _END
+    if bound.known is not None:
+        return bound.known
+    raise onnx_shapes.runtime_size_error(imp, node, bound)
+
+
+def _crop_axes(x: Value, starts: list, ends: list, axes: list[int]) -> tuple | None:
+    """(ref, {axis: offset}) if on every axis it narrows the Slice starts at an offset and
+    ends at the size of one other value ``ref`` plus that offset: part of a crop to ref."""
+    if x.type.rank - 2 not in (1, 2) or not axes:
+        return None
+    offsets, refs = {}, set()
+    for axis, start, end in zip(axes, starts, ends, strict=True):
+        if not isinstance(end, Dim) or end.axis != axis or axis < 2 or end.value is x:
+            return None
+        if isinstance(start, Dim) or start != end.offset or end.value.type.rank != x.type.rank:
+            return None
+        offsets[axis] = int(start)
+        refs.add(end.value)
+    return (refs.pop(), offsets) if len(refs) == 1 else None
+
+
+def _crop(imp: Importer, node, x: Value, ref: Value, offsets: dict[int, int]) -> bool:
+    """Import a Slice that crops every spatial axis to ref's size as a crop (with the
+    Slice of the other axes before it, as torch writes one Slice per axis); False if the
+    crop is not complete."""
+    earlier = imp.crops.get(x)
+    source = x
+    if (
+        earlier is not None
+        and earlier[0] is ref
+        and not offsets.keys() & earlier[1].keys()
+        and imp.consumers.get(node.input[0], 0) == 1
+    ):
+        offsets = {**earlier[1], **offsets}
+        source = x.producer.inputs[0]
+    spatial = list(range(2, x.type.rank))
+    if sorted(offsets) != spatial:
+        return False
+    if source is not x:
+        imp.graph.remove_node(x.producer)
+    imp.add(node, "crop", [source, ref], {"offset": tuple(offsets[a] for a in spatial)})
+    return True
+
+
 # ---- the model ------------------------------------------------------------------------------
 
 
@@ -686,12 +930,13 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
     return TensorType(_DTYPES[t.elem_type], tuple(dims))
 
 
-def _fold(imp: Importer, node: onnx.NodeProto) -> None:
+def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | None = None) -> None:
     """Compute a node whose inputs are all constants (weights built by ConstantOfShape,
-    Unsqueeze, Mul, ...) at import, with onnx.reference."""
+    Unsqueeze, Mul, ...; or ``feeds``) at import, with onnx.reference."""
     from onnx.reference import ReferenceEvaluator
 
-    feeds = {n: imp.constants[n] for n in node.input if n}
+    if feeds is None:
+        feeds = {n: imp.constants[n] for n in node.input if n}
     inputs = [
         helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
         for n, a in feeds.items()
@@ -749,8 +994,12 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
         if node.op_type == "Constant" and fn is not None:
             fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
             continue
+        if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            onnx_shapes.compute(imp, node, attrs)
+            continue
         if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
-            _fold(imp, node)
+            fold(imp, node)
             continue
         if fn is None:
             raise imp.fail(
@@ -762,6 +1011,8 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
         fn(imp, node, attrs)
     outputs = []
     for o in g.output:
+        if o.name in imp.shapes:
+            raise imp.fail(None, f"output {o.name} is a shape; cnnc computes outputs from inputs")
         if o.name in imp.constants and o.name not in imp.values:
             raise imp.fail(
                 None, f"output {o.name} is a constant; cnnc computes outputs from inputs"

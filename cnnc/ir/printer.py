@@ -83,7 +83,7 @@ def summary(graph: Graph) -> str:
         label = opdef.label(node)
         if params:
             kinds[label] = kinds.get(label, 0) + params
-        shape = "[" + ",".join(str(d) for d in node.output.type.shape) + "]"
+        shape = " ".join("[" + ",".join(map(str, v.type.shape)) + "]" for v in node.outputs)
         rows.append(
             [node.name, label, shape, f"{params:,}" if params else "", f"{macs:,}" if macs else ""]
         )

@@ -101,7 +101,9 @@ class Layer:
 
     keyword: str
     attrs: tuple[Attr, ...]
-    build: Callable[[LayerContext, Value], Value]
+    # Returns the layer's value, or a tuple of values for a layer that gives several
+    # (``a, b = x -> split(2)`` binds them).
+    build: Callable[[LayerContext, Value], Value | tuple[Value, ...]]
     doc: str
     has_params: bool = False
 
@@ -170,8 +172,15 @@ class LayerContext:
         self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None, suffix: str = ""
     ) -> Value:
         """Add a node named after the layer (plus ``suffix``) and return its output."""
+        return self.node_outputs(op, inputs, attrs, suffix)[0]
+
+    def node_outputs(
+        self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None, suffix: str = ""
+    ) -> tuple[Value, ...]:
+        """Add a node named after the layer (plus ``suffix``) and return all its outputs, in
+        order: what a layer giving several values returns from ``build``."""
         name = self.graph.unique_name(self.name + suffix)
-        return self.graph.add_node(op, inputs, attrs, name=name, loc=self.loc).output
+        return tuple(self.graph.add_node(op, inputs, attrs, name=name, loc=self.loc).outputs)
 
     def spatial(self, attr: str, rank: int) -> tuple[int, ...]:
         """An ``ints`` argument expanded to one value per spatial axis."""

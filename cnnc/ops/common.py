@@ -36,6 +36,13 @@ def resolve_pads(
             begins.append(total // 2)
             ends.append(total - total // 2)
         return (*begins, *ends)
+    return explicit_pads(ctx, attr, rank)
+
+
+def explicit_pads(ctx: LayerContext, attr: str, rank: int) -> tuple[int, ...]:
+    """An int or tuple padding argument as ONNX pads ``(begin..., end...)``: an int (every
+    side); for 1-D ``(begin, end)``; for 2-D ``(h, w)`` or ``(top, left, bottom, right)``."""
+    value = ctx.args[attr]
     if isinstance(value, int):
         return (value,) * (2 * rank)
     if rank == 1 and len(value) == 2:
@@ -47,7 +54,7 @@ def resolve_pads(
     forms = (
         "an int or (begin, end)" if rank == 1 else "an int, (h, w) or (top, left, bottom, right)"
     )
-    raise ctx.error(f"pad has {len(value)} values; a {rank}-D layer takes {forms}", attr)
+    raise ctx.error(f"{attr} has {len(value)} values; a {rank}-D layer takes {forms}", attr)
 
 
 def window_output_size(

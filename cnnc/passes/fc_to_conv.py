@@ -7,7 +7,7 @@ The first rule turns an FC layer after a conv stage into an H×W convolution
 (an L convolution in 1-D); the weight keeps its values, reshaped in the C, H, W
 order in which flatten lays the map out. The second moves the flatten that
 rule leaves behind past per-channel ops f (element-wise activations, bn,
-dropout, softmax over the channels), so that the next FC layer, after a
+dropout, drop_path, softmax over the channels), so that the next FC layer, after a
 converted one, after gap or on any 1×1 map, sees a 1×1 map and becomes a 1×1
 convolution. The network's output keeps its shape: the flatten ends up last.
 
@@ -33,7 +33,7 @@ from cnnc.ir.types import TensorType
 from cnnc.ops.activation import ACTIVATIONS
 
 # Ops that act on each channel alone, so they commute with N×K×1×1 -> N×K.
-PER_CHANNEL = {*ACTIVATIONS, "prelu", "affine", "dropout", "bn"}
+PER_CHANNEL = {*ACTIVATIONS, "prelu", "affine", "dropout", "drop_path", "bn"}
 
 
 def _is_map(t: TensorType) -> bool:
