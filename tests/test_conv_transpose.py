@@ -614,3 +614,16 @@ def test_a_convtranspose_with_a_computed_weight_is_refused():
     with pytest.raises(ModelFileError) as info:
         load_onnx(proto)
     assert info.value.message == "a ConvTranspose whose weights are computed is not supported"
+
+
+def test_a_fully_convolutional_network_that_upsamples_reports_its_fractional_stride():
+    model = cnnc.compile(
+        program("3x16x16", "conv(8, 3, stride=2) -> conv_transpose(4, 8, stride=4, pad=2)"),
+        fully_conv=True,
+    )
+    # An output cell reads 8 // 4 + 1 = 2 cells of the conv, 2 input pixels apart.
+    assert model.fully_conv_report((20, 20)).splitlines()[:2] == [
+        "fully convolutional: output stride 1/2x1/2, receptive field 5x5 (each output cell "
+        "scores one 5x5 window; windows are 1/2x1/2 apart)",
+        "an input of 20x20 gives a score map [N,4,36,36]",
+    ]

@@ -18,6 +18,8 @@ flatten left anywhere but at the output, since then the network is not convoluti
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from cnnc.errors import ShapeError
 from cnnc.ir.graph import Graph
 from cnnc.passes.fc_to_conv import fc_to_conv
@@ -73,11 +75,21 @@ def receptive_field(graph: Graph) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if "stride" in node.attrs:
             kernel = node.attrs.get("kernel") or tuple(node.inputs[1].shape[2:])
             dilation = node.attrs.get("dilation", (1,) * rank)
-            field = tuple(
-                f + (k - 1) * d * j
-                for f, k, d, j in zip(field, kernel, dilation, jump, strict=True)
-            )
-            jump = tuple(j * s for j, s in zip(jump, node.attrs["stride"], strict=True))
+            stride = node.attrs["stride"]
+            if node.op == "conv_transpose":
+                # An output cell reads d·(k − 1) // s + 1 neighbouring inputs, and the
+                # cells are 1/s of an input step apart (an upsampling: a fractional stride).
+                field = tuple(
+                    f + d * (k - 1) // s * j
+                    for f, k, d, s, j in zip(field, kernel, dilation, stride, jump, strict=True)
+                )
+                jump = tuple(Fraction(j) / s for j, s in zip(jump, stride, strict=True))
+            else:
+                field = tuple(
+                    f + (k - 1) * d * j
+                    for f, k, d, j in zip(field, kernel, dilation, jump, strict=True)
+                )
+                jump = tuple(j * s for j, s in zip(jump, stride, strict=True))
         for out in node.outputs:
             fields[id(out)] = (jump, field)
     return fields[id(graph.outputs[0])]
