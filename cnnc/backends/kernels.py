@@ -649,14 +649,14 @@ def conv_transpose(node: Node) -> Kernel:
     """The transposed convolution as the stride 1 convolution that computes its output
     phases (the sub-pixel convolution): output row r = b·sh + ph is phase ph of block b,
     and each phase is a correlation of the input with the kernel taps that land on it.
-    One matrix product per group, [groups, kg·sh·sw, cg·Qh·Qw] weights by the input's
-    small im2col (Qh×Qw blocks of taps: 1×1 for U-Net's k=2 s=2, which reads the input
-    as it lies, 2×2 for FCN-32s's k=64 s=32), sums every tap into its phase, with no
-    overlapping adds; the phases are then interleaved into the output, the pads cropped
-    (only the stride-long blocks the output overlaps are computed) and the bias added.
-    The threads take a share of the kernels (or of the groups, when there are more groups
-    than kernels in each), each over blocks of rows whose products fit
-    COLUMN_BLOCK_BYTES."""
+    One matrix product per group, [groups, kg·sh·sw, cg·Qh·Qw] weights (fewer phases when
+    no tap lands on some) by the input's small im2col (Qh×Qw blocks of taps: 1×1 for
+    U-Net's k=2 s=2, which reads the input as it lies, 2×2 for FCN-32s's k=64 s=32), sums
+    every tap into its phase, with no overlapping adds; the phases are then interleaved
+    into the output, the pads cropped (only the stride-long blocks the output overlaps are
+    computed) and the bias added. The threads take a share of the kernels (or of the
+    groups, when there are more groups than kernels in each), each over blocks of rows
+    whose products fit COLUMN_BLOCK_BYTES."""
     weight = node.inputs[1].data
     win = _window(node, weight.shape[2:])
     weight = win.lift(weight) if win.one_d else weight
@@ -671,7 +671,7 @@ def conv_transpose(node: Node) -> Kernel:
     live = (live_h, live_w)
     phases_per_kernel, columns = len(live_h) * len(live_w), sub.shape[2]
     sub = sub.reshape(groups, kg, phases_per_kernel * columns)
-    bias = node.inputs[2].data.reshape(groups, kg, 1) if len(node.inputs) > 2 else None
+    bias = node.inputs[2].data.reshape(groups, kg, 1, 1) if len(node.inputs) > 2 else None
     by_groups = groups > kg
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -719,7 +719,7 @@ def conv_transpose(node: Node) -> Kernel:
                     rows_out = full[..., lo - start : hi - start, off_w : off_w + ow]
                     np.copyto(out[..., lo:hi, :], rows_out)
             if bias is not None:
-                out.reshape(n, g, k, -1)[...] += bias[gs, ks]
+                out += bias[gs, ks]
 
         macs = x.size * kg * kh * kw
         shares = parallel.pieces(groups if by_groups else kg, macs=macs)
