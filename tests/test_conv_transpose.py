@@ -591,6 +591,7 @@ def test_an_imported_grouped_1d_convtranspose_without_bias_agrees():
         ),
         ({"kernel_shape": [2, 2]}, "kernel_shape [2, 2] does not match the weight"),
         ({"output_shape": [1, 3, 10, 10]}, "output_shape [1, 3, 10, 10] has 4 sizes"),
+        ({"strides": [2, 2], "output_padding": [1]}, "output_padding [1] has 1 values, not 2"),
     ],
     ids=[
         "output_shape-too-large",
@@ -598,6 +599,7 @@ def test_an_imported_grouped_1d_convtranspose_without_bias_agrees():
         "output_padding",
         "kernel_shape",
         "output_shape-rank",
+        "output_padding-rank",
     ],
 )
 def test_convtranspose_forms_cnnc_cannot_express_are_errors_at_the_node(attrs, message):

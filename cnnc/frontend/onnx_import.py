@@ -230,6 +230,13 @@ def _conv_transpose(imp: Importer, node, attrs) -> None:
             node,
             f"kernel_shape {list(attrs['kernel_shape'])} does not match the weight {weight.type}",
         )
+    for name, size in (("strides", rank), ("dilations", rank), ("output_padding", rank)):
+        if name in attrs and len(attrs[name]) != size:
+            raise imp.fail(
+                node, f"{name} {list(attrs[name])} has {len(attrs[name])} values, not {size}"
+            )
+    if "pads" in attrs and len(attrs["pads"]) != 2 * rank:
+        raise imp.fail(node, f"pads {list(attrs['pads'])} has {len(attrs['pads'])} values")
     stride = tuple(attrs.get("strides", (1,) * rank))
     dilation = tuple(attrs.get("dilations", (1,) * rank))
     pads, output_pad = _transpose_padding(imp, node, attrs, x, kernel, stride, dilation)
