@@ -56,6 +56,12 @@ CASES = [
     case("depthwise", "4x5x5", "conv_transpose(4, 4, stride=2, pad=1, groups=4)"),
     case("depthwise-multiplier2", "4x5x5", "conv_transpose(8, 3, stride=2, groups=4)"),
     case("no-bias", "3x5x5", "conv_transpose(4, 3, stride=2, bias=false)"),
+    case("rows-of-fewer-blocks-than-the-stride", "3x3x2", "conv_transpose(4, 8, stride=4)"),
+    case(
+        "rows-of-fewer-blocks-than-the-stride-cropped",
+        "3x3x2",
+        "conv_transpose(4, 8, stride=4, pad=(1, 2, 3, 1))",
+    ),
     case("unet-k2-s2", "8x6x6", "conv_transpose(4, 2, stride=2)"),
     case("dcgan-k4-s2-p1", "8x6x6", "conv_transpose(4, 4, stride=2, pad=1)"),
     case("fcn32s-k64-s32", "21x3x3", "conv_transpose(21, 64, stride=32, pad=16, bias=false)"),
@@ -137,8 +143,9 @@ def test_onnx_reference_adds_the_first_groups_bias_to_every_channel(source):
         "conv_transpose(6, 64, stride=32, pad=16, bias=false)",  # FCN-32s: kernels shared
         "conv_transpose(6, 8, stride=4, pad=(2, 1, 3, 0), groups=6)",  # depthwise: groups
         "conv_transpose(6, 2, stride=2)",  # U-Net: no crop
+        "conv_transpose(6, 16, stride=8)",  # row phase by row phase, no crop
     ],
-    ids=["fcn32s", "depthwise", "unet"],
+    ids=["fcn32s", "depthwise", "unet", "row-phases"],
 )
 def test_layers_split_between_threads_and_into_blocks_of_rows(monkeypatch, layer):
     source = program("6x3x4", layer)

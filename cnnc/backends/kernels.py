@@ -619,29 +619,50 @@ def _subpixel_columns(
     return out.reshape(n, groups, cg * qh * qw, bh * ew), ew
 
 
-def _interleave(phases: np.ndarray, target: np.ndarray, live: tuple[list[int], list[int]]) -> None:
-    """target[..., b, i, c, j] = phases[..., i, j, b, c] for phases [n, g, k, Lh, Lw, bh, bw]
-    of the live rows and columns ``live`` and target [n, g, k, bh, sh, bw, sw], whose other
-    phases get 0: phase by phase, each a run along the blocks of a row, or where a row has
-    fewer blocks than the stride, row phase by row phase, each a run along the stride
-    (NumPy copies quickly along long runs only)."""
-    sh, sw, bw = target.shape[4], target.shape[6], target.shape[5]
-    live_h, live_w = live
-    if bw < sw and len(live_w) == sw:
-        for i in range(sh):
-            if i in live_h:
-                rows = phases[:, :, :, live_h.index(i)].transpose(0, 1, 2, 4, 5, 3)
-                np.copyto(target[:, :, :, :, i], rows)
-            else:
-                target[:, :, :, :, i] = 0
-        return
+def _phase_blocks(phase: int, first: int, count: int, stride: int, offset: int, size: int):
+    """The blocks [lo, hi) of ``count`` from block ``first`` whose ``phase`` lands inside an
+    output of ``size`` (output index block·stride + phase − offset), and the output index
+    of the first; None if none does."""
+    lo = max(0, -(-(offset - phase) // stride) - first)
+    hi = min(count, (size - 1 + offset - phase) // stride - first + 1)
+    return (lo, hi, (first + lo) * stride + phase - offset) if lo < hi else None
+
+
+def _put_phases(phases, out, first: int, live, stride, offset) -> None:
+    """out[..., b·sh + i − off_h, c·sw + j − off_w] = phases[..., i', j', b − first, c] for
+    phases [n, g, k, Lh, Lw, bh, bw] of the live rows and columns (i = live[0][i'], ...),
+    where that lands inside out [n, g, k, oh, ow] (the crop); other phases get 0. Phase
+    by phase, each a run along the blocks of a row."""
+    (live_h, live_w), (sh, sw), (off_h, off_w) = live, stride, offset
+    count, bw = phases.shape[5:]
+    oh, ow = out.shape[3:]
     for i in range(sh):
+        rows = _phase_blocks(i, first, count, sh, off_h, oh)
         for j in range(sw):
+            cols = _phase_blocks(j, 0, bw, sw, off_w, ow)
+            if rows is None or cols is None:
+                continue
+            target = out[..., rows[2] :: sh, cols[2] :: sw][
+                ..., : rows[1] - rows[0], : cols[1] - cols[0]
+            ]
             if i in live_h and j in live_w:
                 phase = phases[:, :, :, live_h.index(i), live_w.index(j)]
-                np.copyto(target[:, :, :, :, i, :, j], phase)
+                np.copyto(target, phase[..., rows[0] : rows[1], cols[0] : cols[1]])
             else:
-                target[:, :, :, :, i, :, j] = 0
+                target[...] = 0
+
+
+def _put_row_phases(phases: np.ndarray, target: np.ndarray, live_h: list[int]) -> None:
+    """target[..., b, i, c, j] = phases[..., i', j, b, c] for phases [n, g, k, Lh, sw, bh, bw]
+    of the live rows (i = live_h[i']) and target [n, g, k, bh, sh, bw, sw], whose other rows
+    get 0: row phase by row phase, each a run along the stride, for rows of fewer blocks
+    than the stride (FCN-32s: 8 blocks of 32), where runs along the blocks are short."""
+    for i in range(target.shape[4]):
+        if i in live_h:
+            rows = phases[:, :, :, live_h.index(i)].transpose(0, 1, 2, 4, 5, 3)
+            np.copyto(target[:, :, :, :, i], rows)
+        else:
+            target[:, :, :, :, i] = 0
 
 
 @kernel("conv_transpose")
@@ -684,6 +705,7 @@ def conv_transpose(node: Node) -> Kernel:
         bh, bw = -(-(top + oh) // sh) - first[0], -(-(left + ow) // sw) - first[1]
         off_h, off_w = top % sh, left % sw
         crop = (off_h, off_w, bh * sh, bw * sw) != (0, 0, oh, ow)
+        by_rows = bw < sw and len(live_w) == sw
         cols, width = _subpixel_columns(x, groups, first, (bh, bw), reach)
         y = np.empty((n, groups * kg, oh, ow), np.float32)
         y_groups = y.reshape(n, groups, kg, oh, ow)
@@ -695,7 +717,7 @@ def conv_transpose(node: Node) -> Kernel:
             g, k = (size, kg) if by_groups else (groups, size)
             per_row = n * g * k * phases_per_kernel * width
             rows = max(1, min(bh, COLUMN_BLOCK_BYTES // (4 * per_row)))
-            full_size = n * g * k * sh * sw * rows * bw if crop else 0
+            full_size = n * g * k * sh * sw * rows * bw if by_rows and crop else 0
             buffer = pool.scratch(worker, per_row * rows + full_size)
             weights = sub[gs, ks].reshape(g, k * phases_per_kernel, columns)
             out = y_groups[:, gs, ks]
@@ -706,18 +728,20 @@ def conv_transpose(node: Node) -> Kernel:
                 _matmul(weights, cols[:, gs, :, b0 * width : b1 * width], product)
                 phases = product.reshape(n, g, k, len(live_h), len(live_w), r, width)
                 phases = phases[..., :bw]
-                if not crop:
+                if not by_rows:
+                    _put_phases(phases, out, b0, live, (sh, sw), (off_h, off_w))
+                elif not crop:
                     target = out[:, :, :, b0 * sh : b1 * sh].reshape(n, g, k, r, sh, bw, sw)
-                    _interleave(phases, target, live)
-                    continue
-                full = buffer[per_row * rows : per_row * rows + n * g * k * sh * sw * r * bw]
-                _interleave(phases, full.reshape(n, g, k, r, sh, bw, sw), live)
-                full = full.reshape(n, g, k, r * sh, bw * sw)
-                start = b0 * sh - off_h  # the output row of the block's first row
-                lo, hi = max(0, start), min(oh, start + r * sh)
-                if lo < hi:
-                    rows_out = full[..., lo - start : hi - start, off_w : off_w + ow]
-                    np.copyto(out[..., lo:hi, :], rows_out)
+                    _put_row_phases(phases, target, live_h)
+                else:
+                    full = buffer[per_row * rows : per_row * rows + n * g * k * sh * sw * r * bw]
+                    _put_row_phases(phases, full.reshape(n, g, k, r, sh, bw, sw), live_h)
+                    full = full.reshape(n, g, k, r * sh, bw * sw)
+                    start = b0 * sh - off_h  # the output row of the block's first row
+                    lo, hi = max(0, start), min(oh, start + r * sh)
+                    if lo < hi:
+                        rows_out = full[..., lo - start : hi - start, off_w : off_w + ow]
+                        np.copyto(out[..., lo:hi, :], rows_out)
             if bias is not None:
                 out += bias[gs, ks]
 
