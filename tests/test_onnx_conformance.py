@@ -24,7 +24,7 @@ import cnnc
 from cnnc.backends.onnx_backend import CnncBackend
 
 SUPPORTED_OPS = {
-    "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu",
+    "Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu",
     "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Gemm", "MatMul", "Softmax", "Flatten", "Reshape",
     "Transpose", "BatchNormalization", "LRN", "Dropout", "Add", "Concat", "Identity", "Sum",
     "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant", "HardSwish", "HardSigmoid",
@@ -55,6 +55,7 @@ _REASONS = {
         "test_AvgPool3d", "test_AvgPool3d_stride", "test_AvgPool3d_stride1_pad0_gpu_input",
         "test_Conv3d", "test_Conv3d_dilated", "test_Conv3d_dilated_strided", "test_Conv3d_groups",
         "test_Conv3d_no_bias", "test_Conv3d_stride", "test_Conv3d_stride_padding",
+        "test_convtranspose_3d",
         "test_MaxPool3d", "test_MaxPool3d_stride", "test_MaxPool3d_stride_padding",
         "test_averagepool_3d_default",
         "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False",

@@ -19,6 +19,10 @@ from cnnc.ops import all_ops
 # One program per IR op that makes that op (at -O0, or at -O2 for the fused forms).
 SAMPLES: dict[str, str] = {
     "conv": "network n(x: 3x9x9) { conv(4, 3, stride=2, pad=(1, 0, 2, 1)) }",
+    "conv_transpose": (
+        "network n(x: 4x5x5) { conv_transpose(6, 3, stride=2, pad=(1, 0, 0, 1), output_pad=1, "
+        "groups=2) }"
+    ),
     "fc": "network n(x: 3x4x4) { fc(5) }",
     "flatten": "network n(x: 3x4x4) { flatten }",
     "maxpool": "network n(x: 3x9x9) { maxpool(3, stride=2, pad=1, ceil=true) }",

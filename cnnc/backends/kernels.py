@@ -555,6 +555,206 @@ def _depthwise(node: Node, win: Window, weight: np.ndarray) -> Kernel:
     return lambda x: win.by_channels(x, k, part, passes=kh * kw)
 
 
+# ---- transposed convolution -------------------------------------------------------------
+
+
+def _subpixel_weights(
+    weight: np.ndarray, groups: int, stride, dilation
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """A transposed convolution's weight [C, kg, kh, kw] as the weight of the stride 1
+    convolution that computes its output phases, [groups, kg·Lh·Lw, cg·Qh·Qw], with the
+    phases (rows, columns) it computes. Tap (i, j) of input pixel (h, w) lands at output
+    row h·sh + i·dh = (h + qh)·sh + ph: it weighs the input pixel qh blocks before for
+    output phase ph. The convolution reads the kernel flipped; taps no kernel tap lands
+    on are 0, and phases no tap lands on (stride larger than the kernel, a dilation
+    sharing a factor with the stride) are left out: they hold the bias alone."""
+    channels, kg, kh, kw = weight.shape
+    cg = channels // groups
+    (sh, sw), (dh, dw) = stride, dilation
+    qh, ph = np.divmod(np.arange(kh) * dh, sh)
+    qw, pw = np.divmod(np.arange(kw) * dw, sw)
+    live_h, live_w = sorted(set(ph.tolist())), sorted(set(pw.tolist()))
+    reach_h, reach_w = int(qh[-1]) + 1, int(qw[-1]) + 1
+    sub = np.zeros((groups, kg, len(live_h), len(live_w), cg, reach_h, reach_w), np.float32)
+    taps = weight.reshape(groups, cg, kg, kh, kw).transpose(3, 4, 0, 2, 1)
+    phase_h, phase_w = np.searchsorted(live_h, ph), np.searchsorted(live_w, pw)
+    rows, cols = reach_h - 1 - qh[:, None], reach_w - 1 - qw[None, :]
+    sub[:, :, phase_h[:, None], phase_w[None, :], :, rows, cols] = taps
+    sub = sub.reshape(groups, kg * len(live_h) * len(live_w), cg * reach_h * reach_w)
+    return sub, live_h, live_w
+
+
+def _subpixel_columns(
+    x: np.ndarray, groups: int, first: tuple[int, int], blocks: tuple[int, int], reach
+) -> tuple[np.ndarray, int]:
+    """im2col of the input for the convolution that computes a transposed convolution's
+    output phases, and the width of its rows: [n, groups, cg·Qh·Qw, bh·width], the column
+    of output block (b, c) and tap (jh, jw) holding x[first + b + jh − Qh + 1, ...] (0
+    outside the input). Each row runs across the input extended by its zero padding
+    (width bw + Qw − 1, the extra columns dropped later), so that each tap's rows are one
+    contiguous run of it, copied at memory speed; x itself, without a copy, when that is x
+    (a kernel no longer than the stride, no padding)."""
+    n, c, h, w = x.shape
+    (bh0, bw0), (bh, bw), (qh, qw) = first, blocks, reach
+    top, left = bh0 - qh + 1, bw0 - qw + 1  # the input row and column of the first window
+    eh, ew = bh + qh - 1, bw + qw - 1
+    cg = c // groups
+    if (top, left, eh, ew, qh, qw) == (0, 0, h, w, 1, 1):
+        return x.reshape(n, groups, cg, h * w), w
+    # The last row's extra columns read up to qw - 1 values past the end.
+    flat = np.zeros((n, c, eh * ew + qw - 1), np.float32)
+    extended = flat[:, :, : eh * ew].reshape(n, c, eh, ew)
+    rows = slice(max(0, -top), max(0, min(eh, h - top)))
+    cols = slice(max(0, -left), max(0, min(ew, w - left)))
+    extended[:, :, rows, cols] = x[
+        :, :, rows.start + top : rows.stop + top, cols.start + left : cols.stop + left
+    ]
+    s_n, s_c, item = flat.strides[0], flat.strides[1], flat.itemsize
+    windows = as_strided(
+        flat,
+        (n, groups, cg, qh, qw, bh * ew),
+        (s_n, s_c * cg, s_c, ew * item, item, item),
+        writeable=False,
+    )
+    out = np.empty(windows.shape, np.float32)
+    parallel.share(cg, lambda ch: np.copyto(out[:, :, ch], windows[:, :, ch]), out.size)
+    return out.reshape(n, groups, cg * qh * qw, bh * ew), ew
+
+
+def _phase_blocks(phase: int, first: int, count: int, stride: int, offset: int, size: int):
+    """The blocks [lo, hi) of ``count`` from block ``first`` whose ``phase`` lands inside an
+    output of ``size`` (output index block·stride + phase − offset), and the output index
+    of the first; None if none does."""
+    lo = max(0, -(-(offset - phase) // stride) - first)
+    hi = min(count, (size - 1 + offset - phase) // stride - first + 1)
+    return (lo, hi, (first + lo) * stride + phase - offset) if lo < hi else None
+
+
+def _put_phases(phases, out, first: int, live, stride, offset) -> None:
+    """out[..., b·sh + i − off_h, c·sw + j − off_w] = phases[..., i', j', b − first, c] for
+    phases [n, g, k, Lh, Lw, bh, bw] of the live rows and columns (i = live[0][i'], ...),
+    where that lands inside out [n, g, k, oh, ow] (the crop); other phases get 0. Phase
+    by phase, each a run along the blocks of a row."""
+    (live_h, live_w), (sh, sw), (off_h, off_w) = live, stride, offset
+    count, bw = phases.shape[5:]
+    oh, ow = out.shape[3:]
+    for i in range(sh):
+        rows = _phase_blocks(i, first, count, sh, off_h, oh)
+        for j in range(sw):
+            cols = _phase_blocks(j, 0, bw, sw, off_w, ow)
+            if rows is None or cols is None:
+                continue
+            target = out[..., rows[2] :: sh, cols[2] :: sw][
+                ..., : rows[1] - rows[0], : cols[1] - cols[0]
+            ]
+            if i in live_h and j in live_w:
+                phase = phases[:, :, :, live_h.index(i), live_w.index(j)]
+                np.copyto(target, phase[..., rows[0] : rows[1], cols[0] : cols[1]])
+            else:
+                target[...] = 0
+
+
+def _put_row_phases(phases: np.ndarray, target: np.ndarray, live_h: list[int]) -> None:
+    """target[..., b, i, c, j] = phases[..., i', j, b, c] for phases [n, g, k, Lh, sw, bh, bw]
+    of the live rows (i = live_h[i']) and target [n, g, k, bh, sh, bw, sw], whose other rows
+    get 0: row phase by row phase, each a run along the stride, for rows of fewer blocks
+    than the stride (FCN-32s: 8 blocks of 32), where runs along the blocks are short."""
+    for i in range(target.shape[4]):
+        if i in live_h:
+            rows = phases[:, :, :, live_h.index(i)].transpose(0, 1, 2, 4, 5, 3)
+            np.copyto(target[:, :, :, :, i], rows)
+        else:
+            target[:, :, :, :, i] = 0
+
+
+@kernel("conv_transpose")
+def conv_transpose(node: Node) -> Kernel:
+    """The transposed convolution as the stride 1 convolution that computes its output
+    phases (the sub-pixel convolution): output row r = b·sh + ph is phase ph of block b,
+    and each phase is a correlation of the input with the kernel taps that land on it.
+    One matrix product per group, [groups, kg·sh·sw, cg·Qh·Qw] weights (fewer phases when
+    no tap lands on some) by the input's small im2col (Qh×Qw blocks of taps: 1×1 for
+    U-Net's k=2 s=2, which reads the input as it lies, 2×2 for FCN-32s's k=64 s=32), sums
+    every tap into its phase, with no overlapping adds; the phases are then interleaved
+    into the output, the pads cropped (only the stride-long blocks the output overlaps are
+    computed) and the bias added. The threads take a share of the kernels (or of the
+    groups, when there are more groups than kernels in each), each over blocks of rows
+    whose products fit COLUMN_BLOCK_BYTES."""
+    weight = node.inputs[1].data
+    win = _window(node, weight.shape[2:])
+    weight = win.lift(weight) if win.one_d else weight
+    kg, kh, kw = weight.shape[1:]
+    groups = node.attrs["groups"]
+    output_pad = node.attrs["output_pad"]
+    oph, opw = (0, *output_pad) if win.one_d else output_pad
+    (sh, sw), (dh, dw) = win.stride, win.dilation
+    top, left, bottom, right = win.pads
+    reach = ((dh * (kh - 1)) // sh + 1, (dw * (kw - 1)) // sw + 1)
+    sub, live_h, live_w = _subpixel_weights(weight, groups, win.stride, win.dilation)
+    live = (live_h, live_w)
+    phases_per_kernel, columns = len(live_h) * len(live_w), sub.shape[2]
+    sub = sub.reshape(groups, kg, phases_per_kernel * columns)
+    bias = node.inputs[2].data.reshape(groups, kg, 1, 1) if len(node.inputs) > 2 else None
+    by_groups = groups > kg
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = win.lift(x)
+        n, _, h, w = x.shape
+        oh = (h - 1) * sh - top - bottom + dh * (kh - 1) + oph + 1
+        ow = (w - 1) * sw - left - right + dw * (kw - 1) + opw + 1
+        # The stride-long blocks of the uncropped output that the output overlaps.
+        first = (top // sh, left // sw)
+        bh, bw = -(-(top + oh) // sh) - first[0], -(-(left + ow) // sw) - first[1]
+        off_h, off_w = top % sh, left % sw
+        crop = (off_h, off_w, bh * sh, bw * sw) != (0, 0, oh, ow)
+        by_rows = bw < sw and len(live_w) == sw
+        cols, width = _subpixel_columns(x, groups, first, (bh, bw), reach)
+        y = np.empty((n, groups * kg, oh, ow), np.float32)
+        y_groups = y.reshape(n, groups, kg, oh, ow)
+        pool = parallel.current()
+
+        def work(share: slice, worker: int) -> None:
+            gs, ks = (share, slice(None)) if by_groups else (slice(None), share)
+            size = share.stop - share.start
+            g, k = (size, kg) if by_groups else (groups, size)
+            per_row = n * g * k * phases_per_kernel * width
+            rows = max(1, min(bh, COLUMN_BLOCK_BYTES // (4 * per_row)))
+            full_size = n * g * k * sh * sw * rows * bw if by_rows and crop else 0
+            buffer = pool.scratch(worker, per_row * rows + full_size)
+            weights = sub[gs, ks].reshape(g, k * phases_per_kernel, columns)
+            out = y_groups[:, gs, ks]
+            for b0 in range(0, bh, rows):
+                b1 = min(bh, b0 + rows)
+                r = b1 - b0
+                product = buffer[: per_row * r].reshape(n, g, -1, r * width)
+                _matmul(weights, cols[:, gs, :, b0 * width : b1 * width], product)
+                phases = product.reshape(n, g, k, len(live_h), len(live_w), r, width)
+                phases = phases[..., :bw]
+                if not by_rows:
+                    _put_phases(phases, out, b0, live, (sh, sw), (off_h, off_w))
+                elif not crop:
+                    target = out[:, :, :, b0 * sh : b1 * sh].reshape(n, g, k, r, sh, bw, sw)
+                    _put_row_phases(phases, target, live_h)
+                else:
+                    full = buffer[per_row * rows : per_row * rows + n * g * k * sh * sw * r * bw]
+                    _put_row_phases(phases, full.reshape(n, g, k, r, sh, bw, sw), live_h)
+                    full = full.reshape(n, g, k, r * sh, bw * sw)
+                    start = b0 * sh - off_h  # the output row of the block's first row
+                    lo, hi = max(0, start), min(oh, start + r * sh)
+                    if lo < hi:
+                        rows_out = full[..., lo - start : hi - start, off_w : off_w + ow]
+                        np.copyto(out[..., lo:hi, :], rows_out)
+            if bias is not None:
+                out += bias[gs, ks]
+
+        macs = x.size * kg * kh * kw
+        shares = parallel.pieces(groups if by_groups else kg, macs=macs)
+        pool.map(lambda i, worker: work(slice(*shares[i]), worker), len(shares))
+        return win.drop(y)
+
+    return run
+
+
 @kernel("fc")
 def fc(node: Node) -> Kernel:
     weight = node.inputs[1].data  # [out, in]: the product reads it transposed, without a copy

@@ -28,6 +28,7 @@ class CnncBackendRep(BackendRep):
 # Inputs of these ops that cnnc compiles as constants (weights, shapes, bounds).
 PARAMETER_INPUTS = {
     "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
     "Gemm": (1, 2),
     "MatMul": (1,),
     "BatchNormalization": (1, 2, 3, 4),

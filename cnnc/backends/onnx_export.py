@@ -17,6 +17,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from cnnc import __version__
 from cnnc.errors import InternalError, UsageError
 from cnnc.ir.graph import Graph, Node, Value
+from cnnc.ir.types import format_dims
 from cnnc.ops.activation import ACTIVATIONS, FUNCTION_NAMES, function_name, fused_function_name
 
 MIN_OPSET = 13
@@ -399,6 +400,24 @@ def _conv(e: Emitter, node: Node) -> None:
     call_inputs = inputs if len(inputs) == 3 else [*inputs, ""]
     call_attrs = {**attrs, **_call_attrs(activation, act_attrs)}
     e.call(_fused_function(e, activation, act_attrs), call_inputs, outputs, node.name, call_attrs)
+
+
+@emitter("conv_transpose")
+def _conv_transpose(e: Emitter, node: Node) -> None:
+    # Explicit pads and output_padding, never output_shape: the model says what it computes.
+    attrs = {**_window_attrs(node, node.inputs[1].shape[2:]), "group": node.attrs["groups"]}
+    output_pad, stride = node.attrs["output_pad"], node.attrs["stride"]
+    if any(p >= s for p, s in zip(output_pad, stride, strict=True)):
+        # PyTorch allows output padding below the dilation; onnxruntime and onnx.reference
+        # refuse any that is not below the stride.
+        raise e.refuse(
+            node,
+            f"output_pad {format_dims(output_pad)} not smaller than the stride "
+            f"{format_dims(stride)} (ONNX runtimes require output_padding < strides)",
+        )
+    if any(output_pad):
+        attrs["output_padding"] = list(output_pad)
+    e.node("ConvTranspose", _names(node.inputs), _names(node.outputs), node.name, **attrs)
 
 
 @emitter("fc")

@@ -12,10 +12,12 @@ import numpy as np
 
 from cnnc.errors import UsageError
 from cnnc.ir.graph import Graph, Node, Value
+from cnnc.ops.common import pad_text
 
 # The parameter names of each op's layer, in the order of the node's parameter inputs.
 PARAM_NAMES = {
     "conv": ("weight", "bias"),
+    "conv_transpose": ("weight", "bias"),
     "fc": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var"),
     "affine": ("weight", "bias"),
@@ -50,7 +52,7 @@ def _window(node: Node, kernel, default_stride) -> list[str]:
     if tuple(a["stride"]) != tuple(default_stride):
         args.append(f"stride={_spatial(a['stride'])}")
     if any(a["pads"]):
-        args.append(f"pad={_pads(a['pads'])}")
+        args.append(f"pad={pad_text(a['pads'])}")
     if any(d != 1 for d in a.get("dilation", ())):
         args.append(f"dilation={_spatial(a['dilation'])}")
     return args
@@ -73,6 +75,19 @@ def _conv(node: Node) -> str:
     return text
 
 
+def _conv_transpose(node: Node) -> str:
+    weight, a = node.inputs[1], node.attrs
+    kernel = weight.shape[2:]
+    args = [str(weight.shape[1] * a["groups"]), *_window(node, kernel, (1,) * len(kernel))]
+    if any(a["output_pad"]):
+        args.append(f"output_pad={_spatial(a['output_pad'])}")
+    if a["groups"] != 1:
+        args.append(f"groups={a['groups']}")
+    if len(node.inputs) < 3:
+        args.append("bias=false")
+    return f"conv_transpose({', '.join(args)})"
+
+
 def _pool(node: Node) -> str:
     a = node.attrs
     args = _window(node, a["kernel"], a["kernel"])
@@ -85,6 +100,7 @@ def _pool(node: Node) -> str:
 
 WRITERS: dict[str, Callable[..., str]] = {
     "conv": _conv,
+    "conv_transpose": _conv_transpose,
     "maxpool": _pool,
     "avgpool": _pool,
     "fc": lambda n: f"fc({n.inputs[1].shape[0]}" + (")" if len(n.inputs) > 2 else ", bias=false)"),
@@ -137,7 +153,7 @@ for _op in (*_BARE, "flatten", *MERGES):
 
 def _pad(node: Node) -> str:
     a = node.attrs
-    args = [_pads(a["pads"])]
+    args = [pad_text(a["pads"])]
     if a["mode"] != "constant":
         args.append(a["mode"])
     if a["value"]:
@@ -152,17 +168,6 @@ def _split(node: Node) -> str:
     if chunk_sizes(sum(sizes), len(sizes)) == sizes:
         return f"split({len(sizes)})"
     return f"split({_tuple(sizes)})"
-
-
-def _pads(pads) -> str:
-    """The shortest padding form: one int, (h, w) for both sides of each axis, or all four."""
-    pads = tuple(int(p) for p in pads)
-    rank = len(pads) // 2
-    if len(set(pads)) == 1:
-        return str(pads[0])
-    if rank == 2 and pads[:2] == pads[2:]:
-        return _ints(pads[:2])
-    return _ints(pads)
 
 
 def _tuple(values) -> str:

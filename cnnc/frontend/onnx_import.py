@@ -16,7 +16,7 @@ from cnnc.errors import CnncError, ModelFileError
 from cnnc.frontend import onnx_patterns, onnx_shapes
 from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
-from cnnc.ir.types import BATCH, TensorType, dtype_name
+from cnnc.ir.types import BATCH, TensorType, dtype_name, format_dims
 from cnnc.ops.activation import FUNCTION_NAMES
 from cnnc.ops.tensor import PAD_MODES
 
@@ -183,6 +183,105 @@ def _conv(imp: Importer, node, attrs, fused: dict[str, Any] | None = None) -> No
     window = _window(imp, node, attrs, kernel, inputs[0])
     ir = {**window, "groups": attrs.get("group", 1), **(fused or {})}
     imp.add(node, "conv", inputs, ir)
+
+
+def _transpose_padding(
+    imp: Importer,
+    node,
+    attrs,
+    x: Value,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A ConvTranspose's explicit pads (begin..., end...) and output padding. Given an output
+    size (its ``output_shape``, or input × stride for auto_pad SAME_UPPER and SAME_LOWER),
+    the pads crop what it computes to that size as the ONNX spec says: the odd row at the
+    end for SAME_UPPER, at the beginning otherwise; an output_shape a few rows larger than
+    what it computes (fewer than the stride) has them at the end, as output padding."""
+    rank = len(kernel)
+    output_pad = tuple(attrs.get("output_padding", (0,) * rank))
+    auto_pad = _decoded(attrs).get("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise imp.fail(node, f"auto_pad={auto_pad} is not an ONNX padding mode")
+    output_shape = attrs.get("output_shape")
+    if output_shape is None and auto_pad in ("NOTSET", "VALID"):
+        pads = attrs.get("pads", (0,) * 2 * rank) if auto_pad == "NOTSET" else (0,) * 2 * rank
+        return tuple(pads), output_pad
+    spatial = [int(d) for d in x.type.spatial]
+    if output_shape is None:
+        sizes = [size * s for size, s in zip(spatial, stride, strict=True)]
+    elif len(output_shape) == rank:
+        sizes = [int(d) for d in output_shape]
+    else:
+        raise imp.fail(
+            node,
+            f"output_shape {list(output_shape)} has {len(output_shape)} sizes; ONNX gives one "
+            f"per spatial axis ({rank})",
+        )
+    begins, ends, extra = [], [], []
+    axes = zip(sizes, spatial, kernel, stride, dilation, output_pad, strict=True)
+    for size, n, k, s, d, p in axes:
+        total = s * (n - 1) + p + d * (k - 1) + 1 - size
+        if total < 0 and output_shape is None:
+            raise imp.fail(
+                node,
+                f"auto_pad={auto_pad} asks for an output of input × stride, "
+                f"{format_dims(sizes)}, larger than the {size + total} this ConvTranspose "
+                "computes along an axis: onnxruntime and onnx.reference disagree on what "
+                "that computes",
+                hint="give explicit pads and output_padding",
+            )
+        if total < 0 and p - total >= s:
+            raise imp.fail(
+                node,
+                f"output_shape {format_dims(sizes)} is {-total} larger than the "
+                f"{size + total} this ConvTranspose computes along an axis: as output "
+                f"padding, {p - total} rows, not smaller than the stride {s}",
+                hint="output_shape may exceed the computed size by less than the stride",
+            )
+        small = max(total, 0) // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else max(total, 0) - small)
+        ends.append(max(total, 0) - begins[-1])
+        extra.append(p + max(-total, 0))
+    return (*begins, *ends), tuple(extra)
+
+
+@importer("ConvTranspose")
+def _conv_transpose(imp: Importer, node, attrs) -> None:
+    inputs = _inputs(imp, node)
+    if not all(v.is_param for v in inputs[1:]):
+        raise imp.fail(
+            node,
+            "a ConvTranspose whose weights are computed is not supported",
+            hint="cnnc transposed convolutions have constant weights (initializers)",
+        )
+    x, weight = inputs[0], inputs[1]
+    kernel = tuple(weight.shape[2:])
+    rank = len(kernel)
+    if tuple(attrs.get("kernel_shape", kernel)) != kernel:
+        raise imp.fail(
+            node,
+            f"kernel_shape {list(attrs['kernel_shape'])} does not match the weight {weight.type}",
+        )
+    for name, size in (("strides", rank), ("dilations", rank), ("output_padding", rank)):
+        if name in attrs and len(attrs[name]) != size:
+            raise imp.fail(
+                node, f"{name} {list(attrs[name])} has {len(attrs[name])} values, not {size}"
+            )
+    if "pads" in attrs and len(attrs["pads"]) != 2 * rank:
+        raise imp.fail(node, f"pads {list(attrs['pads'])} has {len(attrs['pads'])} values")
+    stride = tuple(attrs.get("strides", (1,) * rank))
+    dilation = tuple(attrs.get("dilations", (1,) * rank))
+    pads, output_pad = _transpose_padding(imp, node, attrs, x, kernel, stride, dilation)
+    ir = {
+        "stride": stride,
+        "pads": pads,
+        "output_pad": output_pad,
+        "dilation": dilation,
+        "groups": attrs.get("group", 1),
+    }
+    imp.add(node, "conv_transpose", inputs, ir)
 
 
 FUNCTION_DOMAIN = "cnnc"

@@ -136,6 +136,18 @@ def describe_window(
     return " ".join(parts)
 
 
+def pad_text(pads: tuple[int, ...]) -> str:
+    """The shortest ``pad`` form of explicit pads (begin..., end...): one int, (h, w) for both
+    sides of each axis, or all of them."""
+    pads = tuple(int(p) for p in pads)
+    rank = len(pads) // 2
+    if len(set(pads)) == 1:
+        return str(pads[0])
+    if rank == 2 and pads[:2] == pads[2:]:
+        return f"({pads[0]}, {pads[1]})"
+    return "(" + ", ".join(map(str, pads)) + ")"
+
+
 def conv_out_channels_check(ctx: LayerContext, channels: int, out: int, groups: int) -> None:
     """Groups must divide both channel counts."""
     if channels % groups:

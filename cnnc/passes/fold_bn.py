@@ -1,16 +1,19 @@
-"""fold-bn: batch normalization after a conv or an fc folds into that layer's weights and bias.
+"""fold-bn: batch normalization after a conv, a conv_transpose or an fc folds into that
+layer's weights and bias.
 
     y = conv(x, W, b); z = bn(y, gamma, beta, mean, var)
         ==>  z = conv(x, W * s, (b - mean) * s + beta)     with s = gamma / sqrt(var + eps)
     y = conv(x, W, b); z = affine(y, s, t)  ==>  z = conv(x, W * s, b * s + t)
 
-The scale applies to each output channel (each row of an fc weight); a layer
-without bias gains one, named ``<layer>.bias``.
+The scale applies to each output channel: each row of a conv or fc weight; in a
+conv_transpose weight [C_in, out/groups, k...] the output channels run along axis 1,
+group by group (output channel g·out/groups + o is column o of the rows of group g). A
+layer without bias gains one, named ``<layer>.bias``.
 
 Leaves alone (and why):
 - a bn whose input has other users, or is a network output: they need the unnormalized value;
-- a bn after anything but a conv or an fc (after an add or a pool, say): there are no
-  weights to fold into;
+- a bn after anything but a conv, a conv_transpose or an fc (after an add or a pool, say):
+  there are no weights to fold into;
 - a conv that already has a fused activation: the bn comes after the activation;
 - a layer whose weights are shared with another node (possible in imported models):
   rescaling them would change the other node too.
@@ -18,14 +21,35 @@ Leaves alone (and why):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
 from cnnc.ir.graph import Graph, Node
 from cnnc.ops.norm import channel_scale_shift
+
+FOLDS_INTO = ("conv", "conv_transpose", "fc")
+
+
+def _scaled(layer: Node, scale: Callable[[], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """The layer's weight times each output channel's scale."""
+    if layer.op != "conv_transpose":
+        return lambda w: w * scale().reshape(-1, *(1,) * (w.ndim - 1))
+    groups = layer.attrs["groups"]
+
+    def scaled(w: np.ndarray) -> np.ndarray:
+        # [C_in, out/groups, k...] as [groups, C_in/groups, out/groups, k...]
+        by_group = w.reshape(groups, -1, *w.shape[1:])
+        s = scale().reshape(groups, 1, -1, *(1,) * (w.ndim - 2))
+        return (by_group * s).reshape(w.shape)
+
+    return scaled
 
 
 def _foldable_into(graph: Graph, bn: Node) -> Node | None:
     x = bn.inputs[0]
     layer = x.producer
-    if layer is None or layer.op not in ("conv", "fc") or layer.attrs.get("activation"):
+    if layer is None or layer.op not in FOLDS_INTO or layer.attrs.get("activation"):
         return None
     if len(x.users) != 1 or x in graph.outputs:
         return None
@@ -35,7 +59,7 @@ def _foldable_into(graph: Graph, bn: Node) -> Node | None:
 
 
 def fold_bn(graph: Graph) -> bool:
-    """Fold every foldable bn (or affine) into the conv or fc before it."""
+    """Fold every foldable bn (or affine) into the conv, conv_transpose or fc before it."""
     changed = False
     for norm in [n for n in graph.nodes if n.op in ("bn", "affine")]:
         layer = _foldable_into(graph, norm)
@@ -50,11 +74,11 @@ def fold_bn(graph: Graph) -> bool:
             return channel_scale_shift(n)[1]
 
         x, weight, *bias = layer.inputs
-        weight.derive(lambda w, s=scale: w * s().reshape(-1, *(1,) * (w.ndim - 1)))
+        weight.derive(_scaled(layer, scale))
         if bias:
             bias[0].derive(lambda b, s=scale, t=shift: b * s() + t())
         else:
-            channels = (weight.shape[0],)
+            channels = (layer.output.shape[1],)
             bias = [graph.add_param(graph.unique_name(f"{layer.name}.bias"), channels)]
             bias[0].set_data(shift)
         graph.replace_node(layer, layer.op, [x, weight, bias[0]], layer.attrs)

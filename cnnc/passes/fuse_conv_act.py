@@ -14,7 +14,8 @@ Leaves alone (and why):
 - a conv whose output has other users, or is a network output: they need the value
   before the activation;
 - a conv that already has an activation;
-- an activation after anything but a conv (an fc, a pool, an add);
+- an activation after anything but a conv (an fc, a pool, an add, a conv_transpose: the
+  transposed convolution has no fused form, in the interpreter or in ONNX);
 - prelu: its slopes are a tensor the fused function would have to take as an input.
 """
 
