@@ -19,6 +19,8 @@ from cnnc.backends import parallel
 from cnnc.ir.graph import Node
 from cnnc.ops.common import window_output_size
 from cnnc.ops.norm import channel_scale_shift
+from cnnc.ops.pool import adaptive_avg_matrix, adaptive_max_windows
+from cnnc.ops.resize import NEAREST_MODES, linear_taps, nearest_indices, upsample_sizes
 
 Kernel = Callable[..., np.ndarray]
 Activation = Callable[..., np.ndarray]  # f(x, out=None), so that a conv can apply it in place
@@ -621,6 +623,182 @@ def global_maxpool(node: Node) -> Kernel:
         return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
 
     return run
+
+
+# ---- resizing and adaptive pooling ----------------------------------------------------------
+
+
+def _by_spatial_size(plan: Callable[[tuple[int, ...]], object]) -> Callable[..., object]:
+    """``plan(spatial sizes)`` computed once per input size (a fully convolutional network
+    runs on inputs of any size)."""
+    plans: dict[tuple[int, ...], object] = {}
+
+    def get(x: np.ndarray):
+        key = tuple(x.shape[2:])
+        if key not in plans:
+            plans[key] = plan(key)
+        return plans[key]
+
+    return get
+
+
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """Per-position values of ``axis`` shaped to broadcast against an ``ndim``-D array."""
+    return values.reshape(-1, *(1,) * (ndim - 1 - axis))
+
+
+def _resample_by_channels(
+    x: np.ndarray, out_spatial: tuple[int, ...], steps: list, apply: Callable[..., np.ndarray]
+) -> np.ndarray:
+    """An output [n, c, *out_spatial] made by ``apply(t, step, out)`` for each step along one
+    axis in turn, the last writing into the output; the threads take a share of the
+    channels each. No steps: a copy."""
+    n, c = x.shape[:2]
+    y = np.empty((n, c, *out_spatial), np.float32)
+    if not steps:
+        _copy_by_channels(y, x)
+        return y
+
+    def part(channels: slice) -> None:
+        t = x[:, channels]
+        for i, step in enumerate(steps):
+            t = apply(t, step, y[:, channels] if i == len(steps) - 1 else None)
+
+    parallel.share(c, part, x.size + y.size)
+    return y
+
+
+def _shrinking_first(steps: list, spatial: tuple[int, ...], sizes: list[int]) -> list:
+    """Steps along the axes that shrink most first, so that later steps read less."""
+    order = sorted(range(len(steps)), key=lambda i: sizes[i] / spatial[steps[i][0] - 2])
+    return [steps[i] for i in order]
+
+
+@kernel("upsample")
+def upsample(node: Node) -> Kernel:
+    """Nearest modes gather each axis by its source indices; linear modes take the two
+    neighbours along each axis in turn, weighted. Indices and weights are PyTorch's
+    (cnnc.ops.resize), computed once per input size; an axis that keeps its pixels is
+    skipped."""
+    a = node.attrs
+    rank = node.inputs[0].type.rank - 2
+    mode = a["mode"]
+
+    def plan(spatial: tuple[int, ...]):
+        out = upsample_sizes(spatial, a)
+        steps, sizes = [], []
+        for i, (size, o) in enumerate(zip(spatial, out, strict=True)):
+            scale = a["scales"][i] if a["scales"] is not None else None
+            if mode in NEAREST_MODES:
+                index = nearest_indices(size, o, scale, mode, rank)
+                if o == size and np.array_equal(index, np.arange(o)):
+                    continue
+                steps.append((2 + i, index))
+            else:
+                if o == size:
+                    continue
+                first, second, w0, w1 = linear_taps(size, o, scale, a["align_corners"])
+                ndim = rank + 2
+                steps.append(
+                    (2 + i, first, second, _along(w0, 2 + i, ndim), _along(w1, 2 + i, ndim))
+                )
+            sizes.append(o)
+        return out, _shrinking_first(steps, spatial, sizes)
+
+    plans = _by_spatial_size(plan)
+
+    def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
+        if len(step) == 2:
+            axis, index = step
+            return np.take(t, index, axis=axis, out=out, mode="clip")
+        axis, first, second, w0, w1 = step
+        near = np.take(t, first, axis=axis, mode="clip")
+        y = np.multiply(near, w0, out=out if out is not None else near)
+        far = np.take(t, second, axis=axis, mode="clip")
+        far *= w1
+        y += far
+        return y
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out, steps = plans(x)
+        return _resample_by_channels(x, out, steps, apply)
+
+    return run
+
+
+def _adaptive_steps(spatial: tuple[int, ...], size: tuple[int, ...], window_step) -> list:
+    steps, sizes = [], []
+    for i, (n, o) in enumerate(zip(spatial, size, strict=True)):
+        if n == o:
+            continue
+        if n % o == 0:
+            steps.append((2 + i, "uniform", n // o))
+        else:
+            steps.append((2 + i, *window_step(n, o)))
+        sizes.append(o)
+    return _shrinking_first(steps, spatial, sizes)
+
+
+def _uniform_windows(t: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """``t`` with ``axis`` split into (windows, k): reduce over axis + 1."""
+    return t.reshape(*t.shape[:axis], t.shape[axis] // k, k, *t.shape[axis + 1 :])
+
+
+def _store(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return y
+    np.copyto(out, y)
+    return out
+
+
+@kernel("adaptive_avgpool")
+def adaptive_avgpool(node: Node) -> Kernel:
+    """Windows that divide an axis evenly are a mean over a reshaped axis; others are a
+    matrix product along that axis by the pooling matrix (row i holds 1/len over window i)."""
+    size = tuple(node.attrs["size"])
+
+    plans = _by_spatial_size(
+        lambda spatial: _adaptive_steps(
+            spatial, size, lambda n, o: ("matrix", adaptive_avg_matrix(n, o))
+        )
+    )
+
+    def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
+        axis, kind, data = step
+        if kind == "uniform":
+            y = _uniform_windows(t, axis, data).mean(axis=axis + 1, dtype=np.float32)
+        elif axis == t.ndim - 1:
+            y = np.matmul(t, data.T)
+        else:
+            y = np.matmul(data, t)
+        return _store(y, out)
+
+    return lambda x: _resample_by_channels(x, size, plans(x), apply)
+
+
+@kernel("adaptive_maxpool")
+def adaptive_maxpool(node: Node) -> Kernel:
+    """Windows that divide an axis evenly are a maximum over a reshaped axis; others gather
+    each window's indices (a short window repeats its last index up to the longest) and
+    take the maximum over the few offsets, along one axis at a time."""
+    size = tuple(node.attrs["size"])
+
+    plans = _by_spatial_size(
+        lambda spatial: _adaptive_steps(
+            spatial, size, lambda n, o: ("gather", adaptive_max_windows(n, o))
+        )
+    )
+
+    def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
+        axis, kind, data = step
+        if kind == "uniform":
+            return _store(_uniform_windows(t, axis, data).max(axis=axis + 1), out)
+        y = np.take(t, data[:, 0], axis=axis, out=out, mode="clip")
+        for j in range(1, data.shape[1]):
+            np.maximum(y, np.take(t, data[:, j], axis=axis, mode="clip"), out=y)
+        return y
+
+    return lambda x: _resample_by_channels(x, size, plans(x), apply)
 
 
 # ---- element-wise and the rest -------------------------------------------------------------
