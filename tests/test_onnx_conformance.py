@@ -27,7 +27,7 @@ SUPPORTED_OPS = {
     "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu",
     "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Gemm", "MatMul", "Softmax", "Flatten", "Reshape",
     "Transpose", "BatchNormalization", "LRN", "Dropout", "Add", "Concat", "Identity", "Sum",
-    "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant",
+    "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant", "Resize", "Upsample",
 }  # fmt: skip
 KINDS = ("node", "pytorch-converted", "pytorch-operator", "simple")
 
@@ -101,6 +101,42 @@ _REASONS = {
         "test_maxpool_with_argmax_2d_precomputed_strides",
     ),
     "a graph whose output is a constant": ("test_constant",),
+    # upsample has PyTorch's modes: nearest, nearest_exact, linear and bilinear.
+    "Resize's cubic mode": (
+        "test_resize_downsample_scales_cubic", "test_resize_downsample_scales_cubic_align_corners",
+        "test_resize_downsample_scales_cubic_A_n0p5_exclude_outside",
+        "test_resize_downsample_sizes_cubic", "test_resize_upsample_scales_cubic",
+        "test_resize_upsample_scales_cubic_A_n0p5_exclude_outside",
+        "test_resize_upsample_scales_cubic_align_corners",
+        "test_resize_upsample_scales_cubic_asymmetric", "test_resize_upsample_sizes_cubic",
+    ),
+    "Resize with antialias": (
+        "test_resize_downsample_scales_cubic_antialias",
+        "test_resize_downsample_scales_linear_antialias",
+        "test_resize_downsample_sizes_cubic_antialias",
+        "test_resize_downsample_sizes_linear_antialias",
+    ),
+    "Resize that crops (tf_crop_and_resize) or keeps the aspect ratio": (
+        "test_resize_tf_crop_and_resize", "test_resize_tf_crop_and_resize_axes_2_3",
+        "test_resize_tf_crop_and_resize_axes_3_2",
+        "test_resize_tf_crop_and_resize_extrapolation_value",
+        "test_resize_downsample_sizes_nearest_not_larger",
+        "test_resize_downsample_sizes_nearest_not_smaller",
+        "test_resize_upsample_sizes_nearest_not_larger",
+        "test_resize_upsample_sizes_nearest_not_smaller",
+    ),
+    # Each of these samples other pixels, or weighs them otherwise, than PyTorch does.
+    "Resize coordinates that no PyTorch mode computes": (
+        "test_resize_downsample_scales_linear_half_pixel_symmetric",
+        "test_resize_upsample_scales_linear_half_pixel_symmetric",
+        "test_resize_downsample_sizes_nearest", "test_resize_upsample_sizes_nearest_ceil_half_pixel",
+        "test_resize_upsample_sizes_nearest_floor_align_corners",
+        "test_resize_upsample_sizes_nearest_round_prefer_ceil_asymmetric",
+        "test_resize_downsample_sizes_linear_pytorch_half_pixel",
+        # align_corners by scales whose output length is not whole: ONNX's formula divides
+        # by the unrounded length - 1, onnxruntime and PyTorch by the output size - 1.
+        "test_resize_downsample_scales_linear_align_corners",
+    ),
 }  # fmt: skip
 for _reason, _names in _REASONS.items():
     EXCLUDED.update(dict.fromkeys(_names, _reason))

@@ -36,6 +36,8 @@ PARAMETER_INPUTS = {
     "Dropout": (1, 2),
     "Unsqueeze": (1,),
     "Squeeze": (1,),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
 }
 
 

@@ -605,15 +605,17 @@ def _call_with_tables(
 
 @emitter("upsample")
 def _upsample(e: Emitter, node: Node) -> None:
-    """Resize: to the output sizes for a size (see _sizes_are_exact), else by scales (see
-    resize_scales); a nearest sampling that onnxruntime's Resize cannot reproduce either
-    way is a call of the function Upsample1d/2d (domain cnnc): a Gather of the source
-    pixels along each axis (initializers <node>.indices[_rows|_cols]), its call attributes
-    the upsample's."""
+    """Resize: to the output sizes for a size or align_corners (see _sizes_are_exact), else
+    by scales (see resize_scales); a nearest sampling that onnxruntime's Resize cannot
+    reproduce either way is a call of the function Upsample1d/2d (domain cnnc): a Gather of
+    the source pixels along each axis (initializers <node>.indices[_rows|_cols]), its call
+    attributes the upsample's."""
     a = node.attrs
     flexible = e.graph.flexible_spatial
-    if flexible and a["size"] is not None:
-        raise e.refuse(node, "an upsample to a fixed size in a fully convolutional network")
+    by_size = a["size"] is not None or a["align_corners"]
+    if flexible and by_size:
+        what = "to a fixed size" if a["size"] is not None else "with align_corners"
+        raise e.refuse(node, f"an upsample {what} in a fully convolutional network")
     mode, transform, nearest_mode = RESIZE_MODES[a["mode"]]
     attrs = {"mode": mode, "coordinate_transformation_mode": transform}
     if a["align_corners"]:
@@ -621,7 +623,9 @@ def _upsample(e: Emitter, node: Node) -> None:
     if nearest_mode:
         attrs["nearest_mode"] = nearest_mode
     x, y = node.inputs[0].name, node.output.name
-    if a["size"] is not None and _sizes_are_exact(node):
+    # With align_corners, onnxruntime divides by the output size - 1 as PyTorch does, but
+    # the ONNX formula (and onnx.reference) by scale · size - 1 unrounded: sizes agree.
+    if by_size and _sizes_are_exact(node):
         if e.opset >= 18:
             attrs["axes"] = list(range(2, node.output.type.rank))
         e.node("Resize", [x, "", "", _resize_sizes(e, node)], [y], node.name, **attrs)

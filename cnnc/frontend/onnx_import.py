@@ -415,6 +415,17 @@ def _resize(imp: Importer, node, attrs) -> None:
         out = upsample_sizes(spatial, ir)
         if transform == "align_corners":
             ir["align_corners"] = True
+            if ir["scales"] is not None and any(
+                not (np.float32(s) * np.float64(n)).is_integer()
+                for n, s in zip(spatial, ir["scales"], strict=True)
+            ):
+                raise imp.fail(
+                    node,
+                    "Resize linear with align_corners by scales whose products with the input "
+                    "sizes are not whole: the ONNX formula divides by scale · size - 1, "
+                    "onnxruntime and PyTorch by the output size - 1",
+                    hint="give sizes instead of scales",
+                )
         elif transform == "pytorch_half_pixel" and any(
             o == 1 and n > 1 for n, o in zip(spatial, out, strict=True)
         ):

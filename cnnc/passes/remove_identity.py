@@ -1,20 +1,52 @@
-"""remove-identity: drop ops that compute nothing at inference (dropout).
+"""remove-identity: drop ops that compute nothing at inference (dropout), or nothing at the
+sizes they run at (a resize or adaptive pool whose output is its input).
 
-    y = dropout(x); f(y)  ==>  f(x)
+    y = dropout(x); f(y)                                   ==>  f(x)
+    y = adaptive_avgpool(x: N×C×7×7, size=7); f(y)         ==>  f(x)   (also adaptive_maxpool)
+    y = upsample(x) whose output has x's sizes, and
+        samples pixel i at every i; f(y)                   ==>  f(x)
 
-Leaves alone: nothing; a dropout that is the network's output makes its input the output.
+(AlexNet's adaptive_avgpool(6) on its 6×6 map and VGG's (7) on 7×7 are such pools.)
+
+Leaves alone: an upsample that keeps the sizes but moves pixels (PyTorch's 1-D nearest
+with scale 1.1 on 5 samples 0, 0, 1, 2, 3), and every resize or adaptive pool of a fully
+convolutional graph, whose inputs may be larger than declared. A removed op that is the
+network's output makes its input the output.
 """
 
 from __future__ import annotations
 
-from cnnc.ir.graph import Graph
+import numpy as np
+
+from cnnc.ir.graph import Graph, Node
+from cnnc.ops.resize import NEAREST_MODES, nearest_indices
 
 IDENTITY_OPS = {"dropout"}
 
 
+def _keeps_its_input(graph: Graph, node: Node) -> bool:
+    if node.op in IDENTITY_OPS:
+        return True
+    if node.op not in ("upsample", "adaptive_avgpool", "adaptive_maxpool") or (
+        graph.flexible_spatial
+    ):
+        return False
+    spatial = tuple(node.inputs[0].type.spatial)
+    if tuple(node.output.type.spatial) != spatial:
+        return False
+    a = node.attrs
+    if node.op != "upsample" or a["mode"] not in NEAREST_MODES:
+        return True
+    given = a["scales"] or (None,) * len(spatial)
+    return all(
+        np.array_equal(nearest_indices(n, n, s, a["mode"], len(spatial)), np.arange(n))
+        for n, s in zip(spatial, given, strict=True)
+    )
+
+
 def remove_identity(graph: Graph) -> bool:
     """Bypass every identity op; returns whether the graph changed."""
-    doomed = [node for node in graph.nodes if node.op in IDENTITY_OPS]
+    doomed = [node for node in graph.nodes if _keeps_its_input(graph, node)]
     for node in doomed:
         graph.bypass(node)
     return bool(doomed)
