@@ -607,9 +607,10 @@ def _call_with_tables(
 def _upsample(e: Emitter, node: Node) -> None:
     """Resize: to the output sizes for a size or align_corners (see _sizes_are_exact), else
     by scales (see resize_scales); a nearest sampling that onnxruntime's Resize cannot
-    reproduce either way is a call of the function Upsample1d/2d (domain cnnc): a Gather of
-    the source pixels along each axis (initializers <node>.indices[_rows|_cols]), its call
-    attributes the upsample's."""
+    reproduce either way is a call of the function UpsampleScale1d/2d or UpsampleSize1d/2d
+    (domain cnnc): a Gather of the source pixels along each axis (initializers
+    <node>.indices[_rows|_cols]), its call attributes the upsample's mode and scales or
+    size."""
     a = node.attrs
     flexible = e.graph.flexible_spatial
     by_size = a["size"] is not None or a["align_corners"]
@@ -642,17 +643,19 @@ def _upsample(e: Emitter, node: Node) -> None:
         nearest_indices(n, o, s, a["mode"], rank)
         for n, o, s in zip(spatial, out, given, strict=True)
     ]
+    attrs = _spatial_attrs(node)
+    form = "Size" if a["size"] is not None else "Scale"
     function = model_function(
-        f"Upsample{rank}d",
+        f"Upsample{form}{rank}d",
         ["X", *(f"I{i}" for i in range(rank))],
         ["Y"],
         _gather_body(rank, False, e.opset),
-        ["mode", "scales", "size"],
+        list(attrs),
         e.opset,
         "PyTorch's nearest upsampling (cnnc upsample): the source pixels gathered along "
         "each spatial axis; the call's attributes are the upsample's",
     )
-    _call_with_tables(e, node, function, "indices", tables, _spatial_attrs(node))
+    _call_with_tables(e, node, function, "indices", tables, attrs)
 
 
 def _resize_sizes(e: Emitter, node: Node) -> str:

@@ -281,7 +281,7 @@ class _Lowering:
                     hint=f"write {call.name} -> ... on its own",
                 )
             raise self.unknown(call)
-        args, locs = bind_args(layer, call, self.arguments(call, scope))
+        args, locs = bind_args(layer, call, self.arguments(call, scope, layer))
         return layer.build(LayerContext(self.graph, name, call.loc, args, locs), x)
 
     def repeat(self, link: Link, scope: _Scope) -> int:
@@ -331,8 +331,24 @@ class _Lowering:
             hint += "; blocks: " + ", ".join(blocks)
         return LayerError(f"unknown layer {call.name!r}", call.name_loc, hint=hint)
 
-    def arguments(self, call: Call, scope: _Scope) -> list[tuple[Arg, Any]]:
-        return [(arg, evaluate(arg.value, scope)) for arg in call.args]
+    def arguments(
+        self, call: Call, scope: _Scope, layer: Layer | None = None
+    ) -> list[tuple[Arg, Any]]:
+        positional = [a for a in layer.attrs if a.positional] if layer is not None else []
+
+        def value(i: int, arg: Arg) -> Any:
+            # Any word given for a choice (mode=cubic) is that word, which the choice then
+            # checks against the words it takes; elsewhere an unknown name is an error.
+            if arg.name is not None:
+                attr = layer.attr(arg.name) if layer is not None else None
+            else:
+                attr = positional[i] if i < len(positional) else None
+            word = isinstance(arg.value, Name) and not scope.knows(arg.value.id)
+            if attr is not None and attr.kind == "choice" and word:
+                return arg.value.id
+            return evaluate(arg.value, scope)
+
+        return [(arg, value(i, arg)) for i, arg in enumerate(call.args)]
 
     def expand(self, block: Block, call: Call, scope: _Scope, x: Value, name: str) -> Value:
         if block.name in self.stack:
@@ -362,9 +378,7 @@ class _Lowering:
         finally:
             self.stack.pop()
 
-    def block_params(
-        self, block: Block, call: Call, scope: _Scope, x: Value
-    ) -> dict[str, Any]:
+    def block_params(self, block: Block, call: Call, scope: _Scope, x: Value) -> dict[str, Any]:
         names = [p.name for p in block.params]
         given: dict[str, tuple[Any, Location]] = {}
         for i, arg in enumerate(call.args):
@@ -489,8 +503,7 @@ def _size_of(expr: Member, scope: _Scope) -> int:
     if expr.size not in sizes:
         close = difflib.get_close_matches(expr.size, list(sizes), n=1)
         raise LayerError(
-            f"{expr.value} ({value.type}) has no size {expr.size!r}; it has "
-            + ", ".join(sizes),
+            f"{expr.value} ({value.type}) has no size {expr.size!r}; it has " + ", ".join(sizes),
             expr.loc,
             hint=f"did you mean {expr.value}.{close[0]}?" if close else None,
         )

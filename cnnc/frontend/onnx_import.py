@@ -508,11 +508,14 @@ def _upsample_function(imp: Importer, node, attrs) -> None:
     ir = {
         "mode": attrs.get("mode"),
         "align_corners": False,
-        "scales": tuple(float(s) for s in attrs["scales"]) if "scales" in attrs else None,
+        "scales": tuple(_float32_scale(s) for s in attrs["scales"]) if "scales" in attrs else None,
         "size": tuple(int(s) for s in attrs["size"]) if "size" in attrs else None,
     }
-    if ir["mode"] not in NEAREST_MODES or (ir["scales"] is None) == (ir["size"] is None):
-        raise imp.fail(node, f"{node.op_type} needs a nearest mode and one of scales and size")
+    form = "size" if node.op_type.startswith("UpsampleSize") else "scales"
+    if ir["mode"] not in NEAREST_MODES or ir[form] is None:
+        raise imp.fail(
+            node, f"{node.op_type} needs the attributes mode (nearest or nearest_exact) and {form}"
+        )
     spatial = tuple(x.type.spatial)
     given = ir["scales"] or (None,) * len(spatial)
     expected = [
@@ -547,7 +550,8 @@ def _adaptive_function(op: str):
 
 
 for _rank in (1, 2):
-    FUNCTIONS[f"Upsample{_rank}d"] = _upsample_function
+    FUNCTIONS[f"UpsampleScale{_rank}d"] = _upsample_function
+    FUNCTIONS[f"UpsampleSize{_rank}d"] = _upsample_function
     FUNCTIONS[f"AdaptiveAvgPool{_rank}d"] = _adaptive_function("adaptive_avgpool")
     FUNCTIONS[f"AdaptiveMaxPool{_rank}d"] = _adaptive_function("adaptive_maxpool")
 
