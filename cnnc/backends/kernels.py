@@ -10,6 +10,7 @@ batch items.  1-D windowed ops run as 2-D ops on a height-1 map.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -668,10 +669,27 @@ def _resample_by_channels(
     return y
 
 
-def _shrinking_first(steps: list, spatial: tuple[int, ...], sizes: list[int]) -> list:
-    """Steps along the axes that shrink most first, so that later steps read less."""
-    order = sorted(range(len(steps)), key=lambda i: sizes[i] / spatial[steps[i][0] - 2])
-    return [steps[i] for i in order]
+# A gather along the last axis picks single values; along another, whole runs of them.
+LAST_AXIS_GATHER_COST = 3
+
+
+def _cheapest_order(steps: list, spatial: tuple[int, ...], sizes: list[int]) -> list:
+    """The steps (each along one axis, ``sizes`` its output sizes) in the order that writes
+    the fewest values, a value of a gather along the last axis counting thrice: shrinking
+    axes first, and a growing last axis before the rows are copied."""
+    ndim = len(spatial) + 2
+    orders = itertools.permutations(range(len(steps)))
+
+    def cost(order: tuple[int, ...]) -> int:
+        shape, total = list(spatial), 0
+        for i in order:
+            axis = steps[i][0]
+            shape[axis - 2] = sizes[i]
+            written = int(np.prod(shape))
+            total += written * (LAST_AXIS_GATHER_COST if axis == ndim - 1 else 1)
+        return total
+
+    return [steps[i] for i in min(orders, key=cost)]
 
 
 @kernel("upsample")
@@ -703,7 +721,7 @@ def upsample(node: Node) -> Kernel:
                     (2 + i, first, second, _along(w0, 2 + i, ndim), _along(w1, 2 + i, ndim))
                 )
             sizes.append(o)
-        return out, _shrinking_first(steps, spatial, sizes)
+        return out, _cheapest_order(steps, spatial, sizes)
 
     plans = _by_spatial_size(plan)
 
@@ -736,12 +754,19 @@ def _adaptive_steps(spatial: tuple[int, ...], size: tuple[int, ...], window_step
         else:
             steps.append((2 + i, *window_step(n, o)))
         sizes.append(o)
-    return _shrinking_first(steps, spatial, sizes)
+    return _cheapest_order(steps, spatial, sizes)
 
 
-def _uniform_windows(t: np.ndarray, axis: int, k: int) -> np.ndarray:
-    """``t`` with ``axis`` split into (windows, k): reduce over axis + 1."""
-    return t.reshape(*t.shape[:axis], t.shape[axis] // k, k, *t.shape[axis + 1 :])
+def _uniform_windows(
+    t: np.ndarray, axis: int, k: int, op: np.ufunc, out: np.ndarray | None
+) -> np.ndarray:
+    """``op`` (add, maximum) over the consecutive windows of ``k`` along ``axis``: over the
+    ``k`` strided slices that hold each window's first, second, ... element."""
+    parts = [t[(slice(None),) * axis + (slice(j, None, k),)] for j in range(k)]
+    acc = op(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        op(acc, part, out=acc)
+    return acc
 
 
 def _store(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -766,11 +791,10 @@ def adaptive_avgpool(node: Node) -> Kernel:
     def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
         axis, kind, data = step
         if kind == "uniform":
-            y = _uniform_windows(t, axis, data).mean(axis=axis + 1, dtype=np.float32)
-        elif axis == t.ndim - 1:
-            y = np.matmul(t, data.T)
-        else:
-            y = np.matmul(data, t)
+            y = _uniform_windows(t, axis, data, np.add, out)
+            y /= np.float32(data)
+            return y
+        y = np.matmul(t, data.T) if axis == t.ndim - 1 else np.matmul(data, t)
         return _store(y, out)
 
     return lambda x: _resample_by_channels(x, size, plans(x), apply)
@@ -792,7 +816,7 @@ def adaptive_maxpool(node: Node) -> Kernel:
     def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
         axis, kind, data = step
         if kind == "uniform":
-            return _store(_uniform_windows(t, axis, data).max(axis=axis + 1), out)
+            return _uniform_windows(t, axis, data, np.maximum, out)
         y = np.take(t, data[:, 0], axis=axis, out=out, mode="clip")
         for j in range(1, data.shape[1]):
             np.maximum(y, np.take(t, data[:, j], axis=axis, mode="clip"), out=y)
