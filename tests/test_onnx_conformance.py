@@ -129,7 +129,8 @@ _REASONS = {
     "Resize coordinates that no PyTorch mode computes": (
         "test_resize_downsample_scales_linear_half_pixel_symmetric",
         "test_resize_upsample_scales_linear_half_pixel_symmetric",
-        "test_resize_downsample_sizes_nearest", "test_resize_upsample_sizes_nearest_ceil_half_pixel",
+        "test_resize_downsample_sizes_nearest",
+        "test_resize_upsample_sizes_nearest_ceil_half_pixel",
         "test_resize_upsample_sizes_nearest_floor_align_corners",
         "test_resize_upsample_sizes_nearest_round_prefer_ceil_asymmetric",
         "test_resize_downsample_sizes_linear_pytorch_half_pixel",

@@ -52,8 +52,8 @@ SAMPLES: dict[str, str] = {
     "transpose": "network n(x: 4x6x6) { reshape((2, 2, 36)) -> transpose((2, 1, 3)) }",
     "upsample": "network n(x: 3x5x7) {"
     " a = x -> upsample(scale=(2, 1.5), mode=bilinear) -> upsample(size=(7, 7))"
-    " b = x -> upsample(size=(14, 7), mode=nearest_exact) -> upsample(scale=(0.5, 1), mode=bilinear,"
-    " align_corners=true)  add(a, b) }",
+    " b = x -> upsample(size=(14, 7), mode=nearest_exact)"
+    " -> upsample(scale=(0.5, 1), mode=bilinear, align_corners=true)  add(a, b) }",
     "adaptive_avgpool": "network n(x: 3x5x7) {"
     " a = x -> adaptive_avgpool((3, 4))  b = x -> adaptive_avgpool(1)  mul(a, b) }",
     "adaptive_maxpool": "network n(x: 3x5x7) {"

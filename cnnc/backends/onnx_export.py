@@ -464,19 +464,31 @@ def ort_resize_size(size: int, scale: np.float32) -> int:
     return int(np.float32(scale) * np.float32(size))
 
 
-def ort_nearest_indices(size: int, out: int, scale: np.float32, mode: str) -> np.ndarray:
-    """The pixels onnxruntime's nearest Resize samples along one axis (asymmetric + floor
-    for ``nearest``, half_pixel + round_prefer_ceil for ``nearest_exact``), in its float32
-    arithmetic: x / scale, or (x + 0.5) / scale - 0.5 rounded half up."""
+# onnxruntime's half_pixel coordinate is not the float32 formula to the last bit: measured,
+# coordinates up to a dozen float32 steps below a half are sometimes rounded up. One
+# within this many steps of a half (and not on it) is taken as unpredictable.
+HALF_PIXEL_MARGIN_ULPS = 32
+
+
+def ort_nearest_indices(size: int, out: int, scale: np.float32, mode: str) -> np.ndarray | None:
+    """The pixels onnxruntime's nearest Resize samples along one axis for a float32 scale,
+    or None where that cannot be predicted. ``nearest`` (asymmetric + floor): x / scale,
+    a float32 division, floored (measured to match onnxruntime at every coordinate, on
+    whole numbers too). ``nearest_exact`` (half_pixel + round_prefer_ceil): (x + 0.5) /
+    scale - 0.5 rounded half up, unpredictable near a half (see HALF_PIXEL_MARGIN_ULPS)."""
     f32 = np.float32
-    positions = np.arange(out, dtype=f32)
     if mode == "nearest":
-        index = np.floor(positions / f32(scale))
+        index = np.floor(np.arange(out, dtype=f32) / f32(scale))
     else:
-        # round_prefer_ceil: to the nearest integer, halves up.
-        source = (positions + f32(0.5)) / f32(scale) - f32(0.5)
-        half = source - np.floor(source) == f32(0.5)
-        index = np.where(half, np.ceil(source), np.rint(source))
+        source = (np.arange(out) + 0.5) / float(f32(scale)) - 0.5
+        from_half = source - (np.floor(source - 0.5) + 0.5)
+        step = np.spacing(np.maximum(np.abs(source), 0.5).astype(f32)).astype(np.float64)
+        near = (from_half != 0) & (
+            np.minimum(from_half, 1 - from_half) < HALF_PIXEL_MARGIN_ULPS * step
+        )
+        if near.any():
+            return None
+        index = np.floor(source + 0.5)
     return np.clip(index.astype(np.int64), 0, size - 1)
 
 
@@ -500,13 +512,13 @@ def _sizes_are_exact(node: Node) -> bool:
     out = tuple(node.output.type.spatial)
     if a["mode"] not in NEAREST_MODES or spatial == out:
         return True
-    return all(
-        np.array_equal(
-            ort_nearest_indices(n, o, np.float32(o) / np.float32(n), a["mode"]),
-            nearest_indices(n, o, None, a["mode"], len(spatial)),
-        )
-        for n, o in zip(spatial, out, strict=True)
-    )
+    for n, o in zip(spatial, out, strict=True):
+        theirs = ort_nearest_indices(n, o, np.float32(o) / np.float32(n), a["mode"])
+        if theirs is None or not np.array_equal(
+            theirs, nearest_indices(n, o, None, a["mode"], len(spatial))
+        ):
+            return False
+    return True
 
 
 def resize_scales(node: Node, flexible: bool = False) -> list[np.float32] | None:
@@ -545,9 +557,8 @@ def resize_scales(node: Node, flexible: bool = False) -> list[np.float32] | None
         for scale in _scale_candidates(s if s is not None else o / n):
             if math.floor(float(scale) * n) != o or ort_resize_size(n, scale) != o:
                 continue
-            if wanted is None or np.array_equal(
-                ort_nearest_indices(n, o, scale, a["mode"]), wanted
-            ):
+            theirs = None if wanted is None else ort_nearest_indices(n, o, scale, a["mode"])
+            if wanted is None or (theirs is not None and np.array_equal(theirs, wanted)):
                 scales.append(scale)
                 break
         else:
