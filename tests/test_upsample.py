@@ -535,3 +535,13 @@ def test_an_upsample_to_a_size_cannot_be_made_fully_convolutional():
         model = cnnc.compile(net("3x8x8", "upsample(size=4)"), opt_level=0)
         model.graph.flexible_spatial = True
         model.to_onnx()
+
+
+def test_a_2d_nearest_resize_pytorch_would_copy_but_the_formula_samples_is_refused():
+    # 5 by 1.1 stays 5: PyTorch's 2-D nearest copies it, Resize samples 0, 0, 1, 2, 3.
+    model = resize_model(
+        (3, 5, 6), scales=[1, 1, 1.1, 2], mode="nearest",
+        coordinate_transformation_mode="asymmetric", nearest_mode="floor",
+    )  # fmt: skip
+    with pytest.raises(ModelFileError, match=r"Resize nearest by 1\.1 from 5 to 5 samples"):
+        load_onnx(model)

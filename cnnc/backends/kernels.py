@@ -5,7 +5,9 @@ out for the kernel) and returns the function the interpreter calls on every
 run with the node's activation inputs.  Kernels are vectorised: convolutions
 are im2col views and BLAS matrix products, pooling loops over kernel taps and
 lrn over the offsets of its channel window only, never over pixels, channels or
-batch items.  1-D windowed ops run as 2-D ops on a height-1 map.
+batch items.  1-D windowed ops run as 2-D ops on a height-1 map.  Resizing and
+adaptive pooling work along one spatial axis at a time: gathers by precomputed
+indices, products by pooling matrices, or a loop over the few offsets of a window.
 """
 
 from __future__ import annotations

@@ -299,15 +299,31 @@ def _nearest_mode(imp: Importer, node, x: Value, ir: dict[str, Any], transform, 
     """The upsample mode that samples what this nearest Resize samples: asymmetric + floor
     is PyTorch's nearest and half_pixel + round_prefer_ceil its nearest_exact (as PyTorch
     exports them); any other pair is accepted where it samples, at this input size, the
-    pixels one of them samples."""
-    if (transform, rounding) == ("asymmetric", "floor"):
-        return "nearest"
-    if (transform, rounding) == ("half_pixel", "round_prefer_ceil"):
-        return "nearest_exact"
+    pixels one of them samples. (The canonical pairs are taken as PyTorch's modes even
+    where float32 rounding at an exact half or whole coordinate may differ between
+    runtimes, but not where PyTorch's 2-D nearest copies or halves an axis by a scale
+    other than 1 or 2: the Resize formula samples other pixels there.)"""
     spatial = tuple(x.type.spatial)
     out = upsample_sizes(spatial, ir)
     rank = len(spatial)
     given = ir["scales"] or (None,) * rank
+    if (transform, rounding) == ("asymmetric", "floor"):
+        for n, o, s in zip(spatial, out, given, strict=True):
+            shortcut = (o == n and s != 1) or (o == 2 * n and s != 2)
+            if rank == 2 and s is not None and shortcut:
+                formula = np.floor(np.arange(o, dtype=np.float32) / np.float32(s))
+                ours = nearest_indices(n, o, s, "nearest", rank)
+                if not np.array_equal(np.minimum(formula.astype(np.int64), n - 1), ours):
+                    raise imp.fail(
+                        node,
+                        f"Resize nearest by {s:g} from {n} to {o} samples "
+                        "floor(i / scale), where PyTorch's 2-D nearest "
+                        f"{'copies' if o == n else 'halves'} the axis",
+                        hint="give sizes instead of scales",
+                    )
+        return "nearest"
+    if (transform, rounding) == ("half_pixel", "round_prefer_ceil"):
+        return "nearest_exact"
     onnx_indices = [
         _onnx_nearest(n, o, s if s is not None else o / n, transform, rounding)
         for n, o, s in zip(spatial, out, given, strict=True)
