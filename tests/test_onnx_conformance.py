@@ -28,7 +28,8 @@ SUPPORTED_OPS = {
     "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Gemm", "MatMul", "Softmax", "Flatten", "Reshape",
     "Transpose", "BatchNormalization", "LRN", "Dropout", "Add", "Concat", "Identity", "Sum",
     "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant", "HardSwish", "HardSigmoid",
-    "Gelu", "Mish", "Elu", "PRelu", "Softplus", "Pad", "Split", "Slice", "Shape",
+    "Gelu", "Mish", "Elu", "PRelu", "Softplus", "Pad", "Split", "Slice", "Shape", "Resize",
+    "Upsample",
 }  # fmt: skip
 KINDS = ("node", "pytorch-converted", "pytorch-operator", "simple")
 
@@ -127,6 +128,43 @@ _REASONS = {
         "test_shape_end_1", "test_shape_end_negative_1", "test_shape_example",
         "test_shape_start_1", "test_shape_start_1_end_2", "test_shape_start_1_end_negative_1",
         "test_shape_start_greater_than_end", "test_shape_start_negative_1",
+    ),
+    # upsample has PyTorch's modes: nearest, nearest_exact, linear and bilinear.
+    "Resize's cubic mode": (
+        "test_resize_downsample_scales_cubic", "test_resize_downsample_scales_cubic_align_corners",
+        "test_resize_downsample_scales_cubic_A_n0p5_exclude_outside",
+        "test_resize_downsample_sizes_cubic", "test_resize_upsample_scales_cubic",
+        "test_resize_upsample_scales_cubic_A_n0p5_exclude_outside",
+        "test_resize_upsample_scales_cubic_align_corners",
+        "test_resize_upsample_scales_cubic_asymmetric", "test_resize_upsample_sizes_cubic",
+    ),
+    "Resize with antialias": (
+        "test_resize_downsample_scales_cubic_antialias",
+        "test_resize_downsample_scales_linear_antialias",
+        "test_resize_downsample_sizes_cubic_antialias",
+        "test_resize_downsample_sizes_linear_antialias",
+    ),
+    "Resize that crops (tf_crop_and_resize) or keeps the aspect ratio": (
+        "test_resize_tf_crop_and_resize", "test_resize_tf_crop_and_resize_axes_2_3",
+        "test_resize_tf_crop_and_resize_axes_3_2",
+        "test_resize_tf_crop_and_resize_extrapolation_value",
+        "test_resize_downsample_sizes_nearest_not_larger",
+        "test_resize_downsample_sizes_nearest_not_smaller",
+        "test_resize_upsample_sizes_nearest_not_larger",
+        "test_resize_upsample_sizes_nearest_not_smaller",
+    ),
+    # Each of these samples other pixels, or weighs them otherwise, than PyTorch does.
+    "Resize coordinates that no PyTorch mode computes": (
+        "test_resize_downsample_scales_linear_half_pixel_symmetric",
+        "test_resize_upsample_scales_linear_half_pixel_symmetric",
+        "test_resize_downsample_sizes_nearest",
+        "test_resize_upsample_sizes_nearest_ceil_half_pixel",
+        "test_resize_upsample_sizes_nearest_floor_align_corners",
+        "test_resize_upsample_sizes_nearest_round_prefer_ceil_asymmetric",
+        "test_resize_downsample_sizes_linear_pytorch_half_pixel",
+        # align_corners by scales whose output length is not whole: ONNX's formula divides
+        # by the unrounded length - 1, onnxruntime and PyTorch by the output size - 1.
+        "test_resize_downsample_scales_linear_align_corners",
     ),
 }  # fmt: skip
 for _reason, _names in _REASONS.items():

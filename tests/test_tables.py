@@ -61,6 +61,14 @@ SAMPLES: dict[str, str] = {
     "concat(c, d, b) }",
     "slice": "network n(x: 6x5x5) { slice(1, -1) -> slice(-3, 100, axis=3) }",
     "crop": "network n(x: 3x6x6) { conv(4, 3, pad=3) -> crop(x, offset=(2, 1)) }",
+    "upsample": "network n(x: 3x5x7) {"
+    " a = x -> upsample(scale=(2, 1.5), mode=bilinear) -> upsample(size=(7, 7))"
+    " b = x -> upsample(size=(14, 7), mode=nearest_exact)"
+    " -> upsample(scale=(0.5, 1), mode=bilinear, align_corners=true)  add(a, b) }",
+    "adaptive_avgpool": "network n(x: 3x5x7) {"
+    " a = x -> adaptive_avgpool((3, 4))  b = x -> adaptive_avgpool(1)  mul(a, b) }",
+    "adaptive_maxpool": "network n(x: 3x5x7) {"
+    " a = x -> adaptive_maxpool((7, 9))  b = x -> adaptive_maxpool(1)  add(a, b) }",
 }
 
 # What an op imports back as when that is not itself: a crop of fixed sizes exports as a

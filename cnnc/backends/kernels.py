@@ -5,7 +5,9 @@ out for the kernel) and returns the function the interpreter calls on every
 run with the node's activation inputs.  Kernels are vectorised: convolutions
 are im2col views and BLAS matrix products, pooling loops over kernel taps and
 lrn over the offsets of its channel window only, never over pixels, channels or
-batch items.  1-D windowed ops run as 2-D ops on a height-1 map.
+batch items.  1-D windowed ops run as 2-D ops on a height-1 map.  Resizing and
+adaptive pooling work along one spatial axis at a time: gathers by precomputed
+indices, products by pooling matrices, or a loop over the few offsets of a window.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from cnnc.backends import parallel
 from cnnc.ir.graph import Node
 from cnnc.ops.common import window_output_size
 from cnnc.ops.norm import channel_scale_shift
+from cnnc.ops.pool import adaptive_avg_matrix, adaptive_max_windows
+from cnnc.ops.resize import NEAREST_MODES, linear_taps, nearest_indices, upsample_sizes
 
 Kernel = Callable[..., np.ndarray]
 Activation = Callable[..., np.ndarray]  # f(x, out=None), so that a conv can apply it in place
@@ -823,6 +827,205 @@ def global_maxpool(node: Node) -> Kernel:
         return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
 
     return run
+
+
+# ---- resizing and adaptive pooling ----------------------------------------------------------
+
+
+def _by_spatial_size(plan: Callable[[tuple[int, ...]], object]) -> Callable[..., object]:
+    """``plan(spatial sizes)`` computed once per input size (a fully convolutional network
+    runs on inputs of any size)."""
+    plans: dict[tuple[int, ...], object] = {}
+
+    def get(x: np.ndarray):
+        key = tuple(x.shape[2:])
+        if key not in plans:
+            plans[key] = plan(key)
+        return plans[key]
+
+    return get
+
+
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """Per-position values of ``axis`` shaped to broadcast against an ``ndim``-D array."""
+    return values.reshape(-1, *(1,) * (ndim - 1 - axis))
+
+
+def _resample_by_channels(
+    x: np.ndarray, out_spatial: tuple[int, ...], steps: list, apply: Callable[..., np.ndarray]
+) -> np.ndarray:
+    """An output [n, c, *out_spatial] made by ``apply(t, step, out)`` for each step along one
+    axis in turn, the last writing into the output; the threads take a share of the
+    channels each. No steps: a copy."""
+    n, c = x.shape[:2]
+    y = np.empty((n, c, *out_spatial), np.float32)
+    if not steps:
+        _copy_by_channels(y, x)
+        return y
+
+    def part(channels: slice) -> None:
+        t = x[:, channels]
+        for i, step in enumerate(steps):
+            t = apply(t, step, y[:, channels] if i == len(steps) - 1 else None)
+
+    parallel.share(c, part, x.size + y.size)
+    return y
+
+
+# A gather along the last axis picks single values; along another, whole runs of them.
+LAST_AXIS_GATHER_COST = 3
+
+
+def _cheapest_order(steps: list, spatial: tuple[int, ...], sizes: list[int]) -> list:
+    """The steps (each along one axis, ``sizes`` its output sizes) in the order that writes
+    the fewest values, a value of a gather along the last axis counting thrice: shrinking
+    axes first, and a growing last axis before the rows are copied."""
+    ndim = len(spatial) + 2
+    orders = itertools.permutations(range(len(steps)))
+
+    def cost(order: tuple[int, ...]) -> int:
+        shape, total = list(spatial), 0
+        for i in order:
+            axis = steps[i][0]
+            shape[axis - 2] = sizes[i]
+            written = int(np.prod(shape))
+            total += written * (LAST_AXIS_GATHER_COST if axis == ndim - 1 else 1)
+        return total
+
+    return [steps[i] for i in min(orders, key=cost)]
+
+
+@kernel("upsample")
+def upsample(node: Node) -> Kernel:
+    """Nearest modes gather each axis by its source indices; linear modes take the two
+    neighbours along each axis in turn, weighted. Indices and weights are PyTorch's
+    (cnnc.ops.resize), computed once per input size; an axis that keeps its pixels is
+    skipped."""
+    a = node.attrs
+    rank = node.inputs[0].type.rank - 2
+    mode = a["mode"]
+
+    def plan(spatial: tuple[int, ...]):
+        out = upsample_sizes(spatial, a)
+        steps, sizes = [], []
+        for i, (size, o) in enumerate(zip(spatial, out, strict=True)):
+            scale = a["scales"][i] if a["scales"] is not None else None
+            if mode in NEAREST_MODES:
+                index = nearest_indices(size, o, scale, mode, rank)
+                if o == size and np.array_equal(index, np.arange(o)):
+                    continue
+                steps.append((2 + i, index))
+            else:
+                if o == size:
+                    continue
+                first, second, w0, w1 = linear_taps(size, o, scale, a["align_corners"])
+                ndim = rank + 2
+                steps.append(
+                    (2 + i, first, second, _along(w0, 2 + i, ndim), _along(w1, 2 + i, ndim))
+                )
+            sizes.append(o)
+        return out, _cheapest_order(steps, spatial, sizes)
+
+    plans = _by_spatial_size(plan)
+
+    def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
+        if len(step) == 2:
+            axis, index = step
+            return np.take(t, index, axis=axis, out=out, mode="clip")
+        axis, first, second, w0, w1 = step
+        near = np.take(t, first, axis=axis, mode="clip")
+        y = np.multiply(near, w0, out=out if out is not None else near)
+        far = np.take(t, second, axis=axis, mode="clip")
+        far *= w1
+        y += far
+        return y
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out, steps = plans(x)
+        return _resample_by_channels(x, out, steps, apply)
+
+    return run
+
+
+def _adaptive_steps(spatial: tuple[int, ...], size: tuple[int, ...], window_step) -> list:
+    steps, sizes = [], []
+    for i, (n, o) in enumerate(zip(spatial, size, strict=True)):
+        if n == o:
+            continue
+        if n % o == 0:
+            steps.append((2 + i, "uniform", n // o))
+        else:
+            steps.append((2 + i, *window_step(n, o)))
+        sizes.append(o)
+    return _cheapest_order(steps, spatial, sizes)
+
+
+def _uniform_windows(
+    t: np.ndarray, axis: int, k: int, op: np.ufunc, out: np.ndarray | None
+) -> np.ndarray:
+    """``op`` (add, maximum) over the consecutive windows of ``k`` along ``axis``: over the
+    ``k`` strided slices that hold each window's first, second, ... element."""
+    parts = [t[(slice(None),) * axis + (slice(j, None, k),)] for j in range(k)]
+    acc = op(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        op(acc, part, out=acc)
+    return acc
+
+
+def _store(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return y
+    np.copyto(out, y)
+    return out
+
+
+@kernel("adaptive_avgpool")
+def adaptive_avgpool(node: Node) -> Kernel:
+    """Windows that divide an axis evenly are a mean over a reshaped axis; others are a
+    matrix product along that axis by the pooling matrix (row i holds 1/len over window i)."""
+    size = tuple(node.attrs["size"])
+
+    plans = _by_spatial_size(
+        lambda spatial: _adaptive_steps(
+            spatial, size, lambda n, o: ("matrix", adaptive_avg_matrix(n, o))
+        )
+    )
+
+    def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
+        axis, kind, data = step
+        if kind == "uniform":
+            y = _uniform_windows(t, axis, data, np.add, out)
+            y /= np.float32(data)
+            return y
+        y = np.matmul(t, data.T) if axis == t.ndim - 1 else np.matmul(data, t)
+        return _store(y, out)
+
+    return lambda x: _resample_by_channels(x, size, plans(x), apply)
+
+
+@kernel("adaptive_maxpool")
+def adaptive_maxpool(node: Node) -> Kernel:
+    """Windows that divide an axis evenly are a maximum over a reshaped axis; others gather
+    each window's indices (a short window repeats its last index up to the longest) and
+    take the maximum over the few offsets, along one axis at a time."""
+    size = tuple(node.attrs["size"])
+
+    plans = _by_spatial_size(
+        lambda spatial: _adaptive_steps(
+            spatial, size, lambda n, o: ("gather", adaptive_max_windows(n, o))
+        )
+    )
+
+    def apply(t: np.ndarray, step, out: np.ndarray | None) -> np.ndarray:
+        axis, kind, data = step
+        if kind == "uniform":
+            return _uniform_windows(t, axis, data, np.maximum, out)
+        y = np.take(t, data[:, 0], axis=axis, out=out, mode="clip")
+        for j in range(1, data.shape[1]):
+            np.maximum(y, np.take(t, data[:, j], axis=axis, mode="clip"), out=y)
+        return y
+
+    return lambda x: _resample_by_channels(x, size, plans(x), apply)
 
 
 # ---- element-wise and the rest -------------------------------------------------------------

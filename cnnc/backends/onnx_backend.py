@@ -40,6 +40,8 @@ PARAMETER_INPUTS = {
     "Pad": (1, 2, 3),
     "Slice": (1, 2, 3, 4),
     "Split": (1,),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
 }
 
 

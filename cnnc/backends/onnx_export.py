@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from cnnc.errors import InternalError, UsageError
 from cnnc.ir.graph import Graph, Node, Value
 from cnnc.ir.types import format_dims
 from cnnc.ops.activation import ACTIVATIONS, FUNCTION_NAMES, function_name, fused_function_name
+from cnnc.ops.pool import adaptive_avg_matrix, adaptive_is_uniform, adaptive_max_windows
+from cnnc.ops.resize import NEAREST_MODES, nearest_indices
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
@@ -461,6 +464,331 @@ def _gap(e: Emitter, node: Node) -> None:
 @emitter("global_maxpool")
 def _global_maxpool(e: Emitter, node: Node) -> None:
     e.node("GlobalMaxPool", _names(node.inputs), _names(node.outputs), node.name)
+
+
+# ---- resizing and adaptive pooling ----------------------------------------------------------
+
+# How Resize reproduces each upsample mode: (mode, coordinate_transformation_mode,
+# nearest_mode). half_pixel (not pytorch_half_pixel) is PyTorch's rule for align_corners=false
+# at every output size: pytorch_half_pixel samples pixel 0 for an output of size 1, PyTorch
+# the middle of the input.
+RESIZE_MODES = {
+    "nearest": ("nearest", "asymmetric", "floor"),
+    "nearest_exact": ("nearest", "half_pixel", "round_prefer_ceil"),
+    "linear": ("linear", "half_pixel", None),
+    "bilinear": ("linear", "half_pixel", None),
+}
+# Float32 neighbours of a scale tried, each way, for one that onnxruntime computes exactly.
+SCALE_SEARCH_ULPS = 8
+
+
+def ort_resize_size(size: int, scale: np.float32) -> int:
+    """The output size onnxruntime's Resize computes: the float32 product, truncated."""
+    return int(np.float32(scale) * np.float32(size))
+
+
+# onnxruntime's half_pixel coordinate is not the float32 formula to the last bit: measured,
+# coordinates up to a dozen float32 steps below a half are sometimes rounded up. One
+# within this many steps of a half (and not on it) is taken as unpredictable.
+HALF_PIXEL_MARGIN_ULPS = 32
+
+
+def ort_nearest_indices(size: int, out: int, scale: np.float32, mode: str) -> np.ndarray | None:
+    """The pixels onnxruntime's nearest Resize samples along one axis for a float32 scale,
+    or None where that cannot be predicted. ``nearest`` (asymmetric + floor): x / scale,
+    a float32 division, floored (measured to match onnxruntime at every coordinate, on
+    whole numbers too). ``nearest_exact`` (half_pixel + round_prefer_ceil): (x + 0.5) /
+    scale - 0.5 rounded half up, unpredictable near a half (see HALF_PIXEL_MARGIN_ULPS)."""
+    f32 = np.float32
+    if mode == "nearest":
+        index = np.floor(np.arange(out, dtype=f32) / f32(scale))
+    else:
+        source = (np.arange(out) + 0.5) / float(f32(scale)) - 0.5
+        from_half = source - (np.floor(source - 0.5) + 0.5)
+        step = np.spacing(np.maximum(np.abs(source), 0.5).astype(f32)).astype(np.float64)
+        near = (from_half != 0) & (
+            np.minimum(from_half, 1 - from_half) < HALF_PIXEL_MARGIN_ULPS * step
+        )
+        if near.any():
+            return None
+        index = np.floor(source + 0.5)
+    return np.clip(index.astype(np.int64), 0, size - 1)
+
+
+def _scale_candidates(wanted: float):
+    """float32 values nearest ``wanted``: its float32 first, then one ulp each way, ..."""
+    base = np.float32(wanted)
+    yield base
+    up = down = base
+    for _ in range(SCALE_SEARCH_ULPS):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        yield down
+        yield up
+
+
+def _sizes_are_exact(node: Node) -> bool:
+    """Whether Resize to the node's output sizes samples what it samples: always in the
+    linear modes; in the nearest modes, where onnxruntime's float32 coordinates (x divided
+    by the float32 out / size) give PyTorch's pixels (x times its float32 size / out)."""
+    a = node.attrs
+    spatial = tuple(node.inputs[0].type.spatial)
+    out = tuple(node.output.type.spatial)
+    if a["mode"] not in NEAREST_MODES or spatial == out:
+        return True
+    for n, o in zip(spatial, out, strict=True):
+        theirs = ort_nearest_indices(n, o, np.float32(o) / np.float32(n), a["mode"])
+        if theirs is None or not np.array_equal(
+            theirs, nearest_indices(n, o, None, a["mode"], len(spatial))
+        ):
+            return False
+    return True
+
+
+def resize_scales(node: Node, flexible: bool = False) -> list[np.float32] | None:
+    """Float32 scales per spatial axis with which ONNX Resize computes this upsample node,
+    or None if no scales do (a nearest sampling onnxruntime's arithmetic cannot reproduce).
+
+    Resize derives the output size from the scale (floor(scale · size): in double in onnx's
+    shape inference, in float32 in onnxruntime) and maps output to input coordinates by
+    dividing by it in float32, where PyTorch multiplies by its float32 ratio. So each axis
+    takes the float32 nearest the scale (or to out / size for a size) for which both output
+    sizes are right and, in the nearest modes, every sampled pixel is PyTorch's; an axis
+    that keeps its pixels takes 1. ``flexible`` (a fully convolutional network, whose input
+    size is not known): the scales as given.
+    """
+    a = node.attrs
+    if flexible:
+        return [np.float32(s) for s in a["scales"]]
+    spatial = tuple(node.inputs[0].type.spatial)
+    out = tuple(node.output.type.spatial)
+    nearest = a["mode"] in NEAREST_MODES
+    rank = len(spatial)
+    given = a["scales"] or (None,) * rank
+    if nearest and spatial == out:
+        # onnxruntime copies a tensor whose shape does not change, whatever the scales.
+        same = all(
+            np.array_equal(nearest_indices(n, n, s, a["mode"], rank), np.arange(n))
+            for n, s in zip(spatial, given, strict=True)
+        )
+        return [np.float32(1)] * rank if same else None
+    scales = []
+    for n, o, s in zip(spatial, out, given, strict=True):
+        wanted = nearest_indices(n, o, s, a["mode"], rank) if nearest else None
+        if n == o and (wanted is None or np.array_equal(wanted, np.arange(n))):
+            scales.append(np.float32(1))
+            continue
+        for scale in _scale_candidates(s if s is not None else o / n):
+            if math.floor(float(scale) * n) != o or ort_resize_size(n, scale) != o:
+                continue
+            theirs = None if wanted is None else ort_nearest_indices(n, o, scale, a["mode"])
+            if wanted is None or (theirs is not None and np.array_equal(theirs, wanted)):
+                scales.append(scale)
+                break
+        else:
+            return None
+    return scales
+
+
+def _spatial_attrs(node: Node) -> dict[str, Any]:
+    a = node.attrs
+    if a["size"] is not None:
+        return {"mode": a["mode"], "size": list(a["size"])}
+    return {"mode": a["mode"], "scales": [float(s) for s in a["scales"]]}
+
+
+AXIS_NAMES = {1: ("",), 2: ("_rows", "_cols")}
+
+
+def _gather_body(rank: int, reduce: bool, opset: int) -> list[onnx.NodeProto]:
+    """Y from X by a Gather along each spatial axis i by the index table I<i>; with
+    ``reduce``, each Gather's window axis (after the gathered one) is reduced by ReduceMax."""
+    body, value = [], "X"
+    for i in range(rank):
+        last = i == rank - 1
+        gathered = f"G{i}" if reduce or not last else "Y"
+        body.append(helper.make_node("Gather", [value, f"I{i}"], [gathered], axis=2 + i))
+        value = gathered
+        if reduce:
+            value = "Y" if last else f"R{i}"
+            if opset < 18:
+                body.append(
+                    helper.make_node("ReduceMax", [gathered], [value], axes=[3 + i], keepdims=0)
+                )
+            else:
+                body.append(helper.make_node("Constant", [], [f"A{i}"], value_ints=[3 + i]))
+                body.append(helper.make_node("ReduceMax", [gathered, f"A{i}"], [value], keepdims=0))
+    return body
+
+
+def _call_with_tables(
+    e: Emitter,
+    node: Node,
+    function: onnx.FunctionProto,
+    kind: str,
+    tables: list[np.ndarray],
+    attrs: dict[str, Any],
+) -> None:
+    """Call ``function`` on the node's input and one constant table per spatial axis,
+    initializers ``<node>.<kind>`` (1-D) or ``<node>.<kind>_rows`` and ``_cols`` (2-D)."""
+    names = [
+        e.constant(f"{node.name}.{kind}{suffix}", np.ascontiguousarray(table))
+        for suffix, table in zip(AXIS_NAMES[len(tables)], tables, strict=True)
+    ]
+    e.call(function, [node.inputs[0].name, *names], [node.output.name], node.name, attrs)
+
+
+@emitter("upsample")
+def _upsample(e: Emitter, node: Node) -> None:
+    """Resize: to the output sizes for a size or align_corners (see _sizes_are_exact), else
+    by scales (see resize_scales); a nearest sampling that onnxruntime's Resize cannot
+    reproduce either way is a call of the function UpsampleScale1d/2d or UpsampleSize1d/2d
+    (domain cnnc): a Gather of the source pixels along each axis (initializers
+    <node>.indices[_rows|_cols]), its call attributes the upsample's mode and scales or
+    size."""
+    a = node.attrs
+    flexible = e.graph.flexible_spatial
+    by_size = a["size"] is not None or a["align_corners"]
+    if flexible and by_size:
+        what = "to a fixed size" if a["size"] is not None else "with align_corners"
+        raise e.refuse(node, f"an upsample {what} in a fully convolutional network")
+    mode, transform, nearest_mode = RESIZE_MODES[a["mode"]]
+    attrs = {"mode": mode, "coordinate_transformation_mode": transform}
+    if a["align_corners"]:
+        attrs["coordinate_transformation_mode"] = "align_corners"
+    if nearest_mode:
+        attrs["nearest_mode"] = nearest_mode
+    x, y = node.inputs[0].name, node.output.name
+    # With align_corners, onnxruntime divides by the output size - 1 as PyTorch does, but
+    # the ONNX formula (and onnx.reference) by scale · size - 1 unrounded: sizes agree.
+    if by_size and _sizes_are_exact(node):
+        if e.opset >= 18:
+            attrs["axes"] = list(range(2, node.output.type.rank))
+        e.node("Resize", [x, "", "", _resize_sizes(e, node)], [y], node.name, **attrs)
+        return
+    scales = resize_scales(node, flexible)
+    if scales is not None:
+        full = e.constant(f"{node.name}.scales", np.array([1, 1, *scales], np.float32))
+        e.node("Resize", [x, "", full], [y], node.name, **attrs)
+        return
+    spatial, out = node.inputs[0].type.spatial, node.output.type.spatial
+    rank = len(spatial)
+    given = a["scales"] or (None,) * rank
+    tables = [
+        nearest_indices(n, o, s, a["mode"], rank)
+        for n, o, s in zip(spatial, out, given, strict=True)
+    ]
+    attrs = _spatial_attrs(node)
+    form = "Size" if a["size"] is not None else "Scale"
+    function = model_function(
+        f"Upsample{form}{rank}d",
+        ["X", *(f"I{i}" for i in range(rank))],
+        ["Y"],
+        _gather_body(rank, False, e.opset),
+        list(attrs),
+        e.opset,
+        "PyTorch's nearest upsampling (cnnc upsample): the source pixels gathered along "
+        "each spatial axis; the call's attributes are the upsample's",
+    )
+    _call_with_tables(e, node, function, "indices", tables, attrs)
+
+
+def _resize_sizes(e: Emitter, node: Node) -> str:
+    """Resize's sizes input for the node's output sizes: from opset 18 the spatial sizes
+    (for the attribute axes, which the caller adds); before, the batch and channel sizes
+    of the input (by Shape, as PyTorch exports it: the batch axis is symbolic), then them."""
+    sizes = e.constant(f"{node.name}.sizes", np.array(node.output.type.spatial, np.int64))
+    if e.opset >= 18:
+        return sizes
+    x = node.inputs[0].name
+    head = f"{node.name}.shape"
+    if e.opset >= 15:
+        e.node("Shape", [x], [head], head, start=0, end=2)
+    else:
+        e.node("Shape", [x], [f"{head}.all"], f"{head}.all")
+        bounds = [
+            e.constant(f"{node.name}.{bound}", np.array([v], np.int64))
+            for bound, v in (("start", 0), ("end", 2))
+        ]
+        e.node("Slice", [f"{head}.all", *bounds], [head], head)
+    full = f"{node.name}.full_sizes"
+    e.node("Concat", [head, sizes], [full], full, axis=0)
+    return full
+
+
+def _adaptive_uniform(e: Emitter, node: Node, standard: str, global_op: str) -> bool:
+    """An adaptive pool whose windows divide every axis evenly as the standard pool
+    (kernel = stride = in / out, or the global pool for an output of 1); False otherwise."""
+    spatial, size = tuple(node.inputs[0].type.spatial), tuple(node.attrs["size"])
+    if e.graph.flexible_spatial or not adaptive_is_uniform(spatial, size):
+        return False
+    inputs, outputs = _names(node.inputs), _names(node.outputs)
+    if all(o == 1 for o in size):
+        e.node(global_op, inputs, outputs, node.name)
+        return True
+    kernel = [n // o for n, o in zip(spatial, size, strict=True)]
+    e.node(standard, inputs, outputs, node.name, kernel_shape=kernel, strides=kernel)
+    return True
+
+
+def _refuse_flexible(e: Emitter, node: Node) -> None:
+    if e.graph.flexible_spatial:
+        raise e.refuse(node, f"{node.op} in a fully convolutional network")
+
+
+@emitter("adaptive_avgpool")
+def _adaptive_avgpool(e: Emitter, node: Node) -> None:
+    """AveragePool or GlobalAveragePool when the windows are uniform; otherwise the function
+    AdaptiveAvgPool1d/2d (domain cnnc): MatMul by the constant pooling matrix of each axis
+    (initializers <node>.pool, or <node>.pool_rows [oh, h] and <node>.pool_cols [w, ow])."""
+    if _adaptive_uniform(e, node, "AveragePool", "GlobalAveragePool"):
+        return
+    _refuse_flexible(e, node)
+    spatial, size = node.inputs[0].type.spatial, node.attrs["size"]
+    pools = [adaptive_avg_matrix(n, o) for n, o in zip(spatial, size, strict=True)]
+    if len(pools) == 1:
+        body = [helper.make_node("MatMul", ["X", "P0"], ["Y"])]
+        tables = [pools[0].T]
+    else:
+        body = [
+            helper.make_node("MatMul", ["X", "P1"], ["T"]),
+            helper.make_node("MatMul", ["P0", "T"], ["Y"]),
+        ]
+        tables = [pools[0], pools[1].T]
+    function = model_function(
+        f"AdaptiveAvgPool{len(pools)}d",
+        ["X", *(f"P{i}" for i in range(len(pools)))],
+        ["Y"],
+        body,
+        [],
+        e.opset,
+        "PyTorch's adaptive average pooling (cnnc adaptive_avgpool): products by the "
+        "pooling matrices of the axes",
+    )
+    _call_with_tables(e, node, function, "pool", tables, {})
+
+
+@emitter("adaptive_maxpool")
+def _adaptive_maxpool(e: Emitter, node: Node) -> None:
+    """MaxPool or GlobalMaxPool when the windows are uniform; otherwise the function
+    AdaptiveMaxPool1d/2d (domain cnnc): along each axis, Gather of each window's indices
+    (initializer <node>.windows[_rows|_cols] [out, longest window], a short window
+    repeating its last index) and ReduceMax over the window."""
+    if _adaptive_uniform(e, node, "MaxPool", "GlobalMaxPool"):
+        return
+    _refuse_flexible(e, node)
+    spatial, size = node.inputs[0].type.spatial, node.attrs["size"]
+    tables = [adaptive_max_windows(n, o) for n, o in zip(spatial, size, strict=True)]
+    function = model_function(
+        f"AdaptiveMaxPool{len(tables)}d",
+        ["X", *(f"I{i}" for i in range(len(tables)))],
+        ["Y"],
+        _gather_body(len(tables), True, e.opset),
+        [],
+        e.opset,
+        "PyTorch's adaptive max pooling (cnnc adaptive_maxpool): along each axis, each "
+        "window's pixels gathered and reduced by ReduceMax",
+    )
+    _call_with_tables(e, node, function, "windows", tables, {})
 
 
 @emitter("lrn")

@@ -98,6 +98,19 @@ def _pool(node: Node) -> str:
     return f"{node.op}({', '.join(args)})"
 
 
+def _upsample(node: Node) -> str:
+    a = node.attrs
+    if a["size"] is not None:
+        args = [f"size={_spatial(a['size'])}"]
+    else:
+        scales = [_number(s) for s in a["scales"]]
+        args = [f"scale={scales[0] if len(set(scales)) == 1 else '(' + ', '.join(scales) + ')'}"]
+    args.append(f"mode={a['mode']}")
+    if a["align_corners"]:
+        args.append("align_corners=true")
+    return f"upsample({', '.join(args)})"
+
+
 WRITERS: dict[str, Callable[..., str]] = {
     "conv": _conv,
     "conv_transpose": _conv_transpose,
@@ -128,6 +141,9 @@ WRITERS: dict[str, Callable[..., str]] = {
         f"beta={_number(n.attrs['beta'])}, k={_number(n.attrs['bias'])})"
     ),
     "reshape": lambda n: f"reshape({_tuple(n.attrs['shape'])})",
+    "upsample": _upsample,
+    "adaptive_avgpool": lambda n: f"adaptive_avgpool({_spatial(n.attrs['size'])})",
+    "adaptive_maxpool": lambda n: f"adaptive_maxpool({_spatial(n.attrs['size'])})",
     "transpose": lambda n: f"transpose({_tuple(n.attrs['perm'][1:])})",
     "drop_path": lambda n: f"drop_path({_number(n.attrs['p'])})",
     "pad": lambda n: _pad(n),

@@ -332,22 +332,24 @@ class _Lowering:
             hint += "; blocks: " + ", ".join(blocks)
         return LayerError(f"unknown layer {call.name!r}", call.name_loc, hint=hint)
 
-    def arguments(self, call: Call, scope: _Scope, layer: Layer) -> list[tuple[Arg, Any]]:
-        positional = [a for a in layer.attrs if a.positional]
-        values = []
-        for i, arg in enumerate(call.args):
+    def arguments(
+        self, call: Call, scope: _Scope, layer: Layer | None = None
+    ) -> list[tuple[Arg, Any]]:
+        positional = [a for a in layer.attrs if a.positional] if layer is not None else []
+
+        def value(i: int, arg: Arg) -> Any:
+            # Any word given for a choice (mode=cubic) is that word, which the choice then
+            # checks against the words it takes; elsewhere an unknown name is an error.
             if arg.name is not None:
-                attr = layer.attr(arg.name)
+                attr = layer.attr(arg.name) if layer is not None else None
             else:
                 attr = positional[i] if i < len(positional) else None
-            # A word given to a choice is checked against its choices (pad(1, wrap): "must
-            # be one of constant, ..."), not looked up as a name.
-            word = arg.value.id if isinstance(arg.value, Name) else None
-            if attr is not None and attr.kind == "choice" and word and not scope.knows(word):
-                values.append((arg, word))
-            else:
-                values.append((arg, evaluate(arg.value, scope)))
-        return values
+            word = isinstance(arg.value, Name) and not scope.knows(arg.value.id)
+            if attr is not None and attr.kind == "choice" and word:
+                return arg.value.id
+            return evaluate(arg.value, scope)
+
+        return [(arg, value(i, arg)) for i, arg in enumerate(call.args)]
 
     def expand(self, block: Block, call: Call, scope: _Scope, x: Value, name: str) -> Value:
         if block.name in self.stack:

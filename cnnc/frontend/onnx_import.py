@@ -18,6 +18,8 @@ from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name, format_dims
 from cnnc.ops.activation import FUNCTION_NAMES
+from cnnc.ops.pool import adaptive_avg_matrix, adaptive_max_windows
+from cnnc.ops.resize import LINEAR_MODES, NEAREST_MODES, nearest_indices, upsample_sizes
 from cnnc.ops.tensor import PAD_MODES
 
 _DTYPES = {onnx.TensorProto.FLOAT: "f32"}
@@ -423,6 +425,318 @@ def _reduce(imp: Importer, node, attrs) -> None:
 @importer("GlobalMaxPool")
 def _global_maxpool(imp: Importer, node, attrs) -> None:
     imp.add(node, "global_maxpool", _inputs(imp, node))
+
+
+# ---- resizing and adaptive pooling ----------------------------------------------------------
+
+
+def _float32_scale(value: float) -> float:
+    """A scale stored as float32, as the shortest decimal that reads back as that float32
+    (0.30000001192092896 -> 0.3): the scale the model's author wrote, which cnnc's
+    upsample uses in double precision as PyTorch does."""
+    return float(str(np.float32(value)))
+
+
+def _onnx_nearest(size: int, out: int, scale: float, transform: str, rounding: str):
+    """The pixels Resize's nearest mode samples along one axis by the ONNX formulas (in
+    double precision, as onnx.reference), for scale ``scale`` and output size ``out``."""
+    y = np.arange(out, dtype=np.float64)
+    if transform == "asymmetric":
+        x = y / scale
+    elif transform == "half_pixel" or (transform == "pytorch_half_pixel" and out > 1):
+        x = (y + 0.5) / scale - 0.5
+    elif transform == "pytorch_half_pixel":
+        x = np.zeros(out)
+    elif transform == "align_corners":
+        x = y * (size - 1) / (out - 1) if out > 1 else np.zeros(out)
+    else:
+        return None
+    below = np.floor(x)
+    half = x - below == 0.5
+    index = {
+        "floor": below,
+        "ceil": np.ceil(x),
+        "round_prefer_floor": np.where(half, below, np.rint(x)),
+        "round_prefer_ceil": np.where(half, below + 1, np.rint(x)),
+    }.get(rounding)
+    return None if index is None else np.clip(index.astype(np.int64), 0, size - 1)
+
+
+def _nearest_mode(imp: Importer, node, x: Value, ir: dict[str, Any], transform, rounding):
+    """The upsample mode that samples what this nearest Resize samples: asymmetric + floor
+    is PyTorch's nearest and half_pixel + round_prefer_ceil its nearest_exact (as PyTorch
+    exports them); any other pair is accepted where it samples, at this input size, the
+    pixels one of them samples. (The canonical pairs are taken as PyTorch's modes even
+    where float32 rounding at an exact half or whole coordinate may differ between
+    runtimes, but not where PyTorch's 2-D nearest copies or halves an axis by a scale
+    other than 1 or 2: the Resize formula samples other pixels there.)"""
+    spatial = tuple(x.type.spatial)
+    out = upsample_sizes(spatial, ir)
+    rank = len(spatial)
+    given = ir["scales"] or (None,) * rank
+    if (transform, rounding) == ("asymmetric", "floor"):
+        for n, o, s in zip(spatial, out, given, strict=True):
+            shortcut = (o == n and s != 1) or (o == 2 * n and s != 2)
+            if rank == 2 and s is not None and shortcut:
+                formula = np.floor(np.arange(o, dtype=np.float32) / np.float32(s))
+                ours = nearest_indices(n, o, s, "nearest", rank)
+                if not np.array_equal(np.minimum(formula.astype(np.int64), n - 1), ours):
+                    raise imp.fail(
+                        node,
+                        f"Resize nearest by {s:g} from {n} to {o} samples "
+                        "floor(i / scale), where PyTorch's 2-D nearest "
+                        f"{'copies' if o == n else 'halves'} the axis",
+                        hint="give sizes instead of scales",
+                    )
+        return "nearest"
+    if (transform, rounding) == ("half_pixel", "round_prefer_ceil"):
+        return "nearest_exact"
+    onnx_indices = [
+        _onnx_nearest(n, o, s if s is not None else o / n, transform, rounding)
+        for n, o, s in zip(spatial, out, given, strict=True)
+    ]
+    if all(i is not None for i in onnx_indices):
+        for mode in NEAREST_MODES:
+            ours = [
+                nearest_indices(n, o, s, mode, rank)
+                for n, o, s in zip(spatial, out, given, strict=True)
+            ]
+            if all(np.array_equal(a, b) for a, b in zip(ours, onnx_indices, strict=True)):
+                return mode
+    raise imp.fail(
+        node,
+        f"Resize nearest with coordinate_transformation_mode={transform} and "
+        f"nearest_mode={rounding} samples other pixels than PyTorch's nearest and "
+        f"nearest_exact modes here",
+        hint="cnnc's nearest is asymmetric + floor, its nearest_exact half_pixel + "
+        "round_prefer_ceil",
+    )
+
+
+def _resize_targets(imp: Importer, node, x: Value, attrs) -> dict[str, Any]:
+    """Resize's scales or sizes as the IR's ``scales`` or ``size`` of the spatial axes;
+    batch and channels must keep their sizes."""
+    names = list(node.input) + [""] * 4
+    given = {}
+    for key, name in (("scales", names[2]), ("sizes", names[3])):
+        if name:
+            value = imp.constant(node, name).reshape(-1)
+            if value.size:
+                given[key] = value
+    if len(given) != 1:
+        raise imp.fail(node, "Resize needs exactly one of scales and sizes")
+    ((key, value),) = given.items()
+    rank = x.type.rank
+    axes = attrs.get("axes")
+    if axes is not None:
+        axes = [a + rank if a < 0 else a for a in axes]
+        full = [1.0] * rank if key == "scales" else list(x.type.shape)
+        for a, v in zip(axes, value.tolist(), strict=True):
+            full[a] = v
+    elif value.size != rank:
+        raise imp.fail(node, f"Resize {key} has {value.size} values for a rank-{rank} input")
+    else:
+        full = value.tolist()
+    if key == "scales":
+        if full[0] != 1 or full[1] != 1:
+            raise imp.fail(
+                node,
+                f"Resize scales {[float(s) for s in full]} resize the batch or channel axis: "
+                "cnnc resizes spatial axes only",
+            )
+        return {"scales": tuple(_float32_scale(s) for s in full[2:]), "size": None}
+    policy = attrs.get("keep_aspect_ratio_policy", "stretch")
+    if policy != "stretch":
+        raise imp.fail(
+            node,
+            f"Resize with keep_aspect_ratio_policy={policy} is not supported: cnnc resizes "
+            "to the sizes given (stretch)",
+        )
+    if full[:2] != list(x.type.shape[:2]):
+        raise imp.fail(
+            node,
+            f"Resize sizes {full} change the batch or channel axis of "
+            f"{x.type}: cnnc resizes spatial axes only",
+        )
+    return {"scales": None, "size": tuple(int(s) for s in full[2:])}
+
+
+@importer("Resize")
+def _resize(imp: Importer, node, attrs) -> None:
+    """Resize as an upsample: nearest (asymmetric + floor), nearest_exact (half_pixel +
+    round_prefer_ceil), linear and bilinear (half_pixel, or pytorch_half_pixel where no
+    output size is 1, and align_corners), by constant scales or sizes. Resize-10 (opset 10)
+    is the old Upsample."""
+    a = _decoded(attrs)
+    x = imp.value(node, node.input[0])
+    if imp.opset < 11:
+        _integer_nearest(imp, node, x, a.get("mode", "nearest"), imp.constant(node, node.input[1]))
+        return
+    if x.type.rank not in (3, 4):
+        raise imp.fail(
+            node, f"Resize of {x.type} is not supported: cnnc resizes N×C×L and N×C×H×W maps"
+        )
+    mode = a.get("mode", "nearest")
+    transform = a.get("coordinate_transformation_mode", "half_pixel")
+    if mode not in ("nearest", "linear"):
+        raise imp.fail(
+            node,
+            f"Resize mode {mode} is not supported: cnnc's upsample has nearest, "
+            "nearest_exact, linear and bilinear",
+        )
+    if a.get("antialias", 0):
+        raise imp.fail(node, "Resize with antialias=1 is not supported (PyTorch's antialias)")
+    if transform == "tf_crop_and_resize":
+        raise imp.fail(node, "Resize with tf_crop_and_resize (a crop by its roi) is not supported")
+    ir = {"mode": mode, "align_corners": False, **_resize_targets(imp, node, x, a)}
+    spatial = tuple(x.type.spatial)
+    if mode == "nearest":
+        rounding = a.get("nearest_mode", "round_prefer_floor")
+        ir["mode"] = _nearest_mode(imp, node, x, ir, transform, rounding)
+    else:
+        ir["mode"] = LINEAR_MODES[len(spatial)]
+        out = upsample_sizes(spatial, ir)
+        if transform == "align_corners":
+            ir["align_corners"] = True
+            if ir["scales"] is not None and any(
+                not (np.float32(s) * np.float64(n)).is_integer()
+                for n, s in zip(spatial, ir["scales"], strict=True)
+            ):
+                raise imp.fail(
+                    node,
+                    "Resize linear with align_corners by scales whose products with the input "
+                    "sizes are not whole: the ONNX formula divides by scale · size - 1, "
+                    "onnxruntime and PyTorch by the output size - 1",
+                    hint="give sizes instead of scales",
+                )
+        elif transform == "pytorch_half_pixel" and any(
+            o == 1 and n > 1 for n, o in zip(spatial, out, strict=True)
+        ):
+            raise imp.fail(
+                node,
+                "Resize linear with pytorch_half_pixel and an output size of 1 samples the "
+                "first pixel, where PyTorch's linear modes take the middle",
+            )
+        elif transform not in ("half_pixel", "pytorch_half_pixel"):
+            raise imp.fail(
+                node,
+                f"Resize linear with coordinate_transformation_mode={transform} is not "
+                "supported: PyTorch's linear modes are half_pixel (align_corners=false) and "
+                "align_corners",
+            )
+    imp.add(node, "upsample", [x], ir)
+
+
+def _integer_nearest(imp: Importer, node, x: Value, mode: str, scales: np.ndarray) -> None:
+    """The old Upsample (and Resize-10): by scales, coordinates x / scale. Only nearest by
+    whole numbers is imported, where every reading of the op (and PyTorch's nearest)
+    repeats each pixel that many times."""
+    scales = [float(s) for s in np.asarray(scales).reshape(-1)]
+    if mode != "nearest":
+        raise imp.fail(
+            node,
+            f"{node.op_type} mode {mode} is not supported: it maps coordinates "
+            "asymmetrically (x / scale), as no PyTorch linear mode does",
+        )
+    if len(scales) != x.type.rank or x.type.rank not in (3, 4) or scales[:2] != [1, 1]:
+        raise imp.fail(
+            node,
+            f"{node.op_type} scales {scales} of {x.type}: cnnc resizes the spatial axes of "
+            "N×C×L and N×C×H×W maps only",
+        )
+    if any(s < 1 or not s.is_integer() for s in scales[2:]):
+        raise imp.fail(
+            node,
+            f"{node.op_type} nearest by {scales[2:]} is not supported: cnnc imports nearest "
+            "upsampling by whole numbers (each pixel repeated), where every reading of the op "
+            "agrees",
+        )
+    ir = {"mode": "nearest", "align_corners": False, "scales": tuple(scales[2:]), "size": None}
+    spatial = tuple(x.type.spatial)
+    for n, s in zip(spatial, scales[2:], strict=True):
+        repeat = np.arange(int(n * s)) // int(s)
+        if not np.array_equal(nearest_indices(n, int(n * s), s, "nearest", len(spatial)), repeat):
+            raise imp.fail(node, f"{node.op_type} by {s} of {n}: cnnc's nearest differs here")
+    imp.add(node, "upsample", [x], ir)
+
+
+@importer("Upsample")
+def _upsample(imp: Importer, node, attrs) -> None:
+    a = _decoded(attrs)
+    x = imp.value(node, node.input[0])
+    scales = a["scales"] if "scales" in a else imp.constant(node, node.input[1])
+    _integer_nearest(imp, node, x, a.get("mode", "nearest"), scales)
+
+
+def _tables(imp: Importer, node, x: Value) -> list[np.ndarray]:
+    tables = [imp.constant(node, name) for name in node.input[1:]]
+    if x.type.rank not in (3, 4) or len(tables) != x.type.rank - 2:
+        raise imp.fail(node, f"{node.op_type} takes one table per spatial axis of {x.type}")
+    return tables
+
+
+def _matching(imp: Importer, node, tables: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    for table, wanted in zip(tables, expected, strict=True):
+        if table.shape != wanted.shape or not np.allclose(table, wanted, rtol=0, atol=1e-7):
+            raise imp.fail(
+                node,
+                f"the constant tables of this {node.op_type} call are not the ones cnnc "
+                "writes for its sizes",
+            )
+
+
+def _upsample_function(imp: Importer, node, attrs) -> None:
+    x = imp.value(node, node.input[0])
+    tables = _tables(imp, node, x)
+    ir = {
+        "mode": attrs.get("mode"),
+        "align_corners": False,
+        "scales": tuple(_float32_scale(s) for s in attrs["scales"]) if "scales" in attrs else None,
+        "size": tuple(int(s) for s in attrs["size"]) if "size" in attrs else None,
+    }
+    form = "size" if node.op_type.startswith("UpsampleSize") else "scales"
+    if ir["mode"] not in NEAREST_MODES or ir[form] is None:
+        raise imp.fail(
+            node, f"{node.op_type} needs the attributes mode (nearest or nearest_exact) and {form}"
+        )
+    spatial = tuple(x.type.spatial)
+    given = ir["scales"] or (None,) * len(spatial)
+    expected = [
+        nearest_indices(n, o, s, ir["mode"], len(spatial))
+        for n, o, s in zip(spatial, upsample_sizes(spatial, ir), given, strict=True)
+    ]
+    _matching(imp, node, tables, expected)
+    imp.add(node, "upsample", [x], ir)
+
+
+def _adaptive_function(op: str):
+    def build(imp: Importer, node, attrs) -> None:
+        x = imp.value(node, node.input[0])
+        tables = _tables(imp, node, x)
+        spatial = tuple(x.type.spatial)
+        if op == "adaptive_maxpool":
+            size = tuple(t.shape[0] for t in tables)
+            expected = [adaptive_max_windows(n, o) for n, o in zip(spatial, size, strict=True)]
+        else:
+            # [L, out] in 1-D; [out_h, h] and [w, out_w] in 2-D (MatMul's sides).
+            size = (
+                (tables[-1].shape[1],)
+                if len(tables) == 1
+                else (tables[0].shape[0], tables[1].shape[1])
+            )
+            pools = [adaptive_avg_matrix(n, o) for n, o in zip(spatial, size, strict=True)]
+            expected = [pools[0].T] if len(pools) == 1 else [pools[0], pools[1].T]
+        _matching(imp, node, tables, expected)
+        imp.add(node, op, [x], {"size": size})
+
+    return build
+
+
+for _rank in (1, 2):
+    FUNCTIONS[f"UpsampleScale{_rank}d"] = _upsample_function
+    FUNCTIONS[f"UpsampleSize{_rank}d"] = _upsample_function
+    FUNCTIONS[f"AdaptiveAvgPool{_rank}d"] = _adaptive_function("adaptive_avgpool")
+    FUNCTIONS[f"AdaptiveMaxPool{_rank}d"] = _adaptive_function("adaptive_maxpool")
 
 
 @importer("Relu", "Sigmoid", "Tanh", "HardSwish", "Mish", "Softplus")

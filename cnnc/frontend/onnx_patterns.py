@@ -8,10 +8,15 @@ opset, as a small graph of standard ops).
     Div(Softplus(Mul(x, beta)), beta)                 ==>  cnnc.Softplus(x, beta)
     x · 0.5 · (1 + Erf(x / √2))                       ==>  Gelu(x)
     x · 0.5 · (1 + Tanh(√(2/π) · (x + 0.044715·x³)))  ==>  Gelu(x, approximate=tanh)
+    Resize(x, sizes=Concat(Shape(x)[0:2], s))         ==>  Resize(x, sizes=s, axes=spatial)
 
 The products may come in any order and grouping (torch writes (x · (1 + erf)) · 0.5),
 x / √2 may be a Div or a Mul by 1/√2, x³ a Pow or products, and constants may be
 initializers or Constant nodes; they must equal the formula's to 1e-4.
+
+The Resize pattern is how PyTorch (and cnnc before opset 18) writes a resize to a size
+when the batch is symbolic: the first two sizes are the input's own (Shape with start 0
+and end 2, or Shape then Slice 0:2), the rest constants.
 
 Leaves alone (and why): a pattern whose inner values are read by anything outside it, or
 are graph outputs (the inner values would be lost), and a different x in the two places.
@@ -182,7 +187,50 @@ def _softplus(g: _Graph, root: onnx.NodeProto) -> tuple | None:
     return None
 
 
+def _leading_sizes(g: _Graph, name: str, x: str) -> list[onnx.NodeProto] | None:
+    """The nodes computing the sizes of x's first two axes as ``name``, if they do."""
+    shape = g.op(name, "Shape")
+    if shape is not None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in shape.attribute}
+        if shape.input[0] == x and attrs.get("start", 0) == 0 and attrs.get("end") == 2:
+            return [shape]
+        return None
+    sliced = g.op(name, "Slice")
+    shape = sliced and g.op(sliced.input[0], "Shape")
+    if shape is None or shape.input[0] != x or shape.attribute:
+        return None
+    bounds = [g.constants.get(n) if n else None for n in list(sliced.input[1:]) + [""] * 3]
+    starts, ends, axes, steps = bounds[:4]
+    if starts is None or ends is None or starts.reshape(-1).tolist() != [0]:
+        return None
+    if ends.reshape(-1).tolist() != [2] or (axes is not None and axes.reshape(-1).tolist() != [0]):
+        return None
+    if steps is not None and steps.reshape(-1).tolist() != [1]:
+        return None
+    return [sliced, shape]
+
+
+def _resize_sizes(g: _Graph, root: onnx.NodeProto) -> tuple | None:
+    """Resize(x, roi, scales, Concat(leading sizes of x, s)): Resize to s on the spatial axes."""
+    if len(root.input) < 4 or not root.input[3]:
+        return None
+    concat = g.op(root.input[3], "Concat")
+    if concat is None or len(concat.input) != 2 or concat.input[1] not in g.constants:
+        return None
+    inner = _leading_sizes(g, concat.input[0], root.input[0])
+    if inner is None:
+        return None
+    spatial = g.constants[concat.input[1]].reshape(-1)
+    new = onnx.NodeProto()
+    new.CopyFrom(root)
+    new.input[3] = concat.input[1]
+    new.attribute.append(helper.make_attribute("axes", list(range(2, 2 + spatial.size))))
+    return [concat, *inner], new
+
+
 def _match(g: _Graph, root: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+    if root.op_type == "Resize" and root.domain in ("", "ai.onnx"):
+        return _resize_sizes(g, root)
     if root.op_type == "Div" and root.domain in ("", "ai.onnx") and len(root.input) == 2:
         return _softplus(g, root)
     if root.op_type != "Mul" or root.domain not in ("", "ai.onnx") or len(root.input) != 2:
@@ -213,6 +261,8 @@ def rewrite(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> list[on
                 known[node.output[0]] = numpy_helper.to_array(attr.t)
             elif attr.name == "value_float":
                 known[node.output[0]] = np.array(attr.f, np.float32)
+            elif attr.name == "value_ints":
+                known[node.output[0]] = np.array(attr.ints, np.int64)
     nodes = list(graph.node)
     for root in list(nodes):
         if not any(n is root for n in nodes):

@@ -1,6 +1,15 @@
 """The ops of the IR and the layers of the language, one module per op family."""
 
-from cnnc.ops import activation, conv, linear, merge, norm, pool, tensor  # noqa: F401 (register)
+from cnnc.ops import (  # noqa: F401 (register)
+    activation,
+    conv,
+    linear,
+    merge,
+    norm,
+    pool,
+    resize,
+    tensor,
+)
 from cnnc.ops.base import (
     Attr,
     Layer,

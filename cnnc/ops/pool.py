@@ -1,8 +1,11 @@
-"""Pooling: ``maxpool``, ``avgpool`` (windowed), ``gap`` and ``global_maxpool`` (global)."""
+"""Pooling: ``maxpool``, ``avgpool`` (windowed), ``gap`` and ``global_maxpool`` (global),
+``adaptive_avgpool`` and ``adaptive_maxpool`` (to an output size, PyTorch's windows)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from cnnc.errors import ShapeError
 from cnnc.ir.types import TensorType, format_dims
@@ -147,5 +150,101 @@ register_layer(
         (),
         _build_global("global_maxpool"),
         "Global max pooling: the maximum of each channel, N×C×H×W -> N×C×1×1.",
+    )
+)
+
+
+# ---- adaptive pooling -----------------------------------------------------------------------
+
+
+def adaptive_windows(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of PyTorch's adaptive pooling windows along one axis: output i covers
+    floor(i · size / out) to ceil((i + 1) · size / out). Windows overlap when they do not
+    divide the axis evenly, and when the output is larger than the input."""
+    i = np.arange(out)
+    return (i * size) // out, -((-(i + 1) * size) // out)
+
+
+def adaptive_avg_matrix(size: int, out: int) -> np.ndarray:
+    """The float32 pooling matrix [out, size] of adaptive average pooling along one axis:
+    row i holds 1 / (window length) over window i."""
+    starts, stops = adaptive_windows(size, out)
+    columns = np.arange(size)
+    inside = (columns >= starts[:, None]) & (columns < stops[:, None])
+    return (inside / (stops - starts)[:, None]).astype(np.float32)
+
+
+def adaptive_max_windows(size: int, out: int) -> np.ndarray:
+    """The int64 indices [out, longest window] of each adaptive window along one axis, a
+    shorter window repeating its last index (which changes no maximum)."""
+    starts, stops = adaptive_windows(size, out)
+    longest = int((stops - starts).max())
+    return np.minimum(starts[:, None] + np.arange(longest), stops[:, None] - 1)
+
+
+def adaptive_is_uniform(spatial: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """Whether every window has the same size and windows do not overlap (each input size a
+    multiple of its output size): a windowed pool with kernel = stride = size / out."""
+    return all(s % o == 0 for s, o in zip(spatial, out, strict=True))
+
+
+class AdaptivePool(OpDef):
+    """attr ``size`` (an output size per spatial axis): the mean (``adaptive_avgpool``) or
+    maximum (``adaptive_maxpool``) over PyTorch's adaptive windows (adaptive_windows), as
+    torch.nn.AdaptiveAvgPool1d/2d and AdaptiveMaxPool1d/2d."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        (x,) = inputs
+        size = tuple(attrs["size"])
+        if x.rank not in (3, 4):
+            raise ShapeError(f"{self.name} needs a feature map N×C×L or N×C×H×W, got {x}")
+        if len(size) != x.rank - 2:
+            raise ShapeError(f"{self.name} size {format_dims(size)} does not fit {x}")
+        if min(size) < 1:
+            raise ShapeError(f"{self.name} size {format_dims(size)} must be positive")
+        return [x.with_shape((*x.shape[:2], *size))]
+
+    def label(self, node) -> str:
+        return f"{self.name}{len(node.attrs['size'])}d"
+
+    def describe(self, node) -> str:
+        return f"size={format_dims(node.attrs['size'])}"
+
+
+for _op in (AdaptivePool("adaptive_avgpool"), AdaptivePool("adaptive_maxpool")):
+    register_op(_op)
+
+
+def _build_adaptive(op: str):
+    def build(ctx: LayerContext, x):
+        rank = feature_map_rank(ctx, x.type, op)
+        return ctx.node(op, [x], {"size": tuple(ctx.spatial("size", rank))})
+
+    return build
+
+
+_ADAPTIVE_SIZE = Attr(
+    "size", "ints", positional=True, minimum=1, doc="the output size: s, or (h, w)"
+)
+register_layer(
+    Layer(
+        "adaptive_avgpool",
+        (_ADAPTIVE_SIZE,),
+        _build_adaptive("adaptive_avgpool"),
+        "Mean over PyTorch's adaptive windows, giving an output of the size given whatever "
+        "the input's (torch.nn.AdaptiveAvgPool2d): output i covers floor(i·in/out) to "
+        "ceil((i+1)·in/out). adaptive_avgpool(1) computes what gap does.",
+    )
+)
+register_layer(
+    Layer(
+        "adaptive_maxpool",
+        (_ADAPTIVE_SIZE,),
+        _build_adaptive("adaptive_maxpool"),
+        "Maximum over PyTorch's adaptive windows (torch.nn.AdaptiveMaxPool2d): output i "
+        "covers floor(i·in/out) to ceil((i+1)·in/out).",
     )
 )

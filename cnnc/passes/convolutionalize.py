@@ -4,6 +4,8 @@
     out = flatten(s: N×K×1×1)       ==>  out = s                        N×K×H'×W'
     g = gap(x: N×C×h×w)             ==>  g = avgpool(x) k=h×w s=1       (one average per window)
     g = global_maxpool(x)           ==>  g = maxpool(x) k=h×w s=1
+    a = adaptive_avgpool(x: h×w, size=oh×ow), oh | h, ow | w
+                                    ==>  a = avgpool(x) k=s=(h/oh)×(w/ow)   (maxpool alike)
 
 and the network accepts any input at least as large as the declared one. Each
 cell (i, j) of the output map is the original classifier applied to the window
@@ -12,10 +14,16 @@ long as no layer pads (padding makes the classifier see zeros where the larger
 image has pixels). Softmax over the channels, moved before the flatten by
 fc-to-conv, scores each cell.
 
-Refuses (with an error at the layer): an fc that fc-to-conv cannot convert, a flatten
-left anywhere but at the output, since then the network is not convolutional; a layer
-that only works at its declared sizes (a reshape, which fixes them; see each op's
-``fixed_size``); and a network of several inputs, which could grow differently.
+An adaptive pool whose windows divide its input evenly is, at the declared size, that
+windowed pool, which slides over a larger map (AlexNet's adaptive_avgpool(6) on its 6×6
+map becomes a 1×1 pool: nothing).
+
+Refuses (with an error at the layer): an fc that fc-to-conv cannot convert, a flatten left
+anywhere but at the output, since then the network is not convolutional; an adaptive pool
+whose windows do not divide its input evenly; a layer that only works at its declared
+sizes (see each op's ``fixed_size``: a reshape fixes every size, an upsample to a size
+or with align_corners samples positions that follow its input's size; an upsample by a
+scale slides); and a network of several inputs, which could grow differently.
 """
 
 from __future__ import annotations
@@ -24,10 +32,14 @@ from fractions import Fraction
 
 from cnnc.errors import ShapeError
 from cnnc.ir.graph import Graph, Value
+from cnnc.ir.types import format_dims
+from cnnc.ops.pool import adaptive_is_uniform
 from cnnc.passes.fc_to_conv import fc_to_conv
 
 # Global pools and the windowed pool that computes them at the declared size.
 WINDOWED = {"gap": "avgpool", "global_maxpool": "maxpool"}
+# Adaptive pools and the windowed pool that computes them when their windows are uniform.
+ADAPTIVE = {"adaptive_avgpool": "avgpool", "adaptive_maxpool": "maxpool"}
 
 
 def convolutionalize(graph: Graph) -> bool:
@@ -41,20 +53,34 @@ def convolutionalize(graph: Graph) -> bool:
             graph.nodes[0].loc if graph.nodes else None,
         )
     fc_to_conv(graph)
-    for node in [n for n in graph.nodes if n.op in WINDOWED]:
+    for node in [n for n in graph.nodes if n.op in WINDOWED or n.op in ADAPTIVE]:
         spatial = tuple(node.inputs[0].type.spatial)
-        rank = len(spatial)
+        if node.op in WINDOWED:
+            pool, kernel, stride = WINDOWED[node.op], spatial, (1,) * len(spatial)
+        else:
+            size = tuple(node.attrs["size"])
+            if not adaptive_is_uniform(spatial, size):
+                raise ShapeError(
+                    f"network {graph.name} cannot be made fully convolutional: {node.op} "
+                    f"{node.name} pools {format_dims(spatial)} into {format_dims(size)} by "
+                    "windows of different sizes, which do not slide over a larger map",
+                    node.loc,
+                    hint="an adaptive pool whose input sizes are multiples of its output "
+                    "sizes becomes a windowed pool",
+                )
+            pool = ADAPTIVE[node.op]
+            kernel = stride = tuple(n // o for n, o in zip(spatial, size, strict=True))
         attrs = {
-            "kernel": spatial,
-            "stride": (1,) * rank,
-            "pads": (0,) * 2 * rank,
-            "dilation": (1,) * rank,
+            "kernel": kernel,
+            "stride": stride,
+            "pads": (0,) * 2 * len(kernel),
+            "dilation": (1,) * len(kernel),
             "ceil": False,
         }
-        if node.op == "gap":
+        if pool == "avgpool":
             attrs["count_include_pad"] = True
-        pool = WINDOWED[node.op]
-        graph.replace_node(node, pool, node.inputs, attrs, note=f"{node.op}→{pool}")
+        note = f"{'adaptive' if node.op in ADAPTIVE else node.op}→{pool}"
+        graph.replace_node(node, pool, node.inputs, attrs, note=note)
     for i, out in enumerate(graph.outputs):
         flatten = out.producer
         if flatten is not None and flatten.op == "flatten" and flatten.inputs[0].type.rank >= 3:
