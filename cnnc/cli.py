@@ -321,7 +321,9 @@ def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
         if name not in given and in_order:
             given[name] = in_order.pop(0)
     if in_order:
-        raise UsageError(f"{len(specs)} --input arrays for the {len(names)} input(s) of {model.name}")
+        raise UsageError(
+            f"{len(specs)} --input arrays for the {len(names)} input(s) of {model.name}"
+        )
     missing = [n for n in names if n not in given]
     if missing:
         raise UsageError(

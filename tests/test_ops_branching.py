@@ -178,9 +178,7 @@ def test_an_add_of_values_of_different_shapes_is_a_shape_error_showing_both():
 
 
 @BATCHES
-def test_an_imported_add_that_broadcasts_over_the_channels_matches_both_runtimes(
-    tmp_path, batch
-):
+def test_an_imported_add_that_broadcasts_over_the_channels_matches_both_runtimes(tmp_path, batch):
     shapes = {"a": (4, 5, 5), "b": (1, 5, 5)}
     model = onnx_model([helper.make_node("Add", ["a", "b"], ["s"], name="s")], shapes, 4)
     ours = load(tmp_path, model)

@@ -362,9 +362,7 @@ class _Lowering:
         finally:
             self.stack.pop()
 
-    def block_params(
-        self, block: Block, call: Call, scope: _Scope, x: Value
-    ) -> dict[str, Any]:
+    def block_params(self, block: Block, call: Call, scope: _Scope, x: Value) -> dict[str, Any]:
         names = [p.name for p in block.params]
         given: dict[str, tuple[Any, Location]] = {}
         for i, arg in enumerate(call.args):
@@ -489,8 +487,7 @@ def _size_of(expr: Member, scope: _Scope) -> int:
     if expr.size not in sizes:
         close = difflib.get_close_matches(expr.size, list(sizes), n=1)
         raise LayerError(
-            f"{expr.value} ({value.type}) has no size {expr.size!r}; it has "
-            + ", ".join(sizes),
+            f"{expr.value} ({value.type}) has no size {expr.size!r}; it has " + ", ".join(sizes),
             expr.loc,
             hint=f"did you mean {expr.value}.{close[0]}?" if close else None,
         )

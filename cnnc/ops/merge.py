@@ -62,7 +62,9 @@ class Elementwise(OpDef):
 
     def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
         if len(inputs) < 2 or (len(inputs) > 2 and not self.variadic):
-            raise ShapeError(f"{self.name} takes {'two or more' if self.variadic else 'two'} inputs")
+            raise ShapeError(
+                f"{self.name} takes {'two or more' if self.variadic else 'two'} inputs"
+            )
         return [inputs[0].with_shape(broadcast_shape(self.name, inputs))]
 
 
