@@ -20,6 +20,11 @@ PARAM_NAMES = {
     "bn": ("weight", "bias", "running_mean", "running_var"),
     "affine": ("weight", "bias"),
     "prelu": ("weight",),
+    "layernorm": ("weight", "bias"),
+    "groupnorm": ("weight", "bias"),
+    "linear": ("weight", "bias"),
+    # A scale's tensor is named as the layer itself (ConvNeXt's layer_scale).
+    "scale": ("",),
 }
 
 
@@ -111,6 +116,14 @@ WRITERS: dict[str, Callable[[Node], str]] = {
         f"lrn({n.attrs['size']}, alpha={_number(n.attrs['alpha'])}, "
         f"beta={_number(n.attrs['beta'])}, k={_number(n.attrs['bias'])})"
     ),
+    "layernorm": lambda n: f"layernorm(eps={_number(n.attrs['epsilon'])}{_axis(n)})",
+    "groupnorm": lambda n: f"groupnorm({n.attrs['groups']}, eps={_number(n.attrs['epsilon'])})",
+    "linear": lambda n: (
+        f"linear({n.inputs[1].shape[0]}"
+        + ("" if len(n.inputs) > 2 else ", bias=false")
+        + f"{_axis(n)})"
+    ),
+    "scale": lambda n: "scale",
     "reshape": lambda n: f"reshape({_tuple(n.attrs['shape'])})",
     "transpose": lambda n: f"transpose({_tuple(n.attrs['perm'][1:])})",
 }
@@ -118,6 +131,11 @@ MERGES = ("add", "mul", "sub", "div", "concat")
 _BARE = ("relu", "sigmoid", "tanh", "silu", "hardswish", "mish", "gap", "global_maxpool")
 for _op in (*_BARE, "flatten", *MERGES):
     WRITERS[_op] = lambda n, op=_op: op
+
+
+def _axis(node: Node) -> str:
+    """``, axis=k`` for an axis other than the channels (which is the layer's default)."""
+    return "" if node.attrs["axis"] == 1 else f", axis={node.attrs['axis']}"
 
 
 def _pads(pads) -> str:
@@ -165,7 +183,6 @@ class _Names:
         return name
 
 
-
 def _needs_name(graph: Graph, value: Value, following: Node | None, declared: bool) -> bool:
     """Whether a value is read other than by the very next statement continuing from it
     (or is an output the heading declares)."""
@@ -205,7 +222,9 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
         writer = WRITERS.get(node.op)
         if writer is None:
             raise UsageError(f"node {node.name}: op {node.op} has no layer in the language")
-        label = names.make(node.name, dotted=True)
+        # A layer whose tensor is named as the layer itself is labelled with that name.
+        named = PARAM_NAMES.get(node.op) == ("",)
+        label = names.make(node.params[0].name if named else node.name, dotted=True)
         inputs = node.activations
         if node.op in MERGES:
             call = f"{label}: {node.op}({', '.join(value_names[id(v)] for v in inputs)})"
@@ -217,8 +236,10 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
         if len(node.outputs) > 1 or _needs_name(graph, node.output, following, declared):
             for out in node.outputs:
                 output = out in graph.outputs
-                value_names[id(out)] = names.make(out.name) if output else names.make(
-                    out.name if len(node.outputs) > 1 else node.name, "_out"
+                value_names[id(out)] = (
+                    names.make(out.name)
+                    if output
+                    else names.make(out.name if len(node.outputs) > 1 else node.name, "_out")
                 )
             bound = ", ".join(value_names[id(out)] for out in node.outputs)
             call = f"{bound} = {call}"
