@@ -31,6 +31,7 @@ def test_the_examples_directory_holds_the_tutorial_networks():
         "squeezenet",
         "mobilenet_v2",
         "densenet121",
+        "convnext_tiny",
     } <= names
 
 
@@ -63,6 +64,7 @@ def test_example_agrees_with_onnxruntime_on_every_value_at_batch_1_and_2(path, l
         ("squeezenet", 1_235_496),
         ("mobilenet_v2", 3_504_872),
         ("densenet121", 7_978_856),
+        ("convnext_tiny", 28_589_128),
     ],
 )
 def test_parameter_count_matches_the_reference_implementation(name, params):

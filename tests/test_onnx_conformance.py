@@ -27,7 +27,8 @@ SUPPORTED_OPS = {
     "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu",
     "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Gemm", "MatMul", "Softmax", "Flatten", "Reshape",
     "Transpose", "BatchNormalization", "LRN", "Dropout", "Add", "Concat", "Identity", "Sum",
-    "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant",
+    "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant", "LayerNormalization",
+    "GroupNormalization", "InstanceNormalization",
 }  # fmt: skip
 KINDS = ("node", "pytorch-converted", "pytorch-operator", "simple")
 
@@ -101,6 +102,24 @@ _REASONS = {
         "test_maxpool_with_argmax_2d_precomputed_strides",
     ),
     "a graph whose output is a constant": ("test_constant",),
+    # cnnc's layernorm has one output; ONNX's LayerNormalization cases all read its Mean
+    # and InvStdDev too.
+    "LayerNormalization's Mean and InvStdDev outputs": (
+        "test_layer_normalization_2d_axis0", "test_layer_normalization_2d_axis1",
+        "test_layer_normalization_2d_axis_negative_1",
+        "test_layer_normalization_2d_axis_negative_2",
+        "test_layer_normalization_3d_axis0_epsilon", "test_layer_normalization_3d_axis1_epsilon",
+        "test_layer_normalization_3d_axis2_epsilon",
+        "test_layer_normalization_3d_axis_negative_1_epsilon",
+        "test_layer_normalization_3d_axis_negative_2_epsilon",
+        "test_layer_normalization_3d_axis_negative_3_epsilon",
+        "test_layer_normalization_4d_axis0", "test_layer_normalization_4d_axis1",
+        "test_layer_normalization_4d_axis2", "test_layer_normalization_4d_axis3",
+        "test_layer_normalization_4d_axis_negative_1",
+        "test_layer_normalization_4d_axis_negative_2",
+        "test_layer_normalization_4d_axis_negative_3",
+        "test_layer_normalization_4d_axis_negative_4", "test_layer_normalization_default_axis",
+    ),
 }  # fmt: skip
 for _reason, _names in _REASONS.items():
     EXCLUDED.update(dict.fromkeys(_names, _reason))
@@ -155,8 +174,9 @@ def run_case(case) -> None:
 def test_the_selection_covers_every_supported_op():
     ops = {n.op_type for name in RUN for n in _model(SELECTED[name]).graph.node}
     # The suite's Mul, Sub and Div cases all combine two computed values; cnnc's form of
-    # them (by a per-channel constant) is tested in test_onnx_import.
-    assert ops >= SUPPORTED_OPS - {"Mul", "Sub", "Div", "Constant"}
+    # them (by a per-channel constant) is tested in test_onnx_import. Its LayerNormalization
+    # cases all have the statistics outputs; cnnc's forms are tested in test_norms.
+    assert ops >= SUPPORTED_OPS - {"Mul", "Sub", "Div", "Constant", "LayerNormalization"}
     assert len(RUN) >= 150
 
 

@@ -19,7 +19,7 @@ from cnnc.passes.manager import Options, PassChangedOutputs
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.cnn"))
 # The large networks: each pass alone is checked on the others, and --verify-each (ten
 # interpreter runs) only there; the whole -O2 pipeline is checked on every example.
-LARGE = {"vgg16", "alexnet", "resnet50", "densenet121", "googlenet"}
+LARGE = {"vgg16", "alexnet", "resnet50", "densenet121", "googlenet", "convnext_tiny"}
 SINGLE_PASSES = [
     "remove-identity", "dce", "channels-first", "fold-bn", "fc-to-conv", "fuse-conv-act"
 ]  # fmt: skip

@@ -868,6 +868,16 @@ def scale(node: Node) -> Kernel:
     return run
 
 
+def _contiguous(x: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """x as a C-contiguous array (a transpose's output is a view in another order), and
+    where the result goes: ``out`` (x's memory, dying here) if x was, else a new array; the
+    kernels below view both in shapes that only C order gives without a copy."""
+    if x.flags.c_contiguous:
+        return x, np.empty(x.shape, x.dtype) if out is None else out
+    x = np.ascontiguousarray(x)
+    return x, x
+
+
 def _normalize(x: np.ndarray, out: np.ndarray, epsilon: np.float32) -> None:
     """out = (x - mean) / sqrt(var + epsilon) along axis 1 of x [outer, size, inner], the
     biased variance of the deviations themselves (two passes: no cancellation); ``out``
@@ -886,10 +896,10 @@ def layernorm(node: Node) -> Kernel:
     weight, bias = (v.data.reshape(-1, 1) for v in node.inputs[1:])
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        x, y = _contiguous(x, out)
         # [outer, C, inner]: the batch (and any axes before ``axis``) by the positions after.
         outer = int(np.prod(x.shape[:axis]))
         x3 = x.reshape(outer, x.shape[axis], -1)
-        y = np.empty_like(x) if out is None else out
         y3 = y.reshape(x3.shape)
         # Each thread takes a share of the positions: of the inner ones on a map (N×C×H×W
         # normalized over C), of the outer ones over the last axis (N×H×W×C).
@@ -913,10 +923,10 @@ def groupnorm(node: Node) -> Kernel:
     weight, bias = (v.data.reshape(groups, -1, 1) for v in node.inputs[1:])
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        x, y = _contiguous(x, out)
         n = x.shape[0]
         # [n·groups, values of the group, 1]: each row normalized over its values.
         rows = x.reshape(n * groups, -1, 1)
-        y = np.empty_like(x) if out is None else out
         y_rows = y.reshape(rows.shape)
         per_channel = y.reshape(n * groups, weight.shape[1], -1)
 

@@ -211,13 +211,19 @@ def _gemm(imp: Importer, node, attrs) -> None:
     weight = imp.constants[node.input[1]].astype(np.float32)
     if not attrs.get("transB", 0):
         weight = weight.T  # IR fc weights are [out, in], as torch.nn.Linear
-    weight = np.ascontiguousarray(weight * np.float32(attrs.get("alpha", 1.0)))
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    weight = np.ascontiguousarray(weight * np.float32(alpha))
     x = imp.value(node, node.input[0])
-    inputs = [x, imp.param(f"{node.input[1]}.fc", weight)]
+    # A tensor used as it is (torch's and cnnc's fc: transB=1, alpha 1) keeps its name.
+    as_is = attrs.get("transB", 0) and alpha == 1.0
+    inputs = [
+        x,
+        imp.param(node.input[1], weight) if as_is else imp.derived(f"{node.input[1]}.fc", weight),
+    ]
     if len(node.input) > 2 and node.input[2]:
         if node.input[2] not in imp.constants:
             raise imp.fail(node, "a Gemm whose C input is computed is not supported")
-        c = imp.constants[node.input[2]].astype(np.float32) * np.float32(attrs.get("beta", 1.0))
+        c = imp.constants[node.input[2]].astype(np.float32) * np.float32(beta)
         try:
             bias = np.broadcast_to(
                 c.reshape(-1) if c.ndim == 2 and c.shape[0] == 1 else c, (weight.shape[0],)
@@ -226,7 +232,11 @@ def _gemm(imp: Importer, node, attrs) -> None:
             raise imp.fail(
                 node, f"Gemm's C of shape {c.shape} is not one bias per output"
             ) from None
-        inputs.append(imp.param(f"{node.input[2]}.fc", np.ascontiguousarray(bias)))
+        bias = np.ascontiguousarray(bias)
+        if c.shape == bias.shape and beta == 1.0:
+            inputs.append(imp.param(node.input[2], bias))
+        else:
+            inputs.append(imp.derived(f"{node.input[2]}.fc", bias))
     imp.add(node, "fc", inputs)
 
 
@@ -833,11 +843,29 @@ def _read(path: Path) -> onnx.ModelProto:
     return _check(model, str(path))
 
 
+# Ops that later onnx releases deprecated at the opsets they came in, but that import reads
+# with that opset's meaning: the checker sees the rest of the model without them.
+# (GroupNormalization at 18 to 20, whose scale and bias are per group.)
+DEPRECATED_BUT_READ = {"GroupNormalization"}
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    if not any(n.op_type in DEPRECATED_BUT_READ for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type in DEPRECATED_BUT_READ and node.domain in ("", "ai.onnx"):
+            inputs, outputs = node.input[:1], node.output[:1]
+            node.CopyFrom(helper.make_node("Identity", inputs, outputs, name=node.name))
+    return copy
+
+
 def _check(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelFileError("not an ONNX model: it has no graph", where)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_checkable(model))
     except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFileError(f"the model fails the ONNX checker: {first}", where) from None

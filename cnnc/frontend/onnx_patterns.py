@@ -320,8 +320,8 @@ def _groupnorm(g: _Graph, root: onnx.NodeProto) -> tuple | None:
     grouped = norm and g.op(norm.input[0], "Reshape")
     if grouped is None or shape is None or shape.input[0] != grouped.input[0]:
         return None
-    if shape.attribute:  # a Shape of part of x (start, end) is not x's shape
-        return None
+    if _attr(shape, "start", 0) != 0 or _attr(shape, "end") is not None:
+        return None  # the shape of some of x's axes only
     target = g.constants.get(grouped.input[1])
     scale, bias = (g.constants.get(n) for n in norm.input[1:3])
     if target is None or target.size != 3 or int(target.reshape(-1)[1]) < 1:
@@ -422,7 +422,8 @@ def _match(g: _Graph, root: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.
     if root.domain in ("", "ai.onnx") and len(root.input) >= 2:
         for match in _ROOTS.get(root.op_type, ()):
             if (found := match(g, root)) is not None:
-                return found
+                inner, new = found
+                return [n for n in inner if n is not root], new
     if root.op_type == "Div" and root.domain in ("", "ai.onnx") and len(root.input) == 2:
         return _softplus(g, root)
     if root.op_type != "Mul" or root.domain not in ("", "ai.onnx") or len(root.input) != 2:

@@ -16,7 +16,9 @@ compute the same on the map whichever axis holds those values: layernorm, linear
 softmax over the last axis (which become axis 1), every element-wise activation, prelu
 with one slope, dropout, and add, mul, sub, div between values of the stretch. The
 stretch may branch and merge, and start from several such transposes; with nothing in
-between, the two transposes just go.
+between, the two transposes just go. Another axis moved last and back the same way (how
+cnnc exports a layernorm or linear over a middle axis) is turned around too: the ops then
+run over that axis.
 
 Leaves alone (and why):
 - a stretch with a value that is a network output, or read by anything but the ops
@@ -38,19 +40,27 @@ _ANY_AXIS = {*ACTIVATIONS, "dropout", *ARITHMETIC}
 _LAST_AXIS = {"layernorm", "linear", "softmax"}
 
 
-def _to_last(rank: int) -> tuple[int, ...]:
-    return (0, *range(2, rank), 1)
+def _to_last(rank: int, axis: int) -> tuple[int, ...]:
+    return (*(a for a in range(rank) if a != axis), axis)
 
 
-def _to_first(rank: int) -> tuple[int, ...]:
-    return (0, rank - 1, *range(1, rank - 1))
+def _back(rank: int, axis: int) -> tuple[int, ...]:
+    return (*range(axis), rank - 1, *range(axis, rank - 1))
 
 
-def _is_transpose(node: Node | None, perm_of) -> bool:
+def _moved_last(node: Node | None) -> int | None:
+    """The axis a transpose moves last, the others keeping their order (None if it does
+    something else)."""
     if node is None or node.op != "transpose":
-        return False
+        return None
+    rank, perm = node.inputs[0].type.rank, tuple(node.attrs["perm"])
+    axis = perm[-1]
+    return axis if 0 < axis < rank - 1 and perm == _to_last(rank, axis) else None
+
+
+def _moves_back(node: Node, axis: int) -> bool:
     rank = node.inputs[0].type.rank
-    return rank >= 3 and tuple(node.attrs["perm"]) == perm_of(rank)
+    return node.op == "transpose" and tuple(node.attrs["perm"]) == _back(rank, axis)
 
 
 def _per_position(node: Node, rank: int) -> bool:
@@ -63,9 +73,9 @@ def _per_position(node: Node, rank: int) -> bool:
     return node.op in _ANY_AXIS
 
 
-def _stretch(graph: Graph, start: Node) -> tuple[list[Node], list[Node], list[Node]] | None:
-    """The transposes in, the ops and the transposes out of the stretch ``start`` opens, in
-    graph order; None if it cannot run channels-first."""
+def _stretch(graph: Graph, start: Node, axis: int) -> tuple[list[Node], ...] | None:
+    """The transposes in, the ops and the transposes out of the stretch ``start`` opens by
+    moving ``axis`` last, in graph order; None if it cannot run over ``axis`` instead."""
     rank = start.inputs[0].type.rank
     entries, ops, exits = {id(start): start}, {}, {}
     todo: list[Value] = [start.output]
@@ -76,7 +86,7 @@ def _stretch(graph: Graph, start: Node) -> tuple[list[Node], list[Node], list[No
         for user in value.users:
             if id(user) in ops or id(user) in exits:
                 continue
-            if _is_transpose(user, _to_first):
+            if _moves_back(user, axis):
                 exits[id(user)] = user
                 continue
             if not _per_position(user, rank):
@@ -85,7 +95,7 @@ def _stretch(graph: Graph, start: Node) -> tuple[list[Node], list[Node], list[No
             todo.append(user.output)
             for source in user.activations:
                 producer = source.producer
-                if _is_transpose(producer, _to_last) and id(producer) not in entries:
+                if _moved_last(producer) == axis and id(producer) not in entries:
                     entries[id(producer)] = producer
                     todo.append(source)
     # Every value an op of the stretch reads must come from the stretch (a merge with a
@@ -100,12 +110,12 @@ def _stretch(graph: Graph, start: Node) -> tuple[list[Node], list[Node], list[No
     return list(entries.values()), ops_in_order, list(exits.values())
 
 
-def _turn(graph: Graph, entries: list[Node], ops: list[Node], exits: list[Node]) -> None:
+def _turn(graph: Graph, axis: int, entries: list[Node], ops: list[Node], exits: list[Node]) -> None:
     inputs = {id(t.output): t.inputs[0] for t in entries}
     for node in ops:
         attrs = dict(node.attrs)
         if node.op in _LAST_AXIS:
-            attrs["axis"] = 1
+            attrs["axis"] = axis
         sources = [inputs.get(id(v), v) for v in node.inputs]
         graph.replace_node(node, node.op, sources, attrs)
     for t in exits:
@@ -121,10 +131,11 @@ def channels_first(graph: Graph) -> bool:
     """Turn every channels-last stretch around; returns whether the graph changed."""
     changed = False
     for start in list(graph.nodes):
-        if start not in graph.nodes or not _is_transpose(start, _to_last):
+        axis = _moved_last(start)
+        if axis is None or start not in graph.nodes:
             continue
-        found = _stretch(graph, start)
+        found = _stretch(graph, start, axis)
         if found is not None:
-            _turn(graph, *found)
+            _turn(graph, axis, *found)
             changed = True
     return changed
