@@ -881,13 +881,16 @@ def _contiguous(x: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, np.n
 def _normalize(x: np.ndarray, out: np.ndarray, epsilon: np.float32) -> None:
     """out = (x - mean) / sqrt(var + epsilon) along axis 1 of x [outer, size, inner], the
     biased variance of the deviations themselves (two passes: no cancellation); ``out``
-    may be ``x``."""
+    may be ``x``. The sums of squares come from einsum, without a temporary the size of x
+    (a fresh one each run costs its page faults: 3-4 times the arithmetic here)."""
     mean = x.mean(axis=1, keepdims=True)
     np.subtract(x, mean, out=out)
-    variance = np.square(out).mean(axis=1, keepdims=True)
+    variance = np.einsum("ijk,ijk->ik", out, out)[:, None, :]
+    variance *= np.float32(1 / x.shape[1])
     variance += epsilon
     np.sqrt(variance, out=variance)
-    out /= variance
+    np.reciprocal(variance, out=variance)
+    out *= variance
 
 
 @kernel("layernorm")
