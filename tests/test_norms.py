@@ -418,7 +418,7 @@ def test_layer_normalization_s_statistics_outputs_are_refused():
         load_onnx(onnx_model([node, used], (4, 6), {"g": rand(6)}))
 
 
-def old_layernorm(axes: list[int], opset: int, gamma_shape, affine: bool = True):
+def old_layernorm(axes: list[int], opset: int, gamma_shape, affine: bool = True, square="Pow"):
     """What older exporters write for LayerNorm: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt,
     Div, Mul, Add (the axes an attribute before opset 18, an input after)."""
 
@@ -430,7 +430,9 @@ def old_layernorm(axes: list[int], opset: int, gamma_shape, affine: bool = True)
     nodes = [
         mean("x", "m"),
         helper.make_node("Sub", ["x", "m"], ["d"]),
-        helper.make_node("Pow", ["d", "two"], ["d2"]),
+        helper.make_node("Pow", ["d", "two"], ["d2"])
+        if square == "Pow"
+        else helper.make_node("Mul", ["d", "d"], ["d2"]),
         mean("d2", "v"),
         helper.make_node("Add", ["v", "eps"], ["ve"]),
         helper.make_node("Sqrt", ["ve"], ["s"]),
@@ -461,8 +463,9 @@ def test_the_older_exporters_layernorm_pattern_is_one_layernorm(opset, axes, gam
     assert model.graph.nodes[0].inputs[1].name == ("gamma" if axis == 3 else "y.weight")
 
 
-def test_the_older_exporters_layernorm_pattern_without_scale_and_shift():
-    nodes, inits = old_layernorm([-1], 13, (5,), affine=False)
+@pytest.mark.parametrize("square", ["Pow", "Mul"])
+def test_the_older_exporters_layernorm_pattern_without_scale_and_shift(square):
+    nodes, inits = old_layernorm([-1], 13, (5,), affine=False, square=square)
     model = agrees_with_runtimes(onnx_model(nodes, (6, 4, 5), inits, 13), (6, 4, 5))
     assert labels(model) == ["layernorm"]
 

@@ -881,11 +881,18 @@ def _contiguous(x: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, np.n
 def _normalize(x: np.ndarray, out: np.ndarray, epsilon: np.float32) -> None:
     """out = (x - mean) / sqrt(var + epsilon) along axis 1 of x [outer, size, inner], the
     biased variance of the deviations themselves (two passes: no cancellation); ``out``
-    may be ``x``. The sums of squares come from einsum, without a temporary the size of x
-    (a fresh one each run costs its page faults: 3-4 times the arithmetic here)."""
+    may be ``x``. The sums of squares need no temporary the size of x (a fresh one each run
+    costs its page faults: 3-4 times the arithmetic here): over contiguous rows (inner 1),
+    products of each row with itself, which BLAS sums accurately (1e-7 of the sum over
+    200 000 values, where einsum's running sum is off by 6e-6); across rows, einsum, whose
+    error over the few thousand channels of a position stays below 1e-6."""
     mean = x.mean(axis=1, keepdims=True)
     np.subtract(x, mean, out=out)
-    variance = np.einsum("ijk,ijk->ik", out, out)[:, None, :]
+    if x.shape[2] == 1:
+        rows = out[:, :, 0]
+        variance = np.matmul(rows[:, None, :], rows[:, :, None])
+    else:
+        variance = np.einsum("ijk,ijk->ik", out, out)[:, None, :]
     variance *= np.float32(1 / x.shape[1])
     variance += epsilon
     np.sqrt(variance, out=variance)

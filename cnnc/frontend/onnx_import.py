@@ -250,7 +250,7 @@ def _matmul(imp: Importer, node, attrs) -> None:
     weight = np.ascontiguousarray(imp.constants[node.input[1]].astype(np.float32).T)
     x = imp.value(node, node.input[0])
     if x.type.rank == 2:
-        imp.add(node, "fc", [x, imp.param(f"{node.input[1]}.fc", weight)])
+        imp.add(node, "fc", [x, imp.derived(f"{node.input[1]}.fc", weight)])
     else:
         param = imp.derived(f"{node.input[1]}.linear", weight)
         imp.add(node, "linear", [x, param], {"axis": x.type.rank - 1})

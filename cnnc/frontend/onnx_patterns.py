@@ -274,7 +274,7 @@ def _layernorm(g: _Graph, root: onnx.NodeProto) -> tuple | None:
     sqrt = g.op(root_std, "Sqrt")
     add = sqrt and g.op(sqrt.input[0], "Add")
     sub = g.producer.get(deviation)
-    if add is None or sub is None or sub.op_type != "Sub" or g.readers.get(deviation) != 2:
+    if add is None or sub is None or sub.op_type != "Sub":
         return None
     epsilon = next((g.scalar(n) for n in add.input if g.scalar(n) is not None), None)
     variance = next((n for n in add.input if g.scalar(n) is None), None)
@@ -289,6 +289,9 @@ def _layernorm(g: _Graph, root: onnx.NodeProto) -> tuple | None:
     if square.op_type == "Pow" and not _close(g.scalar(square.input[1]), 2.0):
         return None
     if square.op_type == "Mul" and square.input[1] != deviation:
+        return None
+    # d is read by the square (twice by Mul(d, d)) and the Div, and by nothing else.
+    if g.readers.get(deviation) != len(square.input) + 1 - (square.op_type == "Pow"):
         return None
     axes = _ints(g, mean_node, "axes", 1)
     if axes is None or len(axes) != 1 or _ints(g, mean_of_squares, "axes", 1) != axes:
