@@ -27,6 +27,8 @@ Leaves alone (and why):
 - a flatten of a map larger than 1×1 followed by f: f would see C·H·W channels
   before and C after (bn would not even fit);
 - a flatten whose output has several users or is a network output;
+- a flatten followed by a scale: the scale's tensor has the flattened value's layout
+  ([K], where the map would need [K, 1, 1]);
 - a linear layer over another axis than the channels (channels-first, before, turns those
   of a channels-last block around), or whose weight another node shares.
 """
