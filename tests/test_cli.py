@@ -208,7 +208,8 @@ def test_dump_is_the_same_from_run_to_run():
     assert first.returncode == 0
     assert first.stdout == second.stdout
     assert first.stdout.startswith(
-        "network lenet5  (-O2: remove-identity, fold-bn, fc-to-conv, fuse-conv-act, dce)\n"
+        "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv, "
+        "fuse-conv-act, dce)\n"
         "  input  %image : f32[N,1,28,28]\n"
     )
 
@@ -248,7 +249,11 @@ def test_every_command_has_help_with_an_example(command):
 @pytest.mark.parametrize(
     ("flags", "heading"),
     [
-        ([], "network lenet5  (-O2: remove-identity, fold-bn, fc-to-conv, fuse-conv-act, dce)"),
+        (
+            [],
+            "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv, "
+            "fuse-conv-act, dce)",
+        ),
         (["-O1"], "network lenet5  (-O1: remove-identity, dce)"),
         (["-O0"], "network lenet5  (-O0)"),
         (["--passes", "fc-to-conv,dce"], "network lenet5  (--passes: fc-to-conv, dce)"),
@@ -265,15 +270,15 @@ def test_an_unknown_pass_is_one_clean_error():
     proc = run_cnnc("compile", LENET, "--passes", "fold-bn,fusion")
     assert_clean_failure(
         proc,
-        "error: unknown pass 'fusion'; known passes: remove-identity, dce, fold-bn, "
-        "fc-to-conv, fuse-conv-act, convolutionalize",
+        "error: unknown pass 'fusion'; known passes: remove-identity, dce, channels-first, "
+        "fold-bn, fc-to-conv, fuse-conv-act, convolutionalize",
     )
 
 
 def test_dump_after_stops_the_pipeline_there():
     proc = run_cnnc("dump", LENET, "--after", "fc-to-conv")
     assert proc.stdout.splitlines()[0] == (
-        "network lenet5  (-O2: remove-identity, fold-bn, fc-to-conv)"
+        "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv)"
     )
     assert "= relu(%f1)" in proc.stdout
 
@@ -284,7 +289,14 @@ def test_print_ir_after_all_goes_to_stderr(tmp_path):
     headings = [line for line in proc.stderr.splitlines() if line.startswith("# IR after")]
     assert headings == [
         f"# IR after {p}"
-        for p in ("remove-identity", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce")
+        for p in (
+            "remove-identity",
+            "channels-first",
+            "fold-bn",
+            "fc-to-conv",
+            "fuse-conv-act",
+            "dce",
+        )
     ]
     assert proc.stdout.startswith("wrote ")
 

@@ -32,6 +32,7 @@ def test_the_examples_directory_holds_the_tutorial_networks():
         "mobilenet_v2",
         "densenet121",
         "shufflenet_v2",
+        "convnext_tiny",
     } <= names
 
 
@@ -65,6 +66,7 @@ def test_example_agrees_with_onnxruntime_on_every_value_at_batch_1_and_2(path, l
         ("mobilenet_v2", 3_504_872),
         ("densenet121", 7_978_856),
         ("shufflenet_v2", 1_366_792),
+        ("convnext_tiny", 28_589_128),
     ],
 )
 def test_parameter_count_matches_the_reference_implementation(name, params):

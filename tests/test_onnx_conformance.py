@@ -29,7 +29,7 @@ SUPPORTED_OPS = {
     "Transpose", "BatchNormalization", "LRN", "Dropout", "Add", "Concat", "Identity", "Sum",
     "Mul", "Sub", "Div", "Unsqueeze", "Squeeze", "Constant", "HardSwish", "HardSigmoid",
     "Gelu", "Mish", "Elu", "PRelu", "Softplus", "Pad", "Split", "Slice", "Shape", "Resize",
-    "Upsample",
+    "Upsample", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
 }  # fmt: skip
 KINDS = ("node", "pytorch-converted", "pytorch-operator", "simple")
 
@@ -166,6 +166,24 @@ _REASONS = {
         # by the unrounded length - 1, onnxruntime and PyTorch by the output size - 1.
         "test_resize_downsample_scales_linear_align_corners",
     ),
+    # cnnc's layernorm has one output; ONNX's LayerNormalization cases all read its Mean
+    # and InvStdDev too.
+    "LayerNormalization's Mean and InvStdDev outputs": (
+        "test_layer_normalization_2d_axis0", "test_layer_normalization_2d_axis1",
+        "test_layer_normalization_2d_axis_negative_1",
+        "test_layer_normalization_2d_axis_negative_2",
+        "test_layer_normalization_3d_axis0_epsilon", "test_layer_normalization_3d_axis1_epsilon",
+        "test_layer_normalization_3d_axis2_epsilon",
+        "test_layer_normalization_3d_axis_negative_1_epsilon",
+        "test_layer_normalization_3d_axis_negative_2_epsilon",
+        "test_layer_normalization_3d_axis_negative_3_epsilon",
+        "test_layer_normalization_4d_axis0", "test_layer_normalization_4d_axis1",
+        "test_layer_normalization_4d_axis2", "test_layer_normalization_4d_axis3",
+        "test_layer_normalization_4d_axis_negative_1",
+        "test_layer_normalization_4d_axis_negative_2",
+        "test_layer_normalization_4d_axis_negative_3",
+        "test_layer_normalization_4d_axis_negative_4", "test_layer_normalization_default_axis",
+    ),
 }  # fmt: skip
 for _reason, _names in _REASONS.items():
     EXCLUDED.update(dict.fromkeys(_names, _reason))
@@ -219,7 +237,9 @@ def run_case(case) -> None:
 
 def test_the_selection_covers_every_supported_op():
     ops = {n.op_type for name in RUN for n in _model(SELECTED[name]).graph.node}
-    assert ops >= SUPPORTED_OPS - {"Constant"}
+    # The suite's LayerNormalization cases all have the statistics outputs; cnnc's forms
+    # are tested in test_norms.
+    assert ops >= SUPPORTED_OPS - {"Constant", "LayerNormalization"}
     assert len(RUN) >= 150
 
 

@@ -123,12 +123,20 @@ def test_constant_subgraphs_are_folded_into_parameters(tmp_path):
     np.testing.assert_array_equal(model.graph.nodes[0].inputs[1].data, np.full((2, 3, 3, 3), 0.25))
 
 
-@pytest.mark.parametrize("op", ["Mul", "Add", "Sub", "Div"])
+@pytest.mark.parametrize("op", ["Add", "Sub", "Div"])
 def test_arithmetic_by_a_per_channel_constant_is_an_affine(tmp_path, op):
     c = np.array([[[0.5]], [[2.0]], [[-1.5]]], np.float32)
     node = helper.make_node(op, ["x", "c"], ["y"])
     model = agrees(tmp_path, one_node(node, (3, 4, 4), {"c": c}), (3, 4, 4))
     assert ops(model) == ["affine"]
+
+
+def test_mul_by_a_per_channel_constant_is_a_scale_by_that_tensor(tmp_path):
+    c = np.array([[[0.5]], [[2.0]], [[-1.5]]], np.float32)
+    node = helper.make_node("Mul", ["c", "x"], ["y"])
+    model = agrees(tmp_path, one_node(node, (3, 4, 4), {"c": c}), (3, 4, 4))
+    assert ops(model) == ["scale"]
+    assert model.graph.nodes[0].inputs[1].name == "c"  # the [C, 1, 1] tensor as it is
 
 
 def test_an_affine_after_a_conv_folds_into_it_at_O2(tmp_path):

@@ -19,8 +19,10 @@ from cnnc.passes.manager import Options, PassChangedOutputs
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.cnn"))
 # The large networks: each pass alone is checked on the others, and --verify-each (ten
 # interpreter runs) only there; the whole -O2 pipeline is checked on every example.
-LARGE = {"vgg16", "alexnet", "resnet50", "densenet121", "googlenet"}
-SINGLE_PASSES = ["remove-identity", "dce", "fold-bn", "fc-to-conv", "fuse-conv-act"]
+LARGE = {"vgg16", "alexnet", "resnet50", "densenet121", "googlenet", "convnext_tiny"}
+SINGLE_PASSES = [
+    "remove-identity", "dce", "channels-first", "fold-bn", "fc-to-conv", "fuse-conv-act"
+]  # fmt: skip
 
 
 def labels(model: cnnc.Model) -> list[str]:
@@ -72,6 +74,7 @@ def test_the_O_levels_name_their_pipelines():
     assert manager.pipeline(1) == ["remove-identity", "dce"]
     assert manager.pipeline(2) == [
         "remove-identity",
+        "channels-first",
         "fold-bn",
         "fc-to-conv",
         "fuse-conv-act",
@@ -84,8 +87,8 @@ def test_an_unknown_pass_lists_the_known_ones():
     with pytest.raises(UsageError) as info:
         cnnc.compile(EXAMPLES / "lenet5.cnn", passes=["fold-bn", "fuse"])
     assert info.value.message == (
-        "unknown pass 'fuse'; known passes: remove-identity, dce, fold-bn, fc-to-conv, "
-        "fuse-conv-act, convolutionalize"
+        "unknown pass 'fuse'; known passes: remove-identity, dce, channels-first, fold-bn, "
+        "fc-to-conv, fuse-conv-act, convolutionalize"
     )
 
 
@@ -100,7 +103,8 @@ def test_print_ir_after_prints_the_dump_after_that_pass():
     cnnc.compile(EXAMPLES / "lenet5.cnn", pass_options=options)
     (text,) = printed
     assert text.startswith(
-        "# IR after fc-to-conv\nnetwork lenet5  (-O2: remove-identity, fold-bn, fc-to-conv)\n"
+        "# IR after fc-to-conv\n"
+        "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv)\n"
     )
     assert "conv2d(%c2.maxpool, f1.weight, f1.bias)" in text
 
@@ -117,7 +121,7 @@ def test_print_ir_after_all_prints_after_every_pass():
 
 def test_stop_after_ends_the_pipeline_there():
     model = cnnc.compile(EXAMPLES / "lenet5.cnn", pass_options=Options(stop_after="fc-to-conv"))
-    assert model.graph.pipeline == ["remove-identity", "fold-bn", "fc-to-conv"]
+    assert model.graph.pipeline == ["remove-identity", "channels-first", "fold-bn", "fc-to-conv"]
     assert "relu" in labels(model)
 
 

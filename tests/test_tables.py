@@ -46,6 +46,12 @@ SAMPLES: dict[str, str] = {
     "bn": "network n(x: 3x5x5) { conv(4, 1) -> relu -> bn }",
     "affine": "network n(x: 3x5x5) { relu -> affine }",
     "lrn": "network n(x: 6x5x5) { lrn(3) }",
+    "layernorm": "network n(x: 6x5x5) { a = x -> layernorm(eps=0.01)  b = x -> layernorm(axis=-1)"
+    "  add(a, b) }",
+    "groupnorm": "network n(x: 6x5x5) { a = x -> groupnorm(2)  b = x -> groupnorm(6)  add(a, b) }",
+    "linear": "network n(x: 6x5x5) { a = x -> linear(6)  b = x -> linear(5, axis=-1, bias=false)"
+    "  add(a, b) }",
+    "scale": "network n(x: 6x5x5) { relu -> layer_scale: scale }",
     "add": "network n(x: 3x5x5) { s = x -> gap  add(x, s, x) }",
     "mul": "network n(x: 3x5x5) { s = x -> gap -> sigmoid  mul(x, s) }",
     "sub": "network n(x: 3x5x5) { s = x -> gap  sub(x, s) }",

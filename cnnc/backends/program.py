@@ -22,6 +22,11 @@ PARAM_NAMES = {
     "bn": ("weight", "bias", "running_mean", "running_var"),
     "affine": ("weight", "bias"),
     "prelu": ("weight",),
+    "layernorm": ("weight", "bias"),
+    "groupnorm": ("weight", "bias"),
+    "linear": ("weight", "bias"),
+    # A scale's tensor is named as the layer itself (ConvNeXt's layer_scale).
+    "scale": ("",),
 }
 
 
@@ -140,6 +145,14 @@ WRITERS: dict[str, Callable[..., str]] = {
         f"lrn({n.attrs['size']}, alpha={_number(n.attrs['alpha'])}, "
         f"beta={_number(n.attrs['beta'])}, k={_number(n.attrs['bias'])})"
     ),
+    "layernorm": lambda n: f"layernorm(eps={_number(n.attrs['epsilon'])}{_axis(n)})",
+    "groupnorm": lambda n: f"groupnorm({n.attrs['groups']}, eps={_number(n.attrs['epsilon'])})",
+    "linear": lambda n: (
+        f"linear({n.inputs[1].shape[0]}"
+        + ("" if len(n.inputs) > 2 else ", bias=false")
+        + f"{_axis(n)})"
+    ),
+    "scale": lambda n: "scale",
     "reshape": lambda n: f"reshape({_tuple(n.attrs['shape'])})",
     "upsample": _upsample,
     "adaptive_avgpool": lambda n: f"adaptive_avgpool({_spatial(n.attrs['size'])})",
@@ -184,6 +197,11 @@ def _split(node: Node) -> str:
     if chunk_sizes(sum(sizes), len(sizes)) == sizes:
         return f"split({len(sizes)})"
     return f"split({_tuple(sizes)})"
+
+
+def _axis(node: Node) -> str:
+    """``, axis=k`` for an axis other than the channels (which is the layer's default)."""
+    return "" if node.attrs["axis"] == 1 else f", axis={node.attrs['axis']}"
 
 
 def _tuple(values) -> str:
@@ -268,7 +286,9 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
         writer = WRITERS.get(node.op)
         if writer is None:
             raise UsageError(f"node {node.name}: op {node.op} has no layer in the language")
-        label = names.make(node.name, dotted=True)
+        # A layer whose tensor is named as the layer itself is labelled with that name.
+        named = PARAM_NAMES.get(node.op) == ("",)
+        label = names.make(node.params[0].name if named else node.name, dotted=True)
         inputs = node.activations
         if node.op in MERGES:
             call = f"{label}: {node.op}({', '.join(value_names[id(v)] for v in inputs)})"

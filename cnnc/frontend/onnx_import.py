@@ -18,6 +18,7 @@ from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name, format_dims
 from cnnc.ops.activation import FUNCTION_NAMES
+from cnnc.ops.norm import scale_shape
 from cnnc.ops.pool import adaptive_avg_matrix, adaptive_max_windows
 from cnnc.ops.resize import LINEAR_MODES, NEAREST_MODES, nearest_indices, upsample_sizes
 from cnnc.ops.tensor import PAD_MODES
@@ -76,6 +77,15 @@ class Importer:
             value.set_data(array)
             self.values[name] = value
         return self.values[name]
+
+    def derived(self, name: str, array: np.ndarray) -> Value:
+        """A new parameter computed from the model's tensors (not an initializer as it is),
+        named ``name`` or, if that is taken, a variant of it."""
+        value = self.graph.add_param(
+            self.graph.unique_name(name), array.shape, dtype=dtype_name(array.dtype)
+        )
+        value.set_data(array)
+        return value
 
     def constant(self, node: onnx.NodeProto, name: str) -> np.ndarray:
         """A constant input: an initializer, a folded node, or a computed shape whose sizes
@@ -343,13 +353,19 @@ def _gemm(imp: Importer, node, attrs) -> None:
     weight = imp.constants[node.input[1]].astype(np.float32)
     if not attrs.get("transB", 0):
         weight = weight.T  # IR fc weights are [out, in], as torch.nn.Linear
-    weight = np.ascontiguousarray(weight * np.float32(attrs.get("alpha", 1.0)))
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    weight = np.ascontiguousarray(weight * np.float32(alpha))
     x = imp.value(node, node.input[0])
-    inputs = [x, imp.param(f"{node.input[1]}.fc", weight)]
+    # A tensor used as it is (torch's and cnnc's fc: transB=1, alpha 1) keeps its name.
+    as_is = attrs.get("transB", 0) and alpha == 1.0
+    inputs = [
+        x,
+        imp.param(node.input[1], weight) if as_is else imp.derived(f"{node.input[1]}.fc", weight),
+    ]
     if len(node.input) > 2 and node.input[2]:
         if node.input[2] not in imp.constants:
             raise imp.fail(node, "a Gemm whose C input is computed is not supported")
-        c = imp.constants[node.input[2]].astype(np.float32) * np.float32(attrs.get("beta", 1.0))
+        c = imp.constants[node.input[2]].astype(np.float32) * np.float32(beta)
         try:
             bias = np.broadcast_to(
                 c.reshape(-1) if c.ndim == 2 and c.shape[0] == 1 else c, (weight.shape[0],)
@@ -358,19 +374,45 @@ def _gemm(imp: Importer, node, attrs) -> None:
             raise imp.fail(
                 node, f"Gemm's C of shape {c.shape} is not one bias per output"
             ) from None
-        inputs.append(imp.param(f"{node.input[2]}.fc", np.ascontiguousarray(bias)))
+        bias = np.ascontiguousarray(bias)
+        if c.shape == bias.shape and beta == 1.0:
+            inputs.append(imp.param(node.input[2], bias))
+        else:
+            inputs.append(imp.derived(f"{node.input[2]}.fc", bias))
     imp.add(node, "fc", inputs)
 
 
 @importer("MatMul")
 def _matmul(imp: Importer, node, attrs) -> None:
-    """x·W with a constant W [F, K] is an fc layer without bias (an Add after it becomes
-    its bias)."""
+    """x·W with a constant W [F, K] is an fc layer without bias on N×F, and a linear layer
+    over the last axis of a larger x (a channels-last map); an Add after it becomes its
+    bias."""
     if node.input[1] not in imp.constants or imp.constants[node.input[1]].ndim != 2:
         raise imp.fail(node, "only MatMul by a constant matrix (an fc layer) is supported")
     weight = np.ascontiguousarray(imp.constants[node.input[1]].astype(np.float32).T)
     x = imp.value(node, node.input[0])
-    imp.add(node, "fc", [x, imp.param(f"{node.input[1]}.fc", weight)])
+    if x.type.rank == 2:
+        imp.add(node, "fc", [x, imp.derived(f"{node.input[1]}.fc", weight)])
+    else:
+        param = imp.derived(f"{node.input[1]}.linear", weight)
+        imp.add(node, "linear", [x, param], {"axis": x.type.rank - 1})
+
+
+def _linear_function(imp: Importer, node, attrs) -> None:
+    """cnnc.Linear(x, W [out, in][, b]) with an axis: what the patterns make of a pointwise
+    Conv whose weight is an Unsqueeze of a matrix, and of MatMul(x, Transpose(W)) (the forms
+    cnnc writes for linear), keeping W as it is."""
+    x = imp.value(node, node.input[0])
+    inputs = [x, *(imp.value(node, n) for n in node.input[1:] if n)]
+    if not all(v.is_param for v in inputs[1:]):
+        raise imp.fail(node, "a linear layer whose weights are computed is not supported")
+    if x.type.rank == 2:
+        imp.add(node, "fc", inputs)
+    else:
+        imp.add(node, "linear", inputs, {"axis": attrs["axis"] % x.type.rank})
+
+
+FUNCTIONS["Linear"] = _linear_function
 
 
 @importer("MaxPool", "AveragePool")
@@ -849,16 +891,26 @@ def _affine(imp: Importer, node, x: Value, scale: np.ndarray | None, shift: np.n
     scale = np.ones(channels, np.float32) if scale is None else scale
     shift = np.zeros(channels, np.float32) if shift is None else shift
     name = node.name or node.output[0]
-    imp.add(
-        node, "affine", [x, imp.param(f"{name}.scale", scale), imp.param(f"{name}.shift", shift)]
-    )
+    params = [imp.derived(f"{name}.scale", scale), imp.derived(f"{name}.shift", shift)]
+    imp.add(node, "affine", [x, *params])
+
+
+def _scale(imp: Importer, node, x: Value, name: str, c: np.ndarray, vector: np.ndarray) -> None:
+    """Mul by a per-channel constant: a scale, whose weight is that constant when it has the
+    scale's layout [C, 1, ..., 1] (ConvNeXt's layer_scale keeps its name)."""
+    shape = scale_shape(x.type)
+    if c.shape == shape:
+        weight = imp.param(name, np.ascontiguousarray(c))
+    else:
+        weight = imp.derived(f"{node.name or node.output[0]}.scale", vector.reshape(shape))
+    imp.add(node, "scale", [x, weight])
 
 
 @importer("Add", "Sum", "Sub", "Mul", "Div")
 def _arithmetic(imp: Importer, node, attrs) -> None:
     """Add, Sum, Sub, Mul and Div of computed values that broadcast are the IR's element-wise
-    ops; Add, Sub, Mul and Div by a per-channel constant are an affine; Add of a bias after a
-    MatMul is that fc's bias."""
+    ops; Mul by a per-channel constant is a scale, and Add, Sub and Div by one an affine; Add
+    of a bias after a MatMul is that fc's (or linear layer's) bias."""
     names = [n for n in node.input if n]
     constant = [n for n in names if n in imp.constants]
     computed = [n for n in names if n not in imp.constants]
@@ -882,7 +934,7 @@ def _arithmetic(imp: Importer, node, attrs) -> None:
     x = imp.value(node, computed[0])
     c = imp.constants[constant[0]].astype(np.float32)
     if node.op_type == "Add" and _absorbs_bias(imp, x, c):
-        return _fc_bias(imp, node, x, c)
+        return _fc_bias(imp, node, x, constant[0], c)
     vector = _per_channel(imp, node, c, x)
     if vector is None:
         raise imp.fail(
@@ -895,28 +947,38 @@ def _arithmetic(imp: Importer, node, attrs) -> None:
     elif node.op_type == "Sub":
         _affine(imp, node, x, None, -vector)
     elif node.op_type == "Mul":
-        _affine(imp, node, x, vector, None)
+        _scale(imp, node, x, constant[0], c, vector)
     else:
         _affine(imp, node, x, 1 / vector, None)
 
 
 def _absorbs_bias(imp: Importer, x: Value, c: np.ndarray) -> bool:
-    fc = x.producer
+    """Whether Add(x, c) is the bias of the fc (or the linear layer over the last axis) that
+    computes x: one value per output, along that axis."""
+    layer = x.producer
+    if layer is None or len(layer.inputs) != 2 or imp.consumers.get(x.name, 0) != 1:
+        return False
+    outputs = x.type.shape[-1]
+    if layer.op == "fc":
+        return c.size == outputs and c.squeeze().ndim <= 1
     return (
-        fc is not None
-        and fc.op == "fc"
-        and len(fc.inputs) == 2
-        and imp.consumers.get(x.name, 0) == 1
-        and c.size == fc.output.shape[1]
-        and c.squeeze().ndim <= 1
+        layer.op == "linear"
+        and layer.attrs["axis"] == x.type.rank - 1
+        and c.size == outputs
+        and c.ndim <= x.type.rank
+        and c.shape[-1] == outputs
     )
 
 
-def _fc_bias(imp: Importer, node, x: Value, c: np.ndarray) -> None:
-    fc = x.producer
-    name = node.name or node.output[0]
-    bias = imp.param(f"{name}.bias", np.ascontiguousarray(c.reshape(-1)))
-    new = imp.graph.replace_node(fc, "fc", [*fc.inputs, bias], fc.attrs)
+def _fc_bias(imp: Importer, node, x: Value, source: str, c: np.ndarray) -> None:
+    layer = x.producer
+    if c.ndim == 1:
+        bias = imp.param(source, c)
+    else:
+        bias = imp.derived(
+            f"{node.name or node.output[0]}.bias", np.ascontiguousarray(c.reshape(-1))
+        )
+    new = imp.graph.replace_node(layer, layer.op, [*layer.inputs, bias], layer.attrs)
     imp.alias(node, new.output)
 
 
@@ -977,6 +1039,172 @@ def _bn(imp: Importer, node, attrs) -> None:
     if not attrs.get("spatial", 1):
         raise imp.fail(node, "BatchNormalization with spatial=0 is not supported")
     imp.add(node, "bn", _inputs(imp, node), {"epsilon": float(attrs.get("epsilon", 1e-5))})
+
+
+def _along(c: np.ndarray | None, shape: tuple, keep: int | None) -> np.ndarray | None:
+    """The values of a constant broadcast (from the right, as ONNX's Mul does) against
+    ``shape``, along its axis ``keep`` (or its one value, keep None), if it is constant along
+    every other axis; else None."""
+    if c is None:
+        return None
+    while c.ndim > len(shape) and c.shape[0] == 1:
+        c = c[0]
+    try:
+        full = np.broadcast_to(c, shape)
+    except ValueError:
+        return None
+    rows = full.reshape(1, -1) if keep is None else np.moveaxis(full, keep, 0)
+    rows = rows.reshape(rows.shape[0], -1)
+    if not (rows == rows[:, :1]).all():
+        return None
+    return np.ascontiguousarray(rows[:, 0], dtype=np.float32)
+
+
+def _normalization(
+    imp: Importer, node, x: Value, op: str, attrs: dict[str, Any], vectors: list, size: int
+) -> None:
+    """Add a layernorm or groupnorm whose weight and bias are ``vectors`` (None: ones, zeros;
+    one value: repeated ``size`` times). An initializer used as it is keeps its name;
+    otherwise the tensors are ``<node>.weight`` and ``<node>.bias``."""
+    base = node.name or node.output[0]
+    params = []
+    for i, (vector, default) in enumerate(zip(vectors, (1.0, 0.0), strict=True)):
+        source = node.input[i + 1] if len(node.input) > i + 1 else ""
+        if vector is None:
+            vector = np.full(size, default, np.float32)
+        elif vector.size == 1 and size != 1:
+            vector = np.full(size, vector[0], np.float32)
+        original = imp.constants.get(source) if source else None
+        if original is not None and original.shape == vector.shape:
+            params.append(imp.param(source, vector))
+        else:
+            params.append(imp.derived(f"{base}.{('weight', 'bias')[i]}", vector))
+    imp.add(node, op, [x, *params], attrs)
+
+
+def _constants(imp: Importer, node) -> list[np.ndarray | None]:
+    """The scale and bias inputs (None where left out)."""
+    return [
+        imp.constant(node, n).astype(np.float32) if n else None
+        for n in [*node.input[1:3], "", ""][:2]
+    ]
+
+
+@importer("LayerNormalization")
+def _layer_normalization(imp: Importer, node, attrs) -> None:
+    """LayerNormalization normalizes over every axis from ``axis`` on, its scale and bias
+    broadcast against those axes. Over one axis (the others of size 1) it is a layernorm;
+    over the channels and positions of a map with a scale and bias per channel, a groupnorm
+    of one group; over the positions of each channel with one scale and bias, a groupnorm
+    of a group per channel. Anything else normalizes over several axes with a scale that
+    differs along them: an error."""
+    if any(o and imp.consumers.get(o, 0) for o in node.output[1:]):
+        raise imp.fail(node, "LayerNormalization's Mean and InvStdDev outputs are not supported")
+    x = imp.value(node, node.input[0])
+    rank, epsilon = x.type.rank, float(attrs.get("epsilon", 1e-5))
+    axis = attrs.get("axis", -1)
+    if not -rank <= axis < rank or axis % rank == 0:
+        raise imp.fail(
+            node,
+            f"LayerNormalization from axis {axis} of {x.type} would normalize across the "
+            "batch: cnnc normalizes each item on its own",
+        )
+    axis %= rank
+    shape = tuple(x.type.shape[axis:])
+    wide = [a for a in range(axis, rank) if x.type.shape[a] != 1]
+    if len(wide) <= 1:
+        target = wide[0] if wide else rank - 1
+        op, keep, size = "layernorm", target - axis, x.type.shape[target]
+        ir: dict[str, Any] = {"axis": target, "epsilon": epsilon}
+    else:
+        channels = x.type.shape[1]
+        op, keep, size = "groupnorm", 0 if axis == 1 else None, channels
+        ir = {"groups": 1 if axis == 1 else channels, "epsilon": epsilon}
+    constants = _constants(imp, node)
+    vectors = [_along(c, shape, keep) for c in constants]
+    fits = axis <= 2 or op == "layernorm"
+    if not fits or any(
+        c is not None and v is None for c, v in zip(constants, vectors, strict=True)
+    ):
+        raise imp.fail(
+            node,
+            f"LayerNormalization over the axes {axis}..{rank - 1} of {x.type} is not "
+            "supported: cnnc normalizes over one axis, or over each item or channel as a "
+            "whole with a scale and bias per channel",
+        )
+    _normalization(imp, node, x, op, ir, vectors, size)
+
+
+def _layernorm_function(imp: Importer, node, attrs) -> None:
+    """cnnc.LayerNorm(x, scale, bias) over one axis (the last unless ``axis`` says otherwise),
+    the scale and bias broadcast against x as Mul and Add do: cnnc's function before opset 17,
+    and the older exporters' pattern."""
+    x = imp.value(node, node.input[0])
+    axis = attrs.get("axis", -1) % x.type.rank
+    if axis == 0:
+        raise imp.fail(node, "a layer normalization across the batch axis is not supported")
+    constants = _constants(imp, node)
+    vectors = [_along(c, tuple(x.type.shape[1:]), axis - 1) for c in constants]
+    if any(c is not None and v is None for c, v in zip(constants, vectors, strict=True)):
+        raise imp.fail(node, f"the scale and bias are not one value per index of axis {axis}")
+    ir = {"axis": axis, "epsilon": float(attrs["epsilon"])}
+    _normalization(imp, node, x, "layernorm", ir, vectors, x.type.shape[axis])
+
+
+def _groupnorm(imp: Importer, node, groups: int, epsilon: float, layout: str) -> None:
+    """A groupnorm whose scale and bias are one per channel (layout "channel"), one per group
+    ("group", each repeated over its group's channels), or broadcast against x as Mul and Add
+    do ("broadcast")."""
+    x = imp.value(node, node.input[0])
+    channels = x.type.shape[1]
+    if x.type.rank < 2 or channels % groups:
+        raise imp.fail(node, f"{groups} groups do not divide the channels of {x.type}")
+    constants = _constants(imp, node)
+    if layout == "broadcast":
+        vectors = [_along(c, tuple(x.type.shape[1:]), 0) for c in constants]
+    else:
+        size = channels if layout == "channel" else groups
+        vectors = [
+            None if c is None or c.size not in (1, size) else np.broadcast_to(c.reshape(-1), size)
+            for c in constants
+        ]
+        if layout == "group":
+            vectors = [v if v is None else np.repeat(v, channels // groups) for v in vectors]
+    if any(c is not None and v is None for c, v in zip(constants, vectors, strict=True)):
+        raise imp.fail(
+            node,
+            f"the scale and bias are not one value per {layout.replace('broadcast', 'channel')}",
+        )
+    vectors = [v if v is None else np.ascontiguousarray(v, np.float32) for v in vectors]
+    ir = {"groups": groups, "epsilon": epsilon}
+    _normalization(imp, node, x, "groupnorm", ir, vectors, channels)
+
+
+@importer("GroupNormalization")
+def _group_normalization(imp: Importer, node, attrs) -> None:
+    """GroupNormalization: its scale and bias are per group at opsets 18 to 20 (each repeated
+    over its group's channels), per channel from 21."""
+    layout = "channel" if imp.opset >= 21 else "group"
+    _groupnorm(imp, node, attrs["num_groups"], float(attrs.get("epsilon", 1e-5)), layout)
+
+
+@importer("InstanceNormalization")
+def _instance_normalization(imp: Importer, node, attrs) -> None:
+    """InstanceNormalization is a groupnorm with one group per channel."""
+    x = imp.value(node, node.input[0])
+    _groupnorm(imp, node, x.type.shape[1], float(attrs.get("epsilon", 1e-5)), "channel")
+
+
+# cnnc's functions below the opsets of LayerNormalization (17) and GroupNormalization (21),
+# and the patterns exporters write for them (torch's GroupNorm broadcasts its γ and β).
+FUNCTIONS["LayerNorm"] = _layernorm_function
+FUNCTIONS["GroupNorm"] = lambda imp, node, attrs: _groupnorm(
+    imp,
+    node,
+    attrs["groups"],
+    float(attrs["epsilon"]),
+    "broadcast" if attrs.get("broadcast") else "channel",
+)
 
 
 @importer("Dropout")
@@ -1304,11 +1532,29 @@ def _read(path: Path) -> onnx.ModelProto:
     return _check(model, str(path))
 
 
+# Ops that later onnx releases deprecated at the opsets they came in, but that import reads
+# with that opset's meaning: the checker sees the rest of the model without them.
+# (GroupNormalization at 18 to 20, whose scale and bias are per group.)
+DEPRECATED_BUT_READ = {"GroupNormalization"}
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    if not any(n.op_type in DEPRECATED_BUT_READ for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type in DEPRECATED_BUT_READ and node.domain in ("", "ai.onnx"):
+            inputs, outputs = node.input[:1], node.output[:1]
+            node.CopyFrom(helper.make_node("Identity", inputs, outputs, name=node.name))
+    return copy
+
+
 def _check(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelFileError("not an ONNX model: it has no graph", where)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_checkable(model))
     except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFileError(f"the model fails the ONNX checker: {first}", where) from None

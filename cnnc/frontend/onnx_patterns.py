@@ -9,17 +9,30 @@ opset, as a small graph of standard ops).
     x · 0.5 · (1 + Erf(x / √2))                       ==>  Gelu(x)
     x · 0.5 · (1 + Tanh(√(2/π) · (x + 0.044715·x³)))  ==>  Gelu(x, approximate=tanh)
     Resize(x, sizes=Concat(Shape(x)[0:2], s))         ==>  Resize(x, sizes=s, axes=spatial)
+    d = Sub(x, ReduceMean(x)); Div(d, Sqrt(Add(ReduceMean(Pow(d, 2)), eps))) [· γ] [+ β]
+                                                      ==>  cnnc.LayerNorm(x, γ, β, axis, eps)
+    Reshape(InstanceNormalization(Reshape(x, [0, G, -1]), 1, 0), Shape(x)) [· γ] [+ β]
+                                         ==>  cnnc.GroupNorm(x, γ, β, groups=G, broadcast=1)
+    Conv(x, Unsqueeze(W [K, C])) (1×1, stride 1)      ==>  cnnc.Linear(x, W, axis=1)
+    MatMul(x, Transpose(W [K, C]))                    ==>  cnnc.Linear(x, W, axis=-1)
 
 The products may come in any order and grouping (torch writes (x · (1 + erf)) · 0.5),
 x / √2 may be a Div or a Mul by 1/√2, x³ a Pow or products, and constants may be
-initializers or Constant nodes; they must equal the formula's to 1e-4.
+initializers or Constant nodes; they must equal the formula's to 1e-4. The layer
+normalization is the form older exporters write for LayerNorm (one ReduceMean axis,
+keepdims; Pow(d, 2) or Mul(d, d)), the group normalization the form torch writes for
+GroupNorm (the InstanceNormalization's own scale all ones, its bias all zeros); γ and β
+are constants, or computed from constants only. The last two are how cnnc writes linear
+over the channels and over the last axis, keeping W the [K, C] tensor it was.
 
 The Resize pattern is how PyTorch (and cnnc before opset 18) writes a resize to a size
 when the batch is symbolic: the first two sizes are the input's own (Shape with start 0
 and end 2, or Shape then Slice 0:2), the rest constants.
 
 Leaves alone (and why): a pattern whose inner values are read by anything outside it, or
-are graph outputs (the inner values would be lost), and a different x in the two places.
+are graph outputs (the inner values would be lost), and a different x in the two places;
+a normalization followed by a Mul or Add by a constant waits for it (γ and β are part of
+the pattern).
 """
 
 from __future__ import annotations
@@ -41,11 +54,15 @@ class _Graph:
     constants: dict[str, np.ndarray]
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     readers: dict[str, int] = field(default_factory=dict)
+    static: set[str] = field(default_factory=set)  # values computed from constants alone
+    users: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
 
     def __post_init__(self):
         for node in self.nodes:
             for out in node.output:
                 self.producer[out] = node
+            for name in node.input:
+                self.users.setdefault(name, []).append(node)
 
     def scalar(self, name: str) -> float | None:
         value = self.constants.get(name)
@@ -228,9 +245,236 @@ def _resize_sizes(g: _Graph, root: onnx.NodeProto) -> tuple | None:
     return [concat, *inner], new
 
 
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _ints(g: _Graph, node: onnx.NodeProto, name: str, position: int) -> list[int] | None:
+    """An ints attribute, or (in later opsets) the same as a constant input."""
+    value = _attr(node, name)
+    if value is None and len(node.input) > position and node.input[position] in g.constants:
+        value = g.constants[node.input[position]].reshape(-1).tolist()
+    return None if value is None else [int(v) for v in value]
+
+
+def _by_static(g: _Graph, node: onnx.NodeProto | None, op_type: str) -> tuple[str, str] | None:
+    """(the computed operand, the static one) of ``node`` if it is ``op_type`` of a value
+    and a constant (or a value computed from constants)."""
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.input) != 2:
+        return None
+    a, b = node.input
+    if b in g.static and a not in g.static:
+        return a, b
+    if a in g.static and b not in g.static:
+        return b, a
+    return None
+
+
+def _continues(g: _Graph, node: onnx.NodeProto, ops: tuple[str, ...]) -> bool:
+    """Whether the one reader of ``node``'s output is a Mul or Add (in ``ops``) by a constant:
+    the affine part of a normalization, which the pattern then ends with."""
+    users = g.users.get(node.output[0], [])
+    return (
+        g.readers.get(node.output[0], 0) == 1
+        and len(users) == 1
+        and any(_by_static(g, users[0], op) for op in ops)
+    )
+
+
+def _affine_tail(g: _Graph, root: onnx.NodeProto, core: str):
+    """Peel [Mul by γ] [Add by β] off ``root`` down to the ``core`` node: (core node, γ, β,
+    the peeled nodes), or None (also when the pattern goes on after ``root``)."""
+    inner: list[onnx.NodeProto] = []
+    gamma = beta = ""
+    node: onnx.NodeProto | None = root
+    if root.op_type == core and _continues(g, root, ("Mul", "Add")):
+        return None
+    if root.op_type == "Mul" and _continues(g, root, ("Add",)):
+        return None
+    if (found := _by_static(g, node, "Add")) is not None:
+        inner.append(node)
+        name, beta = found
+        node = g.producer.get(name) if g.readers.get(name, 0) == 1 else None
+    if (found := _by_static(g, node, "Mul")) is not None:
+        inner.append(node)
+        name, gamma = found
+        node = g.producer.get(name) if g.readers.get(name, 0) == 1 else None
+    if node is None or node.op_type != core or node.domain not in ("", "ai.onnx"):
+        return None
+    return node, gamma, beta, inner
+
+
+def _layernorm(g: _Graph, root: onnx.NodeProto) -> tuple | None:
+    """Div(d, Sqrt(Add(ReduceMean(Pow(d, 2)), eps))) with d = Sub(x, ReduceMean(x)), then
+    [Mul by γ] [Add by β]: what older exporters write for LayerNorm."""
+    tail = _affine_tail(g, root, "Div")
+    if tail is None:
+        return None
+    div, gamma, beta, inner = tail
+    deviation, root_std = div.input
+    sqrt = g.op(root_std, "Sqrt")
+    add = sqrt and g.op(sqrt.input[0], "Add")
+    sub = g.producer.get(deviation)
+    if add is None or sub is None or sub.op_type != "Sub":
+        return None
+    epsilon = next((g.scalar(n) for n in add.input if g.scalar(n) is not None), None)
+    variance = next((n for n in add.input if g.scalar(n) is None), None)
+    mean_of_squares = variance and g.op(variance, "ReduceMean")
+    x, mean = sub.input
+    mean_node = g.op(mean, "ReduceMean")
+    if epsilon is None or mean_of_squares is None or mean_node is None:
+        return None
+    square = g.op(mean_of_squares.input[0], "Pow") or g.op(mean_of_squares.input[0], "Mul")
+    if square is None or square.input[0] != deviation or mean_node.input[0] != x:
+        return None
+    if square.op_type == "Pow" and not _close(g.scalar(square.input[1]), 2.0):
+        return None
+    if square.op_type == "Mul" and square.input[1] != deviation:
+        return None
+    # d is read by the square (twice by Mul(d, d)) and the Div, and by nothing else.
+    if g.readers.get(deviation) != len(square.input) + 1 - (square.op_type == "Pow"):
+        return None
+    axes = _ints(g, mean_node, "axes", 1)
+    if axes is None or len(axes) != 1 or _ints(g, mean_of_squares, "axes", 1) != axes:
+        return None
+    if any(_attr(n, "keepdims", 1) != 1 for n in (mean_node, mean_of_squares)):
+        return None
+    inner += [div, sqrt, add, mean_of_squares, square, sub, mean_node]
+    new = helper.make_node(
+        "LayerNorm",
+        [x, gamma, beta],
+        list(root.output),
+        root.name,
+        domain=FUNCTION_DOMAIN,
+        axis=axes[0],
+        epsilon=epsilon,
+    )
+    return inner, new
+
+
+def _groupnorm(g: _Graph, root: onnx.NodeProto) -> tuple | None:
+    """Reshape(InstanceNormalization(Reshape(x, [0, G, -1]), ones, zeros), Shape(x)), then
+    [Mul by γ] [Add by β]: what torch writes for GroupNorm."""
+    tail = _affine_tail(g, root, "Reshape")
+    if tail is None:
+        return None
+    back, gamma, beta, inner = tail
+    norm = g.op(back.input[0], "InstanceNormalization")
+    shape = g.op(back.input[1], "Shape")
+    grouped = norm and g.op(norm.input[0], "Reshape")
+    if grouped is None or shape is None or shape.input[0] != grouped.input[0]:
+        return None
+    if _attr(shape, "start", 0) != 0 or _attr(shape, "end") is not None:
+        return None  # the shape of some of x's axes only
+    target = g.constants.get(grouped.input[1])
+    scale, bias = (g.constants.get(n) for n in norm.input[1:3])
+    if target is None or target.size != 3 or int(target.reshape(-1)[1]) < 1:
+        return None
+    if scale is None or bias is None or not (scale == 1).all() or (bias != 0).any():
+        return None
+    inner += [back, norm, shape, grouped]
+    new = helper.make_node(
+        "GroupNorm",
+        [grouped.input[0], gamma, beta],
+        list(root.output),
+        root.name,
+        domain=FUNCTION_DOMAIN,
+        groups=int(target.reshape(-1)[1]),
+        epsilon=float(_attr(norm, "epsilon", 1e-5)),
+        broadcast=1,
+    )
+    return inner, new
+
+
+def _pointwise_conv(g: _Graph, root: onnx.NodeProto) -> tuple | None:
+    """Conv(x, Unsqueeze(W, [2, 3]) or Reshape(W, [K, C, 1, 1]), b), 1×1, stride 1, no
+    padding, one group: a linear layer over the channels with W [K, C]."""
+    weight_name = root.input[1]
+    shaper = g.op(weight_name, "Unsqueeze") or g.op(weight_name, "Reshape")
+    w = shaper and g.constants.get(shaper.input[0])
+    if w is None or w.ndim != 2:
+        return None
+    if shaper.op_type == "Unsqueeze":
+        axes = _ints(g, shaper, "axes", 1)
+        if axes is None or sorted(a % (2 + len(axes)) for a in axes) != list(
+            range(2, 2 + len(axes))
+        ):
+            return None
+        rank = 2 + len(axes)
+    else:
+        shape = g.constants.get(shaper.input[1])
+        if (
+            shape is None
+            or list(shape.reshape(-1)[:2]) != list(w.shape)
+            or any(shape.reshape(-1)[2:] != 1)
+        ):
+            return None
+        rank = shape.size
+    if rank not in (3, 4):
+        return None
+    spatial = rank - 2
+    expected = {
+        "strides": [1] * spatial,
+        "dilations": [1] * spatial,
+        "pads": [0] * 2 * spatial,
+        "kernel_shape": [1] * spatial,
+        "group": 1,
+    }
+    for a in root.attribute:
+        value = helper.get_attribute_value(a)
+        if a.name == "auto_pad" and value in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+            continue
+        if a.name not in expected or list(np.atleast_1d(value)) != list(
+            np.atleast_1d(expected[a.name])
+        ):
+            return None
+    inputs = [root.input[0], shaper.input[0], *root.input[2:3]]
+    new = helper.make_node(
+        "Linear", inputs, list(root.output), root.name, domain=FUNCTION_DOMAIN, axis=1
+    )
+    return [shaper], new
+
+
+def _matmul_transposed(g: _Graph, root: onnx.NodeProto) -> tuple | None:
+    """MatMul(x, Transpose(W)) with a constant W [K, C]: a linear layer over the last axis."""
+    transpose = g.op(root.input[1], "Transpose")
+    w = transpose and g.constants.get(transpose.input[0])
+    if w is None or w.ndim != 2 or _attr(transpose, "perm", [1, 0]) != [1, 0]:
+        return None
+    new = helper.make_node(
+        "Linear",
+        [root.input[0], transpose.input[0]],
+        list(root.output),
+        root.name,
+        domain=FUNCTION_DOMAIN,
+        axis=-1,
+    )
+    return [transpose], new
+
+
+_ROOTS = {
+    "Add": (_layernorm, _groupnorm),
+    "Mul": (_layernorm, _groupnorm),
+    "Div": (_layernorm,),
+    "Reshape": (_groupnorm,),
+    "Conv": (_pointwise_conv,),
+    "MatMul": (_matmul_transposed,),
+}
+
+
 def _match(g: _Graph, root: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
     if root.op_type == "Resize" and root.domain in ("", "ai.onnx"):
         return _resize_sizes(g, root)
+    if root.domain in ("", "ai.onnx") and len(root.input) >= 2:
+        for match in _ROOTS.get(root.op_type, ()):
+            if (found := match(g, root)) is not None:
+                inner, new = found
+                return [n for n in inner if n is not root], new
     if root.op_type == "Div" and root.domain in ("", "ai.onnx") and len(root.input) == 2:
         return _softplus(g, root)
     if root.op_type != "Mul" or root.domain not in ("", "ai.onnx") or len(root.input) != 2:
@@ -263,11 +507,16 @@ def rewrite(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> list[on
                 known[node.output[0]] = np.array(attr.f, np.float32)
             elif attr.name == "value_ints":
                 known[node.output[0]] = np.array(attr.ints, np.int64)
+    static = set(constants) | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.domain in ("", "ai.onnx") and inputs and all(i in static for i in inputs):
+            static.update(node.output)
     nodes = list(graph.node)
     for root in list(nodes):
         if not any(n is root for n in nodes):
             continue
-        found = _match(_Graph(nodes, known, readers=readers), root)
+        found = _match(_Graph(nodes, known, readers=readers, static=static), root)
         if found is None:
             continue
         inner, new = found

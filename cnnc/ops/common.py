@@ -162,3 +162,15 @@ def conv_out_channels_check(ctx: LayerContext, channels: int, out: int, groups: 
             "groups",
             hint=f"use a divisor of {out}",
         )
+
+
+def resolve_axis(ctx: LayerContext, x_type: TensorType, keyword: str) -> int:
+    """A layer's ``axis`` argument as a non-negative axis after the batch (-1 is the last)."""
+    rank, axis = x_type.rank, ctx["axis"]
+    if not -rank < axis < rank or axis == 0:
+        raise ctx.error(
+            f"{keyword} axis {axis} is not an axis after the batch of its input {x_type}",
+            "axis",
+            hint=f"use 1 (the channels) up to {rank - 1}, or -1 for the last",
+        )
+    return axis % rank

@@ -2,14 +2,17 @@
 
     z = fc(flatten(x: N×C×H×W), W: [K, C·H·W])  ==>  z = flatten(conv(x, W: [K, C, H, W]))
     z = f(flatten(y: N×K×1×1))                  ==>  z = flatten(f(y))
+    z = linear(x: N×C×H×W, W: [K, C], axis=1)   ==>  z = conv(x, W: [K, C, 1, 1])
 
 The first rule turns an FC layer after a conv stage into an H×W convolution
 (an L convolution in 1-D); the weight keeps its values, reshaped in the C, H, W
 order in which flatten lays the map out. The second moves the flatten that
 rule leaves behind past per-channel ops f (element-wise activations, bn,
-dropout, drop_path, softmax over the channels), so that the next FC layer, after a
-converted one, after gap or on any 1×1 map, sees a 1×1 map and becomes a 1×1
-convolution. The network's output keeps its shape: the flatten ends up last.
+dropout, drop_path, softmax, layernorm and groupnorm over the channels), so that the
+next FC layer, after a converted one, after gap or on any 1×1 map, sees a 1×1 map and
+becomes a 1×1 convolution. The network's output keeps its shape: the flatten ends up
+last. The third turns a linear layer over the channels of a map (ConvNeXt's pointwise
+layers) into the 1×1 convolution it is, its weight reshaped (exact).
 
 lrn is not in that list. It mixes neighbouring channels at one position, as
 softmax over the channels does, so it would commute with the flatten of a 1×1
@@ -23,7 +26,11 @@ Leaves alone (and why):
   the other reader;
 - a flatten of a map larger than 1×1 followed by f: f would see C·H·W channels
   before and C after (bn would not even fit);
-- a flatten whose output has several users or is a network output.
+- a flatten whose output has several users or is a network output;
+- a flatten followed by a scale: the scale's tensor has the flattened value's layout
+  ([K], where the map would need [K, 1, 1]);
+- a linear layer over another axis than the channels (channels-first, before, turns those
+  of a channels-last block around), or whose weight another node shares.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from cnnc.ir.graph import Graph, Node
 from cnnc.ir.types import TensorType
 from cnnc.ops.activation import ACTIVATIONS
 
-# Ops that act on each channel alone, so they commute with N×K×1×1 -> N×K.
-PER_CHANNEL = {*ACTIVATIONS, "prelu", "affine", "dropout", "drop_path", "bn"}
+# Ops that compute on N×K×1×1 what they compute on N×K (each channel alone, or groups of
+# channels at the one position), so they commute with the flatten between them.
+PER_CHANNEL = {*ACTIVATIONS, "prelu", "affine", "dropout", "drop_path", "bn", "groupnorm"}
 
 
 def _is_map(t: TensorType) -> bool:
@@ -48,6 +56,8 @@ def _squeezes(flatten: Node) -> bool:
 def _commutes(node: Node) -> bool:
     if node.op == "softmax":
         return node.attrs["axis"] in (1, -1)
+    if node.op == "layernorm":
+        return node.attrs["axis"] == 1
     return node.op in PER_CHANNEL
 
 
@@ -85,6 +95,19 @@ def _convert(graph: Graph, fc: Node, flatten: Node) -> None:
         graph.remove_node(flatten)
 
 
+def _pointwise(linear: Node) -> bool:
+    rank = linear.inputs[0].type.rank
+    return linear.attrs["axis"] == 1 and rank > 2 and len(linear.inputs[1].users) == 1
+
+
+def _convert_linear(graph: Graph, linear: Node) -> None:
+    weight, spatial = linear.inputs[1], linear.inputs[0].type.rank - 2
+    shape = (*weight.shape, *(1,) * spatial)
+    weight.derive(lambda w, shape=shape: w.reshape(shape), shape=shape)
+    attrs = {"stride": (1,) * spatial, "pads": (0,) * 2 * spatial, "dilation": (1,) * spatial}
+    graph.replace_node(linear, "conv", linear.inputs, {**attrs, "groups": 1}, note="linear→conv")
+
+
 def _sink(graph: Graph, flatten: Node, user: Node) -> None:
     attrs = dict(user.attrs)
     if user.op == "softmax":
@@ -111,4 +134,6 @@ def _next_rewrite(graph: Graph):
             return lambda: _sink(graph, node, user)
         if node.op == "fc" and (flatten := _convertible(node)) is not None:
             return lambda: _convert(graph, node, flatten)
+        if node.op == "linear" and _pointwise(node):
+            return lambda: _convert_linear(graph, node)
     return None

@@ -12,6 +12,7 @@ from cnnc.errors import CnncError, UsageError
 from cnnc.ir.graph import Graph
 from cnnc.ir.printer import dump
 from cnnc.ir.verify import verify
+from cnnc.passes.channels_first import channels_first
 from cnnc.passes.convolutionalize import convolutionalize
 from cnnc.passes.dce import dce
 from cnnc.passes.fc_to_conv import fc_to_conv
@@ -22,6 +23,7 @@ from cnnc.passes.remove_identity import remove_identity
 PASSES: dict[str, Callable[[Graph], bool]] = {
     "remove-identity": remove_identity,
     "dce": dce,
+    "channels-first": channels_first,
     "fold-bn": fold_bn,
     "fc-to-conv": fc_to_conv,
     "fuse-conv-act": fuse_conv_act,
@@ -31,7 +33,7 @@ PASSES: dict[str, Callable[[Graph], bool]] = {
 PIPELINES: dict[int, list[str]] = {
     0: [],
     1: ["remove-identity", "dce"],
-    2: ["remove-identity", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce"],
+    2: ["remove-identity", "channels-first", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce"],
 }
 
 
