@@ -134,6 +134,10 @@ def test_cnnc_import_writes_state_dict_labels_and_weights_that_load_back(
             "/features/features.1/features.1.0/block/block.0/block.0.0/Conv",
             ["features.1.0", "block.0.0"],
         ),
+        (
+            "/trunk_output/block1/block1-0/f/a/a.0/Conv",
+            ["trunk_output", "block1", "block1-0", "f", "a.0"],
+        ),
         ("/Flatten", []),
         ("conv1", None),
         ("node_Conv_12", None),
