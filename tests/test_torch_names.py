@@ -156,18 +156,14 @@ def test_module_scope_reads_dynamo_name_scopes():
 
 
 def _model(
-    nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], channels: int = 1
+    nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], out: tuple = (1, 3, 3)
 ) -> onnx.ModelProto:
-    """A chain of nodes from x (N×1×3×3) to the last node's output (N×channels×3×3)."""
+    """A chain of nodes from x (N×1×3×3) to the last node's output (N×``out``)."""
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 3, 3])],
-        [
-            helper.make_tensor_value_info(
-                nodes[-1].output[0], onnx.TensorProto.FLOAT, ["N", channels, 3, 3]
-            )
-        ],
+        [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, ["N", *out])],
         [numpy_helper.from_array(w, name) for name, w in weights.items()],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -181,7 +177,7 @@ def _conv_relu(conv: str, relu: str, weight: str) -> Graph:
                 helper.make_node("Relu", ["c"], ["y"], name=relu),
             ],
             {weight: np.ones((2, 1, 1, 1), np.float32)},
-            channels=2,
+            out=(2, 3, 3),
         )
     )
 
@@ -237,3 +233,11 @@ def test_ops_of_a_module_with_inner_modules_are_named_after_the_op():
 def test_the_one_layer_of_a_module_takes_its_name_and_its_other_ops_their_op():
     graph = _conv_relu("/head/Conv", "/head/Relu", "onnx::Conv_7")
     assert [n.name for n in graph.nodes] == ["head", "head.relu"]
+
+
+def test_every_ir_node_of_one_onnx_node_is_named_from_its_scope():
+    mean = helper.make_node(
+        "ReduceMean", ["x"], ["y"], name="/head/ReduceMean", axes=[2, 3], keepdims=0
+    )
+    nodes = load_onnx(_model([mean], {}, out=(1,))).nodes
+    assert [(n.op, n.name) for n in nodes] == [("gap", "head.gap"), ("flatten", "head.flatten")]
