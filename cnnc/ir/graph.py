@@ -314,11 +314,14 @@ class Graph:
 
     def rename(self, value: Value, name: str) -> None:
         """Give a value (a parameter too) a new (unused) name."""
-        self._names.discard(value.name)
-        if value.is_param:
-            del self.params[value.name]
-            self.params[name] = value
+        old = value.name
+        self._names.discard(old)
         value.name = self._claim(name)
+        if value.is_param:
+            # In place and in order: the parameters keep their order under the new name.
+            items = [(name if k == old else k, v) for k, v in self.params.items()]
+            self.params.clear()
+            self.params.update(items)
 
     def rename_nodes(self, names: dict[Node, str]) -> None:
         """Give nodes new names at once, so that one may take a name another gives up: each
