@@ -117,6 +117,15 @@ def exported(name: str, exporter: str, directory: str) -> tuple[Path, dict, set[
     return path, data, set(model.state_dict())
 
 
+def load(path: Path, name: str, exporter: str, opt_level: int = 2) -> cnnc.Model:
+    """The imported model; an import error fails the test with cnnc's message alone."""
+    try:
+        return cnnc.load(path, opt_level=opt_level)
+    except cnnc.CnncError as e:
+        error = e  # failed outside the handler, so that the report is the message alone
+    pytest.fail(f"cnnc cannot import {name} ({exporter}):\n{error}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def exports_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("torchvision"))
@@ -126,7 +135,7 @@ def exports_dir(tmp_path_factory) -> str:
 @pytest.mark.parametrize("name", MODELS)
 def test_torchvision_model_imports_and_computes_torchs_outputs(name, exporter, exports_dir):
     path, data, _ = exported(name, exporter, exports_dir)
-    model = cnnc.load(path)
+    model = load(path, name, exporter)
     for batch, (x, y) in data.items():
         assert_agree(model.run(x), y, f"{name} ({exporter}), batch {batch}")
 
@@ -135,7 +144,7 @@ def test_torchvision_model_imports_and_computes_torchs_outputs(name, exporter, e
 @pytest.mark.parametrize("name", MODELS)
 def test_torchvision_model_conv_weights_keep_their_state_dict_names(name, exporter, exports_dir):
     path, _, state_dict = exported(name, exporter, exports_dir)
-    model = cnnc.load(path, opt_level=0)
+    model = load(path, name, exporter, opt_level=0)
     weights = [n.inputs[1].name for n in model.graph.nodes if n.op == "conv"]
     assert weights
     assert [w for w in weights if w not in state_dict] == []
