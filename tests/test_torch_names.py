@@ -138,6 +138,7 @@ def test_cnnc_import_writes_state_dict_labels_and_weights_that_load_back(
             "/trunk_output/block1/block1-0/f/a/a.0/Conv",
             ["trunk_output", "block1", "block1-0", "f", "a.0"],
         ),
+        ("/0/Conv", ["0"]),
         ("/Flatten", []),
         ("conv1", None),
         ("node_Conv_12", None),
@@ -241,3 +242,9 @@ def test_every_ir_node_of_one_onnx_node_is_named_from_its_scope():
     )
     nodes = load_onnx(_model([mean], {}, out=(1,))).nodes
     assert [(n.op, n.name) for n in nodes] == [("gap", "head.gap"), ("flatten", "head.flatten")]
+
+
+def test_a_bare_sequentials_layers_are_named_by_index():
+    graph = _conv_relu("/0/Conv", "/1/Relu", "0.weight")
+    assert [n.name for n in graph.nodes] == ["0", "1"]
+    assert set(graph.params) == {"0.weight"}

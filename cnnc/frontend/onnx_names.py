@@ -41,10 +41,11 @@ import onnx
 from cnnc.ir.graph import Graph, Node
 
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-# A module path: names and indices joined by dots; a name may have a hyphen (RegNet's
-# block1-0), never a colon or a slash (onnx::Conv_193 is no module's).
-_PATH = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*")
-_WEIGHT = re.compile(r"(?P<path>[A-Za-z_][\w-]*(\.[\w-]+)*)\.weight")
+# A module path: names and indices joined by dots (a bare Sequential's start with an
+# index); a name may have a hyphen (RegNet's block1-0), never a colon or a slash
+# (onnx::Conv_193 is no module's).
+_PATH = re.compile(r"[\w-]+(\.[\w-]+)*")
+_WEIGHT = re.compile(r"(?P<path>[\w-]+(\.[\w-]+)*)\.weight")
 _CALL_AGAIN = re.compile(r"(?P<base>.+)_(?P<n>\d+)")
 
 
