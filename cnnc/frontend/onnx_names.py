@@ -19,7 +19,8 @@ An imported node is named, in this order of preference:
 2. after its module scope ``<path>``: ``<path>`` itself if the module is a leaf (no other
    node lies inside it), no weight named a node ``<path>``, and either the node is the one
    node with parameters in it, or every node in it is the same op (a ReLU module called
-   twice gives ``layer1.0.relu`` and ``layer1.0.relu.2``); else ``<path>.<op>``
+   twice gives ``layer1.0.relu`` and ``layer1.0.relu.2``, TorchScript's ``relu_1`` being
+   ``relu`` called again where ``relu`` exists); else ``<path>.<op>``
    (``layer1.0.add``, ``layer1.0.conv1.pad``, ``flatten`` at the top);
 3. as ONNX names it, where the node carries no weight name and no scope (models of
    other producers, cnnc's own).
