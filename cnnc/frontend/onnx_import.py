@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from cnnc.errors import CnncError, ModelFileError
-from cnnc.frontend import onnx_patterns, onnx_shapes
+from cnnc.frontend import onnx_names, onnx_patterns, onnx_shapes
 from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name, format_dims
@@ -1611,6 +1611,16 @@ def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | Non
         imp.constants[name] = np.asarray(value)
 
 
+def _noting_origins(graph: Graph, nodes: list[onnx.NodeProto], origins: dict[str, onnx.NodeProto]):
+    """The ONNX nodes to import, one by one; the IR nodes added while one was imported are
+    noted as coming from it (by name)."""
+    for node in nodes:
+        start = len(graph.nodes)
+        yield node
+        for new in graph.nodes[start:]:
+            origins.setdefault(new.name, node)
+
+
 def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) -> Graph:
     """Import an ONNX model (a file, or a ModelProto) into a verified IR graph."""
     from cnnc.ir.verify import verify
@@ -1644,7 +1654,8 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
     for vi in g.input:
         if vi.name not in imp.constants:
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
-    for node in nodes:
+    origins: dict[str, onnx.NodeProto] = {}  # IR node name -> the ONNX node it came from
+    for node in _noting_origins(imp.graph, nodes, origins):
         if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
@@ -1678,6 +1689,9 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
             )
         outputs.append(imp.value(None, o.name))
     imp.graph.outputs = outputs
+    if model.producer_name != "cnnc":
+        # cnnc's own models carry the program's names already.
+        onnx_names.name_layers(imp.graph, origins, imp.constants)
     imp.graph.opt_level = "imported"
     verify(imp.graph)
     return imp.graph

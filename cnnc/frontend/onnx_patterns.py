@@ -520,6 +520,8 @@ def rewrite(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> list[on
         if found is None:
             continue
         inner, new = found
+        # The exporter's metadata (PyTorch's module scope, say) describes the pattern's node.
+        new.metadata_props.extend(root.metadata_props)
         gone = {id(n) for n in inner}
         nodes = [new if n is root else n for n in nodes if id(n) not in gone]
     return nodes

@@ -313,9 +313,32 @@ class Graph:
         self._names.discard(value.name)
 
     def rename(self, value: Value, name: str) -> None:
-        """Give a value a new (unused) name."""
-        self._names.discard(value.name)
+        """Give a value (a parameter too) a new (unused) name."""
+        old = value.name
+        self._names.discard(old)
         value.name = self._claim(name)
+        if value.is_param:
+            # In place and in order: the parameters keep their order under the new name.
+            items = [(name if k == old else k, v) for k, v in self.params.items()]
+            self.params.clear()
+            self.params.update(items)
+
+    def rename_nodes(self, names: dict[Node, str]) -> None:
+        """Give nodes new names at once, so that one may take a name another gives up: each
+        ``unique_name`` of its wish, claimed in the order of ``names``. Their outputs, but
+        graph outputs, are then named as add_node names them (the first as the node, the
+        others ``<name>.1``, ...)."""
+        for node in names:
+            kept = {out.name for out in node.outputs if out in self.outputs}
+            for name in {node.name, *(out.name for out in node.outputs)} - kept:
+                self._names.discard(name)
+        for node, wish in names.items():
+            node.name = self._claim(self.unique_name(wish))
+        for node in names:
+            for i, out in enumerate(node.outputs):
+                if out not in self.outputs:
+                    name = node.name if i == 0 else f"{node.name}.{i}"
+                    out.name = name if i == 0 else self._claim(self.unique_name(name))
 
     # ---- queries ------------------------------------------------------------------------
 
