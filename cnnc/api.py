@@ -233,10 +233,13 @@ class Model:
                 )
         padded = padded_layers(self.graph)
         if padded:
+            named = ", ".join(padded[:6]) + (
+                f" and {len(padded) - 6} more" if len(padded) > 6 else ""
+            )
             lines.append(
-                f"note: {', '.join(padded)} pad or round up, so a cell is not exactly the "
-                "classifier run on a crop: on a crop, the classifier sees zero padding where "
-                "the larger image has pixels"
+                f"note: {named} pad or round up, so a cell is not exactly the network run on "
+                "a crop: on a crop, the network sees zero padding where the larger image has "
+                "pixels"
             )
         else:
             lines.append("no layer pads: every cell equals the classifier run on its window")

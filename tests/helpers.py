@@ -34,7 +34,9 @@ def assert_agree(actual: np.ndarray, expected: np.ndarray, what: str = "") -> No
     )
 
 
-def assert_every_value_agrees(model: cnnc.Model, *inputs: np.ndarray, opset: int = 17) -> int:
+def assert_every_value_agrees(
+    model: cnnc.Model, *inputs, opset: int = 17, outputs_as_intermediates: bool = False
+) -> int:
     """Run the model with every node output exposed, in the interpreter and in onnxruntime,
     and compare them value by value; returns how many values were compared.
 
@@ -43,7 +45,10 @@ def assert_every_value_agrees(model: cnnc.Model, *inputs: np.ndarray, opset: int
     ResNet-50 against a float64 run: 9e-5 of the tensor's magnitude for us, 6e-5 for
     onnxruntime, before the last stage), so intermediate values must agree within
     1e-3 of their magnitude: ten times looser, and still far below what any wrong
-    kernel produces.
+    kernel produces. ``outputs_as_intermediates`` holds the outputs to that tolerance
+    too, for networks whose outputs carry that rounding in both engines (measured on the
+    dilated FCN-ResNet-50 at -O0 against a float64 PyTorch run: 1.1e-4 of the output's
+    magnitude for us, 7.6e-5 for onnxruntime, so they may differ by more than 1e-4).
     """
     graph = model.graph
     final = list(graph.outputs)
@@ -56,11 +61,13 @@ def assert_every_value_agrees(model: cnnc.Model, *inputs: np.ndarray, opset: int
     names = [o.name for o in session.get_outputs()]
     outputs = {v.name for v in final}
     for x in inputs:
-        ours = interpreter.run(x)
-        theirs = session.run(None, {graph.inputs[0].name: x})
+        # One array for a network of one input, or a list of one array per input.
+        xs = list(x) if isinstance(x, list | tuple) else [x]
+        ours = interpreter.run(*xs)
+        theirs = session.run(None, dict(zip(model.input_names, xs, strict=True)))
         for value, a, b in zip(names, ours, theirs, strict=True):
-            what = f"value %{value}, batch {len(x)}"
-            if value in outputs:
+            what = f"value %{value}, batch {len(xs[0])}"
+            if value in outputs and not outputs_as_intermediates:
                 assert_agree(a, b, what)
             else:
                 scale = float(np.abs(b).max(initial=0))

@@ -142,6 +142,8 @@ class _Lowering:
         scope = _Scope("", {}, values, _labels(net.statements))
         last = self.body(net.statements, scope, self.graph.inputs[0])
         self.graph.outputs = self.outputs(net, scope, last)
+        # After the outputs, which use the values they name.
+        self.warn_unused(scope)
         self.graph.warnings = self.warnings
         verify(self.graph)
         return self.graph
@@ -179,6 +181,11 @@ class _Lowering:
     def body(self, statements: list[Statement], scope: _Scope, x: Value) -> Value:
         for stmt in statements:
             x = self.statement(stmt, scope, x)
+        if scope.block is not None:
+            self.warn_unused(scope)
+        return x
+
+    def warn_unused(self, scope: _Scope) -> None:
         for name, binding in scope.values.items():
             if not binding.used and binding.loc is not None:
                 key = (binding.loc.line, binding.loc.col, name)
@@ -191,7 +198,6 @@ class _Lowering:
                             hint="use it, or drop the binding",
                         )
                     )
-        return x
 
     def statement(self, stmt: Statement, scope: _Scope, x: Value | tuple) -> Value | tuple:
         links = stmt.links

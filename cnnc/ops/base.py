@@ -115,7 +115,7 @@ class Layer:
         parts = []
         for a in self.attrs:
             if a.kind == "values":
-                parts.append("a, b, ...")
+                parts.append(a.default_text or "a, b, ...")
             elif a.default is REQUIRED:
                 parts.append(a.name)
             elif a.default_text is not None:

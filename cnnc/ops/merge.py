@@ -126,7 +126,15 @@ for _op, _variadic in ARITHMETIC.items():
     register_layer(
         Layer(
             _op,
-            (Attr("inputs", "values", positional=True, doc="the values, in order"),),
+            (
+                Attr(
+                    "inputs",
+                    "values",
+                    positional=True,
+                    doc="the values, in order",
+                    default_text=None if _variadic else "a, b",
+                ),
+            ),
             _build_merge(_op, None if _variadic else 2),
             _DOCS[_op],
         )
