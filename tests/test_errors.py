@@ -191,7 +191,12 @@ def test_error_report_has_place_source_line_caret_and_hint():
 @pytest.mark.parametrize(
     ("written", "suggested"),
     [("Gelu", "gelu"), ("SiLU", "silu"), ("swish", "silu"), ("h_swish", "hardswish"),
-     ("BatchNorm2d", "bn"), ("Conv2d", "conv"), ("sigmod", "sigmoid"), ("LeakyReLU", "leaky_relu")],
+     ("BatchNorm2d", "bn"), ("Conv2d", "conv"), ("sigmod", "sigmoid"), ("LeakyReLU", "leaky_relu"),
+     ("ConvTranspose2d", "conv_transpose"), ("convtranspose", "conv_transpose"),
+     ("deconv", "conv_transpose"), ("Upsample", "upsample"), ("interpolate", "upsample"),
+     ("resize", "upsample"), ("LayerNorm", "layernorm"), ("ln", "layernorm"),
+     ("GroupNorm", "groupnorm"), ("AdaptiveAvgPool2d", "adaptive_avgpool"),
+     ("StochasticDepth", "drop_path"), ("ReflectionPad2d", "pad"), ("chunk", "split")],
 )  # fmt: skip
 def test_an_unknown_layer_named_as_elsewhere_suggests_cnnc_s_name(written, suggested):
     err = compile_error(f"  {written}")

@@ -19,7 +19,13 @@ from cnnc.passes.manager import Options, PassChangedOutputs
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.cnn"))
 # The large networks: each pass alone is checked on the others, and --verify-each (ten
 # interpreter runs) only there; the whole -O2 pipeline is checked on every example.
-LARGE = {"vgg16", "alexnet", "resnet50", "densenet121", "googlenet", "convnext_tiny"}
+LARGE = {
+    "vgg16", "alexnet", "resnet50", "densenet121", "googlenet", "convnext_tiny", "resnet34",
+    "resnext50_32x4d", "fcn_resnet50", "fcn32s_vgg16", "unet",
+}  # fmt: skip
+# Networks whose outputs carry float32 rounding of 1e-4 of their magnitude in every engine
+# (measured on FCN-ResNet-50 against a float64 PyTorch run: helpers.assert_every_value_agrees).
+DEEP_ROUNDING = {"fcn_resnet50"}
 SINGLE_PASSES = [
     "remove-identity", "dce", "channels-first", "fold-bn", "fc-to-conv", "fuse-conv-act"
 ]  # fmt: skip
@@ -44,15 +50,31 @@ def assert_same_outputs(reference: np.ndarray, *outputs: np.ndarray) -> None:
 # ---- every pass keeps every example's outputs ------------------------------------------------
 
 
+def _all_outputs(model: cnnc.Model, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """The model's outputs in the interpreter and in onnxruntime."""
+    session = ort_session(model.to_onnx())
+    theirs = session.run(None, dict(zip(model.input_names, xs, strict=True)))
+    return [model.run_all_outputs(*xs), theirs]
+
+
+def _assert_outputs_kept(path, before: cnnc.Model, after: cnnc.Model, xs) -> None:
+    reference = before.run_all_outputs(*xs)
+    for outputs in _all_outputs(after, xs):
+        for y, expected in zip(outputs, reference, strict=True):
+            if path.stem in DEEP_ROUNDING:
+                scale = float(np.abs(expected).max())
+                np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5 + 1e-3 * scale)
+            else:
+                assert_agree(y, expected)
+
+
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.stem)
 def test_O2_keeps_the_outputs_of_every_example_in_both_backends(path):
     before = cnnc.compile(path, opt_level=0)
     options = Options(verify_each=path.stem not in LARGE)
     after = cnnc.compile(path, opt_level=2, pass_options=options)
-    x = before.random_input(2, seed=5)
-    reference = before.run(x)
-    assert_same_outputs(reference, after.run(x), run_ort(after, x))
-    assert after.graph.outputs[0].type == before.graph.outputs[0].type
+    _assert_outputs_kept(path, before, after, before.random_inputs(2, seed=5))
+    assert [v.type for v in after.graph.outputs] == [v.type for v in before.graph.outputs]
 
 
 @pytest.mark.parametrize("name", SINGLE_PASSES)
@@ -62,8 +84,7 @@ def test_O2_keeps_the_outputs_of_every_example_in_both_backends(path):
 def test_each_pass_alone_keeps_the_outputs_in_both_backends(path, name):
     before = cnnc.compile(path, opt_level=0)
     after = cnnc.compile(path, passes=[name])
-    x = before.random_input(3, seed=7)
-    assert_same_outputs(before.run(x), after.run(x), run_ort(after, x))
+    _assert_outputs_kept(path, before, after, before.random_inputs(3, seed=7))
 
 
 # ---- the pass manager ------------------------------------------------------------------------
@@ -171,12 +192,13 @@ def test_outputs_keep_their_names_through_the_passes():
 # ---- remove-identity and dce -----------------------------------------------------------------
 
 
-def test_remove_identity_drops_every_dropout():
+def test_remove_identity_drops_every_dropout_and_the_adaptive_pool_that_keeps_its_size():
     model = cnnc.compile(EXAMPLES / "alexnet.cnn", passes=["remove-identity"])
     assert "dropout" not in labels(model)
+    assert "adaptive_avgpool2d" not in labels(model)
     assert (
         len(model.graph.nodes)
-        == len(cnnc.compile(EXAMPLES / "alexnet.cnn", opt_level=0).graph.nodes) - 2
+        == len(cnnc.compile(EXAMPLES / "alexnet.cnn", opt_level=0).graph.nodes) - 3
     )
 
 

@@ -545,3 +545,42 @@ def test_a_2d_nearest_resize_pytorch_would_copy_but_the_formula_samples_is_refus
     )  # fmt: skip
     with pytest.raises(ModelFileError, match=r"Resize nearest by 1\.1 from 5 to 5 samples"):
         load_onnx(model)
+
+
+def test_a_resize_to_another_value_s_sizes_as_torchscript_computes_them_imports(tmp_path):
+    # fcn_resnet50's last Resize as PyTorch's TorchScript exporter writes it: the batch and
+    # channels from Shape(y)[0:2], the spatial sizes gathered from Shape(image) and cast.
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    constants = {"w": weight, "zero": i64(0), "two": np.array(2), "three": np.array(3),
+                 "axis0": i64(0), "start": i64(0), "end": i64(2)}  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["image"], ["s"]),
+        helper.make_node("Gather", ["s", "two"], ["h"], axis=0),
+        helper.make_node("Gather", ["s", "three"], ["w_"], axis=0),
+        helper.make_node("Unsqueeze", ["h", "axis0"], ["h1"]),
+        helper.make_node("Unsqueeze", ["w_", "axis0"], ["w1"]),
+        helper.make_node("Concat", ["h1", "w1"], ["hw"], axis=0),
+        helper.make_node("Shape", ["y"], ["sy"]),
+        helper.make_node("Slice", ["sy", "start", "end", "zero"], ["nc"]),
+        helper.make_node("Cast", ["hw"], ["hw64"], to=TensorProto.INT64),
+        helper.make_node("Concat", ["nc", "hw64"], ["sizes"], axis=0),
+        helper.make_node(
+            "Resize", ["y", "", "", "sizes"], ["out"], name="up", mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        ),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 9, 10])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 9, 10])],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ours = cnnc.Model(load_onnx(model))
+    assert [n.op for n in ours.graph.nodes] == ["conv", "upsample"]
+    assert ours.graph.nodes[1].attrs["size"] == (9, 10)
+    x = np.random.default_rng(1).standard_normal((2, 3, 9, 10)).astype(np.float32)
+    assert_agree(ours.run(x), ort_session(model).run(None, {"image": x})[0])

@@ -561,7 +561,12 @@ def _resize_targets(imp: Importer, node, x: Value, attrs) -> dict[str, Any]:
     names = list(node.input) + [""] * 4
     given = {}
     for key, name in (("scales", names[2]), ("sizes", names[3])):
-        if name:
+        if name and key == "sizes":
+            # Sizes may carry the batch size, computed from Shape(x) at run time.
+            sizes = imp.sizes(node, name)
+            if sizes:
+                given[key] = np.array(sizes, dtype=object)
+        elif name:
             value = imp.constant(node, name).reshape(-1)
             if value.size:
                 given[key] = value
@@ -594,6 +599,14 @@ def _resize_targets(imp: Importer, node, x: Value, attrs) -> dict[str, Any]:
             f"Resize with keep_aspect_ratio_policy={policy} is not supported: cnnc resizes "
             "to the sizes given (stretch)",
         )
+    if (
+        isinstance(full[0], Dim)
+        and full[0].is_batch
+        and full[0].value.type.shape[0] == x.type.shape[0]
+    ):
+        full[0] = x.type.shape[0]  # the batch size of a value of this graph: x's
+    if any(isinstance(d, Dim) for d in full):
+        raise onnx_shapes.runtime_size_error(imp, node, next(d for d in full if isinstance(d, Dim)))
     if full[:2] != list(x.type.shape[:2]):
         raise imp.fail(
             node,
@@ -1226,11 +1239,11 @@ def _identity(imp: Importer, node, attrs) -> None:
 
 def _reshape_to(imp: Importer, node, x: Value, shape: tuple[int, ...]) -> None:
     """Reshape ``x`` to a full shape: flatten, reshape of the axes after the batch, or an error."""
-    if shape[0] != x.type.shape[0]:
+    if shape[0] != x.type.shape[0] or (len(shape) == 1 and x.type.rank > 1):
         raise imp.fail(
             node,
-            f"reshaping {x.type} to {list(shape)} moves the batch axis: cnnc "
-            "keeps the first axis as it is",
+            f"reshaping {x.type} to {list(shape)} moves the batch axis (or merges it with the "
+            "others): cnnc keeps the first axis as it is",
         )
     if len(shape) == 2 and x.type.rank > 2:
         imp.add(node, "flatten", [x])
