@@ -28,7 +28,7 @@ TORCHVISION = json.loads(
 )
 # The examples whose every-value check at batch 1 and 2, -O0 and -O2 takes minutes (over
 # 10 GMAC an item): the default suite checks every value of a batch of 1 at -O2, and
-# `pytest -m slow tests/test_examples.py` runs the whole matrix.
+# `pytest -m slow` runs the whole matrix.
 LARGE = {"vgg16", "fcn32s_vgg16", "fcn_resnet50", "unet"}
 
 
@@ -178,14 +178,13 @@ def test_a_torchvision_state_dict_loads_into_its_example_by_name(tmp_path):
     )
 
 
-@pytest.mark.parametrize("size", [(37, 53), (100, 150)])
+@pytest.mark.parametrize("size", [(1, 1), (37, 53), (500, 375)])
 def test_fcn32s_labels_every_pixel_of_an_input_of_any_size(size):
+    # The shapes only: every value at the declared size is checked above, and at other
+    # sizes in the fully convolutional test below.
     text = (EXAMPLES / "fcn32s_vgg16.cnn").read_text().replace("3x64x64", "3x{}x{}".format(*size))
-    model = cnnc.compile(text)
-    (output,) = model.graph.outputs
+    (output,) = cnnc.compile(text, opt_level=0).graph.outputs
     assert output.shape == ("N", 21, *size)
-    x = model.random_input(1)
-    assert_agree(model.run(x), ort_session(model.to_onnx()).run(None, {"image": x})[0])
 
 
 def test_fully_convolutional_fcn32s_crops_to_each_input_s_size_at_run_time():

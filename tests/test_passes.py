@@ -68,7 +68,16 @@ def _assert_outputs_kept(path, before: cnnc.Model, after: cnnc.Model, xs) -> Non
                 assert_agree(y, expected)
 
 
-@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.stem)
+# Over 10 GMAC an item: their -O2 and -O0 graphs are each checked against onnxruntime on
+# every value by `pytest -m slow tests/test_examples.py`, and here under the same marker.
+HEAVIEST = {"vgg16", "fcn32s_vgg16", "fcn_resnet50"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in HEAVIEST else p for p in EXAMPLE_FILES],
+    ids=lambda p: p.stem,
+)
 def test_O2_keeps_the_outputs_of_every_example_in_both_backends(path):
     before = cnnc.compile(path, opt_level=0)
     options = Options(verify_each=path.stem not in LARGE)

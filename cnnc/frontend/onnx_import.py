@@ -1239,7 +1239,8 @@ def _identity(imp: Importer, node, attrs) -> None:
 
 def _reshape_to(imp: Importer, node, x: Value, shape: tuple[int, ...]) -> None:
     """Reshape ``x`` to a full shape: flatten, reshape of the axes after the batch, or an error."""
-    if shape[0] != x.type.shape[0] or (len(shape) == 1 and x.type.rank > 1):
+    merges = len(shape) == 1 and x.type.rank > 1 and x.type.numel_per_item() != 1
+    if shape[0] != x.type.shape[0] or merges:
         raise imp.fail(
             node,
             f"reshaping {x.type} to {list(shape)} moves the batch axis (or merges it with the "
