@@ -1,0 +1,107 @@
+"""The element-wise activations of today's networks: every kernel against its formula in
+float64 over the whole range (where exp overflows, where tanh saturates), NaN and the
+infinities, against onnxruntime at each opset's ONNX form, and fused into a conv."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import assert_agree, ort_session
+
+import cnnc
+from cnnc.backends.kernels import ELEMENTWISE, erf
+from cnnc.backends.onnx_export import max_opset
+
+ERF = np.vectorize(math.erf)
+
+
+def softplus(x, beta=1.0):
+    return np.logaddexp(0, beta * x) / beta
+
+
+# Each activation (a layer, its IR attributes) and its formula in float64.
+FORMULAS = {
+    "sigmoid": ({}, lambda x: 1 / (1 + np.exp(-x))),
+    "silu": ({}, lambda x: x / (1 + np.exp(-x))),
+    "hardsigmoid": ({"alpha": 1 / 6, "beta": 0.5}, lambda x: np.clip(x / 6 + 0.5, 0, 1)),
+    "hardswish": ({}, lambda x: x * np.clip(x / 6 + 0.5, 0, 1)),
+    "gelu": ({"approximate": "none"}, lambda x: x / 2 * (1 + ERF(x / np.sqrt(2)))),
+    "gelu_tanh": (
+        {"approximate": "tanh"},
+        lambda x: x / 2 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    ),
+    "mish": ({}, lambda x: x * np.tanh(softplus(x))),
+    "elu": ({"alpha": 0.7}, lambda x: np.where(x > 0, x, 0.7 * np.expm1(np.minimum(x, 0)))),
+    "softplus": ({"beta": 1.0}, softplus),
+    "softplus_beta": ({"beta": 2.5}, lambda x: softplus(x, 2.5)),
+}
+WIDE = np.concatenate([np.linspace(-40, 40, 40_001), [-1e30, 1e30]])
+
+
+@pytest.mark.parametrize("name", FORMULAS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_kernel_computes_its_formula_over_the_whole_line(name, dtype):
+    attrs, formula = FORMULAS[name]
+    op = name.split("_")[0]
+    x = WIDE.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = formula(x.astype(np.float64))
+        ours = ELEMENTWISE[op](attrs)(x.copy())
+    assert ours.dtype == dtype
+    # float32 rounding of values up to 40 in magnitude; float64 to the erf polynomial.
+    tolerance = 4e-6 if dtype == np.float32 else 2e-7 * 40
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(ours[finite], expected[finite], rtol=1e-6, atol=tolerance)
+
+
+@pytest.mark.parametrize("name", FORMULAS)
+def test_nan_stays_nan_and_infinities_go_where_the_formula_goes(name):
+    attrs, formula = FORMULAS[name]
+    x = np.array([np.nan, -np.inf, np.inf], np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ours = ELEMENTWISE[name.split("_")[0]](attrs)(x.copy())
+        expected = formula(x.astype(np.float64))
+    assert np.isnan(ours[0])
+    for a, b in zip(ours[1:], expected[1:], strict=True):
+        assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", FORMULAS)
+def test_in_place_and_into_a_strided_view_give_the_same_values(name):
+    attrs, _ = FORMULAS[name]
+    run = ELEMENTWISE[name.split("_")[0]](attrs)
+    x = np.random.default_rng(0).standard_normal((3, 8, 6), dtype=np.float32) * 4
+    expected = run(x.copy())
+    in_place = x.copy()
+    run(in_place, out=in_place)
+    np.testing.assert_array_equal(in_place, expected)
+    target = np.zeros((8, 3, 6), np.float32)
+    run(x.transpose(1, 0, 2), out=target)
+    np.testing.assert_array_equal(target, expected.transpose(1, 0, 2))
+
+
+def test_erf_is_within_its_documented_error_in_float64():
+    x = np.linspace(-6, 6, 100_001)
+    assert np.abs(erf(x) - ERF(x)).max() < 1.5e-7
+
+
+LAYERS = {
+    "silu": "silu", "hardsigmoid": "hardsigmoid", "hardswish": "hardswish", "gelu": "gelu",
+    "gelu_tanh": "gelu(tanh)", "mish": "mish", "elu": "elu(0.7)", "softplus": "softplus",
+    "softplus_beta": "softplus(2.5)",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("opset", sorted({13, 17, 18, 20, max_opset()}))
+@pytest.mark.parametrize("name", LAYERS)
+def test_alone_and_fused_into_a_conv_it_agrees_with_onnxruntime(name, opset):
+    # The activation alone, then after a conv (fused at -O2).
+    text = f"network n(x: 3x9x9) {{ {LAYERS[name]} -> conv(4, 3) -> {LAYERS[name]} }}"
+    for level in (0, 2):
+        model = cnnc.compile(text, opt_level=level)
+        x = model.random_input(2) * 5
+        theirs = ort_session(model.to_onnx(opset=opset)).run(None, {"x": x})[0]
+        assert_agree(model.run(x), theirs, f"{name} at opset {opset}, -O{level}")
+    assert model.graph.nodes[1].attrs.get("activation") == name.split("_")[0]
