@@ -131,8 +131,24 @@ def exports_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("torchvision"))
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", MODELS)
+# Dynamo writes ConvNeXt's stochastic-depth identity as as_strided: a Reshape of the whole
+# tensor to one axis and a Gather of every element, which cnnc refuses by name (a flat view
+# of a batch-symbolic tensor is not a CNN op). TorchScript's export of it imports.
+REFUSED = {("convnext_tiny", "dynamo"): "dynamo's as_strided (flat Reshape + Gather)"}
+CASES = [
+    pytest.param(
+        name,
+        exporter,
+        marks=[pytest.mark.xfail(strict=True, reason=REFUSED[name, exporter])]
+        if (name, exporter) in REFUSED
+        else [],
+    )
+    for name in MODELS
+    for exporter in EXPORTERS
+]
+
+
+@pytest.mark.parametrize(("name", "exporter"), CASES)
 def test_torchvision_model_imports_and_computes_torchs_outputs(name, exporter, exports_dir):
     path, data, _ = exported(name, exporter, exports_dir)
     model = load(path, name, exporter)
@@ -140,8 +156,7 @@ def test_torchvision_model_imports_and_computes_torchs_outputs(name, exporter, e
         assert_agree(model.run(x), y, f"{name} ({exporter}), batch {batch}")
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("name", "exporter"), CASES)
 def test_torchvision_model_conv_weights_keep_their_state_dict_names(name, exporter, exports_dir):
     path, _, state_dict = exported(name, exporter, exports_dir)
     model = load(path, name, exporter, opt_level=0)
@@ -149,3 +164,30 @@ def test_torchvision_model_conv_weights_keep_their_state_dict_names(name, export
     assert weights
     assert [w for w in weights if w not in state_dict] == []
     assert {n.name + ".weight" for n in model.graph.nodes if n.op == "conv"} == set(weights)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_example_loads_torchvisions_state_dict_and_computes_its_outputs(name, tmp_path):
+    """examples/NAME.cnn takes torchvision's state_dict as it is (every name and shape) and
+    computes torchvision's outputs, at -O0 and -O2. Layer norms and ConvNeXt's layer scales
+    get random values too, so that a mistake in them shows in the outputs."""
+    model = build(name)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if hasattr(m, "layer_scale"):
+                m.layer_scale.copy_(torch.rand(m.layer_scale.shape, generator=g) + 0.5)
+    weights = tmp_path / f"{name}.npz"
+    np.savez(weights, **{k: v.numpy() for k, v in model.state_dict().items()})
+    x = np.random.default_rng(3).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    for level in (0, 2):
+        ours = cnnc.compile(EXAMPLES / f"{name}.cnn", weights=weights, opt_level=level)
+        assert_agree(ours.run(x), y, f"{name} -O{level} with torchvision's state_dict")
