@@ -47,6 +47,14 @@ def kernel(op: str):
     return register
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is finite, from one pass that allocates nothing: a sum
+    is finite only if every term is (NaN and ±inf survive addition). A sum that overflows
+    says no as well; callers take their slower exact path then, which is still right."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.sum(x)))
+
+
 # ---- windows --------------------------------------------------------------------------------
 
 
@@ -255,8 +263,6 @@ def conv(node: Node) -> Kernel:
     groups = node.attrs["groups"]
     if _depthwise_applies(node, weight):
         return _depthwise(node, win, weight)
-    if _winograd_applies(node, weight):
-        return _winograd(node, win, weight)
     kg, ckk = k // groups, cg * kh * kw
     bias = node.inputs[2].data if len(node.inputs) > 2 else None
     activation = _fused_activation(node)
@@ -398,6 +404,8 @@ def conv(node: Node) -> Kernel:
         im2col(copy, y, oh, wp)
         return y
 
+    if _winograd_applies(node, weight):
+        return _winograd(node, win, weight, run)
     return run
 
 
@@ -423,8 +431,12 @@ def _winograd_applies(node: Node, weight: np.ndarray) -> bool:
     )
 
 
-def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
-    """A 3×3, stride 1 convolution by Winograd's F(2×2, 3×3), in blocks of tile rows."""
+def _winograd(node: Node, win: Window, weight: np.ndarray, direct: Kernel) -> Kernel:
+    """A 3×3, stride 1 convolution by Winograd's F(2×2, 3×3), in blocks of tile rows; by
+    ``direct`` (im2col) when a sum comes out NaN or infinite. The transforms add and
+    subtract the pixels of a tile, so one infinite pixel gives inf − inf = NaN where the
+    convolution's own sum is ±inf, and values near float32's largest overflow there; a
+    result that comes out finite had neither (a non-finite value never turns finite)."""
     k, c = weight.shape[:2]
     g = _WINOGRAD_G
     # The kernel transform G·w·Gᵀ, once, in float64: [16 (4×4 positions), k, c].
@@ -446,6 +458,7 @@ def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
         # A tile row's transformed input and product: 16 values per tile and channel.
         blocks = _row_blocks(16 * max(c, k) * n, th, tw, min(c, k))
         pool = parallel.current()
+        finite = [True] * len(blocks)
 
         def block(i: int, worker: int) -> None:
             first, stop = blocks[i]
@@ -464,9 +477,12 @@ def _winograd(node: Node, win: Window, weight: np.ndarray) -> Kernel:
             np.matmul(u, v, out=m.reshape(16, k, t))
             rows_out = y[:, :, 2 * first : 2 * stop]
             _winograd_output(m.reshape(4, 4, k, n, r, tw), rows_out)
+            finite[i] = all_finite(rows_out)  # before the activation (relu6 bounds inf)
             finish(rows_out)  # while the rows are in this core's cache
 
         pool.map(block, len(blocks))
+        if not all(finite):
+            return direct(x)
         if (2 * th, 2 * tw) != (oh, ow):
             y = np.ascontiguousarray(y[:, :, :oh, :ow])
         return y
@@ -683,7 +699,8 @@ def conv_transpose(node: Node) -> Kernel:
     into the output, the pads cropped (only the stride-long blocks the output overlaps are
     computed) and the bias added. The threads take a share of the kernels (or of the
     groups, when there are more groups than kernels in each), each over blocks of rows
-    whose products fit COLUMN_BLOCK_BYTES."""
+    whose products fit COLUMN_BLOCK_BYTES. An input with a NaN or an infinity is
+    scattered tap by tap instead (see ``scatter``)."""
     weight = node.inputs[1].data
     win = _window(node, weight.shape[2:])
     weight = win.lift(weight) if win.one_d else weight
@@ -701,11 +718,34 @@ def conv_transpose(node: Node) -> Kernel:
     bias = node.inputs[2].data.reshape(groups, kg, 1, 1) if len(node.inputs) > 2 else None
     by_groups = groups > kg
 
+    def scatter(x: np.ndarray, oh: int, ow: int) -> np.ndarray:
+        # Tap by tap, each input pixel's products added where the tap lands (PyTorch's
+        # col2im): a pixel reaches only the outputs its taps land on, where the phases'
+        # product also multiplies it by the 0 weights of the taps that land elsewhere,
+        # which spreads a NaN or an infinity (0·inf = NaN) to them.
+        n, c, h, w = x.shape
+        cg = c // groups
+        full = np.zeros((n, groups, kg, oh + top + bottom, ow + left + right), np.float32)
+        taps = weight.reshape(groups, cg, kg, kh, kw)
+        xs = x.reshape(n, groups, cg, h * w)
+        for i in range(kh):
+            for j in range(kw):
+                product = np.matmul(taps[:, :, :, i, j].transpose(0, 2, 1), xs)
+                rows = slice(i * dh, i * dh + (h - 1) * sh + 1, sh)
+                cols = slice(j * dw, j * dw + (w - 1) * sw + 1, sw)
+                full[..., rows, cols] += product.reshape(n, groups, kg, h, w)
+        y = np.ascontiguousarray(full[..., top : top + oh, left : left + ow])
+        if bias is not None:
+            y += bias
+        return y.reshape(n, groups * kg, oh, ow)
+
     def run(x: np.ndarray) -> np.ndarray:
         x = win.lift(x)
         n, _, h, w = x.shape
         oh = (h - 1) * sh - top - bottom + dh * (kh - 1) + oph + 1
         ow = (w - 1) * sw - left - right + dw * (kw - 1) + opw + 1
+        if not all_finite(x):
+            return win.drop(scatter(x, oh, ow))
         # The stride-long blocks of the uncropped output that the output overlaps.
         first = (top // sh, left // sw)
         bh, bw = -(-(top + oh) // sh) - first[0], -(-(left + ow) // sw) - first[1]
@@ -1019,6 +1059,19 @@ def _store(y: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _window_means(t: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """The mean over each of PyTorch's ``size`` adaptive windows along ``axis``: window i
+    covers floor(i·n/size) to ceil((i+1)·n/size)."""
+    n = t.shape[axis]
+    means = [
+        t[(slice(None),) * axis + (slice(i * n // size, -(-(i + 1) * n // size)),)].mean(
+            axis=axis, keepdims=True, dtype=np.float32
+        )
+        for i in range(size)
+    ]
+    return np.concatenate(means, axis=axis)
+
+
 @kernel("adaptive_avgpool")
 def adaptive_avgpool(node: Node) -> Kernel:
     """Windows that divide an axis evenly are a mean over a reshaped axis; others are a
@@ -1037,6 +1090,10 @@ def adaptive_avgpool(node: Node) -> Kernel:
             y = _uniform_windows(t, axis, data, np.add, out)
             y /= np.float32(data)
             return y
+        if not all_finite(t):
+            # The matrix's 0 outside each window would carry a NaN or an infinity into
+            # every window of the axis (0·inf = NaN): window by window instead.
+            return _store(_window_means(t, axis, data.shape[0]), out)
         y = np.matmul(t, data.T) if axis == t.ndim - 1 else np.matmul(data, t)
         return _store(y, out)
 
@@ -1135,9 +1192,18 @@ def erf(z: np.ndarray) -> np.ndarray:
     return np.copysign(poly, z, out=poly)
 
 
+def _times_gate(x: np.ndarray, gate: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """x · gate(x) for a gate that goes to 0 at −inf (silu, hardswish, gelu, mish), with the
+    function's limit there: −inf·0 is NaN, so x is bounded below by float32's lowest first
+    (−3.4e38·0 = −0). NaN stays NaN; ``gate`` must be computed before ``out`` is written."""
+    y = np.maximum(x, np.finfo(x.dtype).min, out=out)
+    y *= gate
+    return y
+
+
 def _silu(attrs: dict) -> Activation:
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return np.multiply(x, _sigmoid(x), out=out)
+        return _times_gate(x, _sigmoid(x), out)
 
     return run
 
@@ -1155,7 +1221,7 @@ def _hardswish(attrs: dict) -> Activation:
     gate = _hardsigmoid(1 / 6, 0.5)
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return np.multiply(x, gate(x), out=out)
+        return _times_gate(x, gate(x), out)
 
     return run
 
@@ -1179,18 +1245,21 @@ def _gelu(attrs: dict) -> Activation:
             gate = erf(x * kind(1 / np.sqrt(2)))
         gate += 1
         gate *= kind(0.5)
-        return np.multiply(x, gate, out=out)
+        return _times_gate(x, gate, out)
 
     return run
 
 
-def _softplus_of(x: np.ndarray) -> np.ndarray:
-    """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): never overflows, and plain ufunc
-    passes (np.logaddexp is ten times as slow on float32)."""
+def _softplus_of(x: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """log(1 + exp(beta·x)) / beta as max(x, 0) + log1p(exp(-beta·|x|)) / beta: never
+    overflows, not even where beta·x would (beta > 1, x near float32's largest), and
+    plain ufunc passes (np.logaddexp is ten times as slow on float32)."""
     y = np.abs(x)
-    np.negative(y, out=y)
+    y *= x.dtype.type(-beta)
     np.exp(y, out=y)
     np.log1p(y, out=y)
+    if beta != 1:
+        y /= x.dtype.type(beta)
     y += np.maximum(x, 0)
     return y
 
@@ -1198,7 +1267,7 @@ def _softplus_of(x: np.ndarray) -> np.ndarray:
 def _mish(attrs: dict) -> Activation:
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         gate = _softplus_of(x)
-        return np.multiply(x, np.tanh(gate, out=gate), out=out)
+        return _times_gate(x, np.tanh(gate, out=gate), out)
 
     return run
 
@@ -1223,10 +1292,7 @@ def _softplus(attrs: dict) -> Activation:
     beta = attrs["beta"]
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        scaled = x if beta == 1 else np.multiply(x, x.dtype.type(beta))
-        y = _softplus_of(scaled)
-        if beta != 1:
-            y /= x.dtype.type(beta)
+        y = _softplus_of(x, beta)
         if out is None:
             return y
         np.copyto(out, y)
