@@ -26,6 +26,9 @@ class Step:
     in_place: bool  # the kernel may write over its first input, whose memory dies here
 
 
+QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore", "under": "ignore"}
+
+
 class NodeFailure(CnncError):
     """A kernel failed while running a node (for example, out of memory)."""
 
@@ -138,7 +141,9 @@ class Interpreter:
             check_input(value, x, self.graph.flexible_spatial)
             env[s] = x
         check_batch(self.graph.inputs, inputs)
-        with parallel.using(self.threads) as pool:
+        # NaN and infinities follow IEEE arithmetic (README, NaN and infinity): they are
+        # values, not errors, and NumPy's warnings about them would only be noise.
+        with parallel.using(self.threads) as pool, np.errstate(**QUIET):
             n = inputs[0].shape[0] if inputs and inputs[0].ndim else 0
             if free and timer is None and self._splits_batch(n):
                 return self._batch_split(pool, env, n)

@@ -71,14 +71,18 @@ class Pool:
                 task(i, 0)
             return
         counter = itertools.count()  # next() on it is atomic under the GIL
+        # NumPy's floating-point error handling is the caller's in every thread (the
+        # interpreter lets NaN and inf go silently; a new thread would warn).
+        errors_handling = np.geterr()
 
         def drain(worker: int) -> None:
             # A task runs its own pieces serially: the other threads are busy.
             outer = getattr(_local, "pool", None)
             _local.pool = self._inner[worker]
             try:
-                while (i := next(counter)) < count:
-                    task(i, worker)
+                with np.errstate(**errors_handling):
+                    while (i := next(counter)) < count:
+                        task(i, worker)
             finally:
                 if outer is None:
                     del _local.pool
