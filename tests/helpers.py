@@ -8,7 +8,7 @@ import onnxruntime as ort
 import cnnc
 from cnnc.backends import onnx_export
 from cnnc.backends.interpreter import Interpreter
-from cnnc.compare import ATOL, RTOL, tolerance
+from cnnc.compare import ATOL, INTERMEDIATE_RTOL, RTOL, tolerance
 
 __all__ = ["ATOL", "RTOL", "assert_agree", "assert_every_value_agrees", "ort_session"]
 
@@ -23,7 +23,8 @@ def ort_session(model) -> ort.InferenceSession:
 
 
 def assert_agree(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
-    """Equal under cnnc.compare's criterion (rtol 1e-4, atol 1e-5 + 1e-4·max|expected|)."""
+    """Equal under cnnc.compare's criterion (rtol 1e-4, atol 1e-5 + 1e-4·max|expected|, over
+    the finite values; NaN and ±inf at the same places)."""
     assert actual.size == expected.size, f"{what}: sizes {actual.shape} and {expected.shape}"
     np.testing.assert_allclose(
         actual.reshape(expected.shape),
@@ -70,6 +71,6 @@ def assert_every_value_agrees(
             if value in outputs and not outputs_as_intermediates:
                 assert_agree(a, b, what)
             else:
-                scale = float(np.abs(b).max(initial=0))
-                np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL + 1e-3 * scale, err_msg=what)
+                atol = tolerance(b, INTERMEDIATE_RTOL)
+                np.testing.assert_allclose(a, b, rtol=RTOL, atol=atol, err_msg=what)
     return len(names)
