@@ -579,3 +579,25 @@ def test_bench_names_the_node_of_a_disagreement(tmp_path, capsys, monkeypatch):
         "error: the two backends disagree, first at node r (relu), on finite values; "
         "this may be a bug in cnnc, please report it"
     )
+
+
+def test_an_imported_clip_without_a_max_is_written_as_relu_and_keeps_inf(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Clip", ["x", "low"], ["y"])],
+        "clamp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3])],
+        [helper.make_tensor("low", TensorProto.FLOAT, [], [0.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "clamp.onnx")
+    imported = cnnc.load(tmp_path / "clamp.onnx", opt_level=0)
+    text, _ = imported.to_program()
+    assert "relu" in text and "clip" not in text
+    x = np.array([[[INF, -INF, NAN], [1, -1, 0]]], np.float32)
+    expected = np.array([[[INF, 0, NAN], [1, 0, 0]]], np.float32)
+    np.testing.assert_array_equal(imported.run(x), expected)
+    np.testing.assert_array_equal(cnnc.compile(text, opt_level=0).run(x), expected)

@@ -139,6 +139,10 @@ WRITERS: dict[str, Callable[..., str]] = {
     "clip": lambda n: (
         "relu6"
         if (n.attrs["min"], n.attrs["max"]) == (0, 6)
+        # Clip(min=0) (torch.clamp(x, min=0)) is relu, +inf included: the language has no
+        # infinity, and clip(0, 3.4028235e38) would turn +inf into 3.4028235e38.
+        else "relu"
+        if (n.attrs["min"], n.attrs["max"]) == (0, math.inf)
         else f"clip({_number(n.attrs['min'])}, {_number(n.attrs['max'])})"
     ),
     "lrn": lambda n: (
