@@ -141,9 +141,10 @@ NONFINITE_DIFFERENCES: dict[str, tuple[Callable[[Node, dict], bool] | None, str]
     ),
     "lrn": (
         None,
-        "beside an inf (or a value whose square overflows) cnnc and PyTorch divide by "
-        "inf and give 0; onnxruntime's LRN also gives NaN at channels past the window, "
-        "where its running sum subtracts inf − inf",
+        "a NaN or an inf (or a value whose square overflows) reaches the channels of its "
+        "window, as in PyTorch (the neighbours of an inf divide by it: 0); onnxruntime's "
+        "LRN also gives NaN at channels past the window, where its running sum "
+        "subtracts it again (inf − inf, NaN)",
     ),
     "upsample": (
         _linear,
