@@ -63,6 +63,11 @@ def _model_args(p: argparse.ArgumentParser, default_level: int = 2) -> None:
         help="trained weights, tensors named <layer>.weight / <layer>.bias",
     )
     p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="accept weights that hold NaN or infinity (refused by default)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights and input (default 0)"
     )
     opt = p.add_argument_group("optimization")
@@ -255,6 +260,7 @@ def _load(args, notice: bool = True) -> cnnc.Model:
         passes=args.passes,
         fully_conv=args.fully_conv,
         pass_options=options,
+        allow_nonfinite=args.allow_nonfinite,
     )
     for warning in model.warnings:
         print(warning.render(), file=sys.stderr)
@@ -301,14 +307,20 @@ def _describe_output(y: np.ndarray, top: int) -> list[str]:
 def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
     """The arrays of ``--input`` options, one per network input: ``FILE.npy`` fills the
     next input in order, ``NAME=FILE.npy`` the input called NAME, and ``FILE.npz`` the
-    inputs named by its arrays (any one array, for a network of one input)."""
+    inputs named by its arrays (any one array, for a network of one input). Each array
+    is checked against its input here, so that a mistake names its file."""
+    from cnnc.backends.interpreter import check_batch, check_input
+
     names = model.input_names
     given: dict[str, np.ndarray] = {}
     in_order: list[np.ndarray] = []
+    files: dict[int, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         named = bool(sep) and name in names
         data = cnnc.read_input(path if named else spec)
+        for array in data.values() if isinstance(data, dict) else [data]:
+            files[id(array)] = path if named else spec
         if isinstance(data, dict):
             if len(names) == 1 and len(data) == 1:
                 data = {names[0]: next(iter(data.values()))}
@@ -336,6 +348,13 @@ def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
             f"no --input for {', '.join(missing)}",
             hint=f"{model.name} takes " + ", ".join(names) + "; give --input NAME=FILE.npy each",
         )
+    for value in model.graph.inputs:
+        x = given[value.name]
+        try:
+            check_input(value, x, model.graph.flexible_spatial)
+            check_batch([value], [x])
+        except CnncError as e:
+            raise e.at(files[id(x)]) from None
     return [given[n] for n in names]
 
 

@@ -1535,15 +1535,107 @@ def _crop(imp: Importer, node, x: Value, ref: Value, offsets: dict[int, int]) ->
 
 
 def _read(path: Path) -> onnx.ModelProto:
+    where = str(path)
     try:
-        model = onnx.load(str(path))
+        if path.is_dir():
+            raise ModelFileError("is a directory, not an ONNX model", where)
+        if path.exists() and path.stat().st_size == 0:
+            raise ModelFileError("not an ONNX model: the file is empty", where)
+        # External data is read below, once its places and sizes are checked.
+        model = onnx.load(str(path), load_external_data=False)
     except FileNotFoundError:
-        raise ModelFileError("model file not found", str(path)) from None
-    except (DecodeError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError("model file not found", where) from None
+    except OSError as e:
+        raise ModelFileError(f"cannot read the model: {e.strerror or e}", where) from None
+    except (DecodeError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
         raise ModelFileError(
-            f"not a readable ONNX model ({e.__class__.__name__}: {e})", str(path)
+            f"not a readable ONNX model: {_first_line(e)}",
+            where,
+            hint="an ONNX model is a ModelProto protobuf, as onnx.save and torch.onnx.export "
+            "write it",
         ) from None
-    return _check(model, str(path))
+    _load_external_data(model, path.parent, where)
+    return _check(model, where)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "unreadable"
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx import external_data_helper
+
+    return [
+        t
+        for t in external_data_helper._get_all_tensors(model)
+        if external_data_helper.uses_external_data(t)
+    ]
+
+
+def _load_external_data(model: onnx.ModelProto, folder: Path, where: str) -> None:
+    """Read the external data of ``model``'s tensors from files in ``folder``, after
+    checking that each file lies inside the folder, is a regular file, and holds the
+    bytes its tensor's dims need (a lying length or dims never allocates)."""
+    import stat
+
+    from onnx import external_data_helper
+
+    tensors = _external_tensors(model)
+    if not tensors:
+        return
+    root = folder.resolve()
+    for t in tensors:
+        info = external_data_helper.ExternalDataInfo(t)
+        name, location = t.name, info.location or ""
+        target = (root / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
+            raise ModelFileError(
+                f"initializer {name} keeps its data in {location!r}, outside the model's folder",
+                where,
+                hint="external data files must lie in the model's folder",
+            )
+        try:
+            st = target.stat()
+        except OSError as e:
+            raise ModelFileError(
+                f"initializer {name}: cannot read its data file {location}: {e.strerror}", where
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelFileError(
+                f"initializer {name}: its data file {location} is not a regular file", where
+            )
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 0
+        if itemsize == 0 or t.data_type == onnx.TensorProto.STRING:
+            raise ModelFileError(
+                f"initializer {name} has external data of an unsupported type", where
+            )
+        count = 1
+        for d in t.dims:
+            count *= d
+        needed = count * itemsize
+        offset = info.offset or 0
+        if info.length is not None and info.length != needed:
+            raise ModelFileError(
+                f"initializer {name}: its external data length {info.length:,} bytes does "
+                f"not match its shape {list(t.dims)} ({needed:,} bytes)",
+                where,
+            )
+        if min(t.dims, default=0) < 0 or offset < 0 or offset + needed > st.st_size:
+            raise ModelFileError(
+                f"initializer {name}: its shape {list(t.dims)} needs {needed:,} bytes at "
+                f"offset {offset:,} of {location}, which holds {st.st_size:,}",
+                where,
+            )
+    try:
+        external_data_helper.load_external_data_for_model(model, str(root))
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
+        raise ModelFileError(
+            f"cannot read the model's external data: {_first_line(e)}", where
+        ) from None
 
 
 # Ops that later onnx releases deprecated at the opsets they came in, but that import reads
@@ -1570,9 +1662,28 @@ def _check(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(_checkable(model))
     except (onnx.checker.ValidationError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # The checker's first line is its message, except where it names a node on the
+        # lines after (topological order): then the whole message, on one line.
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else "invalid model"
+        if first.endswith("of node:"):
+            first = " ".join(lines[:3])
         raise ModelFileError(f"the model fails the ONNX checker: {first}", where) from None
     return model
+
+
+def _min_input(text: str, where: str) -> tuple[int, ...]:
+    """The smallest input sizes of a fully convolutional model cnnc wrote, from its
+    metadata (``3x224x224``): anything else there means the file was edited or damaged."""
+    parts = text.split("x")
+    if not all(p.isascii() and p.isdigit() and len(p) <= 18 and int(p) > 0 for p in parts):
+        raise ModelFileError(
+            f"metadata {MIN_INPUT_KEY} is {text[:40]!r}, expected positive sizes such as 3x224x224",
+            where,
+            hint=f"cnnc writes {MIN_INPUT_KEY} for fully convolutional models; remove the "
+            "entry or give the input's sizes without the batch",
+        )
+    return tuple(int(p) for p in parts)
 
 
 def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
@@ -1657,7 +1768,7 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
     imp = Importer(model, where)
     props = {p.key: p.value for p in model.metadata_props}
     if MIN_INPUT_KEY in props:
-        imp.min_input = tuple(int(d) for d in props[MIN_INPUT_KEY].split("x"))
+        imp.min_input = _min_input(props[MIN_INPUT_KEY], where)
         imp.graph.flexible_spatial = True
     g = model.graph
     for init in g.initializer:
