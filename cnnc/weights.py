@@ -140,7 +140,10 @@ def load(graph: Graph, path: str | Path, allow_nonfinite: bool = False) -> None:
                 elif dtype.kind != "f":
                     problems.append(f"{name} has dtype {dtype}, expected floating point")
                 else:
-                    array = archive.read(name).astype(np.float32, copy=False)
+                    # A float64 beyond float32's range becomes infinite here, as it would
+                    # in the network: it is counted below.
+                    with np.errstate(over="ignore"):
+                        array = archive.read(name).astype(np.float32, copy=False)
                     bad = nonfinite_count(array)
                     if bad and not allow_nonfinite:
                         nonfinite = True
