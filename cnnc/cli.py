@@ -12,6 +12,7 @@ import cnnc
 from cnnc import output
 from cnnc.compare import DESCRIPTION, agree, max_difference
 from cnnc.errors import CnncError, InternalError, ModelFileError, UsageError
+from cnnc.npyfile import write_npz
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
 
@@ -402,7 +403,7 @@ def cmd_run(args) -> None:
     if out is not None:
         with output.open_output(out) as f:
             if len(outputs) > 1:
-                np.savez(f, **dict(zip(outputs, ys, strict=True)))
+                write_npz(f, dict(zip(outputs, ys, strict=True)))
             else:
                 np.save(f, ys[0], allow_pickle=False)
         print(f"wrote {out.name}", file=report)
@@ -443,7 +444,7 @@ def cmd_import(args) -> None:
     # Both files go to temporary files first and are renamed only once both are written.
     with output.open_outputs(*targets) as (program_file, weights_file):
         program_file.write(text.encode())
-        np.savez(weights_file, **weights)
+        write_npz(weights_file, weights)
     print(
         f"wrote {out} ({len(model.graph.nodes)} layers) and {npz} "
         f"({len(weights)} tensors, {model.param_count():,} parameters)"

@@ -212,6 +212,15 @@ def open_array_file(
     raise error(f"not a NumPy array file (.npy or .npz): {found}", str(path), hint=hint)
 
 
+def write_npz(f, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an .npz archive (as numpy.savez does) to a binary stream,
+    which may be one that cannot seek (standard output, a FIFO)."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def nonfinite_count(array: np.ndarray) -> int:
     """How many values of a floating-point array are NaN or infinite."""
     if array.dtype.kind not in "fc":

@@ -1223,14 +1223,15 @@ def save(
 
     target = output.target(path)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    data_name = target.path.name + ".data" if weight_bytes > external_threshold else None
-    if data_name is not None and target.through:
+    external = weight_bytes > external_threshold
+    if external and target.through:
         raise OutputError(
             f"a model of {weight_bytes / 1e9:.1f} GB of weights keeps them in a second file "
             f"beside it, which {target.name} cannot hold",
             target.shown,
             hint="write it to a regular file",
         )
+    data_name = target.path.name + ".data" if external else None
     workdir = output.staging_dir(target)
     try:
         staged = workdir / "model.onnx"
