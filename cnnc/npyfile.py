@@ -12,6 +12,7 @@ Nothing is ever unpickled.
 from __future__ import annotations
 
 import os
+import stat
 import zipfile
 import zlib
 from math import prod
@@ -191,6 +192,10 @@ def open_array_file(
     the file (``what`` says what the file was meant to be: "input", "weights file")."""
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # A pipe cannot be read twice (head, then data) and has no size to check.
+            raise error(f"is not a regular file; cnnc reads a {what} from a file", str(path))
         with open(path, "rb") as f:
             head = f.read(len(NPY_MAGIC))
         if head.startswith(ZIP_MAGIC) or (not head and path.suffix.lower() == ".npz"):

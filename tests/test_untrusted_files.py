@@ -345,6 +345,12 @@ def test_a_malformed_input_file_is_one_error(tmp_path, capsys, case):
     assert listing(tmp_path) == before
 
 
+def test_an_input_that_is_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / "x.npy")
+    with pytest.raises(cnnc.errors.InputError, match="is not a regular file"):
+        cnnc.read_input(tmp_path / "x.npy")
+
+
 def test_an_input_header_is_checked_before_anything_is_allocated(tmp_path):
     path = tmp_path / "x.npy"
     path.write_bytes(INPUT_CORPUS["lying header.npy"])
