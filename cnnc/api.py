@@ -168,7 +168,9 @@ class Model:
         opset: int | None = None,
         inline_functions: bool = False,
     ) -> onnx.ModelProto:
-        """The ONNX model; with ``path``, also check it and write it there atomically.
+        """The ONNX model; with ``path``, also check it and write it there as ``-o`` does
+        (``"-"`` is standard output, a FIFO or device is written through, a regular file
+        replaced atomically; see :mod:`cnnc.output`).
 
         Fused ops are model-local functions of standard ops unless ``inline_functions``.
         """

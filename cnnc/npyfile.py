@@ -50,7 +50,7 @@ def _header(f, available: int) -> tuple[tuple[int, ...], np.dtype]:
             raise ArrayFileError(f"unknown .npy format version {version[0]}.{version[1]}")
     except ArrayFileError:
         raise
-    except (ValueError, EOFError, SyntaxError, TypeError, OverflowError, MemoryError) as e:
+    except Exception as e:  # numpy parses the header text with ast and tokenize: any failure
         raise ArrayFileError(f"not a valid .npy header ({_first_line(e)})") from None
     if dtype.hasobject:
         raise ArrayFileError("it holds Python objects, which cnnc never unpickles")
@@ -100,7 +100,7 @@ class NpzArchive:
             raise ArrayFileError("the file is empty")
         try:
             self._zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as e:
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError) as e:
             raise ArrayFileError(f"not a valid .npz (zip) archive ({_first_line(e)})") from None
         self.members: dict[str, zipfile.ZipInfo] = {}
         for info in self._zip.infolist():
@@ -123,6 +123,8 @@ class NpzArchive:
     def _check_sizes(self, name: str, info: zipfile.ZipInfo) -> None:
         if info.header_offset + info.compress_size > self._size:
             raise ArrayFileError(f"{name} cannot be read: the archive is cut short")
+        if info.flag_bits & 0x1:
+            raise ArrayFileError(f"{name} cannot be read: it is encrypted")
         if info.compress_type == zipfile.ZIP_STORED:
             if info.file_size != info.compress_size:
                 raise ArrayFileError(f"{name} cannot be read: the archive's sizes disagree")
@@ -147,7 +149,14 @@ class NpzArchive:
                 shape, dtype = _header(f, info.file_size)
         except ArrayFileError as e:
             raise ArrayFileError(f"{name} cannot be read: {e}") from None
-        except (OSError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        except (
+            OSError,
+            zipfile.BadZipFile,
+            zlib.error,
+            EOFError,
+            NotImplementedError,
+            RuntimeError,
+        ) as e:
             raise ArrayFileError(f"{name} cannot be read: {_first_line(e)}") from None
         return shape, dtype
 
@@ -161,7 +170,14 @@ class NpzArchive:
                 return _read_data(f)
         except ArrayFileError as e:
             raise ArrayFileError(f"{name} cannot be read: {e}") from None
-        except (OSError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        except (
+            OSError,
+            zipfile.BadZipFile,
+            zlib.error,
+            EOFError,
+            NotImplementedError,
+            RuntimeError,
+        ) as e:
             raise ArrayFileError(f"{name} cannot be read: {_first_line(e)}") from None
 
     def close(self) -> None:

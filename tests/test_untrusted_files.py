@@ -72,6 +72,21 @@ def good_npz(**changes: np.ndarray) -> bytes:
     return npz_bytes({f"{n}.npy": npy_bytes(a) for n, a in tensors.items()})
 
 
+def patched_central_directory(offset: int, value: int, size: int = 1) -> bytes:
+    """A good weights file whose first central-directory entry has ``value`` at ``offset``."""
+    packed = bytearray(good_npz())
+    central = packed.find(b"PK\x01\x02")
+    packed[central + offset : central + offset + size] = value.to_bytes(size, "little")
+    return bytes(packed)
+
+
+def untokenizable_npy() -> bytes:
+    """An .npy whose header text neither ast nor tokenize can read (numpy's two tries)."""
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2,\x94 }"
+    text += b" " * (64 - 10 - len(text) - 1) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + b"\0" * 8
+
+
 def inflated_npz() -> bytes:
     """A deflated member whose stored size claims 150 TiB: a zip bomb's lie."""
     payload = lying_npy((2**44, 10))
@@ -97,6 +112,8 @@ WEIGHTS_CORPUS = {
     "object dtype": npz_bytes({"c.weight.npy": lying_npy((2,), b"\0" * 16, "|O")}),
     "string dtype": npz_bytes({"c.weight.npy": npy_bytes(np.array(["ab", "cd"]))}),
     "record dtype": npz_bytes({"c.weight.npy": lying_npy((2,), b"\0" * 16, [("a", "<f4")])}),
+    "encrypted member": patched_central_directory(8, 0x1, 2),
+    "zip version from the future": patched_central_directory(6, 200),
     "crc damaged": good_npz()[:200] + bytes([good_npz()[200] ^ 0xFF]) + good_npz()[201:],
     "single array": npy_bytes(np.zeros(3, np.float32)),
     "nan": good_npz(**{"c.bias": np.array([np.nan, 0], np.float32)}),
@@ -131,6 +148,7 @@ INPUT_CORPUS = {
     "strings.npy": npy_bytes(np.full((1, 1, 4, 4), "x")),
     "bad version.npy": b"\x93NUMPY\x09\x00" + b"\0" * 40,
     "bad header.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': ..., }\n",
+    "untokenizable header.npy": untokenizable_npy(),
     "image.png": png(),
     "truncated image.png": png()[:30],
     "random bytes named.png": np.random.default_rng(1).bytes(200),
@@ -191,6 +209,15 @@ def onnx_corpus() -> dict[str, bytes]:
     def no_graph(m):
         m.ClearField("graph")
 
+    def attribute(name: str, value):
+        def edit(m):
+            node = m.graph.node[0]
+            old = next(a for a in node.attribute if a.name == name)
+            node.attribute.remove(old)
+            node.attribute.append(helper.make_attribute(name, value))
+
+        return edit
+
     data = good.SerializeToString()
     return {
         "empty": b"",
@@ -207,6 +234,8 @@ def onnx_corpus() -> dict[str, bytes]:
         "huge dims": edited(huge_dims),
         "infinite weight": edited(nan_weight),
         "bad metadata": edited(metadata),
+        "pads of 3 values": edited(attribute("pads", [1, 1, 1])),
+        "strides of the wrong type": edited(attribute("strides", 1.5)),
         "external data outside": edited(lambda m: external(m, "../../etc/passwd")),
         "external data absolute": edited(lambda m: external(m, "/etc/passwd")),
         "external data missing": edited(lambda m: external(m, "missing.bin")),
@@ -227,7 +256,8 @@ def assert_one_error_naming(code: int, err: str, path) -> None:
     assert code == 1, err
     errors = [line for line in err.splitlines() if ": error: " in line or line.startswith("error")]
     assert len(errors) == 1, err
-    assert errors[0].startswith(f"{path}: error: "), err
+    # The file first; a damaged node of an ONNX model is named after it.
+    assert errors[0].startswith((f"{path}: error: ", f"{path}: node ")), err
     assert "Traceback" not in err
     assert not CLASS_NAME.search(err), err
 
@@ -410,6 +440,8 @@ ONNX_CASES = [
     "huge dims",
     "infinite weight",
     "bad metadata",
+    "pads of 3 values",
+    "strides of the wrong type",
     "external data outside",
     "external data absolute",
     "external data missing",
@@ -449,6 +481,7 @@ def test_the_onnx_corpus_covers_every_case():
             "however input 'f' of node: name: c OpType: ConvRelu",
         ),
         ("bad metadata", "metadata cnnc.min_input_shape is 'abc', expected positive sizes"),
+        ("pads of 3 values", "cannot import this node: "),
         (
             "external data outside",
             "initializer c.weight keeps its data in '../../etc/passwd', outside the model's folder",

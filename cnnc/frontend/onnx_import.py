@@ -47,7 +47,7 @@ class Importer:
         self, node: onnx.NodeProto | None, message: str, hint: str | None = None
     ) -> ModelFileError:
         at = (
-            f"{self.where}: node {node.name or node.output[0]} ({node.op_type})"
+            f"{self.where}: node {node.name or next(iter(node.output), '?')} ({node.op_type})"
             if node
             else self.where
         )
@@ -1746,16 +1746,62 @@ def _noting_origins(graph: Graph, nodes: list[onnx.NodeProto], origins: dict[str
             origins.setdefault(new.name, node)
 
 
+def _import_node(imp: Importer, node: onnx.NodeProto) -> None:
+    """Import one ONNX node: one of cnnc's functions, a constant, a shape computation, a
+    node of constants folded now, or an op of IMPORTERS."""
+    if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
+        return
+    fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if node.op_type == "Constant" and fn is not None:
+        fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        return
+    if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        onnx_shapes.compute(imp, node, attrs)
+        return
+    if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
+        fold(imp, node)
+        return
+    if fn is None:
+        raise imp.fail(
+            node,
+            f"op {node.domain + '.' if node.domain else ''}{node.op_type} is not supported",
+            hint="supported ops: " + ", ".join(sorted(IMPORTERS)),
+        )
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    fn(imp, node, attrs)
+
+
+# What a damaged model (an attribute of the wrong type or length, names in bytes that
+# are not UTF-8) makes the import code or onnx raise, where no check names the problem.
+MALFORMED = (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError)
+MALFORMED_HINT = (
+    "its attributes or inputs are malformed; if onnxruntime runs the model, this is a "
+    "bug in cnnc: please report it"
+)
+
+
 def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) -> Graph:
     """Import an ONNX model (a file, or a ModelProto) into a verified IR graph."""
-    from cnnc.ir.verify import verify
-
     if isinstance(source, onnx.ModelProto):
         model, base_dir = _check(source, where or "<model>"), None
         where = where or "<model>"
     else:
         path = Path(source)
         model, base_dir, where = _read(path), str(path.parent), str(path)
+    try:
+        return _import(model, base_dir, where)
+    except (*MALFORMED, onnx.checker.ValidationError) as e:
+        raise ModelFileError(
+            f"cannot import the model: {_first_line(e)}", where, hint=MALFORMED_HINT
+        ) from e
+
+
+def _import(model: onnx.ModelProto, base_dir: str | None, where: str) -> Graph:
+    from cnnc.ir.verify import verify
+
     # Other producers' model-local functions are their bodies; cnnc's own functions (fused
     # convs, activations ONNX has no op for) become IR ops again.
     others = [
@@ -1781,29 +1827,12 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
     origins: dict[str, onnx.NodeProto] = {}  # IR node name -> the ONNX node it came from
     for node in _noting_origins(imp.graph, nodes, origins):
-        if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
-            continue
-        fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if node.op_type == "Constant" and fn is not None:
-            fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
-            continue
-        if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            onnx_shapes.compute(imp, node, attrs)
-            continue
-        if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
-            fold(imp, node)
-            continue
-        if fn is None:
+        try:
+            _import_node(imp, node)
+        except MALFORMED as e:
             raise imp.fail(
-                node,
-                f"op {node.domain + '.' if node.domain else ''}{node.op_type} is not supported",
-                hint="supported ops: " + ", ".join(sorted(IMPORTERS)),
-            )
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        fn(imp, node, attrs)
+                node, f"cannot import this node: {_first_line(e)}", hint=MALFORMED_HINT
+            ) from e
     outputs = []
     for o in g.output:
         if o.name in imp.shapes:
