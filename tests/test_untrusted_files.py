@@ -619,3 +619,54 @@ def test_a_malformed_file_in_a_real_process_exits_1_with_one_line(tmp_path):
     assert proc.stderr.startswith(f"{bad}: error: not a readable ONNX model: ")
     assert "Traceback" not in proc.stderr
     assert listing(tmp_path) == {"m.onnx"}
+
+
+# ---- constants that would be made at import ------------------------------------------------
+
+
+def folding_bomb(kind: str) -> onnx.ModelProto:
+    """A model of a few hundred bytes whose constant folding would make 6.4 GB."""
+    shape = numpy_helper.from_array(np.array([1, 1, 40000, 40000], np.int64), "s")
+    ones = {
+        "ConstantOfShape": [],
+        "Expand": [numpy_helper.from_array(np.ones(1, np.float32), "a")],
+        "Tile": [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "a")],
+        "MatMul": [
+            numpy_helper.from_array(np.ones((1, 1, 40000, 1), np.float32), "a"),
+            numpy_helper.from_array(np.ones((1, 1, 1, 40000), np.float32), "b"),
+        ],
+    }[kind]
+    inputs = {"ConstantOfShape": ["s"], "Expand": ["a", "s"], "Tile": ["a", "s"]}
+    attrs = {"value": helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])}
+    make = helper.make_node(
+        kind, inputs.get(kind, ["a", "b"]), ["c"], **(attrs if kind == "ConstantOfShape" else {})
+    )
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 40000, 40000])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 40000, 40000])
+    graph = helper.make_graph(
+        [make, helper.make_node("Add", ["x", "c"], ["y"])],
+        "bomb",
+        [x],
+        [y],
+        [shape, *ones] if kind != "MatMul" else ones,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["ConstantOfShape", "Expand", "Tile", "MatMul"])
+def test_a_constant_that_folding_would_make_huge_is_refused_before_it_is_made(tmp_path, kind):
+    import tracemalloc
+
+    path = tmp_path / "bomb.onnx"
+    onnx.save(folding_bomb(kind), path)
+    tracemalloc.start()
+    with pytest.raises(ModelFileError) as e:
+        cnnc.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert e.value.where == f"{path}: node c ({kind})"
+    assert e.value.message == (
+        "this constant node would make a tensor of shape [1, 1, 40000, 40000] "
+        "(6,400,000,000 bytes) at import; cnnc folds constants of at most 1,073,741,824 bytes"
+    )
+    assert peak < 50_000_000

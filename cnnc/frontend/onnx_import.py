@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1714,6 +1715,46 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
     return TensorType(_DTYPES[t.elem_type], tuple(dims))
 
 
+# The largest constant that folding a node may make (1 GiB): a few bytes of ONNX
+# (ConstantOfShape of [1,1,40000,40000], an outer product) must not allocate gigabytes at
+# import. Weights that are that large come as initializers, whose bytes are in the file.
+FOLD_LIMIT_BYTES = 1 << 30
+
+
+def _check_fold_size(
+    imp: Importer, node: onnx.NodeProto, model: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> None:
+    """Refuse to fold a node whose outputs onnx's shape inference knows to be larger than
+    FOLD_LIMIT_BYTES (small integer inputs, the shapes and repeats, are given as values)."""
+    from onnx import shape_inference
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name, array in feeds.items():
+        if array.dtype.kind in "iu" and array.size <= 64:
+            probe.graph.initializer.append(numpy_helper.from_array(array, name))
+    try:
+        inferred = shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # inference is only a guard here: the evaluator reports real faults
+        return
+    for out in inferred.graph.output:
+        t = out.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if not t.HasField("shape") or None in dims:
+            continue
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 1
+        size = math.prod(dims) * itemsize
+        if size > FOLD_LIMIT_BYTES:
+            raise imp.fail(
+                node,
+                f"this constant node would make a tensor of shape {dims} ({size:,} bytes) at "
+                f"import; cnnc folds constants of at most {FOLD_LIMIT_BYTES:,} bytes",
+            )
+
+
 def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | None = None) -> None:
     """Compute a node whose inputs are all constants (weights built by ConstantOfShape,
     Unsqueeze, Mul, ...; or ``feeds``) at import, with onnx.reference."""
@@ -1728,6 +1769,7 @@ def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | Non
     outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o]
     graph = helper.make_graph([node], "fold", inputs, outputs)
     model = helper.make_model(graph, opset_imports=list(imp.model.opset_import))
+    _check_fold_size(imp, node, model, feeds)
     try:
         results = ReferenceEvaluator(model).run(None, feeds)
     except Exception as e:  # whatever the reference raises, the node cannot be computed
