@@ -307,3 +307,19 @@ def test_new_files_get_the_mode_the_umask_gives(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_folder_without_write_permission_is_one_error(tmp_path, capsys, monkeypatch):
+    # Root writes anywhere, so the refusal a user would meet is made by hand here.
+    program = tmp_path / "tiny.cnn"
+    program.write_text(PROGRAM)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(output.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(output.tempfile, "mkdtemp", denied)
+    for cmd, name in (("run", "y.npy"), ("compile", "m.onnx")):
+        code, _, err = cli(capsys, cmd, program, "-o", tmp_path / name)
+        assert_error(code, err, f"{tmp_path / name}: error: cannot write: Permission denied")
+    assert os.listdir(tmp_path) == ["tiny.cnn"]
