@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -169,7 +168,9 @@ class Model:
         opset: int | None = None,
         inline_functions: bool = False,
     ) -> onnx.ModelProto:
-        """The ONNX model; with ``path``, also check it and write it there atomically.
+        """The ONNX model; with ``path``, also check it and write it there as ``-o`` does
+        (``"-"`` is standard output, a FIFO or device is written through, a regular file
+        replaced atomically; see :mod:`cnnc.output`).
 
         Fused ops are model-local functions of standard ops unless ``inline_functions``.
         """
@@ -279,6 +280,7 @@ def compile(
     passes: list[str] | None = None,
     fully_conv: bool = False,
     pass_options: PassOptions | None = None,
+    allow_nonfinite: bool = False,
 ) -> Model:
     """Compile a program into a Model.
 
@@ -286,7 +288,8 @@ def compile(
     program text itself. Without ``weights`` (an .npz file of tensors named
     ``<layer>.weight`` and ``<layer>.bias``) the weights are seeded He-normal.
     The graph is optimized at ``opt_level`` (0, 1 or 2), or by the named ``passes``;
-    ``fully_conv`` makes the classifier fully convolutional.
+    ``fully_conv`` makes the classifier fully convolutional. Weights holding NaN or
+    infinity are a WeightsError unless ``allow_nonfinite``.
     """
     if _is_path(source):
         path = Path(source)
@@ -295,7 +298,7 @@ def compile(
         program = parse(str(source))
     graph = lower(program, network)
     if weights is not None:
-        weights_mod.load(graph, weights)
+        weights_mod.load(graph, weights, allow_nonfinite)
     else:
         weights_mod.initialize(graph, seed)
     optimize(graph, opt_level, passes, fully_conv, pass_options)
@@ -312,9 +315,11 @@ def load(
     passes: list[str] | None = None,
     fully_conv: bool = False,
     pass_options: PassOptions | None = None,
+    allow_nonfinite: bool = False,
 ) -> Model:
     """A Model from a file: an ONNX model (.onnx) or a program (anything else), optimized
-    as :func:`compile` does."""
+    as :func:`compile` does; an ONNX model whose initializers hold NaN or infinity is a
+    WeightsError unless ``allow_nonfinite``."""
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         return compile(
@@ -326,50 +331,33 @@ def load(
             passes=passes,
             fully_conv=fully_conv,
             pass_options=pass_options,
+            allow_nonfinite=allow_nonfinite,
         )
     if weights is not None:
         raise UsageError("an ONNX model carries its own weights; --weights applies to programs")
     from cnnc.frontend.onnx_import import load_onnx
 
     graph = load_onnx(path)
+    if not allow_nonfinite:
+        weights_mod.check_finite(graph, str(path))
     optimize(graph, opt_level, passes, fully_conv, pass_options)
     # onnxruntime runs the file itself unless a pass rewrote the graph.
     return Model(graph, onnx_path=None if graph.pipeline else path)
 
 
-# How files that are not NumPy arrays begin, to name them in the error.
-_NOT_ARRAYS = {
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"BM": "a BMP image",
-    b"GIF8": "a GIF image",
-    b"\x08\x01\x12": "an ONNX model",
-}
-
-
 def read_input(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
     """An input batch from a .npy file, or named batches (one per input) from an .npz
-    file; nothing is ever unpickled."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        raise InputError("input file not found", str(path)) from None
-    except IsADirectoryError:
-        raise InputError("is a directory, not an input array file", str(path)) from None
-    except OSError as e:
-        raise InputError(f"cannot read the input: {e.strerror}", str(path)) from None
+    file; headers are checked before any array is allocated, and nothing is unpickled."""
+    from cnnc.npyfile import ArrayFileError, open_array_file
+
     hint = "save an input with numpy.save(path, array), or several with numpy.savez"
-    if not head.startswith((b"\x93NUMPY", b"PK\x03\x04")):
-        what = next((w for magic, w in _NOT_ARRAYS.items() if head.startswith(magic)), None)
-        found = f"it looks like {what}" if what else "it does not start like one"
-        raise InputError(f"not a NumPy array file (.npy or .npz): {found}", str(path), hint=hint)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        with loaded:
-            return {name: loaded[name] for name in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"cannot read the input array: {e}", str(path), hint=hint) from None
+    loaded = open_array_file(path, InputError, "input file", hint)
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        try:
+            return {name: loaded.read(name) for name in loaded.names}
+        except ArrayFileError as e:
+            raise InputError(f"cannot read the input file: {e}", str(path), hint=hint) from None
+        except MemoryError:
+            raise InputError("out of memory while reading the input", str(path)) from None

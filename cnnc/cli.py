@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 import cnnc
+from cnnc import output
 from cnnc.compare import (
     DESCRIPTION,
     agree,
@@ -18,7 +17,8 @@ from cnnc.compare import (
     max_difference,
     nonfinite_counts,
 )
-from cnnc.errors import CnncError, UsageError
+from cnnc.errors import CnncError, InternalError, ModelFileError, UsageError
+from cnnc.npyfile import write_npz
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
 
@@ -67,6 +67,11 @@ def _model_args(p: argparse.ArgumentParser, default_level: int = 2) -> None:
         "--weights",
         metavar="FILE.npz",
         help="trained weights, tensors named <layer>.weight / <layer>.bias",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="accept weights that hold NaN or infinity (refused by default)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights and input (default 0)"
@@ -261,6 +266,7 @@ def _load(args, notice: bool = True) -> cnnc.Model:
         passes=args.passes,
         fully_conv=args.fully_conv,
         pass_options=options,
+        allow_nonfinite=args.allow_nonfinite,
     )
     for warning in model.warnings:
         print(warning.render(), file=sys.stderr)
@@ -276,18 +282,18 @@ def _load(args, notice: bool = True) -> cnnc.Model:
 def cmd_compile(args) -> None:
     if Path(args.model).suffix.lower() == ".onnx" and args.output is None:
         raise UsageError("compiling an ONNX model needs -o OUT.onnx (it would overwrite its input)")
+    out = output.target(args.output or Path(args.model).with_suffix(".onnx"))
     model = _load(args)
-    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
-    if not out.parent.is_dir():
-        raise UsageError(f"directory {out.parent} does not exist", str(out))
-    model.to_onnx(out, opset=args.opset, inline_functions=args.inline_functions)
-    size = sum(f.stat().st_size for f in out.parent.glob(out.name + "*"))
-    print(f"wrote {out} ({size / 1e6:,.1f} MB, {model.param_count():,} parameters)")
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    # Write beside the target and rename, so a failure leaves no half-written file.
-    _write_atomically(path, lambda f: np.save(f, array, allow_pickle=False))
+    model.to_onnx(out.shown, opset=args.opset, inline_functions=args.inline_functions)
+    size = ""
+    if not out.through:
+        data = out.path.parent / (out.path.name + ".data")
+        total = out.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        size = f"{total / 1e6:,.1f} MB, "
+    print(
+        f"wrote {out.name} ({size}{model.param_count():,} parameters)",
+        file=sys.stderr if out.is_stdout else sys.stdout,
+    )
 
 
 def _describe_output(y: np.ndarray, top: int) -> list[str]:
@@ -308,14 +314,20 @@ def _describe_output(y: np.ndarray, top: int) -> list[str]:
 def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
     """The arrays of ``--input`` options, one per network input: ``FILE.npy`` fills the
     next input in order, ``NAME=FILE.npy`` the input called NAME, and ``FILE.npz`` the
-    inputs named by its arrays (any one array, for a network of one input)."""
+    inputs named by its arrays (any one array, for a network of one input). Each array
+    is checked against its input here, so that a mistake names its file."""
+    from cnnc.backends.interpreter import check_batch, check_input
+
     names = model.input_names
     given: dict[str, np.ndarray] = {}
     in_order: list[np.ndarray] = []
+    files: dict[int, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         named = bool(sep) and name in names
         data = cnnc.read_input(path if named else spec)
+        for array in data.values() if isinstance(data, dict) else [data]:
+            files[id(array)] = path if named else spec
         if isinstance(data, dict):
             if len(names) == 1 and len(data) == 1:
                 data = {names[0]: next(iter(data.values()))}
@@ -343,6 +355,13 @@ def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
             f"no --input for {', '.join(missing)}",
             hint=f"{model.name} takes " + ", ".join(names) + "; give --input NAME=FILE.npy each",
         )
+    for value in model.graph.inputs:
+        x = given[value.name]
+        try:
+            check_input(value, x, model.graph.flexible_spatial)
+            check_batch([value], [x])
+        except CnncError as e:
+            raise e.at(files[id(x)]) from None
     return [given[n] for n in names]
 
 
@@ -351,6 +370,9 @@ def _shapes(arrays: list[np.ndarray]) -> str:
 
 
 def cmd_run(args) -> None:
+    out = output.target(args.output) if args.output else None
+    # With -o -, the array's bytes are standard output: the report goes to standard error.
+    report = sys.stderr if out is not None and out.is_stdout else sys.stdout
     model = _load(args)
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
@@ -359,36 +381,35 @@ def cmd_run(args) -> None:
     else:
         xs = model.random_inputs(args.batch, args.seed)
     outputs = model.output_names
-    if args.output:
-        out = Path(args.output)
-        if not out.parent.is_dir():
-            raise UsageError(f"directory {out.parent} does not exist", args.output)
-        if len(outputs) > 1 and out.suffix.lower() != ".npz":
-            raise UsageError(
-                f"{model.name} has {len(outputs)} outputs; -o needs an .npz file to hold them",
-                args.output,
-            )
+    suffix = Path(args.output or "").suffix.lower()
+    if out is not None and not out.is_stdout and len(outputs) > 1 and suffix != ".npz":
+        raise UsageError(
+            f"{model.name} has {len(outputs)} outputs; -o needs an .npz file to hold them",
+            args.output,
+        )
     backends = cnnc.api.BACKENDS if args.compare else (args.backend,)
     results = {b: model.run_all_outputs(*xs, backend=b) for b in backends}
     ys = results[args.backend]
-    print(f"{model.name} on input {_shapes(xs)} ({args.backend})")
+    print(f"{model.name} on input {_shapes(xs)} ({args.backend})", file=report)
     for name, y in zip(outputs, ys, strict=True):
         lines = _describe_output(y, args.top)
         if len(outputs) > 1:
             lines[0] = f"output %{name}: shape {list(y.shape)}"
-        print("\n".join(lines))
+        print("\n".join(lines), file=report)
     if args.compare:
-        _compare(model, xs, results["numpy"], results["onnxruntime"])
-    if args.output:
-        if len(outputs) > 1:
-            arrays = dict(zip(outputs, ys, strict=True))
-            _write_atomically(Path(args.output), lambda f: np.savez(f, **arrays))
-        else:
-            _save_array(Path(args.output), ys[0])
-        print(f"wrote {args.output}")
+        _compare(model, xs, results["numpy"], results["onnxruntime"], report)
+    if out is not None:
+        with output.open_output(out) as f:
+            if len(outputs) > 1:
+                write_npz(f, dict(zip(outputs, ys, strict=True)))
+            else:
+                np.save(f, ys[0], allow_pickle=False)
+        print(f"wrote {out.name}", file=report)
 
 
-def _compare(model, xs: list[np.ndarray], ours: list[np.ndarray], theirs: list[np.ndarray]) -> None:
+def _compare(
+    model, xs: list[np.ndarray], ours: list[np.ndarray], theirs: list[np.ndarray], report=None
+) -> None:
     """Print whether the backends agree (NaN and ±inf at the same places, finite values
     within the tolerance); where they do not, see _explain_disagreement."""
     pairs = list(zip(ours, theirs, strict=True))
@@ -398,7 +419,8 @@ def _compare(model, xs: list[np.ndarray], ours: list[np.ndarray], theirs: list[n
     if all(a.shape == b.shape and agree(a, b) for a, b in pairs):
         print(
             f"numpy interpreter and onnxruntime agree: max |difference| {difference:.3g} "
-            f"({DESCRIPTION}){special and special + ' at the same places in both'}"
+            f"({DESCRIPTION}){special and special + ' at the same places in both'}",
+            file=report or sys.stdout,
         )
         return
     print(
@@ -451,39 +473,26 @@ def cmd_summary(args) -> None:
         raise UsageError("--input-size applies with --fully-conv")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open would.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def cmd_import(args) -> None:
     source = Path(args.model)
     if source.suffix.lower() != ".onnx":
         raise UsageError(f"cnnc import reads ONNX models (.onnx), got {source}")
+    if args.output == output.STDOUT:
+        raise UsageError(
+            "cnnc import writes two files, a program and its weights; -o - cannot hold both",
+            hint="name the program file: -o NET.cnn writes NET.cnn and NET.npz",
+        )
+    out = Path(args.output) if args.output else source.with_suffix(".cnn")
+    npz = out.with_suffix(".npz")
+    targets = output.target(out), output.target(npz)
     model = cnnc.load(source, opt_level=0)
     text, weights = model.to_program(
         source=f"imported by cnnc {cnnc.__version__} from {source.name}"
     )
-    out = Path(args.output) if args.output else source.with_suffix(".cnn")
-    if not out.parent.is_dir():
-        raise UsageError(f"directory {out.parent} does not exist", str(out))
-    npz = out.with_suffix(".npz")
-    _write_atomically(npz, lambda f: np.savez(f, **weights))
-    _write_atomically(out, lambda f: f.write(text.encode()))
+    # Both files go to temporary files first and are renamed only once both are written.
+    with output.open_outputs(*targets) as (program_file, weights_file):
+        program_file.write(text.encode())
+        write_npz(weights_file, weights)
     print(
         f"wrote {out} ({len(model.graph.nodes)} layers) and {npz} "
         f"({len(weights)} tensors, {model.param_count():,} parameters)"
@@ -528,18 +537,57 @@ COMMANDS = {
 }
 
 
+DOING = {
+    "compile": "compiling",
+    "run": "running",
+    "dump": "dumping",
+    "summary": "summarising",
+    "bench": "benchmarking",
+    "import": "importing",
+}
+
+
+def last_resort(e: Exception, command: str, model: str) -> CnncError:
+    """The one report of an exception that no check turned into a CnncError: the kinds
+    a machine or a damaged file can cause get their own message, anything else is a
+    bug in cnnc to report."""
+    from google.protobuf.message import DecodeError
+    from onnx.checker import ValidationError
+
+    doing = f"{DOING[command]} {model}"
+    if isinstance(e, MemoryError):
+        return CnncError(
+            f"out of memory while {doing}",
+            hint="try a smaller batch or input, or a machine with more memory",
+        )
+    if isinstance(e, RecursionError):
+        return CnncError(
+            f"the model is nested too deeply: Python's recursion limit was reached while {doing}"
+        )
+    if isinstance(e, OSError):
+        return CnncError(e.strerror or str(e), e.filename or model)
+    if isinstance(e, (ValidationError, DecodeError)):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        return ModelFileError(f"not a valid ONNX model: {first}", model)
+    return InternalError(
+        f"internal error in cnnc: please report it ({type(e).__name__} while {doing}: {e})",
+        hint="run the same command with --debug to see the traceback, and add it to the report",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cnnc`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except CnncError as e:
-        if args.debug:
-            raise
-        print(e.render(), file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        error = e if isinstance(e, CnncError) else last_resort(e, args.command, args.model)
+        print(error.render(), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -129,6 +129,10 @@ class ModelFileError(CnncError):
     """An ONNX file that cannot be read, checked or imported."""
 
 
+class OutputError(CnncError):
+    """An output file that cannot be written (a directory, a full disk, no permission)."""
+
+
 class UsageError(CnncError):
     """A command-line option or API argument that cannot be honoured."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from cnnc.errors import WeightsError
 from cnnc.ir.graph import Graph, Value
+from cnnc.npyfile import ArrayFileError, NpzArchive, nonfinite_count, open_array_file
 
 # PyTorch keeps these counters in BatchNorm state_dicts; inference never reads them.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -106,31 +106,22 @@ def _shape(shape: tuple) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def load(graph: Graph, path: str | Path) -> None:
+def load(graph: Graph, path: str | Path, allow_nonfinite: bool = False) -> None:
     """Load every parameter from a ``.npz`` file of tensors named as the graph names them.
 
-    The file must hold exactly the graph's parameters with exactly their shapes;
-    anything else is one WeightsError that lists every problem.
+    The file must hold exactly the graph's parameters with exactly their shapes, and
+    (unless ``allow_nonfinite``) no NaN or infinity once in float32; anything else is
+    one WeightsError that lists every problem.
     """
     path = Path(path)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise WeightsError("weights file not found", str(path)) from None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    hint = "save weights with numpy.savez(path, **tensors)"
+    archive = open_array_file(path, WeightsError, "weights file", hint)
+    if not isinstance(archive, NpzArchive):
         raise WeightsError(
-            f"cannot read weights file: {e}",
-            str(path),
-            hint="save weights with numpy.savez(path, **tensors)",
-        ) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise WeightsError(
-            "weights file holds a single array, not named tensors",
-            str(path),
-            hint="save weights with numpy.savez(path, **tensors)",
+            "weights file holds a single array, not named tensors", str(path), hint=hint
         )
     with archive:
-        found = {n for n in archive.files if not n.endswith(IGNORED_SUFFIXES)}
+        found = {n for n in archive.names if not n.endswith(IGNORED_SUFFIXES)}
         expected = graph.params
         problems = []
         for name in sorted(set(expected) - found):
@@ -138,25 +129,56 @@ def load(graph: Graph, path: str | Path) -> None:
         for name in sorted(found - set(expected)):
             problems.append(f"unexpected {name} (the network has no such parameter)")
         tensors = {}
+        nonfinite = False
         for name in sorted(found & set(expected)):
             try:
-                array = archive[name]
-            except ValueError as e:
-                problems.append(f"{name} cannot be read: {e}")
-                continue
-            want = expected[name].shape
-            if array.shape != want:
-                problems.append(f"{name} has shape {_shape(array.shape)}, expected {_shape(want)}")
-            elif not np.issubdtype(array.dtype, np.floating):
-                problems.append(f"{name} has dtype {array.dtype}, expected floating point")
-            else:
-                tensors[name] = array
+                # The header first: a tensor of the wrong shape is never read.
+                shape, dtype = archive.header(name)
+                want = expected[name].shape
+                if shape != want:
+                    problems.append(f"{name} has shape {_shape(shape)}, expected {_shape(want)}")
+                elif dtype.kind != "f":
+                    problems.append(f"{name} has dtype {dtype}, expected floating point")
+                else:
+                    # A float64 beyond float32's range becomes infinite here, as it would
+                    # in the network: it is counted below.
+                    with np.errstate(over="ignore"):
+                        array = archive.read(name).astype(np.float32, copy=False)
+                    bad = nonfinite_count(array)
+                    if bad and not allow_nonfinite:
+                        nonfinite = True
+                        problems.append(
+                            f"{name} holds {bad:,} NaN or infinite value{'s' if bad > 1 else ''}"
+                            " (in float32)"
+                        )
+                    else:
+                        tensors[name] = array
+            except ArrayFileError as e:
+                problems.append(str(e))
+            except MemoryError:
+                raise WeightsError(f"out of memory while reading {name}", str(path)) from None
     if problems:
         raise WeightsError(
             f"weights do not fit network {graph.name}:\n  " + "\n  ".join(problems),
             str(path),
             hint="tensor names follow <layer>.weight and <layer>.bias; "
-            "`cnnc summary PROGRAM --tensors` lists every name with its shape",
+            "`cnnc summary PROGRAM --tensors` lists every name with its shape"
+            + ("; --allow-nonfinite accepts NaN and infinity" if nonfinite else ""),
         )
     for name, array in tensors.items():
-        graph.params[name].set_data(array.astype(np.float32, copy=False))
+        graph.params[name].set_data(array)
+
+
+def check_finite(graph: Graph, where: str) -> None:
+    """Raise WeightsError naming every parameter of ``graph`` that holds NaN or infinity
+    (for a model whose weights came with it, as an ONNX model's do)."""
+    problems = []
+    for name, param in graph.params.items():
+        if param.has_data and (bad := nonfinite_count(param.data)):
+            problems.append(f"{name} holds {bad:,} NaN or infinite value{'s' if bad > 1 else ''}")
+    if problems:
+        raise WeightsError(
+            "the model's weights are not all finite:\n  " + "\n  ".join(problems),
+            where,
+            hint="pass --allow-nonfinite (allow_nonfinite=True) to run it all the same",
+        )

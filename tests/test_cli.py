@@ -141,7 +141,7 @@ def test_an_input_that_does_not_fit_shows_both_shapes(tmp_path, array, found):
     proc = run_cnnc("run", LENET, "--input", tmp_path / "x.npy")
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[1] == (
-        f"error: input %image expects f32[N,1,28,28], got {found}"
+        f"{tmp_path / 'x.npy'}: error: input %image expects f32[N,1,28,28], got {found}"
     )
     assert "Traceback" not in proc.stderr
 

@@ -219,7 +219,7 @@ def test_a_partly_supported_attribute_is_an_error_not_an_approximation(tmp_path)
     [
         (b"not an onnx file at all", "not a readable ONNX model"),
         (None, "not a readable ONNX model"),  # truncated
-        (b"", "not an ONNX model: it has no graph"),
+        (b"", "not an ONNX model: the file is empty"),
     ],
     ids=["garbage", "truncated", "empty"],
 )

@@ -128,7 +128,7 @@ def test_a_missing_weights_file_is_an_error(tmp_path):
 def test_a_file_that_is_not_npz_is_an_error(tmp_path):
     path = tmp_path / "w.npz"
     path.write_text("not a zip file")
-    with pytest.raises(WeightsError, match="cannot read weights file"):
+    with pytest.raises(WeightsError, match=r"not a NumPy array file \(.npy or .npz\)"):
         cnnc.compile(PROGRAM, weights=path)
 
 

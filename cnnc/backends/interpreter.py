@@ -58,7 +58,12 @@ def check_input(value: Value, x: np.ndarray, flexible_spatial: bool = False) -> 
 
 def check_batch(values: list[Value], inputs) -> None:
     """Raise InputError unless every input has the same batch size (its first axis)."""
-    sizes = {x.shape[0] for x in inputs}
+    sizes = {x.shape[0] for x in inputs if x.ndim}
+    if 0 in sizes:
+        empty = next(v.name for v, x in zip(values, inputs, strict=True) if x.ndim and not len(x))
+        raise InputError(
+            f"input %{empty} is a batch of 0 items; a run needs at least one",
+        )
     if len(sizes) > 1:
         given = ", ".join(f"%{v.name} {x.shape[0]}" for v, x in zip(values, inputs, strict=True))
         raise InputError(f"the inputs of one run need one batch size, got {given}")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -16,7 +14,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from cnnc import __version__
-from cnnc.errors import InternalError, UsageError
+from cnnc.errors import InternalError, OutputError, UsageError
 from cnnc.ir.graph import Graph, Node, Value
 from cnnc.ir.types import format_dims
 from cnnc.ops.activation import ACTIVATIONS, FUNCTION_NAMES, function_name, fused_function_name
@@ -1221,12 +1219,22 @@ def save(
     ``<path>.data`` beside the model (ONNX external data). Nothing is left
     behind if checking or writing fails.
     """
-    path = Path(path)
+    from cnnc import output
+
+    target = output.target(path)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    data_name = path.name + ".data" if weight_bytes > external_threshold else None
-    workdir = Path(tempfile.mkdtemp(prefix=".cnnc-", dir=path.parent))
+    external = weight_bytes > external_threshold
+    if external and target.through:
+        raise OutputError(
+            f"a model of {weight_bytes / 1e9:.1f} GB of weights keeps them in a second file "
+            f"beside it, which {target.name} cannot hold",
+            target.shown,
+            hint="write it to a regular file",
+        )
+    data_name = target.path.name + ".data" if external else None
+    workdir = output.staging_dir(target)
     try:
-        staged = workdir / path.name
+        staged = workdir / "model.onnx"
         if data_name is None:
             onnx.save_model(model, staged)
         else:
@@ -1244,11 +1252,13 @@ def save(
             raise InternalError(
                 f"the emitted model fails the ONNX checker: {e}", str(path)
             ) from None
-        written = [path]
+        written = [Path(path)]
         if data_name is not None:
-            os.replace(workdir / data_name, path.parent / data_name)
-            written.append(path.parent / data_name)
-        os.replace(staged, path)
+            output.place(workdir / data_name, output.target(target.path.parent / data_name))
+            written.append(target.path.parent / data_name)
+        output.place(staged, target)
         return written
+    except OSError as e:
+        raise OutputError(f"cannot write: {e.strerror or e}", target.shown) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

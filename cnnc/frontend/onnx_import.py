@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class Importer:
         self, node: onnx.NodeProto | None, message: str, hint: str | None = None
     ) -> ModelFileError:
         at = (
-            f"{self.where}: node {node.name or node.output[0]} ({node.op_type})"
+            f"{self.where}: node {node.name or next(iter(node.output), '?')} ({node.op_type})"
             if node
             else self.where
         )
@@ -1535,15 +1536,107 @@ def _crop(imp: Importer, node, x: Value, ref: Value, offsets: dict[int, int]) ->
 
 
 def _read(path: Path) -> onnx.ModelProto:
+    where = str(path)
     try:
-        model = onnx.load(str(path))
+        if path.is_dir():
+            raise ModelFileError("is a directory, not an ONNX model", where)
+        if path.exists() and path.stat().st_size == 0:
+            raise ModelFileError("not an ONNX model: the file is empty", where)
+        # External data is read below, once its places and sizes are checked.
+        model = onnx.load(str(path), load_external_data=False)
     except FileNotFoundError:
-        raise ModelFileError("model file not found", str(path)) from None
-    except (DecodeError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError("model file not found", where) from None
+    except OSError as e:
+        raise ModelFileError(f"cannot read the model: {e.strerror or e}", where) from None
+    except (DecodeError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
         raise ModelFileError(
-            f"not a readable ONNX model ({e.__class__.__name__}: {e})", str(path)
+            f"not a readable ONNX model: {_first_line(e)}",
+            where,
+            hint="an ONNX model is a ModelProto protobuf, as onnx.save and torch.onnx.export "
+            "write it",
         ) from None
-    return _check(model, str(path))
+    _load_external_data(model, path.parent, where)
+    return _check(model, where)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "unreadable"
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx import external_data_helper
+
+    return [
+        t
+        for t in external_data_helper._get_all_tensors(model)
+        if external_data_helper.uses_external_data(t)
+    ]
+
+
+def _load_external_data(model: onnx.ModelProto, folder: Path, where: str) -> None:
+    """Read the external data of ``model``'s tensors from files in ``folder``, after
+    checking that each file lies inside the folder, is a regular file, and holds the
+    bytes its tensor's dims need (a lying length or dims never allocates)."""
+    import stat
+
+    from onnx import external_data_helper
+
+    tensors = _external_tensors(model)
+    if not tensors:
+        return
+    root = folder.resolve()
+    for t in tensors:
+        info = external_data_helper.ExternalDataInfo(t)
+        name, location = t.name, info.location or ""
+        target = (root / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
+            raise ModelFileError(
+                f"initializer {name} keeps its data in {location!r}, outside the model's folder",
+                where,
+                hint="external data files must lie in the model's folder",
+            )
+        try:
+            st = target.stat()
+        except OSError as e:
+            raise ModelFileError(
+                f"initializer {name}: cannot read its data file {location}: {e.strerror}", where
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelFileError(
+                f"initializer {name}: its data file {location} is not a regular file", where
+            )
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 0
+        if itemsize == 0 or t.data_type == onnx.TensorProto.STRING:
+            raise ModelFileError(
+                f"initializer {name} has external data of an unsupported type", where
+            )
+        count = 1
+        for d in t.dims:
+            count *= d
+        needed = count * itemsize
+        offset = info.offset or 0
+        if info.length is not None and info.length != needed:
+            raise ModelFileError(
+                f"initializer {name}: its external data length {info.length:,} bytes does "
+                f"not match its shape {list(t.dims)} ({needed:,} bytes)",
+                where,
+            )
+        if min(t.dims, default=0) < 0 or offset < 0 or offset + needed > st.st_size:
+            raise ModelFileError(
+                f"initializer {name}: its shape {list(t.dims)} needs {needed:,} bytes at "
+                f"offset {offset:,} of {location}, which holds {st.st_size:,}",
+                where,
+            )
+    try:
+        external_data_helper.load_external_data_for_model(model, str(root))
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
+        raise ModelFileError(
+            f"cannot read the model's external data: {_first_line(e)}", where
+        ) from None
 
 
 # Ops that later onnx releases deprecated at the opsets they came in, but that import reads
@@ -1570,9 +1663,28 @@ def _check(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(_checkable(model))
     except (onnx.checker.ValidationError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # The checker's first line is its message, except where it names a node on the
+        # lines after (topological order): then the whole message, on one line.
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else "invalid model"
+        if first.endswith("of node:"):
+            first = " ".join(lines[:3])
         raise ModelFileError(f"the model fails the ONNX checker: {first}", where) from None
     return model
+
+
+def _min_input(text: str, where: str) -> tuple[int, ...]:
+    """The smallest input sizes of a fully convolutional model cnnc wrote, from its
+    metadata (``3x224x224``): anything else there means the file was edited or damaged."""
+    parts = text.split("x")
+    if not all(p.isascii() and p.isdigit() and len(p) <= 18 and int(p) > 0 for p in parts):
+        raise ModelFileError(
+            f"metadata {MIN_INPUT_KEY} is {text[:40]!r}, expected positive sizes such as 3x224x224",
+            where,
+            hint=f"cnnc writes {MIN_INPUT_KEY} for fully convolutional models; remove the "
+            "entry or give the input's sizes without the batch",
+        )
+    return tuple(int(p) for p in parts)
 
 
 def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
@@ -1603,6 +1715,46 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
     return TensorType(_DTYPES[t.elem_type], tuple(dims))
 
 
+# The largest constant that folding a node may make (1 GiB): a few bytes of ONNX
+# (ConstantOfShape of [1,1,40000,40000], an outer product) must not allocate gigabytes at
+# import. Weights that are that large come as initializers, whose bytes are in the file.
+FOLD_LIMIT_BYTES = 1 << 30
+
+
+def _check_fold_size(
+    imp: Importer, node: onnx.NodeProto, model: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> None:
+    """Refuse to fold a node whose outputs onnx's shape inference knows to be larger than
+    FOLD_LIMIT_BYTES (small integer inputs, the shapes and repeats, are given as values)."""
+    from onnx import shape_inference
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name, array in feeds.items():
+        if array.dtype.kind in "iu" and array.size <= 64:
+            probe.graph.initializer.append(numpy_helper.from_array(array, name))
+    try:
+        inferred = shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # inference is only a guard here: the evaluator reports real faults
+        return
+    for out in inferred.graph.output:
+        t = out.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if not t.HasField("shape") or None in dims:
+            continue
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 1
+        size = math.prod(dims) * itemsize
+        if size > FOLD_LIMIT_BYTES:
+            raise imp.fail(
+                node,
+                f"this constant node would make a tensor of shape {dims} ({size:,} bytes) at "
+                f"import; cnnc folds constants of at most {FOLD_LIMIT_BYTES:,} bytes",
+            )
+
+
 def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | None = None) -> None:
     """Compute a node whose inputs are all constants (weights built by ConstantOfShape,
     Unsqueeze, Mul, ...; or ``feeds``) at import, with onnx.reference."""
@@ -1617,6 +1769,7 @@ def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | Non
     outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o]
     graph = helper.make_graph([node], "fold", inputs, outputs)
     model = helper.make_model(graph, opset_imports=list(imp.model.opset_import))
+    _check_fold_size(imp, node, model, feeds)
     try:
         results = ReferenceEvaluator(model).run(None, feeds)
     except Exception as e:  # whatever the reference raises, the node cannot be computed
@@ -1635,16 +1788,62 @@ def _noting_origins(graph: Graph, nodes: list[onnx.NodeProto], origins: dict[str
             origins.setdefault(new.name, node)
 
 
+def _import_node(imp: Importer, node: onnx.NodeProto) -> None:
+    """Import one ONNX node: one of cnnc's functions, a constant, a shape computation, a
+    node of constants folded now, or an op of IMPORTERS."""
+    if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
+        return
+    fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if node.op_type == "Constant" and fn is not None:
+        fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        return
+    if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        onnx_shapes.compute(imp, node, attrs)
+        return
+    if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
+        fold(imp, node)
+        return
+    if fn is None:
+        raise imp.fail(
+            node,
+            f"op {node.domain + '.' if node.domain else ''}{node.op_type} is not supported",
+            hint="supported ops: " + ", ".join(sorted(IMPORTERS)),
+        )
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    fn(imp, node, attrs)
+
+
+# What a damaged model (an attribute of the wrong type or length, names in bytes that
+# are not UTF-8) makes the import code or onnx raise, where no check names the problem.
+MALFORMED = (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError)
+MALFORMED_HINT = (
+    "its attributes or inputs are malformed; if onnxruntime runs the model, this is a "
+    "bug in cnnc: please report it"
+)
+
+
 def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) -> Graph:
     """Import an ONNX model (a file, or a ModelProto) into a verified IR graph."""
-    from cnnc.ir.verify import verify
-
     if isinstance(source, onnx.ModelProto):
         model, base_dir = _check(source, where or "<model>"), None
         where = where or "<model>"
     else:
         path = Path(source)
         model, base_dir, where = _read(path), str(path.parent), str(path)
+    try:
+        return _import(model, base_dir, where)
+    except (*MALFORMED, onnx.checker.ValidationError) as e:
+        raise ModelFileError(
+            f"cannot import the model: {_first_line(e)}", where, hint=MALFORMED_HINT
+        ) from e
+
+
+def _import(model: onnx.ModelProto, base_dir: str | None, where: str) -> Graph:
+    from cnnc.ir.verify import verify
+
     # Other producers' model-local functions are their bodies; cnnc's own functions (fused
     # convs, activations ONNX has no op for) become IR ops again.
     others = [
@@ -1657,7 +1856,7 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
     imp = Importer(model, where)
     props = {p.key: p.value for p in model.metadata_props}
     if MIN_INPUT_KEY in props:
-        imp.min_input = tuple(int(d) for d in props[MIN_INPUT_KEY].split("x"))
+        imp.min_input = _min_input(props[MIN_INPUT_KEY], where)
         imp.graph.flexible_spatial = True
     g = model.graph
     for init in g.initializer:
@@ -1670,29 +1869,12 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
     origins: dict[str, onnx.NodeProto] = {}  # IR node name -> the ONNX node it came from
     for node in _noting_origins(imp.graph, nodes, origins):
-        if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
-            continue
-        fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if node.op_type == "Constant" and fn is not None:
-            fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
-            continue
-        if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            onnx_shapes.compute(imp, node, attrs)
-            continue
-        if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
-            fold(imp, node)
-            continue
-        if fn is None:
+        try:
+            _import_node(imp, node)
+        except MALFORMED as e:
             raise imp.fail(
-                node,
-                f"op {node.domain + '.' if node.domain else ''}{node.op_type} is not supported",
-                hint="supported ops: " + ", ".join(sorted(IMPORTERS)),
-            )
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        fn(imp, node, attrs)
+                node, f"cannot import this node: {_first_line(e)}", hint=MALFORMED_HINT
+            ) from e
     outputs = []
     for o in g.output:
         if o.name in imp.shapes:
