@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from cnnc.errors import ShapeError
+from cnnc.limits import INT64_MAX
 
 Dim = int | str
 """A dimension: a known size, or a symbol such as ``"N"`` for the batch axis."""
@@ -20,6 +24,22 @@ class TensorType:
 
     dtype: str
     shape: tuple[Dim, ...]
+
+    def __post_init__(self):
+        # A hard limit: NumPy and ONNX hold sizes in int64. Counted exactly, so that a shape
+        # no array can have is refused where it is made rather than overflowing later.
+        known = [d for d in self.shape if isinstance(d, int)]
+        if any(d > INT64_MAX for d in known):
+            raise ShapeError(
+                f"a dimension of {self} is larger than 2**63-1, the largest NumPy and ONNX hold"
+            )
+        size = math.prod(d for d in known if d > 0) * np.dtype(_NUMPY[self.dtype]).itemsize
+        if size > INT64_MAX:
+            per_item = " per batch item" if len(known) < len(self.shape) else ""
+            raise ShapeError(
+                f"a tensor {self} would take {size:,} bytes{per_item}, more than 2**63-1, "
+                "the most NumPy and ONNX can address"
+            )
 
     @property
     def rank(self) -> int:
@@ -39,16 +59,13 @@ class TensorType:
 
     def numel(self) -> int | None:
         """Number of elements, or None if a dimension is symbolic."""
-        total = 1
-        for d in self.shape:
-            if not isinstance(d, int):
-                return None
-            total *= d
-        return total
+        if not all(isinstance(d, int) for d in self.shape):
+            return None
+        return math.prod(self.shape)
 
     def numel_per_item(self) -> int:
         """Number of elements of one batch item (all dimensions but the first must be known)."""
-        return int(np.prod([int(d) for d in self.shape[1:]], dtype=np.int64))
+        return math.prod(int(d) for d in self.shape[1:])
 
     def matches(self, shape: tuple[int, ...]) -> bool:
         """Whether a concrete shape fits this type (symbols match any size)."""
