@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnc import limits as limits_mod
 from cnnc import weights as weights_mod
 from cnnc.errors import CnncError, InputError, UsageError
 from cnnc.frontend.lower import lower
@@ -15,8 +16,11 @@ from cnnc.frontend.parser import Program
 from cnnc.frontend.parser import parse as _parse
 from cnnc.ir import printer
 from cnnc.ir.graph import Graph
+from cnnc.limits import Limits
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import onnx
 
     from cnnc.backends.interpreter import Interpreter
@@ -27,6 +31,12 @@ BACKENDS = ("numpy", "onnxruntime")
 
 def _read_text(path: Path) -> str:
     try:
+        # Refused before reading: a huge file must not be read into memory to be refused.
+        size = path.stat().st_size
+        if size > limits_mod.current().program_bytes:
+            raise limits_mod.exceeded(
+                CnncError, "program_bytes", "the program file is", size, str(path), unit="bytes"
+            )
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CnncError("file not found", str(path)) from None
@@ -36,9 +46,14 @@ def _read_text(path: Path) -> str:
         raise CnncError(f"cannot read the program: {e}", str(path)) from None
 
 
-def parse(text: str, filename: str = "<string>") -> Program:
-    """Parse program text into its AST (raises ParseError at the place of a syntax error)."""
-    return _parse(text, filename)
+def parse(
+    text: str, filename: str = "<string>", *, limits: Limits | Mapping[str, int] | None = None
+) -> Program:
+    """Parse program text into its AST (raises ParseError at the place of a syntax error);
+    ``limits`` (a :class:`cnnc.Limits` or a dict of the ones to change) lifts or lowers
+    the limits on the program."""
+    with limits_mod.using(limits_mod.coerce(limits)):
+        return _parse(text, filename)
 
 
 def _is_path(source: str | Path) -> bool:
@@ -49,9 +64,15 @@ class Model:
     """A compiled network: its IR graph with weights, ready to run, export or inspect."""
 
     def __init__(
-        self, graph: Graph, *, random_weights: bool = False, onnx_path: Path | None = None
+        self,
+        graph: Graph,
+        *,
+        random_weights: bool = False,
+        onnx_path: Path | None = None,
+        limits: Limits | None = None,
     ):
         self.graph = graph
+        self.limits = limits or limits_mod.DEFAULT  # memory, for runs
         self.random_weights = random_weights
         self.onnx_path = onnx_path  # the file an imported model came from
         self._interpreter: Interpreter | None = None
@@ -279,6 +300,7 @@ def compile(
     passes: list[str] | None = None,
     fully_conv: bool = False,
     pass_options: PassOptions | None = None,
+    limits: Limits | Mapping[str, int] | None = None,
 ) -> Model:
     """Compile a program into a Model.
 
@@ -286,20 +308,24 @@ def compile(
     program text itself. Without ``weights`` (an .npz file of tensors named
     ``<layer>.weight`` and ``<layer>.bias``) the weights are seeded He-normal.
     The graph is optimized at ``opt_level`` (0, 1 or 2), or by the named ``passes``;
-    ``fully_conv`` makes the classifier fully convolutional.
+    ``fully_conv`` makes the classifier fully convolutional. ``limits`` (a
+    :class:`cnnc.Limits`, or a dict of the limits to change such as ``{"repeat": 20000}``)
+    bounds the program and the runs of the model (README, "Limits").
     """
-    if _is_path(source):
-        path = Path(source)
-        program = parse(_read_text(path), str(source))
-    else:
-        program = parse(str(source))
-    graph = lower(program, network)
-    if weights is not None:
-        weights_mod.load(graph, weights)
-    else:
-        weights_mod.initialize(graph, seed)
-    optimize(graph, opt_level, passes, fully_conv, pass_options)
-    return Model(graph, random_weights=weights is None)
+    limits = limits_mod.coerce(limits)
+    with limits_mod.using(limits):
+        if _is_path(source):
+            path = Path(source)
+            program = _parse(_read_text(path), str(source))
+        else:
+            program = _parse(str(source))
+        graph = lower(program, network)
+        if weights is not None:
+            weights_mod.load(graph, weights)
+        else:
+            weights_mod.initialize(graph, seed)
+        optimize(graph, opt_level, passes, fully_conv, pass_options)
+    return Model(graph, random_weights=weights is None, limits=limits)
 
 
 def load(
@@ -312,9 +338,10 @@ def load(
     passes: list[str] | None = None,
     fully_conv: bool = False,
     pass_options: PassOptions | None = None,
+    limits: Limits | Mapping[str, int] | None = None,
 ) -> Model:
     """A Model from a file: an ONNX model (.onnx) or a program (anything else), optimized
-    as :func:`compile` does."""
+    as :func:`compile` does, under the same ``limits``."""
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         return compile(
@@ -326,15 +353,18 @@ def load(
             passes=passes,
             fully_conv=fully_conv,
             pass_options=pass_options,
+            limits=limits,
         )
     if weights is not None:
         raise UsageError("an ONNX model carries its own weights; --weights applies to programs")
     from cnnc.frontend.onnx_import import load_onnx
 
-    graph = load_onnx(path)
-    optimize(graph, opt_level, passes, fully_conv, pass_options)
+    limits = limits_mod.coerce(limits)
+    with limits_mod.using(limits):
+        graph = load_onnx(path)
+        optimize(graph, opt_level, passes, fully_conv, pass_options)
     # onnxruntime runs the file itself unless a pass rewrote the graph.
-    return Model(graph, onnx_path=None if graph.pipeline else path)
+    return Model(graph, onnx_path=None if graph.pipeline else path, limits=limits)
 
 
 # How files that are not NumPy arrays begin, to name them in the error.

@@ -13,6 +13,7 @@ import numpy as np
 import cnnc
 from cnnc.compare import DESCRIPTION, agree, max_difference
 from cnnc.errors import CnncError, UsageError
+from cnnc.limits import NAMES, parse_option
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
 
@@ -99,6 +100,18 @@ def _model_args(p: argparse.ArgumentParser, default_level: int = 2) -> None:
         "--verify-each",
         action="store_true",
         help="check on a random input that each pass leaves the outputs unchanged",
+    )
+    _limit_arg(p)
+
+
+def _limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="lift (or lower) a limit, such as repeat=20000 or memory=64Gi; repeatable; "
+        "the limits: " + ", ".join(NAMES),
     )
 
 
@@ -189,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the program (default: the model's name with .cnn); the weights go to "
         "the same name with .npz",
     )
+    _limit_arg(p)
 
     p = command("bench", "time the interpreter against onnxruntime on the same input")
     _model_args(p)
@@ -255,6 +269,7 @@ def _load(args, notice: bool = True) -> cnnc.Model:
         passes=args.passes,
         fully_conv=args.fully_conv,
         pass_options=options,
+        limits=parse_option(args.limit),
     )
     for warning in model.warnings:
         print(warning.render(), file=sys.stderr)
@@ -428,7 +443,7 @@ def cmd_import(args) -> None:
     source = Path(args.model)
     if source.suffix.lower() != ".onnx":
         raise UsageError(f"cnnc import reads ONNX models (.onnx), got {source}")
-    model = cnnc.load(source, opt_level=0)
+    model = cnnc.load(source, opt_level=0, limits=parse_option(args.limit))
     text, weights = model.to_program(
         source=f"imported by cnnc {cnnc.__version__} from {source.name}"
     )

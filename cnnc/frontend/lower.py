@@ -450,9 +450,11 @@ class _Lowering:
     def block_params(self, block: Block, call: Call, scope: _Scope, x: Value) -> dict[str, Any]:
         names = [p.name for p in block.params]
         given: dict[str, tuple[Any, Location]] = {}
+        named = False
         for i, arg in enumerate(call.args):
+            named = named or arg.name is not None
             if arg.name is None:
-                if any(a.name is not None for a in call.args[:i]):
+                if named:
                     raise LayerError("a positional argument cannot follow a named one", arg.loc)
                 if i >= len(names):
                     raise LayerError(
@@ -688,9 +690,11 @@ def bind_args(
     variadic = next((a for a in positional if a.kind == "values"), None)
     args: dict[str, Any] = {}
     locs: dict[str, Location] = {}
+    named = False  # whether a named argument came yet (a merge may take 10,000 values)
     for i, (arg, value) in enumerate(values):
+        named = named or arg.name is not None
         if arg.name is None:
-            if any(a.name is not None for a, _ in values[:i]):
+            if named:
                 raise LayerError("a positional argument cannot follow a named one", arg.loc)
             if variadic is not None:
                 args.setdefault(variadic.name, []).append(convert(layer, variadic, value, arg.loc))

@@ -12,11 +12,13 @@ import onnx.inliner
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
+from cnnc import limits
 from cnnc.errors import CnncError, ModelFileError
 from cnnc.frontend import onnx_names, onnx_patterns, onnx_shapes
 from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name, format_dims
+from cnnc.limits import INT64_MAX, tensor_bytes
 from cnnc.ops.activation import FUNCTION_NAMES
 from cnnc.ops.norm import scale_shape
 from cnnc.ops.pool import adaptive_avg_matrix, adaptive_max_windows
@@ -1586,6 +1588,10 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
     dims: list = []
     for i, d in enumerate(t.shape.dim):
         if d.HasField("dim_value"):
+            if d.dim_value < 1:
+                raise imp.fail(
+                    None, f"input {vi.name} has size {d.dim_value} at axis {i}; sizes are >= 1"
+                )
             dims.append(int(d.dim_value))
         elif i == 0:
             dims.append(BATCH)
@@ -1600,7 +1606,10 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
             )
     if not dims:
         raise imp.fail(None, f"input {vi.name} is a scalar; cnnc takes tensors with a batch axis")
-    return TensorType(_DTYPES[t.elem_type], tuple(dims))
+    try:
+        return TensorType(_DTYPES[t.elem_type], tuple(dims))
+    except CnncError as e:
+        raise imp.fail(None, f"input {vi.name}: {e.message}", e.hint) from None
 
 
 def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | None = None) -> None:
@@ -1635,6 +1644,63 @@ def _noting_origins(graph: Graph, nodes: list[onnx.NodeProto], origins: dict[str
             origins.setdefault(new.name, node)
 
 
+def _import_node(imp: Importer, node: onnx.NodeProto) -> None:
+    if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
+        return
+    fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if node.op_type == "Constant" and fn is not None:
+        fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        return
+    if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        onnx_shapes.compute(imp, node, attrs)
+        return
+    if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
+        fold(imp, node)
+        return
+    if fn is None:
+        raise imp.fail(
+            node,
+            f"op {node.domain + '.' if node.domain else ''}{node.op_type} is not supported",
+            hint="supported ops: " + ", ".join(sorted(IMPORTERS)),
+        )
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    fn(imp, node, attrs)
+
+
+def _check_initializer_sizes(imp: Importer, g: onnx.GraphProto) -> None:
+    """Refuse initializers whose declared dimensions no array can have, or whose bytes
+    together pass the limit ``param_bytes``, before any is read into memory."""
+    total = 0
+    for init in g.initializer:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 1  # an unknown type is refused where the tensor is read
+        dims = list(init.dims)
+        nbytes = tensor_bytes(dims, itemsize)
+        if any(d < 0 for d in dims) or nbytes > INT64_MAX:
+            raise imp.fail(
+                None,
+                f"initializer {init.name} has dimensions {format_dims(tuple(dims))}"
+                + (" (negative)" if any(d < 0 for d in dims) else f", {nbytes:,} bytes")
+                + ": no array can have them (sizes are at most 2**63-1 bytes)",
+            )
+        total += nbytes
+        if total > limits.current().param_bytes:
+            raise limits.exceeded(
+                ModelFileError,
+                "param_bytes",
+                f"with initializer {init.name} [{format_dims(tuple(dims))}], the model's "
+                "initializers take",
+                total,
+                imp.where,
+                unit="bytes",
+            )
+
+
 def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) -> Graph:
     """Import an ONNX model (a file, or a ModelProto) into a verified IR graph."""
     from cnnc.ir.verify import verify
@@ -1660,6 +1726,7 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
         imp.min_input = tuple(int(d) for d in props[MIN_INPUT_KEY].split("x"))
         imp.graph.flexible_spatial = True
     g = model.graph
+    _check_initializer_sizes(imp, g)
     for init in g.initializer:
         imp.constants[init.name] = numpy_helper.to_array(init, base_dir=base_dir or "")
     nodes = onnx_patterns.rewrite(g, imp.constants)
@@ -1670,29 +1737,12 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
     origins: dict[str, onnx.NodeProto] = {}  # IR node name -> the ONNX node it came from
     for node in _noting_origins(imp.graph, nodes, origins):
-        if node.domain == FUNCTION_DOMAIN and node.op_type in FUNCTIONS:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            FUNCTIONS[node.op_type](imp, node, _decoded(attrs))
-            continue
-        fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if node.op_type == "Constant" and fn is not None:
-            fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
-            continue
-        if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            onnx_shapes.compute(imp, node, attrs)
-            continue
-        if node.domain in ("", "ai.onnx") and all(n in imp.constants for n in node.input if n):
-            fold(imp, node)
-            continue
-        if fn is None:
-            raise imp.fail(
-                node,
-                f"op {node.domain + '.' if node.domain else ''}{node.op_type} is not supported",
-                hint="supported ops: " + ", ".join(sorted(IMPORTERS)),
-            )
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        fn(imp, node, attrs)
+        try:
+            _import_node(imp, node)
+        except CnncError as e:
+            # A limit reached while building (a shape no array can have, too many parameter
+            # bytes) is reported at the node.
+            raise e.at(imp.fail(node, "").where) from None
     outputs = []
     for o in g.output:
         if o.name in imp.shapes:
