@@ -99,7 +99,9 @@ class Model:
         return self.random_inputs(batch, seed)[0]
 
     def random_inputs(self, batch: int = 1, seed: int = 0) -> list[np.ndarray]:
-        """One seeded standard-normal array for each input of the network."""
+        """One seeded standard-normal array for each input of the network (refused, before
+        any is made, when a run on them would not fit in memory)."""
+        self.check_memory(batch)
         arrays = []
         for i, value in enumerate(self.graph.inputs):
             dims = [batch, *value.type.shape[1:]]
@@ -135,25 +137,36 @@ class Model:
         outputs = self.run_all_outputs(*inputs, backend=backend)
         return dict(zip(self.output_names, outputs, strict=True))
 
+    def check_memory(self, batch: int, scale: float = 1.0) -> None:
+        """Raise UsageError if a run on ``batch`` items (of inputs ``scale`` times the
+        declared size) would need more memory than the limit ``memory`` or, without one,
+        than the machine has available (README, "Limits")."""
+        limits_mod.check_run_memory(self.graph, batch, scale, self.limits)
+
     def run_all_outputs(self, *inputs: np.ndarray, backend: str = "numpy") -> list[np.ndarray]:
         """Run the network; the list of its outputs."""
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        from cnnc.backends.interpreter import check_batch, check_input
+
+        if len(inputs) != len(self.graph.inputs):
+            raise InputError(
+                f"network {self.name} takes {len(self.graph.inputs)} input(s), got {len(inputs)}"
+            )
+        for value, x in zip(self.graph.inputs, inputs, strict=True):
+            check_input(value, x, self.graph.flexible_spatial)
+        check_batch(self.graph.inputs, inputs)
+        # A fully convolutional network's activations grow with its inputs' area.
+        scale = max(
+            x.size / max(1, x.shape[0] * v.type.numel_per_item())
+            for v, x in zip(self.graph.inputs, inputs, strict=True)
+        )
+        self.check_memory(inputs[0].shape[0], max(scale, 1.0))
         if backend == "numpy":
             return self.interpreter.run(*inputs)
-        if backend == "onnxruntime":
-            from cnnc.backends.interpreter import check_batch, check_input
-
-            if len(inputs) != len(self.graph.inputs):
-                raise InputError(
-                    f"network {self.name} takes {len(self.graph.inputs)} input(s), "
-                    f"got {len(inputs)}"
-                )
-            for value, x in zip(self.graph.inputs, inputs, strict=True):
-                check_input(value, x, self.graph.flexible_spatial)
-            check_batch(self.graph.inputs, inputs)
-            session = self._onnxruntime_session()
-            names = [i.name for i in session.get_inputs()]
-            return session.run(None, dict(zip(names, inputs, strict=True)))
-        raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        session = self._onnxruntime_session()
+        names = [i.name for i in session.get_inputs()]
+        return session.run(None, dict(zip(names, inputs, strict=True)))
 
     @property
     def interpreter(self) -> Interpreter:

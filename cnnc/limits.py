@@ -183,7 +183,9 @@ def exceeded(
     limit = getattr(current(), name)
 
     def show(n: int) -> str:
-        return f"{n:,} bytes ({format_bytes(n)})" if unit == "bytes" else f"{n:,}{unit}"
+        if unit != "bytes":
+            return f"{n:,}{unit}"
+        return f"{n:,} bytes ({format_bytes(n)})" if n >= 2**10 else f"{n} bytes"
 
     return kind(
         f"{what} {show(value)}, more than the limit of {show(limit)} ({name})",
@@ -223,3 +225,57 @@ def memory_available() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def run_memory(graph, batch: int, scale: float = 1.0) -> tuple[int, str]:
+    """An estimate of the bytes a run of ``graph`` on ``batch`` items needs, and the node
+    where the need peaks: the inputs, the parameters not yet in memory, and, at the worst
+    node, every activation alive there (made and not yet read for the last time) plus a
+    copy of that node's largest input (a padded copy, a kernel's workspace). ``scale``
+    grows the activations of a fully convolutional network run on larger inputs. Sizes
+    are exact integers; no array is made."""
+
+    def nbytes(value) -> int:
+        shape = [batch if not isinstance(d, int) else d for d in value.type.shape]
+        size = tensor_bytes(shape, value.type.numpy_dtype.itemsize)
+        return size if value.kind == "param" else math.ceil(size * scale)
+
+    last_use: dict[int, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            last_use[id(v)] = i
+    kept = {id(v) for v in graph.outputs} | {id(v) for v in graph.inputs}
+    params = sum(nbytes(v) for v in graph.params.values() if not v.in_memory)
+    live = sum(nbytes(v) for v in graph.inputs)
+    peak, where = live, "the inputs"
+    for i, node in enumerate(graph.nodes):
+        live += sum(nbytes(out) for out in node.outputs)
+        workspace = max((nbytes(v) for v in node.activations), default=0)
+        if live + workspace > peak:
+            peak, where = live + workspace, f"node {node.name} ({node.op})"
+        for v in set(node.activations):
+            if last_use.get(id(v)) == i and id(v) not in kept:
+                live -= nbytes(v)
+    return params + peak, where
+
+
+def check_run_memory(graph, batch: int, scale: float = 1.0, limits: Limits | None = None) -> None:
+    """Refuse a run whose estimated need (:func:`run_memory`) is more than the limit
+    ``memory``, or, without one, than the memory available now."""
+    limits = limits or current()
+    budget = limits.memory if limits.memory is not None else memory_available()
+    if budget is None:
+        return
+    need, where = run_memory(graph, batch, scale)
+    if need > budget:
+        what = (
+            f"the limit of {budget:,} bytes (memory)"
+            if limits.memory is not None
+            else f"the {format_bytes(budget)} of memory available"
+        )
+        raise UsageError(
+            f"running {graph.name} on a batch of {batch:,} needs about {need:,} bytes "
+            f"({format_bytes(need)}, the most at {where}), more than {what}",
+            hint="run a smaller batch or input; or, if the machine can page that much, "
+            f"lift the check with --limit memory={_round_up(need)}",
+        )

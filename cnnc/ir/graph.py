@@ -44,6 +44,11 @@ class Value:
         return self.type.shape
 
     @property
+    def in_memory(self) -> bool:
+        """Whether the parameter's tensor has been computed (it is no longer lazy)."""
+        return self._data is not None
+
+    @property
     def has_data(self) -> bool:
         return self._data is not None or self._thunk is not None
 

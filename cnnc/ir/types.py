@@ -31,15 +31,19 @@ class TensorType:
         known = [d for d in self.shape if isinstance(d, int)]
         if any(d > INT64_MAX for d in known):
             raise ShapeError(
-                f"a dimension of {self} is larger than 2**63-1, the largest NumPy and ONNX hold"
+                f"a dimension of {self._short()} is larger than 2**63-1, the largest NumPy "
+                "and ONNX hold"
             )
         size = math.prod(d for d in known if d > 0) * np.dtype(_NUMPY[self.dtype]).itemsize
         if size > INT64_MAX:
             per_item = " per batch item" if len(known) < len(self.shape) else ""
             raise ShapeError(
-                f"a tensor {self} would take {size:,} bytes{per_item}, more than 2**63-1, "
-                "the most NumPy and ONNX can address"
+                f"a tensor {self._short()} would take {_short_int(size, commas=True)} "
+                f"bytes{per_item}, more than 2**63-1, the most NumPy and ONNX can address"
             )
+
+    def _short(self) -> str:
+        return f"{self.dtype}[{','.join(_short_int(d) for d in self.shape)}]"
 
     @property
     def rank(self) -> int:
@@ -75,6 +79,13 @@ class TensorType:
 
     def __str__(self) -> str:
         return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+
+def _short_int(n: Dim, commas: bool = False) -> str:
+    """A size as messages show it: in full up to 30 digits, else as a power of ten."""
+    if not isinstance(n, int) or abs(n) < 10**30:
+        return f"{n:,}" if commas else str(n)
+    return f"about 10**{len(str(abs(n))) - 1}"
 
 
 def dtype_name(dtype: np.dtype) -> str:
