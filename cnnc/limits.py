@@ -227,13 +227,14 @@ def memory_available() -> int | None:
         return None
 
 
-def run_memory(graph, batch: int, scale: float = 1.0) -> tuple[int, str]:
+def run_memory(graph, batch: int, scale: float = 1.0, keep_all: bool = False) -> tuple[int, str]:
     """An estimate of the bytes a run of ``graph`` on ``batch`` items needs, and the node
     where the need peaks: the inputs, the parameters not yet in memory, and, at the worst
     node, every activation alive there (made and not yet read for the last time) plus a
     copy of that node's largest input (a padded copy, a kernel's workspace). ``scale``
-    grows the activations of a fully convolutional network run on larger inputs. Sizes
-    are exact integers; no array is made."""
+    grows the activations of a fully convolutional network run on larger inputs;
+    ``keep_all`` keeps every value to the end (a run that records them all). Sizes are
+    exact integers; no array is made."""
 
     def nbytes(value) -> int:
         shape = [batch if not isinstance(d, int) else d for d in value.type.shape]
@@ -254,19 +255,25 @@ def run_memory(graph, batch: int, scale: float = 1.0) -> tuple[int, str]:
         if live + workspace > peak:
             peak, where = live + workspace, f"node {node.name} ({node.op})"
         for v in set(node.activations):
-            if last_use.get(id(v)) == i and id(v) not in kept:
+            if last_use.get(id(v)) == i and id(v) not in kept and not keep_all:
                 live -= nbytes(v)
     return params + peak, where
 
 
-def check_run_memory(graph, batch: int, scale: float = 1.0, limits: Limits | None = None) -> None:
+def check_run_memory(
+    graph,
+    batch: int,
+    scale: float = 1.0,
+    limits: Limits | None = None,
+    keep_all: bool = False,
+) -> None:
     """Refuse a run whose estimated need (:func:`run_memory`) is more than the limit
     ``memory``, or, without one, than the memory available now."""
     limits = limits or current()
     budget = limits.memory if limits.memory is not None else memory_available()
     if budget is None:
         return
-    need, where = run_memory(graph, batch, scale)
+    need, where = run_memory(graph, batch, scale, keep_all)
     if need > budget:
         what = (
             f"the limit of {budget:,} bytes (memory)"

@@ -84,10 +84,22 @@ def test_a_merge_of_10000_operands_compiles():
     assert len(model.graph.nodes[-1].inputs) == 10_000
 
 
+def test_a_merge_of_100000_operands_is_refused_at_the_10001st_while_parsing():
+    text = NET.format("y = relu\n    add(" + ", ".join(["y"] * 100_000) + ")")
+    e = refused(ParseError, text)
+    assert e.message == (
+        "this call has at least 10,001 arguments, more than the limit of 10,000 arguments "
+        "(operands)"
+    )
+    assert (e.location.line, e.location.col) == (2, len("    add(") + 10_000 * 3 + 1)
+
+
 def test_the_operands_limit_refuses_at_the_first_operand_past_it_and_lifts():
     text = NET.format("y = relu\n    add(y, y, y, y)")
-    e = refused(LayerError, text, limits={"operands": 3})
-    assert e.message == "add is given 4 arguments, more than the limit of 3 arguments (operands)"
+    e = refused(ParseError, text, limits={"operands": 3})
+    assert e.message == (
+        "this call has at least 4 arguments, more than the limit of 3 arguments (operands)"
+    )
     assert (e.location.line, e.location.col) == (2, len("    add(y, y, y, ") + 1)
     assert "--limit operands=4" in e.hint
     assert cnnc.compile(text, limits={"operands": 4}).graph.nodes[-1].op == "add"

@@ -386,16 +386,6 @@ class _Lowering:
         self, call: Call, scope: _Scope, layer: Layer | None = None
     ) -> list[tuple[Arg, Any]]:
         positional = [a for a in layer.attrs if a.positional] if layer is not None else []
-        most = limits.current().operands
-        if len(call.args) > most:
-            raise limits.exceeded(
-                LayerError,
-                "operands",
-                f"{call.name} is given",
-                len(call.args),
-                call.args[most].loc,
-                unit=" arguments",
-            )
 
         def value(i: int, arg: Arg) -> Any:
             # Any word given for a choice (mode=cubic) is that word, which the choice then

@@ -200,17 +200,53 @@ class _Nested(lark.Tree):
     __slots__ = ("depth",)
 
 
-class _Depth(lark.Transformer):
-    """Counts the nesting of expressions while lark's LALR parser reduces them, so that a
-    program such as ``1+1+...`` with 100,000 terms is refused at the 101st, not after the
-    whole of it is parsed."""
+@dataclass
+class _Parsing:
+    """What the limits checked during a parse need: the source, and how many arguments
+    the call being parsed has so far."""
+
+    source: Source
+    arguments: int = 0
+
+
+class _Limits(lark.Transformer):
+    """Counts the nesting of expressions and the arguments of calls while lark's LALR
+    parser reduces them, so that a program such as ``1+1+...`` with 100,000 terms is
+    refused at the 101st, and ``add(y, y, ...)`` of 100,000 operands at the 10,001st, not
+    after the whole of it is parsed. (Arguments never contain calls, so the arguments
+    reduced since the last call belong to the next call.)"""
+
+    def _argument(data):
+        def build(self, children):
+            parsing = _PARSING.get()
+            parsing.arguments += 1
+            if parsing.arguments > limits.current().operands:
+                first, last = _span(children[0]), _span(children[-1])
+                raise limits.exceeded(
+                    ParseError,
+                    "operands",
+                    "this call has at least",
+                    parsing.arguments,
+                    Location(parsing.source, first[0], first[1], last[2], last[3]),
+                    unit=" arguments",
+                )
+            return lark.Tree(data, children)
+
+        return build
+
+    arg = _argument("arg")
+    keyword_arg = _argument("keyword_arg")
+
+    def call(self, children):
+        _PARSING.get().arguments = 0
+        return lark.Tree("call", children)
 
     def _nested(data):
         def build(self, children):
             depth = 1 + max((getattr(c, "depth", 1) for c in children), default=0)
             if depth > limits.current().expr_depth:
                 first, last = _span(children[0]), _span(children[-1])
-                loc = Location(_PARSING.get(), first[0], first[1], last[2], last[3])
+                loc = Location(_PARSING.get().source, first[0], first[1], last[2], last[3])
                 raise limits.exceeded(
                     ParseError,
                     "expr_depth",
@@ -240,7 +276,7 @@ def _span(node) -> tuple[int, int, int, int]:
     return meta.line, meta.column, meta.end_line, meta.end_column
 
 
-_PARSING: contextvars.ContextVar[Source | None] = contextvars.ContextVar(
+_PARSING: contextvars.ContextVar[_Parsing | None] = contextvars.ContextVar(
     "cnnc_parsing", default=None
 )
 
@@ -253,7 +289,7 @@ def _lark() -> lark.Lark:
         parser="lalr",
         propagate_positions=True,
         cache=True,
-        transformer=_Depth(),
+        transformer=_Limits(),
     )
 
 
@@ -270,7 +306,7 @@ def parse(text: str, filename: str = "<string>") -> Program:
         raise limits.exceeded(
             ParseError, "program_bytes", "the program text is", size, filename, unit="bytes"
         )
-    token = _PARSING.set(source)
+    token = _PARSING.set(_Parsing(source))
     try:
         tree = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as e:
