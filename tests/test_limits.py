@@ -195,6 +195,10 @@ def test_blocks_nested_198_deep_are_refused_at_depth_101():
         "blocks calling blocks reach b100 at depth 101, more than the limit of 100 (block_depth)"
     )
     assert e.location.line == 100
+    # The notes say where the innermost and outermost calls are, not all hundred.
+    notes = [line for line in e.render().splitlines() if line.startswith("note:")]
+    assert len(notes) == 6 and notes[3] == "note: ... 95 more calls ..."
+    assert notes[-1] == "note: in b0_1: b0(), called at <string>:199:23"
 
 
 def test_blocks_nested_100_deep_compile_and_the_limit_lifts_without_recursion_errors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1273,19 +1274,22 @@ def _reshape(imp: Importer, node, attrs) -> None:
     shape = [dims[i] if d == 0 else d for i, d in enumerate(target)]
     if shape.count(-1) > 1:
         raise imp.fail(node, "Reshape with more than one -1 is not valid ONNX")
+    if any(isinstance(d, int) and d < -1 for d in shape):
+        raise imp.fail(node, f"Reshape to {target} has a negative size other than -1")
     if -1 in shape:
+        # Exact integers: int64 products of a hostile shape would overflow.
         batch = dims[0]
         if not isinstance(batch, int):
             # A symbolic batch: -1 can only stand for it, or for the rest of an item.
             if shape[0] == -1:
                 shape[0] = batch
             else:
-                per_item = int(np.prod(dims[1:]))
-                known = int(np.prod([d for d in shape[1:] if d != -1]))
+                per_item = math.prod(dims[1:])
+                known = math.prod(d for d in shape[1:] if d != -1) or 1
                 shape = [per_item // known if d == -1 else d for d in shape]
         else:
-            total = int(np.prod(dims))
-            known = int(np.prod([d for d in shape if d != -1]))
+            total = math.prod(dims)
+            known = math.prod(d for d in shape if d != -1) or 1
             shape = [total // known if d == -1 else d for d in shape]
     _reshape_to(imp, node, x, tuple(shape))
 
