@@ -289,6 +289,20 @@ def test_an_onnx_input_dimension_of_2_62_is_refused_by_load(tmp_path):
     )
 
 
+def test_an_onnx_attribute_making_a_size_past_int64_is_refused_at_its_node(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 3, 3], [0.5] * 18)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="c1", pads=[2**62] * 4)
+    graph = helper.make_graph([conv], "g", [x], [y], [w])
+    path = tmp_path / "pads.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(ModelFileError) as info:
+        cnnc.load(path)
+    assert info.value.where == f"{path}: node c1 (Conv)"
+    assert "is larger than 2**63-1" in info.value.message
+
+
 def test_onnx_initializers_past_the_parameter_limit_are_refused_before_they_are_read(
     tmp_path,
 ):

@@ -64,9 +64,10 @@ def lower(program: Program, network: str | None = None) -> Graph:
     Warnings (unused values) are left in ``graph.warnings``. The limits in force
     (:func:`cnnc.limits.current`) bound repetitions, layers, operands and block nesting.
     """
-    # Each level of block nesting takes a handful of Python frames; make room for the
-    # deepest nesting the limits allow, however far they were lifted.
-    needed = 10 * limits.current().block_depth + 1000
+    # Each level of block nesting takes a handful of Python frames, and each level of an
+    # expression two; make room for the deepest nesting the limits allow, however far
+    # they were lifted.
+    needed = 10 * limits.current().block_depth + 2 * limits.current().expr_depth + 1000
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(max(old, needed))
     try:

@@ -1743,10 +1743,12 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
     for node in _noting_origins(imp.graph, nodes, origins):
         try:
             _import_node(imp, node)
+        except ModelFileError:
+            raise
         except CnncError as e:
             # A limit reached while building (a shape no array can have, too many parameter
-            # bytes) is reported at the node.
-            raise e.at(imp.fail(node, "").where) from None
+            # bytes) is a fault of the model file, reported at the node.
+            raise imp.fail(node, e.message, e.hint) from None
     outputs = []
     for o in g.output:
         if o.name in imp.shapes:
