@@ -16,6 +16,7 @@ Dim = int | str
 BATCH = "N"
 
 _NUMPY = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32, "bool": np.bool_}
+_ITEMSIZE = {name: np.dtype(t).itemsize for name, t in _NUMPY.items()}
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TensorType:
                 f"a dimension of {self._short()} is larger than 2**63-1, the largest NumPy "
                 "and ONNX hold"
             )
-        size = math.prod(d for d in known if d > 0) * np.dtype(_NUMPY[self.dtype]).itemsize
+        size = math.prod(d for d in known if d > 0) * _ITEMSIZE.get(self.dtype, 1)
         if size > INT64_MAX:
             per_item = " per batch item" if len(known) < len(self.shape) else ""
             raise ShapeError(
