@@ -62,7 +62,7 @@ def lower(program: Program, network: str | None = None) -> Graph:
     """Build the IR graph of one network of a parsed program, and verify it.
 
     Warnings (unused values) are left in ``graph.warnings``. The limits in force
-    (:func:`cnnc.limits.current`) bound repetitions, layers, operands and block nesting.
+    (:func:`cnnc.limits.current`) bound repetitions, layers and block nesting.
     """
     # Each level of block nesting takes a handful of Python frames, and each level of an
     # expression two; make room for the deepest nesting the limits allow, however far
