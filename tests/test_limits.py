@@ -49,13 +49,22 @@ def test_a_repeated_block_and_a_repeated_conv_are_refused_at_the_count():
 def test_nested_repetitions_are_refused_after_their_first_instances():
     text = "block a() { relu * 1000 }\nblock b() { a * 1000 }\nnetwork n(x: 1x8x8) { b * 1000 }"
     e = refused(LayerError, text)
-    # One instance of a (1,000 layers) shows that a * 1000 would make 1,000,000.
+    # Two instances of a (1,000 layers each) show that a * 1000 would make 1,000,000.
     assert e.message == (
         "its repetitions would give the network 1,000,000 layers (IR nodes), more than the "
         "limit of 100,000 layers (IR nodes) (layers)"
     )
     assert (e.location.line, e.location.col) == (2, column_of("block b() { a * 1000 }", "1000"))
     assert "--limit layers=1000000" in e.hint
+
+
+def test_the_layers_estimate_of_a_repetition_is_made_on_its_second_instance():
+    # The first fc after a feature map adds a flatten (2 nodes), the others 1 each: fc(10)
+    # * 6 has 7 nodes, not the 12 its first instance would predict.
+    text = "network n(x: 3x4x4) {{ fc(10) * {} }}"
+    assert len(cnnc.compile(text.format(6), opt_level=0, limits={"layers": 7}).graph.nodes) == 7
+    e = refused(LayerError, text.format(7), opt_level=0, limits={"layers": 7})
+    assert e.message.startswith("its repetitions would give the network 8 layers (IR nodes)")
 
 
 def test_the_layers_limit_counts_every_layer_and_lifts():

@@ -278,20 +278,23 @@ class _Lowering:
                     before = len(self.graph.nodes)
                     x = self.apply(step.call, scope, x, f"{name}.{index}")
                     index += 1
-                    self.check_layers(step, times - i - 1, len(self.graph.nodes) - before)
+                    self.check_layers(step, i, times - i - 1, len(self.graph.nodes) - before)
             return x
         times = self.repeat(link, scope)
         for i in range(times):
             before = len(self.graph.nodes)
             x = self.apply(link.call, scope, x, f"{name}.{i}" if link.repeat else name)
-            self.check_layers(link, times - i - 1, len(self.graph.nodes) - before)
+            self.check_layers(link, i, times - i - 1, len(self.graph.nodes) - before)
         return x
 
-    def check_layers(self, link: Link, left: int, each: int) -> None:
-        """Refuse as soon as the network is past the layers limit, or as soon as one
+    def check_layers(self, link: Link, done: int, left: int, each: int) -> None:
+        """Refuse as soon as the network is past the layers limit, or as soon as the second
         instance of a repeated step shows that its repetitions left would take it past: a
         bomb of nested repetitions is refused after its first instances, not after
-        building them all."""
+        building them all. (The second, not the first: a first ``fc`` after a feature map
+        adds a flatten, which the next ones do not.)"""
+        if done == 0:
+            left = 0
         expected = len(self.graph.nodes) + left * each
         if expected > limits.current().layers:
             what = "the network has" if left == 0 else "its repetitions would give the network"
