@@ -10,5 +10,15 @@ __version__ = "0.1.0"
 
 from cnnc.api import Model, compile, load, parse, read_input
 from cnnc.errors import CnncError
+from cnnc.limits import Limits
 
-__all__ = ["CnncError", "Model", "__version__", "compile", "load", "parse", "read_input"]
+__all__ = [
+    "CnncError",
+    "Limits",
+    "Model",
+    "__version__",
+    "compile",
+    "load",
+    "parse",
+    "read_input",
+]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnc import limits as limits_mod
 from cnnc import weights as weights_mod
 from cnnc.errors import CnncError, InputError, UsageError
 from cnnc.frontend.lower import lower
@@ -14,8 +15,11 @@ from cnnc.frontend.parser import Program
 from cnnc.frontend.parser import parse as _parse
 from cnnc.ir import printer
 from cnnc.ir.graph import Graph
+from cnnc.limits import Limits
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import onnx
 
     from cnnc.backends.interpreter import Interpreter
@@ -26,6 +30,12 @@ BACKENDS = ("numpy", "onnxruntime")
 
 def _read_text(path: Path) -> str:
     try:
+        # Refused before reading: a huge file must not be read into memory to be refused.
+        size = path.stat().st_size
+        if size > limits_mod.current().program_bytes:
+            raise limits_mod.exceeded(
+                CnncError, "program_bytes", "the program file is", size, str(path), unit="bytes"
+            )
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CnncError("file not found", str(path)) from None
@@ -35,9 +45,14 @@ def _read_text(path: Path) -> str:
         raise CnncError(f"cannot read the program: {e}", str(path)) from None
 
 
-def parse(text: str, filename: str = "<string>") -> Program:
-    """Parse program text into its AST (raises ParseError at the place of a syntax error)."""
-    return _parse(text, filename)
+def parse(
+    text: str, filename: str = "<string>", *, limits: Limits | Mapping[str, int] | None = None
+) -> Program:
+    """Parse program text into its AST (raises ParseError at the place of a syntax error);
+    ``limits`` (a :class:`cnnc.Limits` or a dict of the ones to change) lifts or lowers
+    the limits on the program."""
+    with limits_mod.using(limits_mod.coerce(limits)):
+        return _parse(text, filename)
 
 
 def _is_path(source: str | Path) -> bool:
@@ -48,9 +63,15 @@ class Model:
     """A compiled network: its IR graph with weights, ready to run, export or inspect."""
 
     def __init__(
-        self, graph: Graph, *, random_weights: bool = False, onnx_path: Path | None = None
+        self,
+        graph: Graph,
+        *,
+        random_weights: bool = False,
+        onnx_path: Path | None = None,
+        limits: Limits | None = None,
     ):
         self.graph = graph
+        self.limits = limits or limits_mod.DEFAULT  # memory, for runs
         self.random_weights = random_weights
         self.onnx_path = onnx_path  # the file an imported model came from
         self._interpreter: Interpreter | None = None
@@ -77,7 +98,9 @@ class Model:
         return self.random_inputs(batch, seed)[0]
 
     def random_inputs(self, batch: int = 1, seed: int = 0) -> list[np.ndarray]:
-        """One seeded standard-normal array for each input of the network."""
+        """One seeded standard-normal array for each input of the network (refused, before
+        any is made, when a run on them would not fit in memory)."""
+        self.check_memory(batch)
         arrays = []
         for i, value in enumerate(self.graph.inputs):
             dims = [batch, *value.type.shape[1:]]
@@ -113,25 +136,36 @@ class Model:
         outputs = self.run_all_outputs(*inputs, backend=backend)
         return dict(zip(self.output_names, outputs, strict=True))
 
+    def check_memory(self, batch: int, scale: float = 1.0) -> None:
+        """Raise UsageError if a run on ``batch`` items (of inputs ``scale`` times the
+        declared size) would need more memory than the limit ``memory`` or, without one,
+        than the machine has available (README, "Limits")."""
+        limits_mod.check_run_memory(self.graph, batch, scale, self.limits)
+
     def run_all_outputs(self, *inputs: np.ndarray, backend: str = "numpy") -> list[np.ndarray]:
         """Run the network; the list of its outputs."""
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        from cnnc.backends.interpreter import check_batch, check_input
+
+        if len(inputs) != len(self.graph.inputs):
+            raise InputError(
+                f"network {self.name} takes {len(self.graph.inputs)} input(s), got {len(inputs)}"
+            )
+        for value, x in zip(self.graph.inputs, inputs, strict=True):
+            check_input(value, x, self.graph.flexible_spatial)
+        check_batch(self.graph.inputs, inputs)
+        # A fully convolutional network's activations grow with its inputs' area.
+        scale = max(
+            x.size / max(1, x.shape[0] * v.type.numel_per_item())
+            for v, x in zip(self.graph.inputs, inputs, strict=True)
+        )
+        self.check_memory(inputs[0].shape[0], max(scale, 1.0))
         if backend == "numpy":
             return self.interpreter.run(*inputs)
-        if backend == "onnxruntime":
-            from cnnc.backends.interpreter import check_batch, check_input
-
-            if len(inputs) != len(self.graph.inputs):
-                raise InputError(
-                    f"network {self.name} takes {len(self.graph.inputs)} input(s), "
-                    f"got {len(inputs)}"
-                )
-            for value, x in zip(self.graph.inputs, inputs, strict=True):
-                check_input(value, x, self.graph.flexible_spatial)
-            check_batch(self.graph.inputs, inputs)
-            session = self._onnxruntime_session()
-            names = [i.name for i in session.get_inputs()]
-            return session.run(None, dict(zip(names, inputs, strict=True)))
-        raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        session = self._onnxruntime_session()
+        names = [i.name for i in session.get_inputs()]
+        return session.run(None, dict(zip(names, inputs, strict=True)))
 
     @property
     def interpreter(self) -> Interpreter:
@@ -281,6 +315,7 @@ def compile(
     fully_conv: bool = False,
     pass_options: PassOptions | None = None,
     allow_nonfinite: bool = False,
+    limits: Limits | Mapping[str, int] | None = None,
 ) -> Model:
     """Compile a program into a Model.
 
@@ -289,20 +324,24 @@ def compile(
     ``<layer>.weight`` and ``<layer>.bias``) the weights are seeded He-normal.
     The graph is optimized at ``opt_level`` (0, 1 or 2), or by the named ``passes``;
     ``fully_conv`` makes the classifier fully convolutional. Weights holding NaN or
-    infinity are a WeightsError unless ``allow_nonfinite``.
+    infinity are a WeightsError unless ``allow_nonfinite``. ``limits`` (a
+    :class:`cnnc.Limits`, or a dict of the limits to change such as ``{"repeat": 20000}``)
+    bounds the program and the runs of the model (README, "Limits").
     """
-    if _is_path(source):
-        path = Path(source)
-        program = parse(_read_text(path), str(source))
-    else:
-        program = parse(str(source))
-    graph = lower(program, network)
-    if weights is not None:
-        weights_mod.load(graph, weights, allow_nonfinite)
-    else:
-        weights_mod.initialize(graph, seed)
-    optimize(graph, opt_level, passes, fully_conv, pass_options)
-    return Model(graph, random_weights=weights is None)
+    limits = limits_mod.coerce(limits)
+    with limits_mod.using(limits):
+        if _is_path(source):
+            path = Path(source)
+            program = _parse(_read_text(path), str(source))
+        else:
+            program = _parse(str(source))
+        graph = lower(program, network)
+        if weights is not None:
+            weights_mod.load(graph, weights, allow_nonfinite)
+        else:
+            weights_mod.initialize(graph, seed)
+        optimize(graph, opt_level, passes, fully_conv, pass_options)
+    return Model(graph, random_weights=weights is None, limits=limits)
 
 
 def load(
@@ -316,10 +355,11 @@ def load(
     fully_conv: bool = False,
     pass_options: PassOptions | None = None,
     allow_nonfinite: bool = False,
+    limits: Limits | Mapping[str, int] | None = None,
 ) -> Model:
     """A Model from a file: an ONNX model (.onnx) or a program (anything else), optimized
-    as :func:`compile` does; an ONNX model whose initializers hold NaN or infinity is a
-    WeightsError unless ``allow_nonfinite``."""
+    as :func:`compile` does, under the same ``limits``; an ONNX model whose initializers
+    hold NaN or infinity is a WeightsError unless ``allow_nonfinite``."""
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         return compile(
@@ -332,17 +372,20 @@ def load(
             fully_conv=fully_conv,
             pass_options=pass_options,
             allow_nonfinite=allow_nonfinite,
+            limits=limits,
         )
     if weights is not None:
         raise UsageError("an ONNX model carries its own weights; --weights applies to programs")
     from cnnc.frontend.onnx_import import load_onnx
 
-    graph = load_onnx(path)
-    if not allow_nonfinite:
-        weights_mod.check_finite(graph, str(path))
-    optimize(graph, opt_level, passes, fully_conv, pass_options)
+    limits = limits_mod.coerce(limits)
+    with limits_mod.using(limits):
+        graph = load_onnx(path)
+        if not allow_nonfinite:
+            weights_mod.check_finite(graph, str(path))
+        optimize(graph, opt_level, passes, fully_conv, pass_options)
     # onnxruntime runs the file itself unless a pass rewrote the graph.
-    return Model(graph, onnx_path=None if graph.pipeline else path)
+    return Model(graph, onnx_path=None if graph.pipeline else path, limits=limits)
 
 
 def read_input(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:

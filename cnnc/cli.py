@@ -18,6 +18,7 @@ from cnnc.compare import (
     nonfinite_counts,
 )
 from cnnc.errors import CnncError, InternalError, ModelFileError, UsageError
+from cnnc.limits import NAMES, parse_option
 from cnnc.npyfile import write_npz
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
@@ -111,6 +112,18 @@ def _model_args(p: argparse.ArgumentParser, default_level: int = 2) -> None:
         action="store_true",
         help="check on a random input that each pass leaves the outputs unchanged",
     )
+    _limit_arg(p)
+
+
+def _limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="lift (or lower) a limit, such as repeat=20000 or memory=64Gi; repeatable; "
+        "the limits: " + ", ".join(NAMES),
+    )
 
 
 def _names(text: str) -> list[str]:
@@ -200,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the program (default: the model's name with .cnn); the weights go to "
         "the same name with .npz",
     )
+    _limit_arg(p)
 
     p = command("bench", "time the interpreter against onnxruntime on the same input")
     _model_args(p)
@@ -267,6 +281,7 @@ def _load(args, notice: bool = True) -> cnnc.Model:
         fully_conv=args.fully_conv,
         pass_options=options,
         allow_nonfinite=args.allow_nonfinite,
+        limits=parse_option(args.limit),
     )
     for warning in model.warnings:
         print(warning.render(), file=sys.stderr)
@@ -485,7 +500,7 @@ def cmd_import(args) -> None:
     out = Path(args.output) if args.output else source.with_suffix(".cnn")
     npz = out.with_suffix(".npz")
     targets = output.target(out), output.target(npz)
-    model = cnnc.load(source, opt_level=0)
+    model = cnnc.load(source, opt_level=0, limits=parse_option(args.limit))
     text, weights = model.to_program(
         source=f"imported by cnnc {cnnc.__version__} from {source.name}"
     )

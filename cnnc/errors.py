@@ -92,7 +92,12 @@ class CnncError(Exception):
             parts.append(excerpt)
         if self.hint:
             parts.append(f"hint: {self.hint}")
-        parts.extend(f"note: {note}" for note in self.notes)
+        notes = self.notes
+        if len(notes) > 6:
+            # Blocks nested a hundred deep would give a hundred notes: the innermost
+            # calls and the outermost say where.
+            notes = [*notes[:3], f"... {len(notes) - 5} more calls ...", *notes[-2:]]
+        parts.extend(f"note: {note}" for note in notes)
         return "\n".join(parts)
 
     def __str__(self) -> str:

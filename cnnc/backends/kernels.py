@@ -370,11 +370,13 @@ def conv(node: Node) -> Kernel:
             return win.drop(wide_rows(x, y, oh, ow))
         xp = win.padded(x, 0.0, oh, ow)
         s_n, s_c, s_h, s_w = xp.strides
-        # Every window of every image, without a copy: [group, cg, kh, kw, n, oh, ow].
+        # Every window of every image, without a copy: [group, cg, kh, kw, n, oh, ow]. Along
+        # an axis of one window the stride does not matter, and a stride past the input's
+        # size (any up to 2**63-1 is legal) would overflow a byte stride.
         windows = as_strided(
             xp,
             (groups, cg, kh, kw, n, oh, ow),
-            (s_c * cg, s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw),
+            (s_c * cg, s_c, s_h * dh, s_w * dw, s_n, s_h * sh * (oh > 1), s_w * sw * (ow > 1)),
             writeable=False,
         )
 

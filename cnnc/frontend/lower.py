@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnnc import limits
 from cnnc.errors import CnncError, CnncWarning, LayerError, Location, ShapeError
 from cnnc.frontend.parser import (
     Arg,
@@ -58,9 +61,19 @@ def select_network(program: Program, name: str | None = None) -> Network:
 def lower(program: Program, network: str | None = None) -> Graph:
     """Build the IR graph of one network of a parsed program, and verify it.
 
-    Warnings (unused values) are left in ``graph.warnings``.
+    Warnings (unused values) are left in ``graph.warnings``. The limits in force
+    (:func:`cnnc.limits.current`) bound repetitions, layers and block nesting.
     """
-    return _Lowering(program).network(select_network(program, network))
+    # Each level of block nesting takes a handful of Python frames, and each level of an
+    # expression two; make room for the deepest nesting the limits allow, however far
+    # they were lifted.
+    needed = 10 * limits.current().block_depth + 2 * limits.current().expr_depth + 1000
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, needed))
+    try:
+        return _Lowering(program).network(select_network(program, network))
+    finally:
+        sys.setrecursionlimit(old)
 
 
 @dataclass
@@ -134,7 +147,10 @@ class _Lowering:
                     + ("declared twice" if inp.name in values else "a reserved word"),
                     inp.loc,
                 )
-            x = self.graph.add_input(inp.name, TensorType("f32", (BATCH, *inp.shape)))
+            try:
+                x = self.graph.add_input(inp.name, TensorType("f32", (BATCH, *inp.shape)))
+            except CnncError as e:
+                raise e.at(inp.shape_loc) from None
             # Inputs other than the first one are values a statement must name to use.
             values[inp.name] = _Binding(x, inp.loc if values else None, used=not values)
         if not net.statements:
@@ -257,14 +273,39 @@ class _Lowering:
         if link.steps is not None:
             index = 0
             for step in link.steps:
-                for _ in range(self.repeat(step, scope)):
+                times = self.repeat(step, scope)
+                for i in range(times):
+                    before = len(self.graph.nodes)
                     x = self.apply(step.call, scope, x, f"{name}.{index}")
                     index += 1
+                    self.check_layers(step, i, times - i - 1, len(self.graph.nodes) - before)
             return x
         times = self.repeat(link, scope)
         for i in range(times):
+            before = len(self.graph.nodes)
             x = self.apply(link.call, scope, x, f"{name}.{i}" if link.repeat else name)
+            self.check_layers(link, i, times - i - 1, len(self.graph.nodes) - before)
         return x
+
+    def check_layers(self, link: Link, done: int, left: int, each: int) -> None:
+        """Refuse as soon as the network is past the layers limit, or as soon as the second
+        instance of a repeated step shows that its repetitions left would take it past: a
+        bomb of nested repetitions is refused after its first instances, not after
+        building them all. (The second, not the first: a first ``fc`` after a feature map
+        adds a flatten, which the next ones do not.)"""
+        if done == 0:
+            left = 0
+        expected = len(self.graph.nodes) + left * each
+        if expected > limits.current().layers:
+            what = "the network has" if left == 0 else "its repetitions would give the network"
+            raise limits.exceeded(
+                LayerError,
+                "layers",
+                what,
+                expected,
+                link.repeat.loc if link.repeat is not None and left else link.loc,
+                unit=" layers (IR nodes)",
+            )
 
     def apply(self, call: Call, scope: _Scope, x: Value | tuple, name: str) -> Value | tuple:
         """One layer or block instance called ``name``, applied to ``x``."""
@@ -290,7 +331,10 @@ class _Lowering:
                 )
             raise self.unknown(call)
         args, locs = bind_args(layer, call, self.arguments(call, scope, layer))
-        return layer.build(LayerContext(self.graph, name, call.loc, args, locs), x)
+        try:
+            return layer.build(LayerContext(self.graph, name, call.loc, args, locs), x)
+        except CnncError as e:
+            raise e.at(call.loc) from None
 
     def repeat(self, link: Link, scope: _Scope) -> int:
         if link.repeat is None:
@@ -299,6 +343,10 @@ class _Lowering:
         if not isinstance(times, int) or isinstance(times, bool) or times < 1:
             raise LayerError(
                 f"a repetition count must be a positive integer, got {times!r}", link.repeat.loc
+            )
+        if times > limits.current().repeat:
+            raise limits.exceeded(
+                LayerError, "repeat", "the repetition count is", times, link.repeat.loc
             )
         return times
 
@@ -365,6 +413,14 @@ class _Lowering:
                 call.name_loc,
                 hint="blocks cannot be recursive; repeat with * n instead",
             )
+        if len(self.stack) >= limits.current().block_depth:
+            raise limits.exceeded(
+                LayerError,
+                "block_depth",
+                f"blocks calling blocks reach {block.name} at depth",
+                len(self.stack) + 1,
+                call.name_loc,
+            )
         params = self.block_params(block, call, scope, x)
         inner = _Scope(
             f"{name}.",
@@ -388,9 +444,11 @@ class _Lowering:
     def block_params(self, block: Block, call: Call, scope: _Scope, x: Value) -> dict[str, Any]:
         names = [p.name for p in block.params]
         given: dict[str, tuple[Any, Location]] = {}
+        named = False
         for i, arg in enumerate(call.args):
+            named = named or arg.name is not None
             if arg.name is None:
-                if any(a.name is not None for a in call.args[:i]):
+                if named:
                     raise LayerError("a positional argument cannot follow a named one", arg.loc)
                 if i >= len(names):
                     raise LayerError(
@@ -541,21 +599,36 @@ def evaluate(expr: Expr, scope: _Scope) -> Any:
         operand = evaluate(expr.operand, scope)
         if not _is_number(operand):
             raise LayerError(f"cannot negate {operand!r}", expr.loc)
-        return -operand
+        return _in_range(-operand, expr)
     if isinstance(expr, BinOp):
         left, right = evaluate(expr.left, scope), evaluate(expr.right, scope)
         if not (_is_number(left) and _is_number(right)):
             raise LayerError(f"{expr.op} needs numbers, got {left!r} and {right!r}", expr.loc)
         if expr.op == "+":
-            return left + right
+            return _in_range(left + right, expr)
         if expr.op == "-":
-            return left - right
+            return _in_range(left - right, expr)
         if expr.op == "*":
-            return left * right
+            return _in_range(left * right, expr)
         if right == 0:
             raise LayerError("division by zero", expr.loc)
-        return left // right
+        return _in_range(left // right, expr)
     raise AssertionError(f"expression {expr!r}")
+
+
+def _in_range(result: int | float, expr: Expr) -> int | float:
+    """An expression's value, if it fits an int64 (or a finite float): every integer an
+    attribute gets is one ONNX and NumPy can hold, and none grows without bound."""
+    if isinstance(result, int) and not limits.fits_int64(result):
+        raise LayerError(
+            "the value of this expression does not fit in 64 bits "
+            f"(it is about 2**{result.bit_length() - (result > 0)} in size)",
+            expr.loc,
+            hint="integers in a program lie between -2**63 and 2**63-1",
+        )
+    if isinstance(result, float) and not math.isfinite(result):
+        raise LayerError(f"the value of this expression is {result}", expr.loc)
+    return result
 
 
 # The sizes an expression may read from a value, by the axis each names (1-D maps have a
@@ -611,9 +684,11 @@ def bind_args(
     variadic = next((a for a in positional if a.kind == "values"), None)
     args: dict[str, Any] = {}
     locs: dict[str, Location] = {}
+    named = False  # whether a named argument came yet (a merge may take 10,000 values)
     for i, (arg, value) in enumerate(values):
+        named = named or arg.name is not None
         if arg.name is None:
-            if any(a.name is not None for a, _ in values[:i]):
+            if named:
                 raise LayerError("a positional argument cannot follow a named one", arg.loc)
             if variadic is not None:
                 args.setdefault(variadic.name, []).append(convert(layer, variadic, value, arg.loc))

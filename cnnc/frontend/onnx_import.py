@@ -13,11 +13,13 @@ import onnx.inliner
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
+from cnnc import limits
 from cnnc.errors import CnncError, ModelFileError
 from cnnc.frontend import onnx_names, onnx_patterns, onnx_shapes
 from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
 from cnnc.ir.types import BATCH, TensorType, dtype_name, format_dims
+from cnnc.limits import INT64_MAX, tensor_bytes
 from cnnc.ops.activation import FUNCTION_NAMES
 from cnnc.ops.norm import scale_shape
 from cnnc.ops.pool import adaptive_avg_matrix, adaptive_max_windows
@@ -1272,19 +1274,22 @@ def _reshape(imp: Importer, node, attrs) -> None:
     shape = [dims[i] if d == 0 else d for i, d in enumerate(target)]
     if shape.count(-1) > 1:
         raise imp.fail(node, "Reshape with more than one -1 is not valid ONNX")
+    if any(isinstance(d, int) and d < -1 for d in shape):
+        raise imp.fail(node, f"Reshape to {target} has a negative size other than -1")
     if -1 in shape:
+        # Exact integers: int64 products of a hostile shape would overflow.
         batch = dims[0]
         if not isinstance(batch, int):
             # A symbolic batch: -1 can only stand for it, or for the rest of an item.
             if shape[0] == -1:
                 shape[0] = batch
             else:
-                per_item = int(np.prod(dims[1:]))
-                known = int(np.prod([d for d in shape[1:] if d != -1]))
+                per_item = math.prod(dims[1:])
+                known = math.prod(d for d in shape[1:] if d != -1) or 1
                 shape = [per_item // known if d == -1 else d for d in shape]
         else:
-            total = int(np.prod(dims))
-            known = int(np.prod([d for d in shape if d != -1]))
+            total = math.prod(dims)
+            known = math.prod(d for d in shape if d != -1) or 1
             shape = [total // known if d == -1 else d for d in shape]
     _reshape_to(imp, node, x, tuple(shape))
 
@@ -1698,6 +1703,10 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
     dims: list = []
     for i, d in enumerate(t.shape.dim):
         if d.HasField("dim_value"):
+            if d.dim_value < 1:
+                raise imp.fail(
+                    None, f"input {vi.name} has size {d.dim_value} at axis {i}; sizes are >= 1"
+                )
             dims.append(int(d.dim_value))
         elif i == 0:
             dims.append(BATCH)
@@ -1712,7 +1721,10 @@ def _input_type(imp: Importer, vi: onnx.ValueInfoProto) -> TensorType:
             )
     if not dims:
         raise imp.fail(None, f"input {vi.name} is a scalar; cnnc takes tensors with a batch axis")
-    return TensorType(_DTYPES[t.elem_type], tuple(dims))
+    try:
+        return TensorType(_DTYPES[t.elem_type], tuple(dims))
+    except CnncError as e:
+        raise imp.fail(None, f"input {vi.name}: {e.message}", e.hint) from None
 
 
 # The largest constant that folding a node may make (1 GiB): a few bytes of ONNX
@@ -1825,6 +1837,37 @@ MALFORMED_HINT = (
 )
 
 
+def _check_initializer_sizes(imp: Importer, g: onnx.GraphProto) -> None:
+    """Refuse initializers whose declared dimensions no array can have, or whose bytes
+    together pass the limit ``param_bytes``, before any is read into memory."""
+    total = 0
+    for init in g.initializer:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 1  # an unknown type is refused where the tensor is read
+        dims = list(init.dims)
+        nbytes = tensor_bytes(dims, itemsize)
+        if any(d < 0 for d in dims) or nbytes > INT64_MAX:
+            raise imp.fail(
+                None,
+                f"initializer {init.name} has dimensions {format_dims(tuple(dims))}"
+                + (" (negative)" if any(d < 0 for d in dims) else f", {nbytes:,} bytes")
+                + ": no array can have them (sizes are at most 2**63-1 bytes)",
+            )
+        total += nbytes
+        if total > limits.current().param_bytes:
+            raise limits.exceeded(
+                ModelFileError,
+                "param_bytes",
+                f"with initializer {init.name} [{format_dims(tuple(dims))}], the model's "
+                "initializers take",
+                total,
+                imp.where,
+                unit="bytes",
+            )
+
+
 def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) -> Graph:
     """Import an ONNX model (a file, or a ModelProto) into a verified IR graph."""
     if isinstance(source, onnx.ModelProto):
@@ -1859,6 +1902,7 @@ def _import(model: onnx.ModelProto, base_dir: str | None, where: str) -> Graph:
         imp.min_input = _min_input(props[MIN_INPUT_KEY], where)
         imp.graph.flexible_spatial = True
     g = model.graph
+    _check_initializer_sizes(imp, g)
     for init in g.initializer:
         imp.constants[init.name] = numpy_helper.to_array(init, base_dir=base_dir or "")
     nodes = onnx_patterns.rewrite(g, imp.constants)
@@ -1875,6 +1919,12 @@ def _import(model: onnx.ModelProto, base_dir: str | None, where: str) -> Graph:
             raise imp.fail(
                 node, f"cannot import this node: {_first_line(e)}", hint=MALFORMED_HINT
             ) from e
+        except ModelFileError:
+            raise
+        except CnncError as e:
+            # A limit reached while building (a shape no array can have, too many parameter
+            # bytes) is a fault of the model file, reported at the node.
+            raise imp.fail(node, e.message, e.hint) from None
     outputs = []
     for o in g.output:
         if o.name in imp.shapes:

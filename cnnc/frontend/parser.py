@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -9,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import lark
-from lark import Transformer, v_args
+from lark import Transformer_NonRecursive, v_args
 
-from cnnc.errors import Location, ParseError, Source
+from cnnc import limits
+from cnnc.errors import CnncError, Location, ParseError, Source
 
 # ---- the AST -------------------------------------------------------------------------------
 
@@ -192,29 +194,158 @@ def grammar_text() -> str:
     )
 
 
+class _Nested(lark.Tree):
+    """A parse tree node of an expression operator, with its nesting depth."""
+
+    __slots__ = ("depth",)
+
+
+@dataclass
+class _Parsing:
+    """What the limits checked during a parse need: the source, and how many arguments
+    the call being parsed has so far."""
+
+    source: Source
+    arguments: int = 0
+
+
+class _Limits(lark.Transformer):
+    """Counts the nesting of expressions and the arguments of calls while lark's LALR
+    parser reduces them, so that a program such as ``1+1+...`` with 100,000 terms is
+    refused at the 101st, and ``add(y, y, ...)`` of 100,000 operands at the 10,001st, not
+    after the whole of it is parsed. (Arguments never contain calls, so the arguments
+    reduced since the last call belong to the next call.)"""
+
+    def _argument(data):
+        def build(self, children):
+            parsing = _PARSING.get()
+            parsing.arguments += 1
+            if parsing.arguments > limits.current().operands:
+                first, last = _span(children[0]), _span(children[-1])
+                raise limits.exceeded(
+                    ParseError,
+                    "operands",
+                    "this call has at least",
+                    parsing.arguments,
+                    Location(parsing.source, first[0], first[1], last[2], last[3]),
+                    unit=" arguments",
+                )
+            return lark.Tree(data, children)
+
+        return build
+
+    arg = _argument("arg")
+    keyword_arg = _argument("keyword_arg")
+
+    def call(self, children):
+        _PARSING.get().arguments = 0
+        return lark.Tree("call", children)
+
+    def _nested(data):
+        def build(self, children):
+            depth = 1 + max((getattr(c, "depth", 1) for c in children), default=0)
+            if depth > limits.current().expr_depth:
+                first, last = _span(children[0]), _span(children[-1])
+                loc = Location(_PARSING.get().source, first[0], first[1], last[2], last[3])
+                raise limits.exceeded(
+                    ParseError,
+                    "expr_depth",
+                    "this expression is nested",
+                    depth,
+                    loc,
+                    unit=" levels deep",
+                )
+            tree = _Nested(data, children)
+            tree.depth = depth
+            return tree
+
+        return build
+
+    add = _nested("add")
+    sub = _nested("sub")
+    mul = _nested("mul")
+    floordiv = _nested("floordiv")
+    neg = _nested("neg")
+    tuple_value = _nested("tuple_value")
+
+
+def _span(node) -> tuple[int, int, int, int]:
+    if isinstance(node, lark.Token):
+        return node.line, node.column, node.end_line, node.end_column
+    meta = node.meta
+    return meta.line, meta.column, meta.end_line, meta.end_column
+
+
+_PARSING: contextvars.ContextVar[_Parsing | None] = contextvars.ContextVar(
+    "cnnc_parsing", default=None
+)
+
+
 @cache
 def _lark() -> lark.Lark:
     # cache=True keeps the built LALR tables in the temp directory between runs.
-    return lark.Lark(grammar_text(), parser="lalr", propagate_positions=True, cache=True)
+    return lark.Lark(
+        grammar_text(),
+        parser="lalr",
+        propagate_positions=True,
+        cache=True,
+        transformer=_Limits(),
+    )
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
-    """Parse program text into an AST; a syntax error raises ParseError at its place."""
+    """Parse program text into an AST; a syntax error raises ParseError at its place.
+
+    Nothing here recurses on the input (lark's LALR parser keeps its own stack, and the
+    AST is built bottom-up without recursion), so no program, however nested, reaches
+    Python's recursion limit; the limits ``program_bytes`` and ``expr_depth`` and the
+    64-bit range of literals are checked here."""
     source = Source(filename, text)
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.current().program_bytes:
+        raise limits.exceeded(
+            ParseError, "program_bytes", "the program text is", size, filename, unit="bytes"
+        )
+    token = _PARSING.set(_Parsing(source))
     try:
         tree = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as e:
         raise _syntax_error(e, source) from None
-    return ToAst(source).transform(tree)
+    finally:
+        _PARSING.reset(token)
+    try:
+        return ToAst(source).transform(tree)
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, CnncError):
+            raise e.orig_exc from None
+        raise
 
 
 def _loc(source: Source, meta) -> Location:
     return Location(source, meta.line, meta.column, meta.end_line, meta.end_column)
 
 
+def _integer(text: str, loc: Location) -> int:
+    """An integer literal, refused before conversion when it cannot fit an int64 (so that
+    Python's limit on converting long digit strings never comes into play)."""
+    digits = text.lstrip("0") or "0"
+    if len(digits) > limits.INT64_DIGITS or int(digits) > limits.INT64_MAX:
+        shown = digits if len(digits) <= 30 else f"{digits[:20]}... ({len(digits):,} digits)"
+        raise ParseError(
+            f"integer {shown} does not fit in 64 bits",
+            loc,
+            hint="integers in a program are at most 2**63-1 = 9223372036854775807 "
+            "(a hard limit: ONNX and NumPy hold sizes in int64)",
+        )
+    return int(digits)
+
+
 @v_args(meta=True)
-class ToAst(Transformer):
-    """Lark's parse tree -> AST dataclasses, each carrying its source span."""
+class ToAst(Transformer_NonRecursive):
+    """Lark's parse tree -> AST dataclasses, each carrying its source span.
+
+    Bottom-up and without recursion (the parser has already refused expressions nested
+    past the limit ``expr_depth``, which lowering evaluates recursively)."""
 
     def __init__(self, source: Source):
         super().__init__()
@@ -241,7 +372,7 @@ class ToAst(Transformer):
 
     def net_input(self, meta, children):
         name, shape = children
-        dims = tuple(int(d) for d in shape.split("x"))
+        dims = tuple(_integer(d, self._tok(shape)) for d in shape.split("x"))
         return NetworkInput(str(name), dims, self._loc(meta), self._tok(shape))
 
     def net_outputs(self, meta, names):
@@ -302,13 +433,21 @@ class ToAst(Transformer):
         return Arg(str(name), value, self._loc(meta))
 
     def int_value(self, meta, children):
-        return Literal(self._loc(meta), int(children[0]))
+        return Literal(self._loc(meta), _integer(children[0], self._loc(meta)))
 
     def float_value(self, meta, children):
-        return Literal(self._loc(meta), float(children[0]))
+        value = float(children[0])
+        if value == float("inf"):
+            raise ParseError(
+                f"number {str(children[0])[:30]} is too large for a 64-bit float",
+                self._loc(meta),
+                hint="numbers in a program are at most about 1.8e308",
+            )
+        return Literal(self._loc(meta), value)
 
     def shape_value(self, meta, children):
-        return Literal(self._loc(meta), tuple(int(d) for d in children[0].split("x")))
+        loc = self._loc(meta)
+        return Literal(loc, tuple(_integer(d, loc) for d in children[0].split("x")))
 
     def name_value(self, meta, children):
         return Name(self._loc(meta), str(children[0]))

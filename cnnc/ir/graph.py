@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from cnnc.errors import CnncError, InternalError, Location
+from cnnc import limits
+from cnnc.errors import CnncError, InternalError, LayerError, Location
 from cnnc.ir.types import TensorType
+from cnnc.limits import tensor_bytes
 
 
 class Value:
@@ -39,6 +42,11 @@ class Value:
     @property
     def shape(self) -> tuple:
         return self.type.shape
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the parameter's tensor has been computed (it is no longer lazy)."""
+        return self._data is not None
 
     @property
     def has_data(self) -> bool:
@@ -120,7 +128,7 @@ class Node:
 
 
 def _numel(v: Value) -> int:
-    return int(np.prod(v.shape, dtype=np.int64))
+    return math.prod(int(d) for d in v.shape)
 
 
 def is_statistic(param: Value) -> bool:
@@ -148,6 +156,7 @@ class Graph:
         self.flexible_spatial = False
         self.warnings: list = []  # CnncWarning from lowering (unused values)
         self._names: set[str] = set()
+        self.param_bytes = 0  # of the parameters added, counted against limits.param_bytes
 
     # ---- naming -------------------------------------------------------------------------
 
@@ -181,8 +190,22 @@ class Graph:
         init: tuple[str, int] | None = None,
         dtype: str = "f32",
     ) -> Value:
-        """Declare a parameter tensor; ``init`` says how to initialise it without a weights file."""
-        value = Value(self._claim(name), TensorType(dtype, tuple(shape)), "param")
+        """Declare a parameter tensor; ``init`` says how to initialise it without a weights file.
+
+        The shape is checked against the hard limits and the running total of parameter
+        bytes against ``param_bytes``, before anything is allocated."""
+        type = TensorType(dtype, tuple(shape))
+        total = self.param_bytes + tensor_bytes(type.shape, type.numpy_dtype.itemsize)
+        if total > limits.current().param_bytes:
+            raise limits.exceeded(
+                LayerError,
+                "param_bytes",
+                f"with {name} {type}, the parameters of network {self.name} would take",
+                total,
+                unit="bytes",
+            )
+        value = Value(self._claim(name), type, "param")
+        self.param_bytes = total
         value.init = init
         self.params[name] = value
         return value
@@ -311,6 +334,7 @@ class Graph:
             raise InternalError(f"cannot remove parameter {value.name}: it is still used")
         del self.params[value.name]
         self._names.discard(value.name)
+        self.param_bytes -= tensor_bytes(value.type.shape, value.type.numpy_dtype.itemsize)
 
     def rename(self, value: Value, name: str) -> None:
         """Give a value (a parameter too) a new (unused) name."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from cnnc.errors import ShapeError
+from cnnc.limits import INT64_MAX
 
 Dim = int | str
 """A dimension: a known size, or a symbol such as ``"N"`` for the batch axis."""
@@ -12,6 +16,7 @@ Dim = int | str
 BATCH = "N"
 
 _NUMPY = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32, "bool": np.bool_}
+_ITEMSIZE = {name: np.dtype(t).itemsize for name, t in _NUMPY.items()}
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,26 @@ class TensorType:
 
     dtype: str
     shape: tuple[Dim, ...]
+
+    def __post_init__(self):
+        # A hard limit: NumPy and ONNX hold sizes in int64. Counted exactly, so that a shape
+        # no array can have is refused where it is made rather than overflowing later.
+        known = [d for d in self.shape if isinstance(d, int)]
+        if any(d > INT64_MAX for d in known):
+            raise ShapeError(
+                f"a dimension of {self._short()} is larger than 2**63-1, the largest NumPy "
+                "and ONNX hold"
+            )
+        size = math.prod(d for d in known if d > 0) * _ITEMSIZE.get(self.dtype, 1)
+        if size > INT64_MAX:
+            per_item = " per batch item" if len(known) < len(self.shape) else ""
+            raise ShapeError(
+                f"a tensor {self._short()} would take {_short_int(size, commas=True)} "
+                f"bytes{per_item}, more than 2**63-1, the most NumPy and ONNX can address"
+            )
+
+    def _short(self) -> str:
+        return f"{self.dtype}[{','.join(_short_int(d) for d in self.shape)}]"
 
     @property
     def rank(self) -> int:
@@ -39,16 +64,13 @@ class TensorType:
 
     def numel(self) -> int | None:
         """Number of elements, or None if a dimension is symbolic."""
-        total = 1
-        for d in self.shape:
-            if not isinstance(d, int):
-                return None
-            total *= d
-        return total
+        if not all(isinstance(d, int) for d in self.shape):
+            return None
+        return math.prod(self.shape)
 
     def numel_per_item(self) -> int:
         """Number of elements of one batch item (all dimensions but the first must be known)."""
-        return int(np.prod([int(d) for d in self.shape[1:]], dtype=np.int64))
+        return math.prod(int(d) for d in self.shape[1:])
 
     def matches(self, shape: tuple[int, ...]) -> bool:
         """Whether a concrete shape fits this type (symbols match any size)."""
@@ -58,6 +80,13 @@ class TensorType:
 
     def __str__(self) -> str:
         return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+
+def _short_int(n: Dim, commas: bool = False) -> str:
+    """A size as messages show it: in full up to 30 digits, else as a power of ten."""
+    if not isinstance(n, int) or abs(n) < 10**30:
+        return f"{n:,}" if commas else str(n)
+    return f"about 10**{len(str(abs(n))) - 1}"
 
 
 def dtype_name(dtype: np.dtype) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cnnc.errors import InternalError, LayerError, Location
+from cnnc.errors import CnncError, InternalError, LayerError, Location
 from cnnc.ir.types import TensorType
 
 if TYPE_CHECKING:
@@ -165,8 +165,12 @@ class LayerContext:
         return LayerError(message, self.arg_locs.get(attr, self.loc) if attr else self.loc, hint)
 
     def param(self, suffix: str, shape: tuple[int, ...], init: tuple[str, int]) -> Value:
-        """Declare the parameter ``<layer>.<suffix>``."""
-        return self.graph.add_param(f"{self.name}.{suffix}", shape, init)
+        """Declare the parameter ``<layer>.<suffix>``; a size past a limit is reported at the
+        layer."""
+        try:
+            return self.graph.add_param(f"{self.name}.{suffix}", shape, init)
+        except CnncError as e:
+            raise e.at(self.loc) from None
 
     def node(
         self, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None, suffix: str = ""

@@ -45,7 +45,10 @@ _F32 = np.float32
 
 def output_size(size: int, scale: float) -> int:
     """PyTorch's output size for a scale: floor(size · scale) in double precision."""
-    return math.floor(float(size) * scale)
+    size = float(size) * scale
+    if not math.isfinite(size):
+        raise ShapeError(f"scale {scale:g} makes an output size past any float ({size})")
+    return math.floor(size)
 
 
 def upsample_sizes(spatial: tuple[int, ...], attrs: dict[str, Any]) -> tuple[int, ...]:

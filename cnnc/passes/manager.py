@@ -115,7 +115,9 @@ Snapshot = tuple[list[np.ndarray], dict[str, np.ndarray]]
 def _snapshot(graph: Graph, seed: int) -> Snapshot:
     """The outputs and every named value of the graph on a seeded random batch of 2."""
     from cnnc.backends.interpreter import Interpreter
+    from cnnc.limits import check_run_memory
 
+    check_run_memory(graph, 2, keep_all=True)
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal([2, *v.type.shape[1:]], dtype=np.float32) for v in graph.inputs]
     return Interpreter(graph).run_all(*xs)
