@@ -83,7 +83,7 @@ def onnx_bombs(folder: Path) -> dict[str, Path]:
 
     shape = numpy_helper.from_array(np.array([1, 1, 40000, 40000], np.int64), "shape")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 40000, 40000])
     nodes = [
         helper.make_node("ConstantOfShape", ["shape"], ["c"]),
         helper.make_node("Add", ["x", "c"], ["y"]),
@@ -97,7 +97,7 @@ def onnx_bombs(folder: Path) -> dict[str, Path]:
     w.data_location = TensorProto.EXTERNAL
     w.external_data.add(key="location", value="../../../etc/passwd")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["y"])], "ext", [x], [y], initializer=[w]
     )
@@ -182,10 +182,14 @@ def cases(folder: Path) -> list[tuple[str, list[str], int]]:
     result.append(("input: batch of 0", ["run", str(tiny), "--input", str(zero)], 1))
     result.append(("-o a directory (compile)", ["compile", str(tiny), "-o", str(folder)], 1))
     good = folder / "good.onnx"
-    result.append(("a good model, for the baseline", ["compile", str(tiny), "-o", str(good)], 0))
+    # Not bombs: a good compile (the cost of a command that does its work, for comparison)
+    # and a write to a full device, which fails only once the model is written.
+    result.append(
+        ("baseline: a good compile (unbounded)", ["compile", str(tiny), "-o", str(good)], 0)
+    )
     result.append(("-o a directory (import)", ["import", str(good), "-o", str(folder)], 1))
     if os.path.exists("/dev/full"):
-        result.append(("-o /dev/full", ["compile", str(tiny), "-o", "/dev/full"], 1))
+        result.append(("-o /dev/full (unbounded)", ["compile", str(tiny), "-o", "/dev/full"], 1))
     return result
 
 
@@ -230,8 +234,10 @@ def main() -> int:
                 result["status"] == expected
                 and (result["one_error"] or expected == 0)
                 and not result["traceback"]
-                and result["seconds"] <= TIME_LIMIT
-                and result["peak_bytes"] <= MEMORY_LIMIT
+                and (
+                    "(unbounded)" in name
+                    or (result["seconds"] <= TIME_LIMIT and result["peak_bytes"] <= MEMORY_LIMIT)
+                )
             )
             results.append(result)
             if not args.json:

@@ -413,3 +413,14 @@ def test_the_installed_command_refuses_a_huge_onnx_input(cnnc_cli, tmp_path):
     assert done.stderr.startswith(f"{big}: error: input x: a tensor f32[1,1,4611686018427387904")
     assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "big.cnn").exists() and not (tmp_path / "big.npz").exists()
+
+
+def test_parentheses_nested_past_the_limit_are_refused_while_parsing():
+    text = NET.format("conv(" + "(" * 100_000 + "8" + ")" * 100_000 + ", 3)")
+    e = refused(ParseError, text)
+    assert e.message == (
+        "this expression is in parentheses nested 101 levels deep, more than the limit of "
+        "100 levels deep (expr_depth)"
+    )
+    # Parentheses alone add no level of evaluation: (a + b) is as deep as a + b.
+    assert cnnc.compile(NET.format("conv(" + "(" * 100 + "8" + ")" * 100 + ", 3)"))

@@ -197,7 +197,7 @@ def grammar_text() -> str:
 class _Nested(lark.Tree):
     """A parse tree node of an expression operator, with its nesting depth."""
 
-    __slots__ = ("depth",)
+    __slots__ = ("depth", "parens")
 
 
 @dataclass
@@ -267,6 +267,26 @@ class _Limits(lark.Transformer):
     floordiv = _nested("floordiv")
     neg = _nested("neg")
     tuple_value = _nested("tuple_value")
+
+    def paren(self, children):
+        # Parentheses add no level of evaluation, so (a + b) is as deep as a + b; but
+        # ((((8)))) 100,000 deep is refused as the expression it would be with operators.
+        (child,) = children
+        depth = getattr(child, "depth", 1)
+        parens = getattr(child, "parens", 0) + 1
+        if parens > limits.current().expr_depth:
+            first = _span(child)
+            raise limits.exceeded(
+                ParseError,
+                "expr_depth",
+                "this expression is in parentheses nested",
+                parens,
+                Location(_PARSING.get().source, first[0], first[1], first[2], first[3]),
+                unit=" levels deep",
+            )
+        tree = _Nested("paren", children)
+        tree.depth, tree.parens = depth, parens
+        return tree
 
 
 def _span(node) -> tuple[int, int, int, int]:
@@ -458,6 +478,9 @@ class ToAst(Transformer_NonRecursive):
 
     def tuple_value(self, meta, children):
         return TupleExpr(self._loc(meta), list(children))
+
+    def paren(self, meta, children):
+        return children[0]
 
     def neg(self, meta, children):
         return Neg(self._loc(meta), children[0])
