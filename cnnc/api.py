@@ -49,10 +49,17 @@ class Model:
     """A compiled network: its IR graph with weights, ready to run, export or inspect."""
 
     def __init__(
-        self, graph: Graph, *, random_weights: bool = False, onnx_path: Path | None = None
+        self,
+        graph: Graph,
+        *,
+        random_weights: bool = False,
+        onnx_path: Path | None = None,
+        calibration: weights_mod.Calibration | None = None,
     ):
         self.graph = graph
         self.random_weights = random_weights
+        # Measures random batch-norm statistics when they are first needed.
+        self.calibration = calibration
         self.onnx_path = onnx_path  # the file an imported model came from
         self._interpreter: Interpreter | None = None
         self._ort_session = None
@@ -176,10 +183,20 @@ class Model:
         from cnnc.backends import onnx_export
 
         opset = onnx_export.DEFAULT_OPSET if opset is None else opset
-        model = onnx_export.to_onnx(self.graph, opset, inline_functions)
         if path is not None:
-            onnx_export.save(model, path)
-        return model
+            self.write_onnx(path, opset, inline_functions)
+        return onnx_export.to_onnx(self.graph, opset, inline_functions)
+
+    def write_onnx(
+        self, path: str | Path, opset: int | None = None, inline_functions: bool = False
+    ) -> list[Path]:
+        """Check the ONNX model and write it to ``path`` atomically, each weight computed
+        as it is written (the model is never whole in memory); returns the files written
+        (``path``, and ``path.data`` for weights past 1.8 GB)."""
+        from cnnc.backends import onnx_export
+
+        opset = onnx_export.DEFAULT_OPSET if opset is None else opset
+        return onnx_export.export(self.graph, path, opset, inline_functions)
 
     def to_program(self, source: str = "") -> tuple[str, dict[str, np.ndarray]]:
         """A program in cnnc's language computing this model, and its weights by name."""
@@ -294,12 +311,13 @@ def compile(
     else:
         program = parse(str(source))
     graph = lower(program, network)
+    calibration = None
     if weights is not None:
         weights_mod.load(graph, weights)
     else:
-        weights_mod.initialize(graph, seed)
+        calibration = weights_mod.initialize(graph, seed)
     optimize(graph, opt_level, passes, fully_conv, pass_options)
-    return Model(graph, random_weights=weights is None)
+    return Model(graph, random_weights=weights is None, calibration=calibration)
 
 
 def load(

@@ -259,9 +259,10 @@ def _load(args, notice: bool = True) -> cnnc.Model:
     for warning in model.warnings:
         print(warning.render(), file=sys.stderr)
     if notice and model.random_weights:
+        stats = f"; {model.calibration.note()}" if model.calibration is not None else ""
         print(
             f"note: no --weights given; {model.name} runs with random He-normal weights "
-            f"(seed {args.seed})",
+            f"(seed {args.seed}){stats}",
             file=sys.stderr,
         )
     return model
@@ -274,7 +275,7 @@ def cmd_compile(args) -> None:
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist", str(out))
-    model.to_onnx(out, opset=args.opset, inline_functions=args.inline_functions)
+    model.write_onnx(out, opset=args.opset, inline_functions=args.inline_functions)
     size = sum(f.stat().st_size for f in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 1e6:,.1f} MB, {model.param_count():,} parameters)")
 

@@ -58,6 +58,18 @@ class Value:
             self._data, self._thunk = data, None
         return self._data
 
+    def compute_data(self) -> np.ndarray:
+        """The parameter's tensor, without keeping it if it was lazy (an exporter writing
+        weights one by one holds one at a time)."""
+        if self._data is not None or self._thunk is None:
+            return self.data
+        data = np.ascontiguousarray(self._thunk(), dtype=self.type.numpy_dtype)
+        if data.shape != self.type.shape:
+            raise InternalError(
+                f"parameter {self.name}: computed shape {data.shape}, type says {self.type}"
+            )
+        return data
+
     def set_data(self, data: np.ndarray | Callable[[], np.ndarray]) -> None:
         """Give a parameter its tensor, or a function computing it when first needed."""
         if callable(data):
