@@ -111,10 +111,18 @@ class Emitter:
         domain: str = "",
         **attrs: Any,
     ) -> None:
-        """Add an ONNX node (of the default domain unless ``domain`` says otherwise)."""
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs)
-        )
+        """Add an ONNX node (of the default domain unless ``domain`` says otherwise): what
+        helper.make_node makes, with each attribute made once per value and copied."""
+        node = onnx.NodeProto(op_type=op_type, input=inputs, output=outputs)
+        if name:
+            node.name = name
+        if domain:
+            node.domain = domain
+        if attrs:
+            node.attribute.extend(
+                _attribute(key, value) for key, value in sorted(attrs.items()) if value is not None
+            )
+        self.nodes.append(node)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         """Add an initializer that is not an IR parameter (for example Dropout's ratio),
@@ -161,6 +169,26 @@ class Emitter:
         return UsageError(
             f"node {node.name}: {what} cannot be expressed in ONNX opset {self.opset}", node.loc
         )
+
+
+_ATTRIBUTES: dict[tuple, onnx.AttributeProto] = {}
+
+
+def _attribute(key: str, value: Any) -> onnx.AttributeProto:
+    """helper.make_attribute(key, value), remembered for values of ints, floats and strings
+    (a network of 10,000 convs has a handful of distinct kernel sizes and paddings)."""
+    if isinstance(value, list | tuple) and all(type(v) is int for v in value):
+        cache_key = (key, "ints", tuple(value))
+    elif type(value) in (int, float, str):
+        cache_key = (key, type(value).__name__, value)
+    else:
+        return helper.make_attribute(key, value)
+    attribute = _ATTRIBUTES.get(cache_key)
+    if attribute is None:
+        if len(_ATTRIBUTES) > 10_000:
+            _ATTRIBUTES.clear()
+        attribute = _ATTRIBUTES[cache_key] = helper.make_attribute(key, value)
+    return attribute
 
 
 EMITTERS: dict[str, Callable[[Emitter, Node], None]] = {}
@@ -1166,19 +1194,16 @@ class Tensor:
     """An initializer whose data is computed when it is written: name, dtype and shape
     are known up front, so a file's lengths are too."""
 
-    __slots__ = ("_compute", "dtype", "name", "shape")
+    __slots__ = ("_compute", "dtype", "name", "nbytes", "shape")
 
     def __init__(self, name: str, dtype: np.dtype, shape: tuple, compute: Callable):
         self.name, self.dtype, self.shape, self._compute = name, np.dtype(dtype), shape, compute
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
 
     @classmethod
     def of_proto(cls, tensor: onnx.TensorProto) -> Tensor:
         array = numpy_helper.to_array(tensor)
         return cls(tensor.name, array.dtype, array.shape, lambda: array)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
     def array(self) -> np.ndarray:
         """The data, little-endian and contiguous, as from_array writes it."""
@@ -1401,7 +1426,7 @@ def write(
                 checked.graph.initializer.append(_external(t, "check.data", offset))
                 offset += t.nbytes
         (workdir / "check.data").touch()
-        onnx.save_model(checked, workdir / "check.onnx")
+        (workdir / "check.onnx").write_bytes(checked.SerializeToString())
         del checked
         try:
             onnx.checker.check_model(str(workdir / "check.onnx"), full_check=True)

@@ -95,7 +95,7 @@ class Value:
 class Node:
     """One operation: an op name, input and output values, attributes, and its source place."""
 
-    __slots__ = ("attrs", "inputs", "loc", "name", "note", "op", "outputs")
+    __slots__ = ("attrs", "checked", "inputs", "loc", "name", "note", "op", "outputs")
 
     def __init__(
         self,
@@ -113,6 +113,8 @@ class Node:
         self.attrs = attrs
         self.loc = loc
         self.note = note  # which rewrite made this node, shown in dumps
+        # What verify() last found type-correct: input types, attributes, output types.
+        self.checked: tuple | None = None
 
     @property
     def output(self) -> Value:
@@ -230,6 +232,8 @@ class Graph:
             node.outputs.append(Value(out_name, t, "node", producer=node))
         for v in node.inputs:
             v.users.append(node)
+        # The types are right by construction: verify() checks them again once they change.
+        node.checked = ([v.type for v in node.inputs], dict(node.attrs), list(types))
         if index is None:
             self.nodes.append(node)
         else:
