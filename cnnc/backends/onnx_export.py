@@ -101,6 +101,7 @@ class Emitter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.functions: dict[str, onnx.FunctionProto] = {}
+        self._taken: set[str] | None = None  # the names of initializers so far
 
     def node(
         self,
@@ -127,10 +128,12 @@ class Emitter:
     def constant(self, name: str, array: np.ndarray) -> str:
         """Add an initializer that is not an IR parameter (for example Dropout's ratio),
         under ``name`` or, if the graph has that name already, a variant of it."""
-        taken = {v.name for v in self.graph.params.values()} | {i.name for i in self.initializers}
+        if self._taken is None:  # once, not per constant: networks may have thousands
+            self._taken = {v.name for v in self.graph.params.values()}
         unique, n = name, 2
-        while unique in taken:
+        while unique in self._taken:
             unique, n = f"{name}.{n}", n + 1
+        self._taken.add(unique)
         self.initializers.append(numpy_helper.from_array(np.asarray(array), unique))
         return unique
 
