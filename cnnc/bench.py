@@ -367,30 +367,66 @@ print(json.dumps({"build_s": built - start, "export_s": time.perf_counter() - bu
 """
 
 
+# Runs a module or code as a child's main program, then writes the child's own peak RSS
+# (VmHWM: ru_maxrss would count the parent's pages the child had before its exec).
+WRAPPER = """
+import runpy, sys
+report, kind, target, *args = sys.argv[1:]
+def peak():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = 0
+try:
+    if kind == "module":
+        sys.argv = [target, *args]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *args]
+        exec(compile(target, "<bench>", "exec"), {"__name__": "__main__"})
+except SystemExit as e:
+    status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+finally:
+    with open(report, "w") as f:
+        f.write(str(peak()))
+sys.exit(status)
+"""
+
+
 def _run_child(args: list[str], env: dict | None = None) -> Measured:
-    """Run a process to its end; its wall time, its own peak RSS (os.wait4), its stdout."""
+    """Run ``[kind, target, *args]`` (kind ``module`` or ``code``) in a fresh Python to its
+    end; its wall time, its own peak RSS, its stdout."""
     import os
     import subprocess
     import tempfile
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(args, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if child.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(args[:4])} ... failed: {err.read().decode(errors='replace')[-800:]}"
+    with tempfile.TemporaryDirectory(prefix="cnnc-child-") as tmp:
+        report = os.path.join(tmp, "peak")
+        out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            start = time.perf_counter()
+            status = subprocess.call(
+                [sys.executable, "-c", WRAPPER, report, *args], stdout=out, stderr=err, env=env
             )
-        # ru_maxrss is in kilobytes on Linux.
-        return wall, usage.ru_maxrss * 1024, out.read().decode()
+            wall = time.perf_counter() - start
+        if status != 0:
+            with open(err_path, "rb") as err:
+                text = err.read().decode(errors="replace")[-800:]
+            raise RuntimeError(f"{' '.join(args[:4])} ... failed: {text}")
+        with open(report) as f:
+            peak = int(f.read())
+        with open(out_path, "rb") as out:
+            return wall, peak, out.read().decode()
 
 
 def _python(code: str, *args: str) -> list[str]:
-    return [sys.executable, "-c", code, *args]
+    return ["code", code, *args]
 
 
 def _child_env() -> dict:
@@ -515,7 +551,7 @@ def bench_compile(
             )
             floor_s.append(wall)
             floor_peak = max(floor_peak, peak)
-            cmd = [sys.executable, "-m", "cnnc", "compile", model, "-o", str(out)]
+            cmd = ["module", "cnnc", "compile", model, "-o", str(out)]
             wall, peak, _ = _run_child(cmd + list(extra_args or []), env)
             compile_s.append(wall)
             compile_peak = max(compile_peak, peak)
@@ -567,9 +603,9 @@ def scale_programs(sizes: tuple[int, int, int, int] = (1000, 10000, 100000, 2000
     ]
 
 
-def bench_scale(sizes: tuple[int, int, int, int] = (1000, 10000, 100000, 2000)) -> list:
-    """``cnnc compile`` of each scale program in a fresh process: (name, nodes at -O0,
-    seconds, peak RSS bytes)."""
+def bench_scale(programs: list[tuple[str, str]] | None = None) -> list:
+    """``cnnc compile`` of each scale program (default :func:`scale_programs`) in a fresh
+    process: (name, nodes at -O0, seconds, peak RSS bytes)."""
     import tempfile
     from pathlib import Path
 
@@ -578,11 +614,11 @@ def bench_scale(sizes: tuple[int, int, int, int] = (1000, 10000, 100000, 2000)) 
     env = _child_env()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cnnc-scale-") as tmp:
-        for i, (name, text) in enumerate(scale_programs(sizes)):
+        for i, (name, text) in enumerate(programs or scale_programs()):
             source = Path(tmp) / f"probe{i}.cnn"
             source.write_text(text)
             nodes = len(cnnc.compile(source, opt_level=0).graph.nodes)
-            cmd = [sys.executable, "-m", "cnnc", "compile", str(source)]
+            cmd = ["module", "cnnc", "compile", str(source)]
             wall, peak, _ = _run_child([*cmd, "-o", str(Path(tmp) / f"probe{i}.onnx")], env)
             rows.append((name, nodes, wall, peak))
     return rows
