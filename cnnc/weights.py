@@ -257,7 +257,7 @@ class Calibration:
                 return graph, batch, self._describe(graph, batch)
             if rank == 0:
                 return None
-            factor *= min(0.9, over ** (-1 / rank))
+            factor *= min(0.97, over ** (-1 / rank))
             try:
                 graph = self._build(factor)
             except CnncError:
