@@ -1222,7 +1222,12 @@ class Tensor:
         return proto
 
     def proto(self) -> onnx.TensorProto:
-        return numpy_helper.from_array(self.array(), self.name)
+        """The whole TensorProto: what numpy_helper.from_array makes of the data."""
+        if self.dtype.kind not in "fiub":  # strings and the like: onnx's own conversion
+            return numpy_helper.from_array(self.array(), self.name)
+        proto = self.header()
+        proto.raw_data = self.array().tobytes()
+        return proto
 
 
 def _param_tensor(p: Value) -> Tensor:

@@ -137,14 +137,20 @@ def _numel(v: Value) -> int:
     return int(np.prod(v.shape, dtype=np.int64))
 
 
+_STATISTICS: dict[str, tuple[int, ...]] = {}
+
+
 def is_statistic(param: Value) -> bool:
     """Whether a parameter holds statistics (running mean, variance) rather than learned values."""
-    from cnnc.ops import get_op
+    for u in param.users:
+        positions = _STATISTICS.get(u.op)
+        if positions is None:  # the op's positions, looked up once per op (and imported late)
+            from cnnc.ops import get_op
 
-    return any(
-        any(u.inputs[i] is param for i in get_op(u.op).statistics if i < len(u.inputs))
-        for u in param.users
-    )
+            positions = _STATISTICS[u.op] = get_op(u.op).statistics
+        if any(i < len(u.inputs) and u.inputs[i] is param for i in positions):
+            return True
+    return False
 
 
 class Graph:

@@ -20,25 +20,20 @@ def verify(graph: Graph) -> None:
     from cnnc.ops import get_op
 
     defined: set[int] = set()
-    names: set[str] = set()
-    duplicates: list[str] = []
+    names: list[str] = []
     # id(value) -> ids of the nodes reading it, once per use
     uses: dict[int, list[int]] = {}
-
-    def define(v) -> None:
-        defined.add(id(v))
-        if v.name in names:
-            duplicates.append(v.name)
-        names.add(v.name)
 
     for v in graph.inputs:
         if v.kind != "input":
             fail(f"graph input %{v.name} is a {v.kind}")
-        define(v)
+        defined.add(id(v))
+        names.append(v.name)
     for name, p in graph.params.items():
         if p.kind != "param" or p.name != name:
             fail(f"parameter {name} is recorded as {p.kind} {p.name}")
-        define(p)
+        defined.add(id(p))
+        names.append(p.name)
     for node in graph.nodes:
         for v in node.inputs:
             if id(v) not in defined:
@@ -60,7 +55,8 @@ def verify(graph: Graph) -> None:
         for out in node.outputs:
             if out.producer is not node:
                 fail(f"%{out.name} is an output of {node.name} but names another producer")
-            define(out)
+            defined.add(id(out))
+            names.append(out.name)
     for v in [*graph.inputs, *graph.params.values(), *(o for n in graph.nodes for o in n.outputs)]:
         users, expected_users = v.users, uses.get(id(v), ())
         if len(users) != len(expected_users) or (
@@ -74,8 +70,10 @@ def verify(graph: Graph) -> None:
             fail(f"graph output %{v.name} is not defined")
     if not graph.outputs:
         fail("it has no outputs")
-    if duplicates:
-        fail(f"value names used more than once: {', '.join(sorted(set(duplicates)))}")
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        duplicates = {n for n in names if n in seen or seen.add(n)}
+        fail(f"value names used more than once: {', '.join(sorted(duplicates))}")
 
 
 def _unchanged(checked: tuple | None, types: list, attrs: dict, actual: list) -> bool:
