@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnc.api import Model
 from cnnc.compare import DESCRIPTION, agree, max_difference
+from cnnc.errors import CnncError
 from cnnc.ops import get_op
 
 PROFILE_ROWS = 15  # nodes listed one by one in the profile
@@ -418,7 +419,7 @@ def _run_child(args: list[str], env: dict | None = None) -> Measured:
         if status != 0:
             with open(err_path, "rb") as err:
                 text = err.read().decode(errors="replace")[-800:]
-            raise RuntimeError(f"{' '.join(args[:4])} ... failed: {text}")
+            raise CnncError(f"the benchmark's child {' '.join(args[1:4])} ... failed:\n{text}")
         with open(report) as f:
             peak = int(f.read())
         with open(out_path, "rb") as out:
@@ -524,16 +525,20 @@ def bench_compile(
     extra_args: list[str] | None = None,
     repeat: int = 1,
     torch: bool = True,
+    compiled: Model | None = None,
 ) -> CompileReport:
     """Time ``cnnc compile MODEL`` (plus ``extra_args``) against the NumPy floor, each in
-    fresh processes, ``repeat`` times in turn; the peak RSS of each process alone."""
+    fresh processes, ``repeat`` times in turn; the peak RSS of each process alone.
+    ``compiled`` is the model as those arguments compile it (its weights are not drawn:
+    only their sizes are read); by default, MODEL at -O2."""
     import math
     import tempfile
     from pathlib import Path
 
     import cnnc
 
-    compiled = cnnc.load(model, opt_level=2)  # lazy weights: nothing is drawn here
+    if compiled is None:
+        compiled = cnnc.load(model, opt_level=2)
     params = list(compiled.graph.params.values())
     count = sum(math.prod(p.shape) for p in params)
     nbytes = sum(math.prod(p.shape) * p.type.numpy_dtype.itemsize for p in params)

@@ -496,7 +496,8 @@ def cmd_bench(args) -> None:
             extra += ["--weights", args.weights]
         if args.fully_conv:
             extra.append("--fully-conv")
-        report = bench_mod.bench_compile(args.model, extra, repeat=args.repeat)
+        compiled = _load(args, notice=False)  # its weights stay undrawn: sizes are read
+        report = bench_mod.bench_compile(args.model, extra, args.repeat, compiled=compiled)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
         return
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
