@@ -71,8 +71,16 @@ def max_opset() -> int:
     return min(newest, ort_max) if ort_max is not None else newest
 
 
+# Every onnx and onnxruntime that cnnc requires (onnx 1.16, onnxruntime 1.17) run these
+# opsets, so checking one of them needs no probe (which imports onnxruntime: a third of a
+# second of every compile).
+ALWAYS_SUPPORTED = 20
+
+
 def check_opset(opset: int) -> None:
     """Raise UsageError unless ``opset`` is in the supported range."""
+    if MIN_OPSET <= opset <= ALWAYS_SUPPORTED:
+        return
     high = max_opset()
     if not MIN_OPSET <= opset <= high:
         try:
