@@ -161,7 +161,12 @@ class Graph:
         self.name = name
         self.inputs: list[Value] = []
         self.outputs: list[Value] = []
-        self.nodes: list[Node] = []
+        # The nodes, with None where a node was removed (see ``nodes``), and each node's
+        # position, while no insertion has shifted them: rewriting a graph of n nodes node
+        # by node then costs O(n), not O(n²) of list.index and list.remove.
+        self._nodes: list[Node | None] = []
+        self._holes = 0
+        self._positions: dict[int, int] | None = None
         self.params: dict[str, Value] = {}
         self.pipeline: list[str] = []  # passes that have run, for the dump's heading
         self.opt_level: str = "-O0"
@@ -169,6 +174,37 @@ class Graph:
         self.flexible_spatial = False
         self.warnings: list = []  # CnncWarning from lowering (unused values)
         self._names: set[str] = set()
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The nodes in topological order (a list that rewrites through the graph's methods
+        may replace: loop over a copy when you rewrite)."""
+        if self._holes:
+            self._nodes = [n for n in self._nodes if n is not None]
+            self._holes = 0
+            self._positions = None
+        return self._nodes  # type: ignore[return-value]
+
+    @nodes.setter
+    def nodes(self, nodes: list[Node]) -> None:
+        self._nodes, self._holes, self._positions = list(nodes), 0, None
+
+    def _position(self, node: Node) -> int:
+        """Where ``node`` is in ``_nodes`` (ValueError if it is not in the graph)."""
+        if self._positions is None:
+            self._positions = {id(n): i for i, n in enumerate(self._nodes) if n is not None}
+        try:
+            return self._positions[id(node)]
+        except KeyError:
+            raise ValueError(f"node {node.name} is not in graph {self.name}") from None
+
+    def _unlink(self, node: Node) -> int:
+        """Take ``node`` out of the order, leaving a hole; returns its position."""
+        position = self._position(node)
+        self._nodes[position] = None
+        self._holes += 1
+        del self._positions[id(node)]  # type: ignore[union-attr]
+        return position
 
     # ---- naming -------------------------------------------------------------------------
 
@@ -219,6 +255,7 @@ class Graph:
         index: int | None = None,
         note: str = "",
         output_names: list[str] | None = None,
+        _hole: int | None = None,
     ) -> Node:
         """Build a node, infer the types of its outputs, and insert it (at the end by default).
 
@@ -241,10 +278,18 @@ class Graph:
             v.users.append(node)
         # The types are right by construction: verify() checks them again once they change.
         node.checked = ([v.type for v in node.inputs], dict(node.attrs), list(types))
-        if index is None:
-            self.nodes.append(node)
+        if _hole is not None:  # the place of a node just replaced: nothing moves
+            self._nodes[_hole] = node
+            self._holes -= 1
+            if self._positions is not None:
+                self._positions[id(node)] = _hole
+        elif index is None:
+            self._nodes.append(node)
+            if self._positions is not None:
+                self._positions[id(node)] = len(self._nodes) - 1
         else:
-            self.nodes.insert(index, node)
+            self.nodes.insert(index, node)  # ``index`` counts the nodes, not the holes
+            self._positions = None
         return node
 
     # ---- rewriting ----------------------------------------------------------------------
@@ -271,10 +316,9 @@ class Graph:
         The users of ``old``'s outputs read the new node's outputs instead; if their
         type changed, the caller must make those users fit again.
         """
-        index = self.nodes.index(old)
         for v in old.inputs:
             v.users.remove(old)
-        del self.nodes[index]
+        hole = self._unlink(old)
         self._names.discard(old.name)
         for out in old.outputs:
             self._names.discard(out.name)
@@ -284,8 +328,8 @@ class Graph:
             attrs,
             name=old.name,
             loc=old.loc,
-            index=index,
             note=old.note if note is None else note,
+            _hole=hole,
             output_names=[v.name for v in old.outputs],
         )
         for old_out, new_out in zip(old.outputs, new.outputs, strict=True):
@@ -305,6 +349,7 @@ class Graph:
         """A new node reading ``value``, placed after its producer; every other reader of
         ``value`` (and the graph outputs) reads the new node's output instead."""
         index = self.nodes.index(value.producer) + 1 if value.producer is not None else 0
+        # (list.index: an insertion shifts every later node, so positions are rebuilt anyway)
         node = self.add_node(op, [value], attrs, name=name, loc=loc, index=index, note=note)
         self.replace_uses(value, node.output, keep=node)
         return node
@@ -323,7 +368,7 @@ class Graph:
                 )
         for v in node.inputs:
             v.users.remove(node)
-        self.nodes.remove(node)
+        self._unlink(node)
         self._names.discard(node.name)
         for out in node.outputs:
             self._names.discard(out.name)
