@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnc.api import Model
 from cnnc.compare import DESCRIPTION, agree, max_difference
+from cnnc.errors import CnncError
 from cnnc.ops import get_op
 
 PROFILE_ROWS = 15  # nodes listed one by one in the profile
@@ -336,3 +337,300 @@ def _cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---- compile benchmarks: each measurement in a fresh process ----------------------------------
+
+# A child's figures: wall seconds, peak resident bytes (of that process alone), its stdout.
+Measured = tuple[float, int, str]
+
+FLOOR_CODE = """
+import sys, time, numpy as np
+n, path = int(sys.argv[1]), sys.argv[2]
+values = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+np.save(path, values)
+"""
+
+BASELINE_CODE = "import cnnc.cli, onnx, numpy"
+
+TORCH_CODE = """
+import json, sys, time
+start = time.perf_counter()
+import torch, torchvision
+model = getattr(torchvision.models, sys.argv[1])(weights=None).eval()
+built = time.perf_counter()
+x = torch.randn(1, *map(int, sys.argv[2].split("x")))
+try:
+    torch.onnx.export(model, x, sys.argv[3], dynamo=False)  # the TorchScript exporter
+except TypeError:  # a torch before 2.5 has no dynamo exporter and no such argument
+    torch.onnx.export(model, x, sys.argv[3])
+print(json.dumps({"build_s": built - start, "export_s": time.perf_counter() - built}))
+"""
+
+
+# Runs a module or code as a child's main program, then writes the child's own peak RSS
+# (VmHWM: ru_maxrss would count the parent's pages the child had before its exec).
+WRAPPER = """
+import runpy, sys
+report, kind, target, *args = sys.argv[1:]
+def peak():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = 0
+try:
+    if kind == "module":
+        sys.argv = [target, *args]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *args]
+        exec(compile(target, "<bench>", "exec"), {"__name__": "__main__"})
+except SystemExit as e:
+    status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+finally:
+    with open(report, "w") as f:
+        f.write(str(peak()))
+sys.exit(status)
+"""
+
+
+def _run_child(args: list[str], env: dict | None = None) -> Measured:
+    """Run ``[kind, target, *args]`` (kind ``module`` or ``code``) in a fresh Python to its
+    end; its wall time, its own peak RSS, its stdout."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cnnc-child-") as tmp:
+        report = os.path.join(tmp, "peak")
+        out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            start = time.perf_counter()
+            status = subprocess.call(
+                [sys.executable, "-c", WRAPPER, report, *args], stdout=out, stderr=err, env=env
+            )
+            wall = time.perf_counter() - start
+        if status != 0:
+            with open(err_path, "rb") as err:
+                text = err.read().decode(errors="replace")[-800:]
+            raise CnncError(f"the benchmark's child {' '.join(args[1:4])} ... failed:\n{text}")
+        with open(report) as f:
+            peak = int(f.read())
+        with open(out_path, "rb") as out:
+            return wall, peak, out.read().decode()
+
+
+def _python(code: str, *args: str) -> list[str]:
+    return ["code", code, *args]
+
+
+def _child_env() -> dict:
+    """The environment of the children: this cnnc first on the path, as the parent has it."""
+    import os
+    from pathlib import Path
+
+    import cnnc
+
+    env = dict(os.environ)
+    root = str(Path(cnnc.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+@dataclass
+class CompileReport:
+    """One ``cnnc bench --compile`` run: compiling a model against the NumPy floor (drawing
+    as many float32 normals and saving them), and PyTorch's build + export when it is
+    installed; every figure from a process of its own, in the same run."""
+
+    model: str
+    parameters: int
+    param_bytes: int
+    file_bytes: int
+    compile_s: list[float]
+    compile_peak_bytes: int
+    floor_s: list[float]
+    floor_peak_bytes: int
+    baseline_peak_bytes: int  # a process that only imports cnnc, onnx and numpy
+    torch: dict | None = None  # build_s, export_s, wall_s; None when skipped
+    torch_skipped: str | None = None
+
+    @property
+    def time_over_floor(self) -> float:
+        return min(self.compile_s) / min(self.floor_s)
+
+    @property
+    def peak_over_params(self) -> float:
+        return self.compile_peak_bytes / max(self.param_bytes, 1)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["time_over_floor"] = self.time_over_floor
+        out["peak_over_params"] = self.peak_over_params
+        if self.torch:
+            out["torch_over_cnnc"] = self.torch["wall_s"] / min(self.compile_s)
+        return out
+
+    def render(self) -> str:
+        mb = 1e6
+        runs = len(self.compile_s)
+        lines = [
+            f"cnnc compile {self.model}: {self.parameters:,} parameters "
+            f"({self.param_bytes / mb:,.1f} MB), file {self.file_bytes / mb:,.1f} MB; "
+            f"best of {runs} run(s), each in a fresh process",
+            f"{'':<34}{'time':>9}{'peak RSS':>12}",
+            f"{'cnnc compile':<34}{min(self.compile_s):>8.2f}s"
+            f"{self.compile_peak_bytes / mb:>9,.0f} MB",
+            f"{'NumPy floor (draw + np.save)':<34}{min(self.floor_s):>8.2f}s"
+            f"{self.floor_peak_bytes / mb:>9,.0f} MB",
+            f"{'interpreter baseline (imports)':<34}{'':>9}"
+            f"{self.baseline_peak_bytes / mb:>9,.0f} MB",
+            f"compile / floor: {self.time_over_floor:.2f}   "
+            f"peak RSS / parameter bytes: {self.peak_over_params:.2f}",
+        ]
+        if self.torch:
+            t = self.torch
+            lines.append(
+                f"PyTorch: build {t['build_s']:.2f}s + torch.onnx.export {t['export_s']:.2f}s "
+                f"({t['wall_s']:.2f}s with its imports): "
+                f"{t['wall_s'] / min(self.compile_s):.1f} times cnnc's time"
+            )
+        else:
+            lines.append(f"PyTorch: skipped ({self.torch_skipped})")
+        return "\n".join(lines)
+
+
+def _torchvision_model(name: str) -> str | None:
+    """Why torch's side cannot be measured for network ``name``, or None if it can."""
+    import importlib.util
+
+    for module in ("torch", "torchvision"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    import torchvision
+
+    if not callable(getattr(torchvision.models, name, None)):
+        return f"torchvision has no model named {name}"
+    return None
+
+
+def bench_compile(
+    model: str,
+    extra_args: list[str] | None = None,
+    repeat: int = 1,
+    torch: bool = True,
+    compiled: Model | None = None,
+) -> CompileReport:
+    """Time ``cnnc compile MODEL`` (plus ``extra_args``) against the NumPy floor, each in
+    fresh processes, ``repeat`` times in turn; the peak RSS of each process alone.
+    ``compiled`` is the model as those arguments compile it (its weights are not drawn:
+    only their sizes are read); by default, MODEL at -O2."""
+    import math
+    import tempfile
+    from pathlib import Path
+
+    import cnnc
+
+    if compiled is None:
+        compiled = cnnc.load(model, opt_level=2)
+    params = list(compiled.graph.params.values())
+    count = sum(math.prod(p.shape) for p in params)
+    nbytes = sum(math.prod(p.shape) * p.type.numpy_dtype.itemsize for p in params)
+    env = _child_env()
+    compile_s, floor_s = [], []
+    compile_peak = floor_peak = 0
+    with tempfile.TemporaryDirectory(prefix="cnnc-bench-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        for i in range(repeat):
+            # Fresh files each time: replacing a large file costs its deletion too.
+            for f in Path(tmp).iterdir():
+                f.unlink()
+            wall, peak, _ = _run_child(
+                _python(FLOOR_CODE, str(count), str(Path(tmp) / f"floor{i}.npy")), env
+            )
+            floor_s.append(wall)
+            floor_peak = max(floor_peak, peak)
+            cmd = ["module", "cnnc", "compile", model, "-o", str(out)]
+            wall, peak, _ = _run_child(cmd + list(extra_args or []), env)
+            compile_s.append(wall)
+            compile_peak = max(compile_peak, peak)
+        file_bytes = sum(f.stat().st_size for f in Path(tmp).glob("model.onnx*"))
+        _, baseline, _ = _run_child(_python(BASELINE_CODE), env)
+        report = CompileReport(
+            model=model,
+            parameters=count,
+            param_bytes=nbytes,
+            file_bytes=file_bytes,
+            compile_s=compile_s,
+            compile_peak_bytes=compile_peak,
+            floor_s=floor_s,
+            floor_peak_bytes=floor_peak,
+            baseline_peak_bytes=baseline,
+        )
+        if not torch:
+            report.torch_skipped = "not asked for"
+            return report
+        reason = _torchvision_model(compiled.name)
+        if reason is not None:
+            report.torch_skipped = reason
+            return report
+        import json
+
+        shape = "x".join(str(d) for d in compiled.graph.inputs[0].shape[1:])
+        wall, _, text = _run_child(
+            _python(TORCH_CODE, compiled.name, shape, str(Path(tmp) / "torch.onnx")), env
+        )
+        report.torch = {**json.loads(text.strip().splitlines()[-1]), "wall_s": wall}
+    return report
+
+
+# The programs of ``cnnc bench --scale``: name, then the program text.
+def scale_programs(sizes: tuple[int, int, int, int] = (1000, 10000, 100000, 2000)):
+    """Generated programs that probe how compile time grows: a conv repeated ``a`` and
+    ``b`` times, a written-out chain of ``c`` relus (one a line), and ``d`` residual
+    blocks (conv, bn, relu, add) by repetition."""
+    a, b, c, d = sizes
+    block = "block res(c) {\n    y = in -> conv(c, 3, pad=1) -> bn -> relu\n    add(y, in)\n}\n"
+    return [
+        (f"{a:,} convs (* {a})", f"network n(x: 8x16x16) {{ conv(8, 3, pad=1) * {a} }}\n"),
+        (f"{b:,} convs (* {b})", f"network n(x: 8x16x16) {{ conv(8, 3, pad=1) * {b} }}\n"),
+        (
+            f"{c:,}-line written-out relu chain",
+            "network n(x: 8x16x16) {\n" + "    relu\n" * c + "}\n",
+        ),
+        (f"{d:,} residual blocks (* {d})", block + f"network n(x: 8x16x16) {{ res(8) * {d} }}\n"),
+    ]
+
+
+def bench_scale(programs: list[tuple[str, str]] | None = None) -> list:
+    """``cnnc compile`` of each scale program (default :func:`scale_programs`) in a fresh
+    process: (name, nodes at -O0, seconds, peak RSS bytes)."""
+    import tempfile
+    from pathlib import Path
+
+    import cnnc
+
+    env = _child_env()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cnnc-scale-") as tmp:
+        for i, (name, text) in enumerate(programs or scale_programs()):
+            source = Path(tmp) / f"probe{i}.cnn"
+            source.write_text(text)
+            nodes = len(cnnc.compile(source, opt_level=0).graph.nodes)
+            cmd = ["module", "cnnc", "compile", str(source)]
+            wall, peak, _ = _run_child([*cmd, "-o", str(Path(tmp) / f"probe{i}.onnx")], env)
+            rows.append((name, nodes, wall, peak))
+    return rows
+
+
+def render_scale(rows: list) -> str:
+    lines = [f"{'cnnc compile of':<40}{'nodes':>9}{'time':>9}{'peak RSS':>12}"]
+    for name, nodes, wall, peak in rows:
+        lines.append(f"{name:<40}{nodes:>9,}{wall:>8.2f}s{peak / 1e6:>9,.0f} MB")
+    return "\n".join(lines)

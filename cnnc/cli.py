@@ -47,7 +47,9 @@ EXAMPLES = {
     "bench": """examples:
   cnnc bench examples/vgg16.cnn                    # batch 1, 10 runs
   cnnc bench examples/lenet5.cnn --batch 64 --repeat 50 --reference
-  cnnc bench examples/alexnet.cnn -O0 --json > alexnet-O0.json""",
+  cnnc bench examples/alexnet.cnn -O0 --json > alexnet-O0.json
+  cnnc bench examples/vgg16.cnn --compile --repeat 3 # compile time and memory, fresh processes
+  cnnc bench --scale                               # compile 1,000 to 100,000-layer networks""",
 }
 
 
@@ -59,8 +61,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-def _model_args(p: argparse.ArgumentParser, default_level: int = 2) -> None:
-    p.add_argument("model", metavar="MODEL", help="a program (.cnn) or an ONNX model (.onnx)")
+def _model_args(p: argparse.ArgumentParser, default_level: int = 2, optional: bool = False) -> None:
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?" if optional else None,
+        help="a program (.cnn) or an ONNX model (.onnx)",
+    )
     p.add_argument(
         "--network", metavar="NAME", help="which network of the program (default: the last one)"
     )
@@ -216,9 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     _limit_arg(p)
 
     p = command("bench", "time the interpreter against onnxruntime on the same input")
-    _model_args(p)
+    _model_args(p, optional=True)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time `cnnc compile MODEL` instead, against NumPy drawing and saving as many "
+        "weights (and PyTorch's build and export, if installed), each in a fresh process",
+    )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="time `cnnc compile` of generated networks of 1,000 to 100,000 layers (no MODEL)",
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--repeat", type=int, default=10, help="timed runs per backend (default 10)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="timed runs per backend (default 10); with --compile, compiles (default 1)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument(
         "--threads",
@@ -286,9 +309,10 @@ def _load(args, notice: bool = True) -> cnnc.Model:
     for warning in model.warnings:
         print(warning.render(), file=sys.stderr)
     if notice and model.random_weights:
+        stats = f"; {model.calibration.note()}" if model.calibration is not None else ""
         print(
             f"note: no --weights given; {model.name} runs with random He-normal weights "
-            f"(seed {args.seed})",
+            f"(seed {args.seed}){stats}",
             file=sys.stderr,
         )
     return model
@@ -299,7 +323,7 @@ def cmd_compile(args) -> None:
         raise UsageError("compiling an ONNX model needs -o OUT.onnx (it would overwrite its input)")
     out = output.target(args.output or Path(args.model).with_suffix(".onnx"))
     model = _load(args)
-    model.to_onnx(out.shown, opset=args.opset, inline_functions=args.inline_functions)
+    model.write_onnx(out.shown, opset=args.opset, inline_functions=args.inline_functions)
     size = ""
     if not out.through:
         data = out.path.parent / (out.path.name + ".data")
@@ -517,11 +541,35 @@ def cmd_import(args) -> None:
 def cmd_bench(args) -> None:
     import json
 
+    from cnnc import bench as bench_mod
     from cnnc.bench import bench
 
+    if args.repeat is None:
+        args.repeat = 1 if args.compile else 10
     for flag in ("batch", "repeat"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.scale:
+        if args.model is not None or args.compile:
+            raise UsageError("--scale compiles its own generated networks; give no MODEL")
+        rows = bench_mod.bench_scale()
+        print(json.dumps(rows, indent=2) if args.json else bench_mod.render_scale(rows))
+        return
+    if args.model is None:
+        raise UsageError("cnnc bench needs a MODEL (or --scale)")
+    if args.compile:
+        extra = ["--seed", str(args.seed)]
+        extra += ["--passes", ",".join(args.passes)] if args.passes else [f"-O{args.opt_level}"]
+        if args.network:
+            extra += ["--network", args.network]
+        if args.weights:
+            extra += ["--weights", args.weights]
+        if args.fully_conv:
+            extra.append("--fully-conv")
+        compiled = _load(args, notice=False)  # its weights stay undrawn: sizes are read
+        report = bench_mod.bench_compile(args.model, extra, args.repeat, compiled=compiled)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+        return
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise UsageError("--warmup must be at least 0 and --threads at least 1")
     model = _load(args, notice=False)

@@ -10,6 +10,7 @@ import numpy as np
 from cnnc.errors import WeightsError
 from cnnc.ir.graph import Graph, Value
 from cnnc.npyfile import ArrayFileError, NpzArchive, nonfinite_count, open_array_file
+from cnnc.ops import get_op
 
 # PyTorch keeps these counters in BatchNorm state_dicts; inference never reads them.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -30,9 +31,13 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
     are never the identity either.
     ``constant``: every value the rule's second item (PReLU's slopes start at 0.25).
     """
-    kind, fan_in = param.init or ("he_normal", 1)
-    rng = _rng(seed, param.name)
-    shape = param.type.shape
+    return draw(param.name, param.type.shape, param.init, seed)
+
+
+def draw(name: str, shape: tuple, init: tuple | None, seed: int) -> np.ndarray:
+    """The seeded initial tensor of the parameter ``name`` (see :func:`initial_value`)."""
+    kind, fan_in = init or ("he_normal", 1)
+    rng = _rng(seed, name)
     if kind == "he_normal":
         values = rng.standard_normal(shape, dtype=np.float32)
         values *= np.float32(np.sqrt(2.0 / fan_in))  # in place: no second copy of a big tensor
@@ -49,49 +54,285 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
     raise AssertionError(f"init rule {kind}")
 
 
-def initialize(graph: Graph, seed: int = 0) -> None:
-    """Give every parameter without data its seeded initial value (computed lazily).
+class _Initial:
+    """The thunk of a parameter's initial value: its name, shape and rule as lowering
+    declared them, so that a pass renaming or reshaping the parameter later changes
+    nothing about the values it gets."""
 
-    Batch-norm statistics are then measured on a seeded random batch, as training
-    would leave them, so that activations keep their scale through deep networks.
+    __slots__ = ("init", "name", "seed", "shape")
+
+    def __init__(self, param: Value, seed: int):
+        self.name, self.shape, self.init, self.seed = param.name, param.type.shape, param.init, seed
+
+    def __call__(self) -> np.ndarray:
+        return draw(self.name, self.shape, self.init, self.seed)
+
+
+def initialize(graph: Graph, seed: int = 0) -> Calibration | None:
+    """Give every parameter without data its seeded initial value, computed when first
+    needed; returns the batch-norm calibration, if the graph has random statistics.
+
+    Batch-norm running statistics are measured on a seeded random batch, as training
+    would leave them, so that activations keep their scale through deep networks; that
+    too happens only when a statistic is first needed (a dump or a summary never
+    draws a weight nor runs the network). See :class:`Calibration` for its bounds.
     """
     random_stats = [
         node
         for node in graph.nodes
         if node.op == "bn" and not any(v.has_data for v in node.inputs[3:5])
     ]
+    calibration = Calibration(graph, random_stats, seed) if random_stats else None
+    statistics = {id(v) for n in random_stats for v in n.inputs[3:5]}
     for param in graph.params.values():
-        if not param.has_data:
-            param.set_data(lambda p=param: initial_value(p, seed))
-    if random_stats:
-        _calibrate(graph, random_stats, seed)
+        if not param.has_data and id(param) not in statistics:
+            param.set_data(_Initial(param, seed))
+    return calibration
 
 
 CALIBRATION_BATCH = 4
+# Calibration stays within these bounds (multiply-accumulates of the whole batch, and the
+# bytes of the activations alive at once): past them it takes fewer items, then smaller
+# maps, and past those the statistics keep PyTorch's defaults.
+CALIBRATION_MAX_MACS = 4_000_000_000
+CALIBRATION_MAX_BYTES = 200_000_000
 
 
-def _calibrate(graph: Graph, bns: list, seed: int) -> None:
-    """Set each bn's running mean and variance to those of its input on a seeded random
-    batch, in order, so that every bn normalises what reaches it."""
+class _Spec:
+    """One node upstream of the bns, as it was when the weights were initialised (passes
+    rewrite the graph, fold the bns and rescale weights before the statistics are asked
+    for)."""
+
+    __slots__ = ("attrs", "inputs", "loc", "name", "op", "outputs")
+
+    def __init__(self, node, inputs: list, outputs: list):
+        self.op, self.name, self.loc = node.op, node.name, node.loc
+        self.attrs = dict(node.attrs)
+        self.inputs, self.outputs = inputs, outputs
+
+
+class Calibration:
+    """The batch-norm running statistics of a network with random weights, measured when
+    first needed on the network's layers as they were declared.
+
+    The rule: only the subgraph upstream of the bns runs, on a seeded standard-normal
+    batch of ``CALIBRATION_BATCH`` items at the declared size. Past
+    ``CALIBRATION_MAX_MACS`` multiply-accumulates or ``CALIBRATION_MAX_BYTES`` of live
+    activations it takes 2 items, then 1, then maps shrunk evenly on every spatial axis
+    until the run fits (the declared size first, since statistics measured on small
+    maps are off: ResNet-18's at 64×64 leave its outputs 6 times too large); if no
+    size that every layer upstream accepts fits (a reshape or an fc over a flattened
+    map fixes its input's size), the statistics stay at PyTorch's initial mean 0 and
+    variance 1, and :meth:`note` says so.
+    """
+
+    def __init__(self, graph: Graph, bns: list, seed: int):
+        self.seed = seed
+        self.graph_name = graph.name
+        wanted = {id(n) for n in bns}
+        # The nodes the bns depend on, in the graph's (topological) order.
+        needed: set[int] = set()
+        stack = list(bns)
+        while stack:
+            node = stack.pop()
+            if id(node) in needed:
+                continue
+            needed.add(id(node))
+            stack.extend(v.producer for v in node.inputs if v.producer is not None)
+        # Values are numbered: inputs first, then the parameters and outputs as they come.
+        number: dict[int, int] = {}
+        self.values: list[tuple[str, object, object]] = []  # (kind, type, source)
+        self.inputs = []
+        for v in graph.inputs:
+            number[id(v)] = len(self.values)
+            self.inputs.append(len(self.values))
+            self.values.append(("input", v.type, v.name))
+        self.specs: list[_Spec] = []
+        self.bns: list[int] = []  # indices into specs
+        self.stat_index: dict[int, tuple[int, int]] = {}  # id(statistic) -> (bn, 0 | 1)
+        for node in graph.nodes:
+            if id(node) not in needed:
+                continue
+            inputs = []
+            for i, v in enumerate(node.inputs):
+                if id(v) not in number:
+                    number[id(v)] = len(self.values)
+                    if id(node) in wanted and i in (3, 4):
+                        source = None  # measured here
+                    else:
+                        source = v._data if v._data is not None else v._thunk
+                        if source is None:
+                            source = _Initial(v, seed)
+                    self.values.append(("param", v.type, (v.name, source)))
+                inputs.append(number[id(v)])
+            outputs = []
+            for v in node.outputs:
+                number[id(v)] = len(self.values)
+                outputs.append(len(self.values))
+                self.values.append(("node", v.type, v.name))
+            if id(node) in wanted:
+                for k, stat in enumerate(node.inputs[3:5]):
+                    self.stat_index[id(stat)] = (len(self.bns), k)
+                self.bns.append(len(self.specs))
+            self.specs.append(_Spec(node, inputs, outputs))
+        self._plan: tuple | None = None
+        self._stats: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.runs = 0  # how many times the network ran (tests check it never runs twice)
+        for node in bns:
+            for stat in node.inputs[3:5]:
+                stat.set_data(lambda s=stat: self.statistic(s))
+
+    # ---- the plan: at which size and batch --------------------------------------------
+
+    def _build(self, factor: float | None = None) -> Graph:
+        """The upstream subgraph as a graph of its own, its inputs' spatial sizes scaled by
+        ``factor`` (None: as declared); raises CnncError if a layer refuses those sizes."""
+        from cnnc.errors import ShapeError
+
+        g = Graph(f"{self.graph_name}.calibration")
+        made: list = [None] * len(self.values)
+        for i in self.inputs:
+            _, t, name = self.values[i]
+            shape = t.shape
+            if factor is not None:
+                shape = (*shape[:2], *(max(1, int(d * factor)) for d in shape[2:]))
+            made[i] = g.add_input(name, t.with_shape(shape))
+        for spec in self.specs:
+            args = []
+            for i in spec.inputs:
+                if made[i] is None:
+                    _, t, (name, source) = self.values[i]
+                    p = g.add_param(name, t.shape, dtype=t.dtype)
+                    if source is not None:
+                        p.set_data(source if callable(source) else (lambda d=source: d))
+                    made[i] = p
+                args.append(made[i])
+            node = g.add_node(spec.op, args, spec.attrs, name=spec.name, loc=spec.loc)
+            if factor is not None and get_op(spec.op).fixed_size(node) is not None:
+                raise ShapeError(f"{spec.name} works only at its declared size")
+            for i, out in zip(spec.outputs, node.outputs, strict=True):
+                made[i] = out
+        g.outputs = [made[self.specs[b].outputs[0]] for b in self.bns[-1:]]
+        return g
+
+    @staticmethod
+    def _cost(g: Graph, batch: int) -> tuple[int, int]:
+        """Multiply-accumulates of a batch, and the most bytes of activations alive at once."""
+        macs = batch * sum(get_op(n.op).macs(n) for n in g.nodes)
+        last_use = {id(v): i for i, n in enumerate(g.nodes) for v in n.activations}
+        size = {id(v): batch * v.type.numel_per_item() * 4 for v in g.inputs}
+        alive = sum(size.values())
+        peak = alive
+        for i, node in enumerate(g.nodes):
+            for out in node.outputs:
+                size[id(out)] = batch * out.type.numel_per_item() * out.type.numpy_dtype.itemsize
+                alive += size[id(out)]
+            peak = max(peak, alive)
+            for v in {id(v): v for v in node.activations}.values():
+                if last_use[id(v)] == i:
+                    alive -= size.pop(id(v), 0)
+        return macs, peak
+
+    def plan(self) -> tuple[Graph, int, str] | None:
+        """The subgraph to run, its batch, and what it is (None: too costly, defaults)."""
+        if self._plan is None:
+            self._plan = (self._choose(),)
+        return self._plan[0]
+
+    def _choose(self) -> tuple[Graph, int, str] | None:
+        from cnnc.errors import CnncError
+
+        graph = self._build()
+        batch = CALIBRATION_BATCH
+        macs, peak = self._cost(graph, batch)
+        while batch > 1 and (macs > CALIBRATION_MAX_MACS or peak > CALIBRATION_MAX_BYTES):
+            batch //= 2
+            macs, peak = self._cost(graph, batch)
+        # Then smaller maps: the cost of most layers follows the number of positions.
+        rank = max((len(v.type.shape) - 2 for v in graph.inputs), default=0)
+        factor = 1.0
+        for _ in range(40):
+            over = max(macs / CALIBRATION_MAX_MACS, peak / CALIBRATION_MAX_BYTES)
+            if over <= 1:
+                return graph, batch, self._describe(graph, batch)
+            if rank == 0:
+                return None
+            factor *= min(0.97, over ** (-1 / rank))
+            try:
+                graph = self._build(factor)
+            except CnncError:
+                return None
+            macs, peak = self._cost(graph, batch)
+        return None
+
+    @staticmethod
+    def _describe(g: Graph, batch: int) -> str:
+        sizes = ", ".join("x".join(str(d) for d in v.type.shape[1:]) for v in g.inputs)
+        item = "item" if batch == 1 else "items"
+        return f"a seeded random batch of {batch} {item} of {sizes}"
+
+    def note(self) -> str:
+        """How the statistics are (or will be) measured, for the command's notice."""
+        plan = self.plan()
+        if plan is None:
+            return (
+                "batch-norm statistics are PyTorch's initial mean 0 and variance 1: measuring "
+                f"them would pass {CALIBRATION_MAX_MACS / 1e9:g} GMAC or "
+                f"{CALIBRATION_MAX_BYTES / 1e6:g} MB even for one small item"
+            )
+        return f"batch-norm statistics measured on {plan[2]}"
+
+    # ---- the statistics ---------------------------------------------------------------
+
+    def statistic(self, stat: Value) -> np.ndarray:
+        """The running mean or variance ``stat`` (measuring every bn's on first use)."""
+        bn, k = self.stat_index[id(stat)]
+        if self._stats is None:
+            self._stats = self._measure()
+        return self._stats[bn][k]
+
+    def _measure(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        plan = self.plan()
+        if plan is None:
+            return [
+                (np.zeros(shape, np.float32), np.ones(shape, np.float32))
+                for shape in (self.values[self.specs[b].inputs[3]][1].shape for b in self.bns)
+            ]
+        graph, batch, _ = plan
+        self.runs += 1
+        stats = _calibrate(graph, batch, self.seed)
+        # The subgraph's copies of the weights go; what was measured stays for note().
+        self._plan = ((None, batch, plan[2]),)
+        return stats
+
+
+def _calibrate(graph: Graph, batch: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run ``graph`` (the upstream subgraph) on a seeded random batch, in order, setting each
+    bn's running mean and variance to those of its input, so that every bn normalises
+    what reaches it; returns them in order."""
     from cnnc.backends.kernels import KERNELS
 
     env = {
         id(x): _rng(seed, f"calibration.{i}" if i else "calibration").standard_normal(
-            (CALIBRATION_BATCH, *x.type.shape[1:]), dtype=np.float32
+            (batch, *x.type.shape[1:]), dtype=np.float32
         )
         for i, x in enumerate(graph.inputs)
     }
     last_use = {id(v): i for i, n in enumerate(graph.nodes) for v in n.activations}
-    todo = {id(n) for n in bns}
+    todo = [n for n in graph.nodes if n.op == "bn" and not n.inputs[3].has_data]
+    stats = []
     for i, node in enumerate(graph.nodes):
         inputs = [env[id(v)] for v in node.activations]
-        if id(node) in todo:
+        if todo and node is todo[0]:
             axes = (0, *range(2, inputs[0].ndim))
-            node.inputs[3].set_data(inputs[0].mean(axis=axes, dtype=np.float64).astype(np.float32))
-            node.inputs[4].set_data(inputs[0].var(axis=axes, dtype=np.float64).astype(np.float32))
-            todo.discard(id(node))
+            mean = inputs[0].mean(axis=axes, dtype=np.float64).astype(np.float32)
+            var = inputs[0].var(axis=axes, dtype=np.float64).astype(np.float32)
+            node.inputs[3].set_data(mean)
+            node.inputs[4].set_data(var)
+            stats.append((mean, var))
+            todo.pop(0)
             if not todo:
-                return
+                return stats
         results = KERNELS[node.op](node)(*inputs)
         for value, result in zip(
             node.outputs, results if len(node.outputs) > 1 else [results], strict=True
@@ -100,6 +341,7 @@ def _calibrate(graph: Graph, bns: list, seed: int) -> None:
         for v in node.activations:
             if last_use[id(v)] == i:
                 env.pop(id(v), None)
+    return stats
 
 
 def _shape(shape: tuple) -> str:

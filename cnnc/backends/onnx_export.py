@@ -69,8 +69,16 @@ def max_opset() -> int:
     return min(newest, ort_max) if ort_max is not None else newest
 
 
+# Every onnx and onnxruntime that cnnc requires (onnx 1.16, onnxruntime 1.17) run these
+# opsets, so checking one of them needs no probe (which imports onnxruntime: a third of a
+# second of every compile).
+ALWAYS_SUPPORTED = 20
+
+
 def check_opset(opset: int) -> None:
     """Raise UsageError unless ``opset`` is in the supported range."""
+    if MIN_OPSET <= opset <= ALWAYS_SUPPORTED:
+        return
     high = max_opset()
     if not MIN_OPSET <= opset <= high:
         try:
@@ -99,6 +107,7 @@ class Emitter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.functions: dict[str, onnx.FunctionProto] = {}
+        self._taken: set[str] | None = None  # the names of initializers so far
 
     def node(
         self,
@@ -109,18 +118,28 @@ class Emitter:
         domain: str = "",
         **attrs: Any,
     ) -> None:
-        """Add an ONNX node (of the default domain unless ``domain`` says otherwise)."""
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs)
-        )
+        """Add an ONNX node (of the default domain unless ``domain`` says otherwise): what
+        helper.make_node makes, with each attribute made once per value and copied."""
+        node = onnx.NodeProto(op_type=op_type, input=inputs, output=outputs)
+        if name:
+            node.name = name
+        if domain:
+            node.domain = domain
+        if attrs:
+            node.attribute.extend(
+                _attribute(key, value) for key, value in sorted(attrs.items()) if value is not None
+            )
+        self.nodes.append(node)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         """Add an initializer that is not an IR parameter (for example Dropout's ratio),
         under ``name`` or, if the graph has that name already, a variant of it."""
-        taken = {v.name for v in self.graph.params.values()} | {i.name for i in self.initializers}
+        if self._taken is None:  # once, not per constant: networks may have thousands
+            self._taken = {v.name for v in self.graph.params.values()}
         unique, n = name, 2
-        while unique in taken:
+        while unique in self._taken:
             unique, n = f"{name}.{n}", n + 1
+        self._taken.add(unique)
         self.initializers.append(numpy_helper.from_array(np.asarray(array), unique))
         return unique
 
@@ -159,6 +178,26 @@ class Emitter:
         return UsageError(
             f"node {node.name}: {what} cannot be expressed in ONNX opset {self.opset}", node.loc
         )
+
+
+_ATTRIBUTES: dict[tuple, onnx.AttributeProto] = {}
+
+
+def _attribute(key: str, value: Any) -> onnx.AttributeProto:
+    """helper.make_attribute(key, value), remembered for values of ints, floats and strings
+    (a network of 10,000 convs has a handful of distinct kernel sizes and paddings)."""
+    if isinstance(value, list | tuple) and all(type(v) is int for v in value):
+        cache_key = (key, "ints", tuple(value))
+    elif type(value) in (int, float, str):
+        cache_key = (key, type(value).__name__, value)
+    else:
+        return helper.make_attribute(key, value)
+    attribute = _ATTRIBUTES.get(cache_key)
+    if attribute is None:
+        if len(_ATTRIBUTES) > 10_000:
+            _ATTRIBUTES.clear()
+        attribute = _ATTRIBUTES[cache_key] = helper.make_attribute(key, value)
+    return attribute
 
 
 EMITTERS: dict[str, Callable[[Emitter, Node], None]] = {}
@@ -1155,6 +1194,57 @@ def to_onnx(
     are standard ops, or with ``inline_functions`` those standard ops themselves. A
     fully convolutional graph gets symbolic spatial sizes on its input and output.
     """
+    model, tensors = skeleton(graph, opset, inline_functions)
+    model.graph.initializer.extend(t.proto() for t in tensors)
+    return model
+
+
+class Tensor:
+    """An initializer whose data is computed when it is written: name, dtype and shape
+    are known up front, so a file's lengths are too."""
+
+    __slots__ = ("_compute", "dtype", "name", "nbytes", "shape")
+
+    def __init__(self, name: str, dtype: np.dtype, shape: tuple, compute: Callable):
+        self.name, self.dtype, self.shape, self._compute = name, np.dtype(dtype), shape, compute
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+
+    @classmethod
+    def of_proto(cls, tensor: onnx.TensorProto) -> Tensor:
+        array = numpy_helper.to_array(tensor)
+        return cls(tensor.name, array.dtype, array.shape, lambda: array)
+
+    def array(self) -> np.ndarray:
+        """The data, little-endian and contiguous, as from_array writes it."""
+        data = np.asarray(self._compute(), dtype=self.dtype.newbyteorder("<"), order="C")
+        if data.shape != tuple(self.shape):
+            raise InternalError(f"initializer {self.name}: data {data.shape}, type {self.shape}")
+        return data
+
+    def header(self) -> onnx.TensorProto:
+        """The TensorProto without its data."""
+        proto = TensorProto(name=self.name, data_type=helper.np_dtype_to_tensor_dtype(self.dtype))
+        proto.dims.extend(self.shape)
+        return proto
+
+    def proto(self) -> onnx.TensorProto:
+        """The whole TensorProto: what numpy_helper.from_array makes of the data."""
+        if self.dtype.kind not in "fiub":  # strings and the like: onnx's own conversion
+            return numpy_helper.from_array(self.array(), self.name)
+        proto = self.header()
+        proto.raw_data = self.array().tobytes()
+        return proto
+
+
+def _param_tensor(p: Value) -> Tensor:
+    return Tensor(p.name, p.type.numpy_dtype, tuple(p.type.shape), p.compute_data)
+
+
+def skeleton(
+    graph: Graph, opset: int = DEFAULT_OPSET, inline_functions: bool = False
+) -> tuple[onnx.ModelProto, list[Tensor]]:
+    """The ONNX model of a graph without its initializers, and those initializers in
+    order, each computed when it is asked for (see :func:`to_onnx`)."""
     check_opset(opset)
     e = Emitter(graph, opset, inline_functions)
     for node in graph.nodes:
@@ -1162,7 +1252,6 @@ def to_onnx(
         if fn is None:
             raise UsageError(f"node {node.name}: op {node.op} has no ONNX form", node.loc)
         fn(e, node)
-    initializers = [numpy_helper.from_array(p.data, p.name) for p in graph.params.values()]
     outputs = {id(v) for v in graph.outputs}
     flexible = graph.flexible_spatial
     one_d = graph.inputs[0].type.rank == 3
@@ -1188,7 +1277,6 @@ def to_onnx(
             )
             for i, v in enumerate(graph.outputs)
         ],
-        initializer=initializers + e.initializers,
         value_info=value_info,
     )
     opsets = [helper.make_opsetid("", opset)]
@@ -1207,22 +1295,138 @@ def to_onnx(
         # The declared input is the smallest the network takes; importing needs its sizes.
         (x,) = graph.inputs
         helper.set_model_props(model, {MIN_INPUT_KEY: "x".join(map(str, x.type.shape[1:]))})
-    return model
+    tensors = [_param_tensor(p) for p in graph.params.values()]
+    return model, tensors + [Tensor.of_proto(t) for t in e.initializers]
 
 
 def save(
     model: onnx.ModelProto, path: str | Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD
 ) -> list[Path]:
-    """Check a model and write it to ``path`` atomically; returns the files written.
+    """Check a model and write it to ``path`` atomically; returns the files written
+    (see :func:`write`)."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    bare.graph.ClearField("initializer")
+    tensors = [Tensor.of_proto(t) for t in model.graph.initializer]
+    return write(bare, tensors, path, external_threshold)
 
-    Models whose weights exceed ``external_threshold`` bytes keep them in
-    ``<path>.data`` beside the model (ONNX external data). Nothing is left
-    behind if checking or writing fails.
+
+def export(
+    graph: Graph,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    inline_functions: bool = False,
+    external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> list[Path]:
+    """Check a graph's ONNX model and write it to ``path`` atomically, computing each
+    weight as it is written and letting it go after: the model is never whole in
+    memory. Returns the files written."""
+    model, tensors = skeleton(graph, opset, inline_functions)
+    return write(model, tensors, path, external_threshold)
+
+
+# Tensors of fewer bytes stay in the model when the others go to external data (as onnx's
+# save_model with size_threshold=1024) and in the model that the checker sees.
+SMALL_TENSOR = 1024
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+# Field numbers of onnx.proto: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _external(tensor: Tensor, location: str, offset: int) -> onnx.TensorProto:
+    proto = tensor.header()
+    proto.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", tensor.nbytes)):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return proto
+
+
+def _around(message, number: int) -> tuple[bytes, bytes]:
+    """A message's serialized fields before and after field ``number`` (protobuf writes
+    fields in the order of their numbers)."""
+    before, after = type(message)(), type(message)()
+    before.CopyFrom(message)
+    after.CopyFrom(message)
+    for fd, _ in message.ListFields():
+        if fd.number >= number:
+            before.ClearField(fd.name)
+        if fd.number <= number:
+            after.ClearField(fd.name)
+    return before.SerializeToString(), after.SerializeToString()
+
+
+def write_embedded(model: onnx.ModelProto, tensors: list, f) -> None:
+    """Write ``model`` (whose graph has no initializers) with ``tensors`` as its graph's
+    initializers to the binary file ``f``, one tensor at a time, computing each as it
+    is written: the bytes of ``SerializeToString()`` of the whole model. A tensor is a
+    :class:`Tensor` or a TensorProto."""
+    if model.graph.initializer:
+        raise InternalError("write_embedded takes a model without initializers")
+    head, tail = _around(model, _MODEL_GRAPH)
+    graph_head, graph_tail = _around(model.graph, _GRAPH_INITIALIZER)
+    records = []
+    for t in tensors:
+        if isinstance(t, TensorProto):
+            body = t.SerializeToString()
+            records.append((None, _field(_GRAPH_INITIALIZER, len(body)) + body, 0))
+            continue
+        # TensorProto's fields dims, data_type and name come before raw_data.
+        header = t.header().SerializeToString() + _field(_TENSOR_RAW_DATA, t.nbytes)
+        key = _field(_GRAPH_INITIALIZER, len(header) + t.nbytes)
+        records.append((t, key + header, t.nbytes))
+    graph_length = len(graph_head) + len(graph_tail) + sum(len(r) + n for _, r, n in records)
+    f.write(head)
+    f.write(_field(_MODEL_GRAPH, graph_length))
+    f.write(graph_head)
+    for t, record, nbytes in records:
+        f.write(record)
+        if t is not None:
+            data = t.array()
+            if data.nbytes != nbytes:
+                raise InternalError(f"initializer {t.name}: {data.nbytes} bytes, not {nbytes}")
+            f.write(data.reshape(-1).view(np.uint8))
+            del data
+    f.write(graph_tail)
+    f.write(tail)
+
+
+def write(
+    model: onnx.ModelProto,
+    tensors: list[Tensor],
+    path: str | Path,
+    external_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> list[Path]:
+    """Check ``model`` (without initializers) with ``tensors`` as its initializers, then
+    write it to ``path`` atomically; returns the files written.
+
+    The checker (full_check) sees the model with its small tensors and the others as
+    external data, so the weights are never all in memory; they are computed and
+    written one at a time. Models whose weights exceed ``external_threshold`` bytes
+    keep them in ``<path>.data`` beside the model (ONNX external data). Nothing is
+    left behind if checking or writing fails.
     """
     from cnnc import output
 
     target = output.target(path)
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    weight_bytes = sum(t.nbytes for t in tensors)
     external = weight_bytes > external_threshold
     if external and target.through:
         raise OutputError(
@@ -1232,26 +1436,47 @@ def save(
             hint="write it to a regular file",
         )
     data_name = target.path.name + ".data" if external else None
+    small = {id(t): t.proto() for t in tensors if t.nbytes < SMALL_TENSOR}
     workdir = output.staging_dir(target)
     try:
-        staged = workdir / "model.onnx"
-        if data_name is None:
-            onnx.save_model(model, staged)
-        else:
-            onnx.save_model(
-                model,
-                staged,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
+        # The checker reads a model from a file, its external data beside it.
+        checked = onnx.ModelProto()
+        checked.CopyFrom(model)
+        offset = 0
+        for t in tensors:
+            if id(t) in small:
+                checked.graph.initializer.append(small[id(t)])
+            else:
+                checked.graph.initializer.append(_external(t, "check.data", offset))
+                offset += t.nbytes
+        (workdir / "check.data").touch()
+        (workdir / "check.onnx").write_bytes(checked.SerializeToString())
+        del checked
         try:
-            onnx.checker.check_model(str(staged), full_check=True)
+            onnx.checker.check_model(str(workdir / "check.onnx"), full_check=True)
         except onnx.checker.ValidationError as e:
             raise InternalError(
-                f"the emitted model fails the ONNX checker: {e}", str(path)
+                f"the emitted model fails the ONNX checker: {e}", target.shown
             ) from None
+        staged = workdir / "model.onnx"
+        if data_name is None:
+            with open(staged, "wb") as f:
+                write_embedded(model, [small.get(id(t), t) for t in tensors], f)
+        else:
+            bare = onnx.ModelProto()
+            bare.CopyFrom(model)
+            offset = 0
+            with open(workdir / data_name, "wb") as f:
+                for t in tensors:
+                    if id(t) in small:
+                        bare.graph.initializer.append(small[id(t)])
+                        continue
+                    bare.graph.initializer.append(_external(t, data_name, offset))
+                    data = t.array()
+                    f.write(data.reshape(-1).view(np.uint8))
+                    offset += data.nbytes
+                    del data
+            onnx.save_model(bare, staged)
         written = [Path(path)]
         if data_name is not None:
             output.place(workdir / data_name, output.target(target.path.parent / data_name))

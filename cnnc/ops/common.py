@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cnnc.errors import ShapeError
+from cnnc.errors import InternalError, ShapeError
 from cnnc.ir.types import TensorType, format_dims
 from cnnc.ops.base import LayerContext
 
@@ -97,16 +97,21 @@ def windowed_shape(
         )
     if x.rank != rank + 2:
         raise ShapeError(f"{op} with a {rank}-D kernel needs an input {LAYOUTS[rank]}, got {x}")
-    spatial = tuple(x.spatial)
-    if not all(isinstance(d, int) for d in spatial):
-        raise ShapeError(f"{op} needs known spatial sizes, got {x}")
-    padded = tuple(s + pads[i] + pads[i + rank] for i, s in enumerate(spatial))
-    reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True))
-    out = tuple(
-        window_output_size(s, k, st, pads[i], pads[i + rank], d, ceil)
-        for i, (s, k, st, d) in enumerate(zip(spatial, kernel, stride, dilation, strict=True))
-    )
-    if any(r > p for r, p in zip(reach, padded, strict=True)):
+    if len(stride) != rank or len(dilation) != rank:
+        raise InternalError(f"{op}: {len(stride)} strides, {len(dilation)} dilations, {rank} axes")
+    spatial = tuple(x.shape[2:])
+    padded, reach, out = [], [], []
+    fits = True
+    for i in range(rank):  # a loop rather than generators: a 10,000-layer network runs it often
+        s, k, d = spatial[i], kernel[i], dilation[i]
+        if not isinstance(s, int):
+            raise ShapeError(f"{op} needs known spatial sizes, got {x}")
+        padded.append(s + pads[i] + pads[i + rank])
+        reach.append(d * (k - 1) + 1)
+        out.append(window_output_size(s, k, stride[i], pads[i], pads[i + rank], d, ceil))
+        fits = fits and reach[i] <= padded[i]
+    padded, reach, out = tuple(padded), tuple(reach), tuple(out)
+    if not fits:
         what = f"kernel {format_dims(kernel)}"
         if reach != kernel:
             what += f" (dilated to {format_dims(reach)})"

@@ -74,7 +74,8 @@ def pipeline(
 
 
 def run_passes(graph: Graph, names: list[str], options: Options | None = None) -> Graph:
-    """Run the named passes in order on ``graph`` (in place), verifying it after each one."""
+    """Run the named passes in order on ``graph`` (in place), verifying it after each one
+    that changed it."""
     options = options or Options()
     for name in {*options.print_after, *([options.stop_after] if options.stop_after else [])}:
         if name not in names:
@@ -84,10 +85,12 @@ def run_passes(graph: Graph, names: list[str], options: Options | None = None) -
     output_names = [v.name for v in graph.outputs]
     for name in names:
         before = _snapshot(graph, options.seed) if options.verify_each else None
-        PASSES[name](graph)
+        changed = PASSES[name](graph)
         graph.pipeline.append(name)
-        _keep_output_names(graph, output_names)
-        verify(graph)
+        if changed is not False:
+            # A pass that reports no change left the graph as it was last verified.
+            _keep_output_names(graph, output_names)
+            verify(graph)
         if before is not None:
             _check_unchanged(graph, name, before, options.seed)
         if options.print_after_all or name in options.print_after:
