@@ -329,3 +329,19 @@ def test_a_real_model_imports_runs_optimizes_exports_and_imports_as_a_program(na
     np.savez(tmp_path / "w.npz", **weights)
     program = cnnc.compile(text, weights=tmp_path / "w.npz", opt_level=0)
     assert_agree(program.run(x.reshape(program.graph.inputs[0].type.shape[:0] + x.shape)), original)
+
+
+def test_a_model_that_passes_its_input_through_has_no_program(tmp_path):
+    # Found by the fuzzer: to_program read the last node of a graph with none (IndexError).
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+    )  # fmt: skip
+    model = load(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.graph.nodes == []
+    with pytest.raises(cnnc.CnncError) as e:
+        model.to_program()
+    assert e.value.message == (
+        "output x is an input of the network; a program computes its outputs"
+    )
