@@ -70,7 +70,15 @@ class Settings:
     bomb_rate: float = 0.02  # the chance of a bomb at each place that can hold one
 
 
-BOMB_INTS = [str(10**30), str(2**63), str(2**64 - 1), str(10**12), "9" * 4301, "-" * 485 + "1"]
+BOMB_INTS = [
+    str(2**31),
+    str(10**30),
+    str(2**63),
+    str(2**64 - 1),
+    str(10**12),
+    "9" * 4301,
+    "-" * 485 + "1",
+]
 
 
 def _bomb(rng: random.Random, settings: Settings) -> bool:
@@ -104,7 +112,7 @@ class _Gen:
         if _bomb(r, self.s):
             return r.choice([*BOMB_INTS, "+".join(["1"] * 100_000)])
         choices = ["0", "-1", "1", "2", str(r.randint(3, 300)), "-(2)", "1 + 1", "7 // 2", "3 * 0"]
-        return r.choice([*choices, str(r.randint(1000, 70000)), str(2**31)])
+        return r.choice([*choices, str(r.randint(1000, 70000))])
 
     def wild_value(self) -> str:
         r = self.rng
@@ -359,9 +367,16 @@ class _Gen:
             if shape is not None and (min(shape) < 1 or math.prod(shape) > 10**7):
                 shape = None
             if self.chance(0.25):
-                label = (
-                    self.fresh("l") if self.chance(0.8) else self.rng.choice(["fc", "a.b", "x-1"])
-                )
+                label = self.fresh("l")
+                if self.chance(0.3) and self.last_label:
+                    # Names that the automatic names and export's inner values also use.
+                    suffix = self.rng.choice(
+                        ["relu", "lrn", "mul", "scaled", "2", "weight", "last"]
+                    )
+                    label = f"{self.last_label}.{suffix}"
+                elif self.chance(0.1):
+                    label = self.rng.choice(["fc", "a.b", "x-1", "image", "in"])
+                self.last_label = label
                 text = f"{label}: {text}"
             if self.chance(0.05):
                 n = self.rng.choice(["0", "2", "3", "-1", "c"])
@@ -449,6 +464,7 @@ class _Gen:
         return shape
 
     current: str | None = None
+    last_label: str | None = None
     blocks: list[tuple[str, list[str]]]
 
     def block(self) -> None:
@@ -597,7 +613,7 @@ def _replace_int(text, rng, s):
     if not matches:
         return text
     m = rng.choice(matches)
-    values = ["0", "1", "-1", "2", "3", str(rng.randint(0, 100)), "1000", str(2**31)]
+    values = ["0", "1", "-1", "2", "3", str(rng.randint(0, 100)), "1000"]
     value = rng.choice(BOMB_INTS if _bomb(rng, s) else values)
     return text[: m.start()] + value + text[m.end() :]
 
@@ -762,7 +778,8 @@ def _activation_elements(graph) -> int:
 
 
 def run_pipeline(text: str, state: dict) -> None:
-    """What a user's compile, dump, summary and export do, and one run when the net is small."""
+    """What a user's compile, dump, summary and export do, and when the network is small, one
+    run and the program that ``cnnc import`` would write for it, compiled again."""
     state["stage"] = "parse"
     program = parse(text, FILENAME)
     state["stage"] = "lower"
@@ -780,7 +797,11 @@ def run_pipeline(text: str, state: dict) -> None:
     state["stage"] = "weights"
     weights_mod.initialize(graph, 0)
     state["stage"] = "passes -O2"
+    names = [v.name for v in graph.inputs], [v.name for v in graph.outputs]
     optimize(graph, 2)
+    kept = [v.name for v in graph.inputs], [v.name for v in graph.outputs]
+    if kept != names:
+        raise AssertionError(f"the passes renamed the inputs and outputs {names} to {kept}")
     model = Model(graph, random_weights=True)
     state["stage"] = "dump"
     model.dump()
@@ -799,6 +820,13 @@ def run_pipeline(text: str, state: dict) -> None:
         expected = tuple(1 if i == 0 else d for i, d in enumerate(value.type.shape))
         if tuple(out.shape) != expected:
             raise AssertionError(f"output %{value.name} is {out.shape}, its type says {expected}")
+    state["stage"] = "program round trip"
+    try:
+        program_text, _ = model.to_program()
+        lower(parse(program_text, "round-trip.cnn"))
+    except CnncError as e:
+        # What cnnc import writes for this graph must compile: any error here is cnnc's.
+        raise AssertionError(f"the graph's program does not compile: {e.render()}") from e
 
 
 def run_one(text: str, time_limit: float = 5.0) -> Outcome:
