@@ -527,14 +527,13 @@ class _Gen:
             inputs.append(f"extra: {_shape_text(shape)}")
         self.values = {"image": shape}
         self.current = None
-        outputs = ""
-        self.lines.append(f"network {name}({', '.join(inputs)}){outputs} {{")
+        self.lines.append(f"network {name}({', '.join(inputs)}) {{")
         header = len(self.lines) - 1
         if second:
             self.lines.append("    e = extra -> relu")
         final = self.statements(shape, r.randint(1, 6))
         if second:
-            self.lines.append("    add(e, e)" if final is None or r.random() < 0.5 else "relu")
+            self.lines.append("    add(e, e)" if final is None or r.random() < 0.5 else "    relu")
         if self.values and r.random() < 0.1:
             outs = [n for n in self.values if n != "image"][:2]
             if outs:

@@ -345,3 +345,15 @@ def test_a_model_that_passes_its_input_through_has_no_program(tmp_path):
     assert e.value.message == (
         "output x is an input of the network; a program computes its outputs"
     )
+
+
+def test_a_huge_whole_number_attribute_is_written_in_exponent_form():
+    # Found by the fuzzer: alpha=1e30 was written as a 31-digit integer literal, which
+    # the program's reader refuses as too large for 64 bits.
+    model = cnnc.compile("network n(x: 2x4x4) { hardsigmoid(alpha=1e30) -> clip(-1e20, 3) }")
+    text, _ = model.to_program()
+    assert "hardsigmoid(alpha=1e+30" in text
+    assert "clip(-1e+20, 3)" in text
+    back = cnnc.compile(text)
+    x = model.random_input(batch=2)
+    np.testing.assert_array_equal(back.run(x), model.run(x))

@@ -34,8 +34,9 @@ def _number(v: float) -> str:
     if math.isinf(v):
         # The language has no infinity; the largest float32 bounds nothing a network computes.
         return ("-" if v < 0 else "") + "3.4028235e38"
-    if float(v).is_integer():
+    if float(v).is_integer() and abs(v) < 2**53:
         return str(int(v))
+    # Larger ones in exponent form: 1e+30 rather than 31 digits that no integer type holds.
     # Attributes are float32 in ONNX: their shortest float32 spelling reads back the same.
     return str(np.float32(v))
 
