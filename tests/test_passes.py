@@ -254,6 +254,19 @@ def test_dce_removes_unused_nodes_and_parameters():
 # ---- fold-bn ---------------------------------------------------------------------------------
 
 
+def test_a_thousand_folds_into_one_weight_compute_it_without_deep_recursion():
+    # Found by the fuzzer: each fold wrapped the lazy weight in one more lambda, and
+    # computing it at export recursed 1,000 deep (RecursionError).
+    source = "network n(x: 3x6x6) { conv(4, 3) -> affine * 1000 -> linear(5) -> scale * 1000 }"
+    model = cnnc.compile(source)
+    assert [n.op for n in model.graph.nodes] == ["conv", "conv"]
+    exported = model.to_onnx()
+    x = model.random_input(batch=2)
+    expected = cnnc.compile(source, opt_level=0).run(x)
+    assert_agree(model.run(x), expected)
+    assert_agree(ort_session(exported).run(None, {"x": x})[0], expected)
+
+
 def test_fold_bn_folds_into_convs_and_fcs_and_gives_biasless_convs_a_bias():
     model = cnnc.compile(EXAMPLES / "cifar_bn.cnn", passes=["fold-bn", "dce"])
     assert "bn" not in labels(model)
