@@ -99,6 +99,24 @@ def test_node_and_initializer_names_follow_the_program(lenet):
     assert g.name == "lenet5"
 
 
+@pytest.mark.parametrize("inline", [False, True])
+def test_the_nodes_and_values_an_op_adds_give_way_to_the_names_the_program_gives(inline):
+    # Found by the fuzzer: a 1-D lrn's inner LRN took the name l2.lrn of the next layer,
+    # and onnx's checker refused the model (a value of two producers); so could a label.
+    model = cnnc.compile(
+        "network n(image: 1x52) { l2: lrn(3) -> lrn(1) -> a: affine -> a.scaled: relu }"
+    )
+    exported = model.to_onnx(inline_functions=inline)
+    onnx.checker.check_model(exported, full_check=True)
+    names = [n.name for n in exported.graph.node]
+    assert len(set(names)) == len(names)
+    assert {"l2", "l2.lrn", "a", "a.scaled"} <= set(names)
+    outputs = [v for n in exported.graph.node for v in n.output]
+    assert len(set(outputs)) == len(outputs)
+    x = model.random_input(batch=2)
+    assert_agree(ort_session(exported).run(None, {"image": x})[0], model.run(x))
+
+
 def test_producer_name_and_version_are_set(lenet):
     model = lenet.to_onnx()
     assert (model.producer_name, model.producer_version) == ("cnnc", cnnc.__version__)

@@ -329,3 +329,31 @@ def test_a_real_model_imports_runs_optimizes_exports_and_imports_as_a_program(na
     np.savez(tmp_path / "w.npz", **weights)
     program = cnnc.compile(text, weights=tmp_path / "w.npz", opt_level=0)
     assert_agree(program.run(x.reshape(program.graph.inputs[0].type.shape[:0] + x.shape)), original)
+
+
+def test_a_model_that_passes_its_input_through_has_no_program(tmp_path):
+    # Found by the fuzzer: to_program read the last node of a graph with none (IndexError).
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+    )  # fmt: skip
+    model = load(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.graph.nodes == []
+    with pytest.raises(cnnc.CnncError) as e:
+        model.to_program()
+    assert e.value.message == (
+        "output x is an input of the network; a program computes its outputs"
+    )
+
+
+def test_a_huge_whole_number_attribute_is_written_in_exponent_form():
+    # Found by the fuzzer: alpha=1e30 was written as a 31-digit integer literal, which
+    # the program's reader refuses as too large for 64 bits.
+    model = cnnc.compile("network n(x: 2x4x4) { hardsigmoid(alpha=1e30) -> clip(-1e20, 3) }")
+    text, _ = model.to_program()
+    assert "hardsigmoid(alpha=1e+30" in text
+    assert "clip(-1e+20, 3)" in text
+    back = cnnc.compile(text)
+    x = model.random_input(batch=2)
+    np.testing.assert_array_equal(back.run(x), model.run(x))

@@ -266,6 +266,17 @@ def test_a_split_decompiles_to_a_binding_of_its_values():
     np.testing.assert_array_equal(back.run(x), model.run(x))
 
 
+def test_the_program_of_a_reshape_and_a_transpose_of_one_axis_writes_the_number_itself():
+    # Found by the fuzzer: to_program wrote reshape((48,)), which the grammar refuses.
+    model = compile0("network n(x: 3x4x4) { flatten -> reshape(48) -> transpose(1) -> relu }")
+    text, _ = model.to_program()
+    assert "reshape1: reshape(48)" in text
+    assert "transpose1: transpose(1)" in text
+    back = cnnc.compile(text, opt_level=0)
+    (x,) = inputs(model, 2)
+    np.testing.assert_array_equal(back.run(x), model.run(x))
+
+
 # ---- views are never written over while another value lives on them --------------------------
 
 ALIASES = {

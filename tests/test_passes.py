@@ -219,6 +219,29 @@ def test_a_dropout_at_the_output_leaves_its_input_as_the_output():
     assert model.graph.outputs[0].name == "c.dropout"
 
 
+def test_a_dropout_between_the_input_and_the_output_stays_so_that_both_keep_their_names():
+    # Found by the fuzzer: bypassing it renamed the input %image to the output's name.
+    model = cnnc.compile("network n(image: 2x4x4) { dropout -> drop_path }")
+    assert [v.name for v in model.graph.inputs] == ["image"]
+    assert [n.op for n in model.graph.nodes] == ["drop_path"]
+    assert model.graph.outputs[0].name == "drop_path1"
+    x = model.random_input(batch=2)
+    np.testing.assert_array_equal(model.run(x), x)
+    onnx.checker.check_model(model.to_onnx(), full_check=True)
+
+
+def test_a_dropout_between_two_outputs_stays_so_that_each_output_keeps_its_name():
+    # Found by the fuzzer: both outputs were called b, and a was lost.
+    model = cnnc.compile("network n(image: 2x4x4) -> (a, b) { a = relu \n b = a -> dropout }")
+    assert [v.name for v in model.graph.outputs] == ["a", "b"]
+    assert [n.op for n in model.graph.nodes] == ["relu", "dropout"]
+    exported = model.to_onnx()
+    assert [o.name for o in exported.graph.output] == ["a", "b"]
+    x = model.random_input()
+    a, b = model.run(x)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_dce_removes_unused_nodes_and_parameters():
     model = cnnc.compile("network n(x: 2x4x4) { a: conv(2, 1) -> b: conv(3, 1) }", opt_level=0)
     graph = model.graph
@@ -229,6 +252,19 @@ def test_dce_removes_unused_nodes_and_parameters():
 
 
 # ---- fold-bn ---------------------------------------------------------------------------------
+
+
+def test_a_thousand_folds_into_one_weight_compute_it_without_deep_recursion():
+    # Found by the fuzzer: each fold wrapped the lazy weight in one more lambda, and
+    # computing it at export recursed 1,000 deep (RecursionError).
+    source = "network n(x: 3x6x6) { conv(4, 3) -> affine * 1000 -> linear(5) -> scale * 1000 }"
+    model = cnnc.compile(source)
+    assert [n.op for n in model.graph.nodes] == ["conv", "conv"]
+    exported = model.to_onnx()
+    x = model.random_input(batch=2)
+    expected = cnnc.compile(source, opt_level=0).run(x)
+    assert_agree(model.run(x), expected)
+    assert_agree(ort_session(exported).run(None, {"x": x})[0], expected)
 
 
 def test_fold_bn_folds_into_convs_and_fcs_and_gives_biasless_convs_a_bias():

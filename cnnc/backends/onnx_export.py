@@ -107,7 +107,23 @@ class Emitter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.functions: dict[str, onnx.FunctionProto] = {}
-        self._taken: set[str] | None = None  # the names of initializers so far
+        # Every value name of the ONNX graph, so that the values an emitter adds (an LRN's
+        # 2-D view, an affine's product) never take the name of one the program gave.
+        self.taken = {v.name for v in graph.inputs} | set(graph.params)
+        self.taken |= {v.name for n in graph.nodes for v in n.outputs}
+        # Node names too must be unique (onnxruntime refuses a model otherwise): a node an
+        # emitter adds (``<node>.lrn``) gives way to the IR node of that name.
+        self.ir_node_names = {n.name for n in graph.nodes}
+        self.node_names: set[str] = set()
+        self.current: str | None = None  # the IR node being emitted
+
+    def fresh(self, name: str) -> str:
+        """A name no value of the model has: ``name``, or ``name.2``, ``name.3``, ..."""
+        unique, n = name, 2
+        while unique in self.taken:
+            unique, n = f"{name}.{n}", n + 1
+        self.taken.add(unique)
+        return unique
 
     def node(
         self,
@@ -120,6 +136,13 @@ class Emitter:
     ) -> None:
         """Add an ONNX node (of the default domain unless ``domain`` says otherwise): what
         helper.make_node makes, with each attribute made once per value and copied."""
+        if name and (
+            name in self.node_names or (name in self.ir_node_names and name != self.current)
+        ):
+            wish, n = name, 2
+            while name in self.node_names or name in self.ir_node_names:
+                name, n = f"{wish}.{n}", n + 1
+        self.node_names.add(name)
         node = onnx.NodeProto(op_type=op_type, input=inputs, output=outputs)
         if name:
             node.name = name
@@ -134,12 +157,7 @@ class Emitter:
     def constant(self, name: str, array: np.ndarray) -> str:
         """Add an initializer that is not an IR parameter (for example Dropout's ratio),
         under ``name`` or, if the graph has that name already, a variant of it."""
-        if self._taken is None:  # once, not per constant: networks may have thousands
-            self._taken = {v.name for v in self.graph.params.values()}
-        unique, n = name, 2
-        while unique in self._taken:
-            unique, n = f"{name}.{n}", n + 1
-        self._taken.add(unique)
+        unique = self.fresh(name)
         self.initializers.append(numpy_helper.from_array(np.asarray(array), unique))
         return unique
 
@@ -172,6 +190,7 @@ class Emitter:
             for attr in node.attribute:
                 if attr.ref_attr_name:
                     attr.CopyFrom(helper.make_attribute(attr.name, attrs[attr.ref_attr_name]))
+            self.node_names.add(node.name)
             self.nodes.append(node)
 
     def refuse(self, node: Node, what: str) -> UsageError:
@@ -737,17 +756,18 @@ def _resize_sizes(e: Emitter, node: Node) -> str:
     if e.opset >= 18:
         return sizes
     x = node.inputs[0].name
-    head = f"{node.name}.shape"
+    head = e.fresh(f"{node.name}.shape")
     if e.opset >= 15:
         e.node("Shape", [x], [head], head, start=0, end=2)
     else:
-        e.node("Shape", [x], [f"{head}.all"], f"{head}.all")
+        every = e.fresh(f"{head}.all")
+        e.node("Shape", [x], [every], every)
         bounds = [
             e.constant(f"{node.name}.{bound}", np.array([v], np.int64))
             for bound, v in (("start", 0), ("end", 2))
         ]
-        e.node("Slice", [f"{head}.all", *bounds], [head], head)
-    full = f"{node.name}.full_sizes"
+        e.node("Slice", [every, *bounds], [head], head)
+    full = e.fresh(f"{node.name}.full_sizes")
     e.node("Concat", [head, sizes], [full], full, axis=0)
     return full
 
@@ -836,9 +856,10 @@ def _lrn(e: Emitter, node: Node) -> None:
         return
     # onnxruntime's LRN takes N×C×H×W only: a 1-D map N×C×L runs as N×C×L×1.
     axes = e.constant(f"{node.name}.axes", np.array([3], dtype=np.int64))
-    e.node("Unsqueeze", [x, axes], [f"{node.name}.2d"], f"{node.name}.unsqueeze")
-    e.node("LRN", [f"{node.name}.2d"], [f"{node.name}.lrn"], f"{node.name}.lrn", **node.attrs)
-    e.node("Squeeze", [f"{node.name}.lrn", axes], [y], node.name)
+    view, normalized = e.fresh(f"{node.name}.2d"), e.fresh(f"{node.name}.lrn")
+    e.node("Unsqueeze", [x, axes], [view], f"{node.name}.unsqueeze")
+    e.node("LRN", [view], [normalized], f"{node.name}.lrn", **node.attrs)
+    e.node("Squeeze", [normalized, axes], [y], node.name)
 
 
 ARITHMETIC_OPS = {"add": "Add", "mul": "Mul", "sub": "Sub", "div": "Div"}
@@ -891,7 +912,7 @@ def _affine(e: Emitter, node: Node) -> None:
     per_channel = (-1, *(1,) * (x.type.rank - 2))
     scale = e.constant(f"{node.name}.scale", weight.data.reshape(per_channel))
     shift = e.constant(f"{node.name}.shift", bias.data.reshape(per_channel))
-    scaled = f"{node.name}.scaled"
+    scaled = e.fresh(f"{node.name}.scaled")
     e.node("Mul", [x.name, scale], [scaled], f"{node.name}.mul")
     e.node("Add", [scaled, shift], _names(node.outputs), node.name)
 
@@ -918,7 +939,7 @@ def _over_last_axis(
         emit(x, y, node.name)
         return
     perm = _to_last(rank, axis)
-    last, result = f"{node.name}.last", f"{node.name}.result"
+    last, result = e.fresh(f"{node.name}.last"), e.fresh(f"{node.name}.result")
     e.node("Transpose", [x], [last], f"{node.name}.to_last", perm=perm)
     emit(last, result, f"{node.name}.{node.op}")
     e.node("Transpose", [result], [y], node.name, perm=[perm.index(a) for a in range(rank)])
@@ -1036,19 +1057,19 @@ def _linear(e: Emitter, node: Node) -> None:
     # a node that onnxruntime folds once, at load.
     if axis == 1 and rank > 2:
         axes = e.constant(f"{node.name}.axes", np.arange(2, rank, dtype=np.int64))
-        kernel = f"{node.name}.kernel"
+        kernel = e.fresh(f"{node.name}.kernel")
         e.node("Unsqueeze", [weight.name, axes], [kernel], f"{node.name}.unsqueeze")
         inputs = [x.name, kernel, *_names(bias)]
         e.node("Conv", inputs, [node.output.name], node.name, kernel_shape=[1] * (rank - 2))
         return
-    transposed = f"{node.name}.weight_t"
+    transposed = e.fresh(f"{node.name}.weight_t")
     e.node("Transpose", [weight.name], [transposed], f"{node.name}.transpose", perm=[1, 0])
 
     def emit(source: str, target: str, name: str) -> None:
         if not bias:
             e.node("MatMul", [source, transposed], [target], name)
             return
-        product = f"{name}.product"
+        product = e.fresh(f"{name}.product")
         e.node("MatMul", [source, transposed], [product], f"{name}.matmul")
         e.node("Add", [product, bias[0].name], [target], name)
 
@@ -1147,7 +1168,9 @@ def _crop(e: Emitter, node: Node) -> None:
     else:
         # A fully convolutional network's sizes are known at run time only: the ends are
         # ref's spatial sizes then, plus the offset.
-        shape, sizes, ends = (f"{node.name}.{v}" for v in ("ref_shape", "ref_size", "ends"))
+        shape, sizes, ends = (
+            e.fresh(f"{node.name}.{v}") for v in ("ref_shape", "ref_size", "ends")
+        )
         e.node("Shape", [ref.name], [shape], f"{node.name}.shape")
         first = e.constant(f"{node.name}.first", np.array([2], np.int64))
         last = e.constant(f"{node.name}.last", np.array([x.type.rank], np.int64))
@@ -1169,7 +1192,7 @@ def _prelu(e: Emitter, node: Node) -> None:
     # ONNX PRelu broadcasts its slope from the right: one per channel is [C, 1, 1].
     x, slope = node.inputs
     axes = e.constant(f"{node.name}.axes", np.arange(1, x.type.rank - 1, dtype=np.int64))
-    shaped = f"{slope.name}.per_channel"
+    shaped = e.fresh(f"{slope.name}.per_channel")
     e.node("Unsqueeze", [slope.name, axes], [shaped], f"{node.name}.unsqueeze")
     e.node("PRelu", [x.name, shaped], _names(node.outputs), node.name)
 
@@ -1251,6 +1274,7 @@ def skeleton(
         fn = EMITTERS.get(node.op)
         if fn is None:
             raise UsageError(f"node {node.name}: op {node.op} has no ONNX form", node.loc)
+        e.current = node.name
         fn(e, node)
     outputs = {id(v) for v in graph.outputs}
     flexible = graph.flexible_spatial

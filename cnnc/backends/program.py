@@ -34,8 +34,9 @@ def _number(v: float) -> str:
     if math.isinf(v):
         # The language has no infinity; the largest float32 bounds nothing a network computes.
         return ("-" if v < 0 else "") + "3.4028235e38"
-    if float(v).is_integer():
+    if float(v).is_integer() and abs(v) < 2**53:
         return str(int(v))
+    # Larger ones in exponent form: 1e+30 rather than 31 digits that no integer type holds.
     # Attributes are float32 in ONNX: their shortest float32 spelling reads back the same.
     return str(np.float32(v))
 
@@ -209,8 +210,9 @@ def _axis(node: Node) -> str:
 
 
 def _tuple(values) -> str:
+    # The language has no one-element tuple: an ``ints`` argument takes the number itself.
     values = [str(int(v)) for v in values]
-    return "(" + ", ".join(values) + ("," if len(values) == 1 else "") + ")"
+    return values[0] if len(values) == 1 else "(" + ", ".join(values) + ")"
 
 
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -279,6 +281,13 @@ def to_program(graph: Graph, source: str = "") -> tuple[str, dict[str, np.ndarra
     for x in graph.inputs:
         if x.type.rank not in (3, 4) or not all(isinstance(d, int) for d in x.type.shape[1:]):
             raise UsageError(f"input {x.name} is {x.type}; a program takes C×L or C×H×W")
+    for y in graph.outputs:
+        if y.kind == "input":
+            # The language computes every output: `-> (x)` naming an input is refused.
+            raise UsageError(
+                f"output {y.name} is an input of the network; a program computes its outputs",
+                hint="a model that passes an input through has no program",
+            )
     names = _Names(keywords=_keywords())
     network = names.make(graph.name or "network")
     value_names: dict[int, str] = {id(x): names.make(x.name) for x in graph.inputs}

@@ -94,10 +94,32 @@ class Value:
         if shape is not None:
             self.type = self.type.with_shape(tuple(shape))
         self._data = None
-        self._thunk = lambda: fn(data if data is not None else thunk())
+        if data is not None:
+            self._thunk = _Derived(lambda: data, (fn,))
+        elif isinstance(thunk, _Derived):
+            self._thunk = _Derived(thunk.base, (*thunk.steps, fn))
+        else:
+            self._thunk = _Derived(thunk, (fn,))
 
     def __repr__(self) -> str:
         return f"%{self.name}: {self.type}"
+
+
+class _Derived:
+    """A lazy tensor: a base function, then each step applied in turn. A loop rather than
+    nested lambdas, so that a thousand folds into one weight (``scale * 1000`` after a conv)
+    do not exhaust Python's recursion limit."""
+
+    __slots__ = ("base", "steps")
+
+    def __init__(self, base: Callable[[], np.ndarray], steps: tuple):
+        self.base, self.steps = base, steps
+
+    def __call__(self) -> np.ndarray:
+        data = self.base()
+        for step in self.steps:
+            data = step(data)
+        return data
 
 
 class Node:

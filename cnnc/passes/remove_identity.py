@@ -18,7 +18,10 @@ Leaves alone:
   pass), and then the same bounds cut the larger maps it runs on;
 - an upsample that keeps the sizes but moves pixels (PyTorch's 1-D nearest with scale
   1.1 on 5 samples 0, 0, 1, 2, 3), and every resize or adaptive pool of a fully
-  convolutional graph, whose inputs may be larger than declared.
+  convolutional graph, whose inputs may be larger than declared;
+- an op whose output is a network output and whose input is a network input or another
+  output (`-> (a, b) { a = relu; b = a -> dropout }`): bypassing it would leave one value
+  under two names, and a network's inputs and outputs keep the names users feed and read.
 
 A removed op that is the network's output makes its input the output.
 """
@@ -60,9 +63,17 @@ def _keeps_its_input(graph: Graph, node: Node) -> bool:
     )
 
 
+def _joins_two_names(graph: Graph, node: Node) -> bool:
+    x = node.inputs[0]
+    return node.output in graph.outputs and (x.kind == "input" or x in graph.outputs)
+
+
 def remove_identity(graph: Graph) -> bool:
     """Bypass every identity op; returns whether the graph changed."""
-    doomed = [node for node in graph.nodes if _keeps_its_input(graph, node)]
-    for node in doomed:
-        graph.bypass(node)
-    return bool(doomed)
+    changed = False
+    for node in list(graph.nodes):
+        # Asked node by node: bypassing one op may bring an input to the next one's door.
+        if _keeps_its_input(graph, node) and not _joins_two_names(graph, node):
+            graph.bypass(node)
+            changed = True
+    return changed
