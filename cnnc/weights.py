@@ -95,7 +95,7 @@ CALIBRATION_BATCH = 4
 # bytes of the activations alive at once): past them it takes fewer items, then smaller
 # maps, and past those the statistics keep PyTorch's defaults.
 CALIBRATION_MAX_MACS = 4_000_000_000
-CALIBRATION_MAX_BYTES = 200_000_000
+CALIBRATION_MAX_BYTES = 64_000_000
 
 
 class _Spec:
