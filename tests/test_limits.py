@@ -419,8 +419,10 @@ def test_parentheses_nested_past_the_limit_are_refused_while_parsing():
     text = NET.format("conv(" + "(" * 100_000 + "8" + ")" * 100_000 + ", 3)")
     e = refused(ParseError, text)
     assert e.message == (
-        "this expression is in parentheses nested 101 levels deep, more than the limit of "
-        "100 levels deep (expr_depth)"
+        "parentheses are nested 101 levels deep, more than the limit of 100 levels deep "
+        "(expr_depth)"
     )
+    # Refused as the lexer reads the 102nd "(" (the call's own and 101 more).
+    assert e.location.col == len("network n(x: 3x8x8) { conv(") + 101
     # Parentheses alone add no level of evaluation: (a + b) is as deep as a + b.
     assert cnnc.compile(NET.format("conv(" + "(" * 100 + "8" + ")" * 100 + ", 3)"))

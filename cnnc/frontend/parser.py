@@ -196,7 +196,7 @@ def grammar_text() -> str:
 class _Nested(lark.Tree):
     """A parse tree node of an expression operator, with its nesting depth."""
 
-    __slots__ = ("depth", "parens")
+    __slots__ = ("depth",)
 
 
 @dataclass
@@ -206,6 +206,7 @@ class _Parsing:
 
     source: Source
     arguments: int = 0
+    parens: int = 0  # the parentheses open at the token being lexed
 
 
 class _Limits(lark.Transformer):
@@ -268,23 +269,11 @@ class _Limits(lark.Transformer):
     tuple_value = _nested("tuple_value")
 
     def paren(self, children):
-        # Parentheses add no level of evaluation, so (a + b) is as deep as a + b; but
-        # ((((8)))) 100,000 deep is refused as the expression it would be with operators.
+        # Parentheses add no level of evaluation: (a + b) is as deep as a + b. (How deep
+        # parentheses nest is bounded as the lexer reads them: _open_paren.)
         (child,) = children
-        depth = getattr(child, "depth", 1)
-        parens = getattr(child, "parens", 0) + 1
-        if parens > limits.current().expr_depth:
-            first = _span(child)
-            raise limits.exceeded(
-                ParseError,
-                "expr_depth",
-                "this expression is in parentheses nested",
-                parens,
-                Location(_PARSING.get().source, first[0], first[1], first[2], first[3]),
-                unit=" levels deep",
-            )
         tree = _Nested("paren", children)
-        tree.depth, tree.parens = depth, parens
+        tree.depth = getattr(child, "depth", 1)
         return tree
 
 
@@ -300,6 +289,29 @@ _PARSING: contextvars.ContextVar[_Parsing | None] = contextvars.ContextVar(
 )
 
 
+def _open_paren(token: lark.Token) -> lark.Token:
+    """Count parentheses as the lexer reads them, so that ((((... 100,000 deep is refused
+    at the 102nd "(" rather than after all are read (a call's own parenthesis is one
+    level more than its arguments' expressions may have)."""
+    parsing = _PARSING.get()
+    parsing.parens += 1
+    if parsing.parens > limits.current().expr_depth + 1:
+        raise limits.exceeded(
+            ParseError,
+            "expr_depth",
+            "parentheses are nested",
+            parsing.parens - 1,
+            Location(parsing.source, token.line, token.column, token.end_line, token.end_column),
+            unit=" levels deep",
+        )
+    return token
+
+
+def _close_paren(token: lark.Token) -> lark.Token:
+    _PARSING.get().parens -= 1
+    return token
+
+
 @cache
 def _lark() -> lark.Lark:
     # cache=True keeps the built LALR tables in the temp directory between runs.
@@ -309,6 +321,7 @@ def _lark() -> lark.Lark:
         propagate_positions=True,
         cache=True,
         transformer=_Limits(),
+        lexer_callbacks={"LPAR": _open_paren, "RPAR": _close_paren},
     )
 
 
