@@ -142,32 +142,20 @@ class NpzArchive:
 
     def header(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """The shape and dtype that array ``name`` declares (its size checked)."""
-        info = self.members[name]
-        self._check_sizes(name, info)
-        try:
-            with self._zip.open(info) as f:
-                shape, dtype = _header(f, info.file_size)
-        except ArrayFileError as e:
-            raise ArrayFileError(f"{name} cannot be read: {e}") from None
-        except (
-            OSError,
-            zipfile.BadZipFile,
-            zlib.error,
-            EOFError,
-            NotImplementedError,
-            RuntimeError,
-        ) as e:
-            raise ArrayFileError(f"{name} cannot be read: {_first_line(e)}") from None
-        return shape, dtype
+        return self._member(name, lambda f, size: _header(f, size))
 
     def read(self, name: str) -> np.ndarray:
         """Array ``name`` (its header checked first)."""
+        return self._member(name, lambda f, size: (_header(f, size), _read_data(f))[1])
+
+    def _member(self, name: str, read):
+        """``read(file, size)`` of member ``name``, its sizes checked first; whatever goes
+        wrong inside the archive is one ArrayFileError naming the member."""
         info = self.members[name]
         self._check_sizes(name, info)
         try:
             with self._zip.open(info) as f:
-                _header(f, info.file_size)
-                return _read_data(f)
+                return read(f, info.file_size)
         except ArrayFileError as e:
             raise ArrayFileError(f"{name} cannot be read: {e}") from None
         except (
