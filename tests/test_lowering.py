@@ -159,3 +159,15 @@ def test_verify_catches_a_stale_output_type():
     g.nodes[1].outputs[0].type = TensorType("f32", ("N", 8, 3, 3))
     with pytest.raises(InternalError, match="its shape rule gives"):
         verify(g)
+
+
+def test_two_repeated_links_of_one_keyword_in_a_labelled_chain_get_their_own_names():
+    # Found by the fuzzer: both took l3.linear.0 and l3.linear.1 (an internal error).
+    model = cnnc.compile(
+        "network n(x: 3x23) { l3: fc(34) -> linear(4) * 2 -> linear(22) * 2 -> linear(5) }",
+        opt_level=0,
+    )
+    # (a linear over the last axis of an [N, K] value is an fc)
+    names = [n.name for n in model.graph.nodes if n.op == "fc"][1:]
+    assert names == ["l3.linear.0", "l3.linear.1", "l3.linear.2.0", "l3.linear.2.1", "l3.linear.3"]
+    assert model.run(model.random_inputs(1)[0]).shape == (1, 5)

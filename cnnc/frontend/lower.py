@@ -357,7 +357,12 @@ class _Lowering:
         keyword = link.call.name if link.call is not None else "sequence"
         scope.counters[keyword] += 1
         if link.label is None and chain_label is not None:
-            return self.graph.unique_name(f"{chain_label}.{keyword}")
+            name = self.graph.unique_name(f"{chain_label}.{keyword}")
+            if link.repeat is not None or link.steps is not None:
+                # Its layers are name.0, name.1, ...: keep name itself from the next link of
+                # this keyword, whose layers would otherwise take the same names.
+                self.graph.reserve_name(name)
+            return name
         if link.label is None:
             n = scope.counters[keyword]
             # relu6 counts as relu6_1, relu6_2: "relu61" would read as relu #61.

@@ -247,6 +247,10 @@ class Graph:
             n += 1
         return f"{base}.{n}"
 
+    def reserve_name(self, name: str) -> None:
+        """Keep ``name`` from :meth:`unique_name` (the prefix of names made from it)."""
+        self._names.add(name)
+
     def _claim(self, name: str) -> str:
         if name in self._names:
             raise InternalError(f"name {name!r} is used twice in graph {self.name}")
