@@ -4,7 +4,6 @@ test suite, `cnnc import` back to a program, and clear errors for what cannot co
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import onnx
@@ -311,9 +310,7 @@ def light_input(model: cnnc.Model) -> np.ndarray:
 @pytest.mark.parametrize("name", REAL_MODELS)
 def test_a_real_model_imports_runs_optimizes_exports_and_imports_as_a_program(name, tmp_path):
     path = os.path.join(LIGHT, f"light_{name}.onnx")
-    start = time.perf_counter()
     model = cnnc.load(path, opt_level=0)
-    assert time.perf_counter() - start >= 0  # (import time is reported by the benchmark notes)
     x = light_input(model)
     expected = numpy_helper.to_array(
         onnx.load_tensor(os.path.join(LIGHT, f"light_{name}_output_0.pb"))
