@@ -323,12 +323,10 @@ def cmd_compile(args) -> None:
         raise UsageError("compiling an ONNX model needs -o OUT.onnx (it would overwrite its input)")
     out = output.target(args.output or Path(args.model).with_suffix(".onnx"))
     model = _load(args)
-    model.write_onnx(out.shown, opset=args.opset, inline_functions=args.inline_functions)
+    written = model.write_onnx(out.shown, opset=args.opset, inline_functions=args.inline_functions)
     size = ""
-    if not out.through:
-        data = out.path.parent / (out.path.name + ".data")
-        total = out.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-        size = f"{total / 1e6:,.1f} MB, "
+    if not out.through:  # the files this compile wrote (not a .data left by an earlier one)
+        size = f"{sum(path.stat().st_size for path in written) / 1e6:,.1f} MB, "
     print(
         f"wrote {out.name} ({size}{model.param_count():,} parameters)",
         file=sys.stderr if out.is_stdout else sys.stdout,

@@ -28,6 +28,13 @@ def test_compile_writes_the_onnx_file_beside_the_program_by_default(tmp_path):
     onnx.checker.check_model(str(tmp_path / "lenet5.onnx"), full_check=True)
 
 
+def test_compile_reports_the_size_of_what_it_wrote_not_of_a_stale_data_file(tmp_path):
+    (tmp_path / "out.onnx.data").write_bytes(b"\0" * 5_000_000)  # left by an earlier compile
+    proc = run_cnnc("compile", LENET, "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'out.onnx'} (0.2 MB, 61,706 parameters)")
+
+
 def test_compile_with_output_and_opset(tmp_path):
     out = tmp_path / "out.onnx"
     proc = run_cnnc("compile", LENET, "-o", out, "--opset", "13")
