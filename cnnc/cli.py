@@ -449,6 +449,7 @@ def _compare(
 ) -> None:
     """Print whether the backends agree (NaN and ±inf at the same places, finite values
     within the tolerance); where they do not, see _explain_disagreement."""
+    out = report or sys.stdout
     pairs = list(zip(ours, theirs, strict=True))
     difference = max(max_difference(a, b) for a, b in pairs)
     nan, inf = nonfinite_counts(*ours)
@@ -457,14 +458,15 @@ def _compare(
         print(
             f"numpy interpreter and onnxruntime agree: max |difference| {difference:.3g} "
             f"({DESCRIPTION}){special and special + ' at the same places in both'}",
-            file=report or sys.stdout,
+            file=out,
         )
         return
     print(
         f"numpy interpreter and onnxruntime differ: max |difference| where both are finite "
-        f"{difference:.3g} ({DESCRIPTION}){special and special + ' in our outputs'}"
+        f"{difference:.3g} ({DESCRIPTION}){special and special + ' in our outputs'}",
+        file=out,
     )
-    _explain_disagreement(model, xs)
+    _explain_disagreement(model, xs, out)
 
 
 def _explain_disagreement(model, xs: list[np.ndarray], out=None) -> None:

@@ -54,6 +54,12 @@ class Location:
         return f"    {text}\n    {caret}"
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a library's error, shown inside ours)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "unreadable"
+
+
 class CnncError(Exception):
     """A mistake in the user's program, weights, input or command line.
 

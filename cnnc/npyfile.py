@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnc.errors import CnncError
+from cnnc.errors import CnncError, first_line
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -51,7 +51,7 @@ def _header(f, available: int) -> tuple[tuple[int, ...], np.dtype]:
     except ArrayFileError:
         raise
     except Exception as e:  # numpy parses the header text with ast and tokenize: any failure
-        raise ArrayFileError(f"not a valid .npy header ({_first_line(e)})") from None
+        raise ArrayFileError(f"not a valid .npy header ({first_line(e)})") from None
     if dtype.hasobject:
         raise ArrayFileError("it holds Python objects, which cnnc never unpickles")
     if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in NUMERIC_KINDS:
@@ -68,18 +68,13 @@ def _header(f, available: int) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "unreadable"
-
-
 def _read_data(f) -> np.ndarray:
     # The header has been checked, so read_array allocates what the file really holds.
     try:
         f.seek(0)
         return np.lib.format.read_array(f, allow_pickle=False)
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
-        raise ArrayFileError(f"its data cannot be read ({_first_line(e)})") from None
+        raise ArrayFileError(f"its data cannot be read ({first_line(e)})") from None
 
 
 def read_npy(path: Path) -> np.ndarray:
@@ -101,7 +96,7 @@ class NpzArchive:
         try:
             self._zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError) as e:
-            raise ArrayFileError(f"not a valid .npz (zip) archive ({_first_line(e)})") from None
+            raise ArrayFileError(f"not a valid .npz (zip) archive ({first_line(e)})") from None
         self.members: dict[str, zipfile.ZipInfo] = {}
         for info in self._zip.infolist():
             if info.is_dir():
@@ -166,7 +161,7 @@ class NpzArchive:
             NotImplementedError,
             RuntimeError,
         ) as e:
-            raise ArrayFileError(f"{name} cannot be read: {_first_line(e)}") from None
+            raise ArrayFileError(f"{name} cannot be read: {first_line(e)}") from None
 
     def close(self) -> None:
         self._zip.close()

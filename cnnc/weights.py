@@ -389,10 +389,7 @@ def load(graph: Graph, path: str | Path, allow_nonfinite: bool = False) -> None:
                     bad = nonfinite_count(array)
                     if bad and not allow_nonfinite:
                         nonfinite = True
-                        problems.append(
-                            f"{name} holds {bad:,} NaN or infinite value{'s' if bad > 1 else ''}"
-                            " (in float32)"
-                        )
+                        problems.append(_nonfinite(name, bad) + " (in float32)")
                     else:
                         tensors[name] = array
             except ArrayFileError as e:
@@ -411,13 +408,17 @@ def load(graph: Graph, path: str | Path, allow_nonfinite: bool = False) -> None:
         graph.params[name].set_data(array)
 
 
+def _nonfinite(name: str, count: int) -> str:
+    return f"{name} holds {count:,} NaN or infinite value{'s' if count > 1 else ''}"
+
+
 def check_finite(graph: Graph, where: str) -> None:
     """Raise WeightsError naming every parameter of ``graph`` that holds NaN or infinity
     (for a model whose weights came with it, as an ONNX model's do)."""
     problems = []
     for name, param in graph.params.items():
         if param.has_data and (bad := nonfinite_count(param.data)):
-            problems.append(f"{name} holds {bad:,} NaN or infinite value{'s' if bad > 1 else ''}")
+            problems.append(_nonfinite(name, bad))
     if problems:
         raise WeightsError(
             "the model's weights are not all finite:\n  " + "\n  ".join(problems),

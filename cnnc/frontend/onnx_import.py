@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from cnnc import limits
-from cnnc.errors import CnncError, ModelFileError
+from cnnc.errors import CnncError, ModelFileError, first_line
 from cnnc.frontend import onnx_names, onnx_patterns, onnx_shapes
 from cnnc.frontend.onnx_shapes import Dim
 from cnnc.ir.graph import Graph, Value
@@ -1555,18 +1555,13 @@ def _read(path: Path) -> onnx.ModelProto:
         raise ModelFileError(f"cannot read the model: {e.strerror or e}", where) from None
     except (DecodeError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
         raise ModelFileError(
-            f"not a readable ONNX model: {_first_line(e)}",
+            f"not a readable ONNX model: {first_line(e)}",
             where,
             hint="an ONNX model is a ModelProto protobuf, as onnx.save and torch.onnx.export "
             "write it",
         ) from None
     _load_external_data(model, path.parent, where)
     return _check(model, where)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "unreadable"
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -1640,7 +1635,7 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, where: str) -> Non
         external_data_helper.load_external_data_for_model(model, str(root))
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
         raise ModelFileError(
-            f"cannot read the model's external data: {_first_line(e)}", where
+            f"cannot read the model's external data: {first_line(e)}", where
         ) from None
 
 
@@ -1880,7 +1875,7 @@ def load_onnx(source: str | Path | onnx.ModelProto, where: str | None = None) ->
         return _import(model, base_dir, where)
     except (*MALFORMED, onnx.checker.ValidationError) as e:
         raise ModelFileError(
-            f"cannot import the model: {_first_line(e)}", where, hint=MALFORMED_HINT
+            f"cannot import the model: {first_line(e)}", where, hint=MALFORMED_HINT
         ) from e
 
 
@@ -1917,7 +1912,7 @@ def _import(model: onnx.ModelProto, base_dir: str | None, where: str) -> Graph:
             _import_node(imp, node)
         except MALFORMED as e:
             raise imp.fail(
-                node, f"cannot import this node: {_first_line(e)}", hint=MALFORMED_HINT
+                node, f"cannot import this node: {first_line(e)}", hint=MALFORMED_HINT
             ) from e
         except ModelFileError:
             raise
