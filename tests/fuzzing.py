@@ -1078,6 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
         "--failures", type=Path, default=Path("fuzz-failures"), help="where to write failing inputs"
     )
     args = parser.parse_args(argv)
+    if args.count < 1 or args.jobs < 1 or args.time_limit <= 0:
+        parser.error("--count and --jobs must be at least 1, and --time-limit positive")
     settings = Settings(bombs=not args.no_bombs, bomb_rate=args.bomb_rate)
 
     def progress(report: Report) -> None:
