@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnc.backends import parallel
-from cnnc.backends.kernels import ALIASING, IN_PLACE, KERNELS, Kernel
+from cnnc.backends import parallel, train_kernels  # noqa: F401 (registers its kernels)
+from cnnc.backends.kernels import ALIASING, IN_PLACE, KERNELS, PARAM_KERNELS, Kernel
 from cnnc.errors import CnncError, InputError, InternalError
 from cnnc.ir.graph import Graph, Node, Value
 
@@ -69,6 +69,12 @@ def check_batch(values: list[Value], inputs) -> None:
         raise InputError(f"the inputs of one run need one batch size, got {given}")
 
 
+def operands(node: Node) -> list[Value]:
+    """The inputs a node's kernel takes at run time: all of them, but for the ops whose
+    kernels read their parameters when prepared (a conv's weights), the activations."""
+    return node.activations if node.op in PARAM_KERNELS else node.inputs
+
+
 class Interpreter:
     """A prepared graph: weights laid out for the kernels and every value's last use known."""
 
@@ -82,26 +88,30 @@ class Interpreter:
             return slots.setdefault(id(v), len(slots))
 
         self.input_slots = [slot(v) for v in graph.inputs]
+        # Parameters read by a kernel that takes them at run time (a constant of a training
+        # step fed to an ``add``): their slots are filled with their data at every run.
+        self.constants = {slot(v): v for node in graph.nodes for v in operands(node) if v.is_param}
         last_use: dict[int, int] = {}
         # Values that share memory (a flatten's output is a view of its input) have one
         # storage; it dies at the last use of any of them.
-        storage: dict[int, int] = {s: s for s in self.input_slots}
+        storage: dict[int, int] = {s: s for s in [*self.input_slots, *self.constants]}
         storage_last_use: dict[int, int] = {}
         for i, node in enumerate(graph.nodes):
-            for v in node.activations:
+            for v in operands(node):
                 last_use[slot(v)] = i
                 storage_last_use[storage[slot(v)]] = i
             for out in node.outputs:
-                first = slot(node.activations[0]) if node.activations else None
+                first = slot(operands(node)[0]) if operands(node) else None
                 storage[slot(out)] = storage[first] if node.op in ALIASING else slot(out)
         keep = {slot(v) for v in graph.outputs}
         pinned = {storage[s] for s in keep} | {storage[s] for s in self.input_slots}
+        pinned |= set(self.constants)
         self.steps: list[Step] = []
         for i, node in enumerate(graph.nodes):
             prepare = KERNELS.get(node.op)
             if prepare is None:
                 raise InternalError(f"the interpreter has no kernel for op {node.op}")
-            ins = [slot(v) for v in node.activations]
+            ins = [slot(v) for v in operands(node)]
             outs = [slot(v) for v in node.outputs]
             free = sorted({s for s in ins if last_use[s] == i and s not in keep})
             first = storage[ins[0]] if ins else None
@@ -109,7 +119,7 @@ class Interpreter:
                 node.op in IN_PLACE
                 and first not in pinned
                 and storage_last_use[first] == i
-                and node.activations[0].type == node.output.type
+                and operands(node)[0].type == node.output.type
             )
             self.steps.append(Step(node, prepare(node), ins, outs, free, in_place))
         self.output_slots = [slot(v) for v in graph.outputs]
@@ -145,6 +155,8 @@ class Interpreter:
         for value, s, x in zip(self.graph.inputs, self.input_slots, inputs, strict=True):
             check_input(value, x, self.graph.flexible_spatial)
             env[s] = x
+        for s, v in self.constants.items():
+            env[s] = v.data
         check_batch(self.graph.inputs, inputs)
         # NaN and infinities follow IEEE arithmetic (README, NaN and infinity): they are
         # values, not errors, and NumPy's warnings about them would only be noise.

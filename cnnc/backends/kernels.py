@@ -34,6 +34,20 @@ KERNELS: dict[str, Callable[[Node], Kernel]] = {}
 IN_PLACE = {"bn", "affine", "scale", "layernorm", "groupnorm"}
 # Ops whose outputs may share memory with their first input (views), so that memory lives
 # on until the last use of any of them, and no op writes over it in place before then.
+# Ops whose prepare function reads their parameters (``node.inputs[i].data``), so that the
+# interpreter passes them only the other inputs; every other kernel takes all its inputs.
+PARAM_KERNELS = {
+    "conv",
+    "conv_transpose",
+    "fc",
+    "linear",
+    "prelu",
+    "bn",
+    "affine",
+    "scale",
+    "layernorm",
+    "groupnorm",
+}
 ALIASING = {"flatten", "dropout", "drop_path", "reshape", "transpose", "split", "slice", "crop"}
 
 

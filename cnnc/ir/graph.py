@@ -58,7 +58,7 @@ class Value:
         if self._data is None:
             if self._thunk is None:
                 raise InternalError(f"parameter {self.name} has no data (weights not initialised)")
-            data = np.ascontiguousarray(self._thunk(), dtype=self.type.numpy_dtype)
+            data = np.asarray(self._thunk(), dtype=self.type.numpy_dtype, order="C")
             if data.shape != self.type.shape:
                 raise InternalError(
                     f"parameter {self.name}: computed shape {data.shape}, type says {self.type}"
@@ -71,7 +71,7 @@ class Value:
         weights one by one holds one at a time)."""
         if self._data is not None or self._thunk is None:
             return self.data
-        data = np.ascontiguousarray(self._thunk(), dtype=self.type.numpy_dtype)
+        data = np.asarray(self._thunk(), dtype=self.type.numpy_dtype, order="C")
         if data.shape != self.type.shape:
             raise InternalError(
                 f"parameter {self.name}: computed shape {data.shape}, type says {self.type}"

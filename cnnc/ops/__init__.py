@@ -9,6 +9,7 @@ from cnnc.ops import (  # noqa: F401 (register)
     pool,
     resize,
     tensor,
+    train,
 )
 from cnnc.ops.base import (
     Attr,

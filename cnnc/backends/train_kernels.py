@@ -1,0 +1,352 @@
+"""Interpreter kernels of the training ops (cnnc/ops/train.py): gradients, losses, batch
+statistics and optimizer updates. They compute in the dtype of their inputs (float64 for
+the finite-difference checks) and take every input at run time; an input that is a
+parameter of the graph (a constant of the training step) is read once when prepared."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from cnnc.backends import parallel
+from cnnc.backends.kernels import KERNELS, PARAM_KERNELS, Kernel, Window, _window, erf
+from cnnc.ir.graph import Node
+
+
+def train_kernel(op: str):
+    """Register a kernel ``make(node) -> run(*inputs)`` that receives every input of the node,
+    parameters included, in order."""
+
+    def register(make: Callable[[Node], Callable[..., object]]):
+        def prepare(node: Node) -> Kernel:
+            run = make(node)
+            fixed = {i: v.data for i, v in enumerate(node.inputs) if v.is_param}
+            if not fixed:
+                return run
+            count = len(node.inputs)
+
+            def with_params(*activations):
+                it = iter(activations)
+                return run(*(fixed[i] if i in fixed else next(it) for i in range(count)))
+
+            return with_params
+
+        KERNELS[op] = prepare
+        PARAM_KERNELS.add(op)
+        return make
+
+    return register
+
+
+# ---- convolution -----------------------------------------------------------------------------
+
+
+def _taps(win: Window):
+    (kh, kw), (dh, dw) = win.kernel, win.dilation
+    return [(i, j, i * dh, j * dw) for i in range(kh) for j in range(kw)]
+
+
+def _tap_view(xp: np.ndarray, win: Window, top: int, left: int, oh: int, ow: int) -> np.ndarray:
+    sh, sw = win.stride
+    return xp[:, :, top : top + (oh - 1) * sh + 1 : sh, left : left + (ow - 1) * sw + 1 : sw]
+
+
+@train_kernel("conv_grad_weight")
+def conv_grad_weight(node: Node):
+    a = node.attrs
+    win = Window(tuple(a["kernel"]), a["stride"], a["pads"], a["dilation"])
+    groups = a["groups"]
+
+    def run(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        x, dy = win.lift(x), win.lift(dy)
+        n, c, _, _ = x.shape
+        o, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
+        xp = win.padded(x, 0.0, oh, ow)
+        kh, kw = win.kernel
+        cg, og = c // groups, o // groups
+        if groups == c == o:  # depthwise: one product per tap, summed over batch and pixels
+            w = np.empty((o, 1, kh, kw), dy.dtype)
+            for i, j, top, left in _taps(win):
+                tap = _tap_view(xp, win, top, left, oh, ow)
+                w[:, 0, i, j] = np.einsum("ncij,ncij->c", tap, dy, optimize=False)
+            return _drop_weight(w, win)
+        sn, sc, sh_, sw_ = xp.strides
+        (sh, sw), (dh, dw) = win.stride, win.dilation
+        cols = as_strided(
+            xp,
+            (groups, cg, kh, kw, n, oh, ow),
+            (cg * sc, sc, sh_ * dh, sw_ * dw, sn, sh_ * sh, sw_ * sw),
+            writeable=False,
+        ).reshape(groups, cg * kh * kw, n * oh * ow)
+        d = dy.reshape(n, groups, og, oh * ow).transpose(1, 2, 0, 3).reshape(groups, og, -1)
+        w = np.empty((groups, og, cg * kh * kw), dy.dtype)
+
+        def work(share: slice) -> None:
+            for g in range(share.start, share.stop):
+                np.matmul(d[g], cols[g].T, out=w[g])
+
+        parallel.share(groups, work, cols.size)
+        return _drop_weight(w.reshape(o, cg, kh, kw), win)
+
+    return run
+
+
+def _drop_weight(w: np.ndarray, win: Window) -> np.ndarray:
+    return w[:, :, 0, :] if win.one_d else w
+
+
+@train_kernel("reduce_sum")
+def reduce_sum(node: Node):
+    axes, keep = tuple(node.attrs["axes"]), node.attrs["keepdims"]
+    return lambda x: np.sum(x, axis=axes, keepdims=keep)
+
+
+@train_kernel("matmul")
+def matmul(node: Node):
+    ta, tb = node.attrs["trans_a"], node.attrs["trans_b"]
+    return lambda a, b: np.matmul(a.T if ta else a, b.T if tb else b)
+
+
+# ---- pooling ---------------------------------------------------------------------------------
+
+
+@train_kernel("maxpool_grad")
+def maxpool_grad(node: Node):
+    win = _window(node, node.attrs["kernel"])
+
+    def run(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        x, dy = win.lift(x), win.lift(dy)
+        h, w = x.shape[2:]
+        oh, ow = dy.shape[2], dy.shape[3]
+        xp = win.padded(x, -np.inf, oh, ow)
+        taps = _taps(win)
+        best = _tap_view(xp, win, taps[0][2], taps[0][3], oh, ow).copy()
+        arg = np.zeros(best.shape, np.int32)
+        for t, (_, _, top, left) in enumerate(taps[1:], 1):
+            v = _tap_view(xp, win, top, left, oh, ow)
+            larger = v > best  # strictly: the first largest keeps the window
+            np.copyto(best, v, where=larger)
+            arg[larger] = t
+        dxp = np.zeros(xp.shape, dy.dtype)
+        for t, (_, _, top, left) in enumerate(taps):
+            target = _tap_view(dxp, win, top, left, oh, ow)
+            target += np.where(arg == t, dy, 0)
+        pt, pl = win.pads[0], win.pads[1]
+        return win.drop(np.ascontiguousarray(dxp[:, :, pt : pt + h, pl : pl + w]))
+
+    return run
+
+
+# ---- element-wise ----------------------------------------------------------------------------
+
+
+def _sig(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _softplus(z: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, z)
+
+
+def _derivative(op: str, attrs: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """f'(x) of each element-wise op, in x's dtype."""
+    if op == "relu":
+        return lambda x: (x > 0).astype(x.dtype)
+    if op == "leaky_relu":
+        alpha = attrs["alpha"]
+        return lambda x: np.where(x > 0, 1.0, alpha).astype(x.dtype)
+    if op == "clip":
+        low, high = attrs["min"], attrs["max"]
+        return lambda x: ((x >= low) & (x <= high)).astype(x.dtype)
+    if op == "sigmoid":
+        return lambda x: (lambda s: s * (1 - s))(_sig(x))
+    if op == "tanh":
+        return lambda x: 1 - np.tanh(x) ** 2
+    if op == "silu":
+        return lambda x: (lambda s: s * (1 + x * (1 - s)))(_sig(x))
+    if op == "hardsigmoid":
+        alpha, beta = attrs["alpha"], attrs["beta"]
+        return lambda x: np.where((alpha * x + beta > 0) & (alpha * x + beta < 1), alpha, 0.0)
+    if op == "hardswish":
+        return lambda x: np.where(x < -3, 0.0, np.where(x <= 3, x / 3 + 0.5, 1.0))
+    if op == "gelu":
+        if attrs["approximate"] == "tanh":
+            k = np.sqrt(2 / np.pi)
+
+            def gelu_tanh(x):
+                t = np.tanh(k * (x + 0.044715 * x**3))
+                return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
+
+            return gelu_tanh
+        return lambda x: (
+            0.5 * (1 + erf(x / np.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)
+        )
+    if op == "mish":
+
+        def mish(x):
+            t = np.tanh(_softplus(x))
+            return t + x * (1 - t * t) * _sig(x)
+
+        return mish
+    if op == "elu":
+        alpha = attrs["alpha"]
+        return lambda x: np.where(x > 0, 1.0, alpha * np.exp(np.minimum(x, 0)))
+    if op == "softplus":
+        beta = attrs["beta"]
+        return lambda x: _sig(beta * x)
+    raise KeyError(op)
+
+
+@train_kernel("activation_grad")
+def activation_grad(node: Node):
+    derivative = _derivative(node.attrs["activation"], node.attrs["activation_attrs"])
+
+    def run(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (dy * derivative(x)).astype(dy.dtype, copy=False)
+
+    return run
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+@train_kernel("softmax_cross_entropy")
+def softmax_cross_entropy(node: Node):
+    def run(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        picked = np.take_along_axis(_log_softmax(logits), labels[:, None], axis=1)
+        return np.asarray(-picked.mean(), logits.dtype)
+
+    return run
+
+
+@train_kernel("softmax_cross_entropy_grad")
+def softmax_cross_entropy_grad(node: Node):
+    def run(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        p = np.exp(_log_softmax(logits))
+        p[np.arange(len(labels)), labels] -= 1
+        p /= len(labels)
+        return p.astype(logits.dtype, copy=False)
+
+    return run
+
+
+@train_kernel("mse_loss")
+def mse_loss(node: Node):
+    return lambda pred, target: np.asarray(np.mean((pred - target) ** 2), pred.dtype)
+
+
+@train_kernel("mse_loss_grad")
+def mse_loss_grad(node: Node):
+    return lambda pred, target: (pred - target) * pred.dtype.type(2.0 / pred.size)
+
+
+# ---- batch norm ------------------------------------------------------------------------------
+
+
+def _channel(v: np.ndarray, rank: int) -> np.ndarray:
+    return v.reshape(-1, *(1,) * (rank - 2))
+
+
+@train_kernel("bn_train")
+def bn_train(node: Node):
+    eps, momentum = node.attrs["epsilon"], node.attrs["momentum"]
+
+    def run(x, weight, bias, running_mean, running_var):
+        axes = (0, *range(2, x.ndim))
+        count = x.size // x.shape[1]
+        mean = x.mean(axis=axes)
+        centred = x - _channel(mean, x.ndim)
+        var = np.square(centred).mean(axis=axes)
+        invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+        y = centred * _channel(invstd * weight, x.ndim) + _channel(bias, x.ndim)
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        new_mean = (1 - momentum) * running_mean + momentum * mean
+        new_var = (1 - momentum) * running_var + momentum * unbiased
+        dtype = x.dtype
+        return [
+            y.astype(dtype, copy=False),
+            mean.astype(dtype, copy=False),
+            invstd,
+            new_mean.astype(dtype, copy=False),
+            new_var.astype(dtype, copy=False),
+        ]
+
+    return run
+
+
+@train_kernel("bn_grad")
+def bn_grad(node: Node):
+    def run(x, weight, mean, invstd, dy):
+        axes = (0, *range(2, x.ndim))
+        count = x.size // x.shape[1]
+        xhat = (x - _channel(mean, x.ndim)) * _channel(invstd, x.ndim)
+        dbias = dy.sum(axis=axes)
+        dweight = (dy * xhat).sum(axis=axes)
+        scale = _channel(weight * invstd / count, x.ndim)
+        dx = scale * (count * dy - _channel(dbias, x.ndim) - xhat * _channel(dweight, x.ndim))
+        dtype = x.dtype
+        return [dx.astype(dtype, copy=False), dweight.astype(dtype), dbias.astype(dtype)]
+
+    return run
+
+
+# ---- optimizers ------------------------------------------------------------------------------
+
+
+@train_kernel("sgd_update")
+def sgd_update(node: Node):
+    a = node.attrs
+    momentum, dampening, nesterov, decay = (
+        a["momentum"],
+        a["dampening"],
+        a["nesterov"],
+        a["weight_decay"],
+    )
+
+    def run(param, grad, lr, buf=None):
+        t = param.dtype.type
+        g = grad + t(decay) * param if decay else grad
+        if not momentum:
+            return param - lr.astype(param.dtype) * g
+        new_buf = t(momentum) * buf + t(1 - dampening) * g
+        direction = g + t(momentum) * new_buf if nesterov else new_buf
+        return [param - lr.astype(param.dtype) * direction, new_buf]
+
+    return run
+
+
+@train_kernel("adam_update")
+def adam_update(node: Node):
+    a = node.attrs
+    beta1, beta2, eps, decay, decoupled = (
+        a["beta1"],
+        a["beta2"],
+        a["eps"],
+        a["weight_decay"],
+        a["decoupled"],
+    )
+
+    def run(param, grad, m, v, step, lr):
+        t = param.dtype.type
+        lr = lr.astype(param.dtype)
+        if decay and decoupled:
+            param = param * (1 - lr * t(decay))
+        elif decay:
+            grad = grad + t(decay) * param
+        m = t(beta1) * m + t(1 - beta1) * grad
+        v = t(beta2) * v + t(1 - beta2) * grad * grad
+        n = step.astype(param.dtype)
+        bc1 = 1 - t(beta1) ** n
+        bc2 = 1 - t(beta2) ** n
+        denom = np.sqrt(v) / np.sqrt(bc2) + t(eps)
+        return [param - (lr / bc1) * m / denom, m, v]
+
+    return run
