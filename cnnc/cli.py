@@ -49,7 +49,8 @@ EXAMPLES = {
   cnnc bench examples/lenet5.cnn --batch 64 --repeat 50 --reference
   cnnc bench examples/alexnet.cnn -O0 --json > alexnet-O0.json
   cnnc bench examples/vgg16.cnn --compile --repeat 3 # compile time and memory, fresh processes
-  cnnc bench --scale                               # compile 1,000 to 100,000-layer networks""",
+  cnnc bench --scale                               # compile 1,000 to 100,000-layer networks
+  cnnc bench examples/lenet5.cnn --train --batch 64 # one training step against PyTorch""",
 }
 
 
@@ -229,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time `cnnc compile MODEL` instead, against NumPy drawing and saving as many "
         "weights (and PyTorch's build and export, if installed), each in a fresh process",
+    )
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="time one training step (SGD) in the interpreter, onnxruntime and PyTorch (if "
+        "installed), each in a process of its own",
     )
     p.add_argument(
         "--scale",
@@ -545,7 +552,7 @@ def cmd_bench(args) -> None:
     from cnnc.bench import bench
 
     if args.repeat is None:
-        args.repeat = 1 if args.compile else 10
+        args.repeat = 1 if args.compile else 5 if args.train else 10
     for flag in ("batch", "repeat"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -557,6 +564,17 @@ def cmd_bench(args) -> None:
         return
     if args.model is None:
         raise UsageError("cnnc bench needs a MODEL (or --scale)")
+    if args.train:
+        from cnnc import bench_train
+
+        if args.compile or str(args.model).lower().endswith(".onnx"):
+            raise UsageError("--train times the training step of a program (.cnn)")
+        _load(args, notice=False)  # a mistake in the program is reported here, as compile does
+        report = bench_train.bench_train(
+            args.model, args.batch, args.repeat, min(args.warmup, 1), args.threads
+        )
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+        return
     if args.compile:
         extra = ["--seed", str(args.seed)]
         extra += ["--passes", ",".join(args.passes)] if args.passes else [f"-O{args.opt_level}"]

@@ -222,10 +222,13 @@ class Interpreter:
             if timer:
                 timer(step, time.perf_counter() - start)
             if len(step.outputs) == 1:
-                env[step.outputs[0]] = results
+                # (NumPy gives a scalar, not an array, for an operation on 0-d arrays)
+                env[step.outputs[0]] = (
+                    results if isinstance(results, np.ndarray) else np.asarray(results)
+                )
             else:
                 for s, r in zip(step.outputs, results, strict=True):
-                    env[s] = r
+                    env[s] = r if isinstance(r, np.ndarray) else np.asarray(r)
             if free:
                 for s in step.free:
                     env[s] = None
