@@ -83,11 +83,10 @@ def conv_grad_weight(node: Node):
         d = dy.reshape(n, groups, og, oh * ow).transpose(1, 2, 0, 3).reshape(groups, og, -1)
         w = np.empty((groups, og, cg * kh * kw), dy.dtype)
 
-        def work(share: slice) -> None:
-            for g in range(share.start, share.stop):
-                np.matmul(d[g], cols[g].T, out=w[g])
+        def work(share: slice) -> None:  # a share of each group's kernels
+            np.matmul(d[:, share], cols.transpose(0, 2, 1), out=w[:, share])
 
-        parallel.share(groups, work, cols.size)
+        parallel.share(og, work, macs=d.size * cols.shape[1])
         return _drop_weight(w.reshape(o, cg, kh, kw), win)
 
     return run
@@ -122,17 +121,28 @@ def maxpool_grad(node: Node):
         oh, ow = dy.shape[2], dy.shape[3]
         xp = win.padded(x, -np.inf, oh, ow)
         taps = _taps(win)
-        best = _tap_view(xp, win, taps[0][2], taps[0][3], oh, ow).copy()
-        arg = np.zeros(best.shape, np.int32)
-        for t, (_, _, top, left) in enumerate(taps[1:], 1):
-            v = _tap_view(xp, win, top, left, oh, ow)
-            larger = v > best  # strictly: the first largest keeps the window
-            np.copyto(best, v, where=larger)
-            arg[larger] = t
         dxp = np.zeros(xp.shape, dy.dtype)
-        for t, (_, _, top, left) in enumerate(taps):
-            target = _tap_view(dxp, win, top, left, oh, ow)
-            target += np.where(arg == t, dy, 0)
+
+        def work(share: slice) -> None:
+            # The first largest input of each window (PyTorch's and onnxruntime's choice)
+            # takes the window's gradient; overlapping windows add up. A loop over the taps.
+            part, grads, target = xp[:, share], dy[:, share], dxp[:, share]
+            best = _tap_view(part, win, taps[0][2], taps[0][3], oh, ow).copy()
+            arg = np.zeros(best.shape, np.uint8 if len(taps) < 256 else np.int32)
+            mask = np.empty(best.shape, bool)
+            for t, (_, _, top, left) in enumerate(taps[1:], 1):
+                v = _tap_view(part, win, top, left, oh, ow)
+                np.greater(v, best, out=mask)
+                np.maximum(best, v, out=best)
+                np.putmask(arg, mask, t)
+            term = best  # its memory, for each tap's share of the gradient
+            for t, (_, _, top, left) in enumerate(taps):
+                np.equal(arg, t, out=mask)
+                np.multiply(grads, mask, out=term)
+                view = _tap_view(target, win, top, left, oh, ow)
+                view += term
+
+        parallel.share(xp.shape[1], work, xp.size * len(taps))
         pt, pl = win.pads[0], win.pads[1]
         return win.drop(np.ascontiguousarray(dxp[:, :, pt : pt + h, pl : pl + w]))
 
@@ -255,29 +265,32 @@ def _channel(v: np.ndarray, rank: int) -> np.ndarray:
     return v.reshape(-1, *(1,) * (rank - 2))
 
 
+def _per_channel_sum(x: np.ndarray) -> np.ndarray:
+    """x summed over every axis but 1 (the contiguous inner axes first: NumPy sums a
+    contiguous axis many times faster than a strided one)."""
+    n, c = x.shape[:2]
+    return x.reshape(n, c, -1).sum(axis=2).sum(axis=0)
+
+
 @train_kernel("bn_train")
 def bn_train(node: Node):
     eps, momentum = node.attrs["epsilon"], node.attrs["momentum"]
 
     def run(x, weight, bias, running_mean, running_var):
-        axes = (0, *range(2, x.ndim))
         count = x.size // x.shape[1]
-        mean = x.mean(axis=axes)
-        centred = x - _channel(mean, x.ndim)
-        var = np.square(centred).mean(axis=axes)
-        invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-        y = centred * _channel(invstd * weight, x.ndim) + _channel(bias, x.ndim)
-        unbiased = var * (count / (count - 1)) if count > 1 else var
-        new_mean = (1 - momentum) * running_mean + momentum * mean
-        new_var = (1 - momentum) * running_var + momentum * unbiased
         dtype = x.dtype
-        return [
-            y.astype(dtype, copy=False),
-            mean.astype(dtype, copy=False),
-            invstd,
-            new_mean.astype(dtype, copy=False),
-            new_var.astype(dtype, copy=False),
-        ]
+        mean = (_per_channel_sum(x) / count).astype(dtype, copy=False)
+        centred = x - _channel(mean, x.ndim)
+        var = (_per_channel_sum(np.square(centred)) / count).astype(dtype, copy=False)
+        invstd = (1.0 / np.sqrt(var + dtype.type(eps))).astype(dtype, copy=False)
+        y = centred
+        y *= _channel(invstd * weight, x.ndim)
+        y += _channel(bias, x.ndim)
+        unbiased = var * dtype.type(count / (count - 1)) if count > 1 else var
+        m = dtype.type(momentum)
+        new_mean = (1 - m) * running_mean + m * mean
+        new_var = (1 - m) * running_var + m * unbiased
+        return [y, mean, invstd, new_mean.astype(dtype), new_var.astype(dtype)]
 
     return run
 
@@ -285,15 +298,18 @@ def bn_train(node: Node):
 @train_kernel("bn_grad")
 def bn_grad(node: Node):
     def run(x, weight, mean, invstd, dy):
-        axes = (0, *range(2, x.ndim))
         count = x.size // x.shape[1]
-        xhat = (x - _channel(mean, x.ndim)) * _channel(invstd, x.ndim)
-        dbias = dy.sum(axis=axes)
-        dweight = (dy * xhat).sum(axis=axes)
-        scale = _channel(weight * invstd / count, x.ndim)
-        dx = scale * (count * dy - _channel(dbias, x.ndim) - xhat * _channel(dweight, x.ndim))
         dtype = x.dtype
-        return [dx.astype(dtype, copy=False), dweight.astype(dtype), dbias.astype(dtype)]
+        xhat = x - _channel(mean, x.ndim)
+        xhat *= _channel(invstd, x.ndim)
+        dbias = _per_channel_sum(dy).astype(dtype, copy=False)
+        dweight = _per_channel_sum(dy * xhat).astype(dtype, copy=False)
+        # dx = weight·invstd · (dy − dbias/count − xhat·dweight/count)
+        xhat *= _channel(dweight / count, x.ndim)
+        dx = dy - xhat
+        dx -= _channel(dbias / count, x.ndim)
+        dx *= _channel(weight * invstd, x.ndim)
+        return [dx, dweight, dbias]
 
     return run
 
