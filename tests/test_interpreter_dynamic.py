@@ -313,6 +313,9 @@ def test_unbatched_inputs_and_outputs_with_two_threads(scalar_output):
     np.testing.assert_array_equal(outputs[0], x * w)
     if scalar_output:
         assert outputs[1].shape == () and outputs[1] == np.float32(0.0625)
+    # The Python API's run takes them too.
+    for a, e in zip(cnnc.Model(graph).run_all_outputs(x, lr, labels, w), outputs, strict=True):
+        np.testing.assert_array_equal(a, e)
     # The weight's first axis (1) is not a batch size that must match x's (6).
     with pytest.raises(InputError, match="labels"):
         interpreter.run(x, lr, labels[:5], w)

