@@ -31,6 +31,13 @@ def case(name: str, shape: str, layers: str):
 
 CASES = [
     case("stride1", "3x6x6", "conv_transpose(4, 3)"),
+    # stride 1 runs as a convolution by the flipped kernels (a conv's input gradient)
+    case("stride1-pads", "3x6x6", "conv_transpose(4, 3, pad=(1, 0, 2, 1))"),
+    case("stride1-winograd", "16x12x12", "conv_transpose(16, 3, pad=1)"),
+    case("stride1-groups", "4x6x6", "conv_transpose(6, 3, pad=1, groups=2)"),
+    case("stride1-depthwise", "8x6x6", "conv_transpose(8, 3, pad=1, groups=8)"),
+    case("stride1-pad-beyond-the-reach", "3x6x6", "conv_transpose(4, 2, pad=(2, 0))"),
+    case("conv1d-stride1", "3x7", "conv_transpose(4, 3, pad=(0, 2), bias=false)"),
     case(
         "stride2-pad1-output_pad1", "3x5x5", "conv_transpose(4, 3, stride=2, pad=1, output_pad=1)"
     ),
@@ -78,8 +85,17 @@ CASES = [
 ]
 
 # Cases that onnx.reference (onnx 1.23) computes otherwise; each is pinned down below.
-REFERENCE_RAISES = {"groups", "groups-one-kernel-each", "conv1d-groups", "depthwise-multiplier2"}
-REFERENCE_BIAS = {"depthwise"}  # it adds the first group's bias to every channel
+REFERENCE_RAISES = {
+    "groups",
+    "groups-one-kernel-each",
+    "conv1d-groups",
+    "depthwise-multiplier2",
+    "stride1-groups",
+}
+REFERENCE_BIAS = {
+    "depthwise",
+    "stride1-depthwise",
+}  # it adds the first group's bias to every channel
 # It computes it right, in minutes: its col2im is a Python loop over 4096 taps' pixels.
 REFERENCE_SLOW = {"fcn32s-k64-s32"}
 BATCHES = pytest.mark.parametrize("batch", [1, 3], ids=["batch1", "batch3"])

@@ -20,7 +20,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from cnnc.backends import parallel
-from cnnc.ir.graph import Node
+from cnnc.ir.graph import Node, Value
+from cnnc.ir.types import TensorType, dtype_name
 from cnnc.ops.common import window_output_size
 from cnnc.ops.norm import channel_scale_shift
 from cnnc.ops.pool import adaptive_avg_matrix, adaptive_max_windows
@@ -761,6 +762,36 @@ def _put_row_phases(phases: np.ndarray, target: np.ndarray, live_h: list[int]) -
             target[:, :, :, :, i] = 0
 
 
+def _transpose_as_conv(node: Node) -> Kernel | None:
+    """A stride 1 transposed convolution is the convolution of its input by the same
+    kernels flipped, in and out channels swapped in each group, with padding
+    dilation·(k − 1) − pad on each side (and the output padding at the end): computed by the
+    conv kernel (Winograd's for 3×3). None where that padding would be negative. This is a
+    convolution's input gradient in a training step."""
+    a = node.attrs
+    weight = node.inputs[1].data  # [C_in, out/groups, k...]
+    kernel = weight.shape[2:]
+    rank = len(kernel)
+    if any(s != 1 for s in a["stride"]):
+        return None
+    reach = [d * (k - 1) for d, k in zip(a["dilation"], kernel, strict=True)]
+    pads = tuple(reach[i] - a["pads"][i] for i in range(rank)) + tuple(
+        reach[i] - a["pads"][rank + i] + a["output_pad"][i] for i in range(rank)
+    )
+    if min(pads) < 0:
+        return None
+    groups = a["groups"]
+    cin, kg = weight.shape[:2]
+    flipped = weight.reshape(groups, cin // groups, kg, *kernel).swapaxes(1, 2)
+    flipped = flipped[(..., *(slice(None, None, -1),) * rank)]
+    flipped = np.ascontiguousarray(flipped.reshape(groups * kg, cin // groups, *kernel))
+    w = Value(node.inputs[1].name, TensorType(dtype_name(flipped.dtype), flipped.shape), "param")
+    w.set_data(flipped)
+    attrs = {"stride": a["stride"], "pads": pads, "dilation": a["dilation"], "groups": groups}
+    inputs = [node.inputs[0], w, *node.inputs[2:]]
+    return conv(Node("conv", node.name, inputs, attrs, node.loc))
+
+
 @kernel("conv_transpose")
 def conv_transpose(node: Node) -> Kernel:
     """The transposed convolution as the stride 1 convolution that computes its output
@@ -775,6 +806,9 @@ def conv_transpose(node: Node) -> Kernel:
     groups, when there are more groups than kernels in each), each over blocks of rows
     whose products fit COLUMN_BLOCK_BYTES. An input with a NaN or an infinity is
     scattered tap by tap instead (see ``scatter``)."""
+    as_conv = _transpose_as_conv(node)
+    if as_conv is not None:
+        return as_conv
     weight = node.inputs[1].data
     win = _window(node, weight.shape[2:])
     weight = win.lift(weight) if win.one_d else weight
