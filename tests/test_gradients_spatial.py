@@ -290,3 +290,7 @@ def test_global_and_adaptive_maxpool_gradients_go_to_the_first_maximum_on_ties()
                 c0, c1 = (j * w) // size[1], -((-(j + 1) * w) // size[1])
                 windows.append([r * w + c for r in range(r0, r1) for c in range(c0, c1)])
         np.testing.assert_allclose(dx, _first_maxima(x, dy, windows), rtol=1e-6, atol=1e-6)
+        if size != (1, 1):  # (maxpool_grad's ONNX form is another branch's)
+            # onnxruntime's ArgMax picks the first maximum too
+            (ort_dx,) = ort_session(to_onnx(graph)).run(None, {"x": x, "dy": dy})
+            np.testing.assert_allclose(ort_dx, dx, rtol=1e-6, atol=1e-6)

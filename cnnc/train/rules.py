@@ -227,9 +227,10 @@ def _conv_transpose(g: GradContext):
 @gradient("avgpool")
 def _avgpool(g: GradContext):
     # dx: each window spreads dy / (its divisor) over its taps: dy times the reciprocal
-    # divisors (a constant), then a depthwise transposed convolution by ones, which adds
-    # each window's share into the padded input; the pads crop the start, and the end is
-    # cut (or, where floor mode's windows end early, zero-extended) to x's size.
+    # divisors (a constant), then a depthwise transposed convolution by ones (by 1/divisor
+    # when every window has the same one), which adds each window's share into the padded
+    # input; the pads crop the start, and the end is cut (or, where floor mode's windows
+    # end early, zero-extended) to x's size.
     from cnnc.backends.kernels import _avg_counts
 
     x, dy = g.x(), g.dy()
@@ -251,9 +252,15 @@ def _avgpool(g: GradContext):
         for i in range(rank)
     ]
     divisor = counts[0] if rank == 1 else np.outer(counts[0], counts[1])
-    share = g.emit("mul", [dy, g.constant(1.0 / divisor[None, None], ".share")], suffix=".share")
     channels = x.shape[1]
-    ones = g.constant(np.ones((channels, 1, *kernel)), ".ones")
+    if np.all(divisor == divisor.flat[0]):
+        # one divisor for every window (the usual case): it goes into the weights
+        share, weight = dy, np.full((channels, 1, *kernel), 1.0 / divisor.flat[0])
+    else:
+        reciprocal = g.constant(1.0 / divisor[None, None], ".share")
+        share = g.emit("mul", [dy, reciprocal], suffix=".share")
+        weight = np.ones((channels, 1, *kernel))
+    ones = g.constant(weight, ".ones")
     attrs = {
         "stride": tuple(stride),
         "pads": (*pads[:rank], *(0,) * rank),
