@@ -259,7 +259,7 @@ def _pool_windows(size, kernel, stride, pad):
 )
 def test_maxpool_gradient_goes_to_the_first_maximum_on_ties(body, kernel, stride, pad):
     """On a constant map every entry of a window is a maximum: the gradient goes to the
-    first (row-major) of each window, as PyTorch's (checked against torch 2.14 outside the
+    first (row-major) of each window, as PyTorch's (tests/compare_ties_torch.py, outside the
     suite: the same gradient on these maps and on maps with a few tied values)."""
     graph = backward_graph(body)
     rng = np.random.default_rng(0)
