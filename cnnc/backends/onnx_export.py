@@ -1179,6 +1179,77 @@ def _crop(e: Emitter, node: Node) -> None:
     e.node("Slice", [x.name, starts, ends, axes], _names(node.outputs), node.name)
 
 
+# ---- the gradient ops of the spatial and structural ops (cnnc/train/rules.py) -------------
+
+
+@emitter("axis_matmul")
+def _axis_matmul(e: Emitter, node: Node) -> None:
+    # one MatMul per spatial axis: m · x for the axis before the last, x · mᵀ for the last
+    current = node.inputs[0].name
+    matrices = node.inputs[1:]
+    for i, m in enumerate(matrices):
+        last = i == len(matrices) - 1
+        out = node.output.name if last else e.fresh(f"{node.name}.axis{i}")
+        if last:
+            transposed = e.fresh(f"{node.name}.m{i}T")
+            e.node("Transpose", [m.name], [transposed], f"{node.name}.m{i}T", perm=[1, 0])
+            e.node("MatMul", [current, transposed], [out], node.name)
+        else:
+            e.node("MatMul", [m.name, current], [out], f"{node.name}.axis{i}")
+        current = out
+
+
+@emitter("slice_grad")
+def _slice_grad(e: Emitter, node: Node) -> None:
+    a = node.attrs
+    rank = node.inputs[0].type.rank
+    pads = [0] * (2 * rank)
+    pads[a["axis"]] = a["start"]
+    pads[rank + a["axis"]] = a["size"] - a["stop"]
+    inputs = [node.inputs[0].name, e.constant(f"{node.name}.pads", np.array(pads, np.int64))]
+    e.node("Pad", inputs, _names(node.outputs), node.name, mode="constant")
+
+
+@emitter("adaptive_maxpool_grad")
+def _adaptive_maxpool_grad(e: Emitter, node: Node) -> None:
+    # The windows gathered from the flattened map ([N, C, P, K] by a table of flat
+    # indices), the first largest of each (ArgMax), its flat index, and dy added there
+    # (ScatterElements with reduction add, opset 16).
+    from cnnc.backends.train_kernels import adaptive_max_table
+
+    if e.opset < 16:
+        raise e.refuse(node, "the gradient of adaptive_maxpool (ScatterElements add)")
+    x, dy = node.inputs
+    name = node.name
+    table = adaptive_max_table(tuple(x.type.spatial), tuple(node.attrs["size"]))
+    count, taps = table.shape
+    flat_shape = e.constant(f"{name}.flat_shape", np.array([0, 0, -1], np.int64))
+    v = {k: e.fresh(f"{name}.{k}") for k in ("xf", "windows", "first", "at", "index", "dyf")}
+    v.update({k: e.fresh(f"{name}.{k}") for k in ("shape", "zeros", "dxf", "xshape")})
+    e.node("Reshape", [x.name, flat_shape], [v["xf"]], f"{name}.xf")
+    windows = e.constant(f"{name}.table", table.astype(np.int64))
+    e.node("Gather", [v["xf"], windows], [v["windows"]], f"{name}.windows", axis=2)
+    e.node("ArgMax", [v["windows"]], [v["first"]], f"{name}.first", axis=3, keepdims=0)
+    base = e.constant(f"{name}.base", np.arange(count, dtype=np.int64) * taps)
+    e.node("Add", [v["first"], base], [v["at"]], f"{name}.at")
+    flat_table = e.constant(f"{name}.flat_table", table.reshape(-1).astype(np.int64))
+    e.node("Gather", [flat_table, v["at"]], [v["index"]], f"{name}.index", axis=0)
+    e.node("Reshape", [dy.name, flat_shape], [v["dyf"]], f"{name}.dyf")
+    e.node("Shape", [v["xf"]], [v["shape"]], f"{name}.shape")
+    zero = numpy_helper.from_array(np.zeros(1, dy.type.numpy_dtype))
+    e.node("ConstantOfShape", [v["shape"]], [v["zeros"]], f"{name}.zeros", value=zero)
+    e.node(
+        "ScatterElements",
+        [v["zeros"], v["index"], v["dyf"]],
+        [v["dxf"]],
+        f"{name}.scatter",
+        axis=2,
+        reduction="add",
+    )
+    e.node("Shape", [x.name], [v["xshape"]], f"{name}.xshape")
+    e.node("Reshape", [v["dxf"], v["xshape"]], _names(node.outputs), name)
+
+
 for _op in ACTIVATIONS:
     emitter(_op)(
         lambda e, node, op=_op: _activation(

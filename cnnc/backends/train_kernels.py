@@ -366,3 +366,72 @@ def adam_update(node: Node):
         return [param - (lr / bc1) * m / denom, m, v]
 
     return run
+
+
+# ---- gradients of the spatial and structural ops ---------------------------------------------
+
+
+@train_kernel("axis_matmul")
+def axis_matmul(node: Node):
+    def run(x: np.ndarray, *matrices: np.ndarray) -> np.ndarray:
+        y = x
+        last = len(matrices) - 1
+        for i, m in enumerate(matrices):
+            m = m.astype(x.dtype, copy=False)
+            # the last axis: rows times mᵀ; the one before it: m times each [in, W] plane
+            y = np.matmul(y, m.T) if i == last else np.matmul(m, y)
+        return np.ascontiguousarray(y)
+
+    return run
+
+
+@train_kernel("slice_grad")
+def slice_grad(node: Node):
+    a = node.attrs
+    axis, start, stop, size = a["axis"], a["start"], a["stop"], a["size"]
+
+    def run(dy: np.ndarray) -> np.ndarray:
+        shape = list(dy.shape)
+        shape[axis] = size
+        dx = np.zeros(shape, dy.dtype)
+        where = [slice(None)] * dy.ndim
+        where[axis] = slice(start, stop)
+        dx[tuple(where)] = dy
+        return dx
+
+    return run
+
+
+def adaptive_max_table(spatial: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+    """The flat input index (over the spatial axes) of every position of every adaptive
+    window: int64 [prod(size), taps], each window's positions in row-major order (a shorter
+    window repeats its last row or column after the original, so that the first maximum
+    is the original)."""
+    from cnnc.ops.pool import adaptive_max_windows
+
+    if len(spatial) == 1:
+        return adaptive_max_windows(spatial[0], size[0])
+    rows = adaptive_max_windows(spatial[0], size[0])  # [oh, kh]
+    cols = adaptive_max_windows(spatial[1], size[1])  # [ow, kw]
+    flat = rows[:, None, :, None] * spatial[1] + cols[None, :, None, :]  # [oh, ow, kh, kw]
+    return flat.reshape(size[0] * size[1], -1)
+
+
+@train_kernel("adaptive_maxpool_grad")
+def adaptive_maxpool_grad(node: Node):
+    size = tuple(node.attrs["size"])
+
+    def run(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        n, c = x.shape[:2]
+        spatial = x.shape[2:]
+        table = adaptive_max_table(spatial, size)  # [P, K]
+        flat = x.reshape(n, c, -1)
+        values = flat[:, :, table]  # [n, c, P, K]
+        first = np.argmax(values, axis=3)  # the first largest
+        chosen = np.take_along_axis(table[None, None], first[..., None], axis=3)[..., 0]
+        area = flat.shape[2]
+        base = (np.arange(n * c) * area).reshape(n, c, 1)
+        dx = np.bincount((chosen + base).ravel(), weights=dy.reshape(-1), minlength=n * c * area)
+        return dx.astype(dy.dtype, copy=False).reshape(x.shape)
+
+    return run

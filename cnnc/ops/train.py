@@ -292,3 +292,74 @@ TRAINING_OPS = frozenset(
         "adam_update",
     }
 )
+
+
+# ---- gradients of the spatial and structural ops (cnnc/train/rules.py) ---------------------
+
+
+class AxisMatmul(OpDef):
+    """inputs (x, m_1, …, m_r) with x N×C×(r spatial axes) and m_i [out_i, in_i]: x multiplied
+    along spatial axis i by m_i, y[…, o, …] = Σ_j m_i[o, j] · x[…, j, …]. The gradient of the
+    ops that are a fixed linear map per spatial axis (upsample, adaptive_avgpool, reflect
+    and edge padding): their transposed matrices."""
+
+    name = "axis_matmul"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        x, matrices = inputs[0], inputs[1:]
+        if x.rank not in (3, 4) or len(matrices) != x.rank - 2:
+            raise ShapeError(f"axis_matmul needs one matrix per spatial axis of {x}")
+        out = []
+        for size, m in zip(x.spatial, matrices, strict=True):
+            if m.rank != 2 or m.shape[1] != size:
+                raise ShapeError(f"axis_matmul matrix {m} does not fit {x}")
+            out.append(m.shape[0])
+        return [x.with_shape((*x.shape[:2], *out))]
+
+
+class SliceGrad(OpDef):
+    """input dy; attrs axis, start, stop (0 ≤ start < stop ≤ size) and size: the gradient of
+    x[start:stop] along ``axis``: dy at positions start..stop-1 of an axis of ``size``,
+    zeros elsewhere (ONNX Pad)."""
+
+    name = "slice_grad"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        (dy,) = inputs
+        axis, start, stop, size = (attrs[k] for k in ("axis", "start", "stop", "size"))
+        if not 1 <= axis < dy.rank or not 0 <= start < stop <= size:
+            raise ShapeError(f"slice_grad {start}:{stop} of {size} does not fit axis {axis}")
+        if dy.shape[axis] != stop - start:
+            raise ShapeError(f"slice_grad: {dy} does not have {stop - start} on axis {axis}")
+        shape = list(dy.shape)
+        shape[axis] = size
+        return [dy.with_shape(tuple(shape))]
+
+    def describe(self, node) -> str:
+        a = node.attrs
+        return f"axis={a['axis']} {a['start']}:{a['stop']} of {a['size']}"
+
+
+class AdaptiveMaxPoolGrad(OpDef):
+    """inputs (x, dy); attr size (the pooled output's spatial size): each of PyTorch's
+    adaptive windows gives its gradient to the first of its largest inputs (row-major order
+    within the window, as PyTorch's kernel); overlapping windows add up."""
+
+    name = "adaptive_maxpool_grad"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        x, dy = inputs
+        if x.rank != dy.rank or tuple(dy.spatial) != tuple(attrs["size"]):
+            raise ShapeError(
+                f"adaptive_maxpool_grad: input {x} and output gradient {dy} do not fit"
+            )
+        return [x]
+
+    def describe(self, node) -> str:
+        return "size=" + ",".join(map(str, node.attrs["size"]))
+
+
+for _op in (AxisMatmul, SliceGrad, AdaptiveMaxPoolGrad):
+    register_op(_op())
+
+TRAINING_OPS = TRAINING_OPS | {"axis_matmul", "slice_grad", "adaptive_maxpool_grad"}

@@ -183,3 +183,211 @@ def _bn_train(g: GradContext):
     mean, invstd = g.y(1), g.y(2)
     dx, dw, db = g.emit_outputs("bn_grad", [x, weight, mean, invstd, g.dy_or_zeros(0)])
     return [dx, dw, db, None, None]
+
+
+# ---- spatial and structural ops ----------------------------------------------------------------
+# Each gradient is an IR op where one exists that computes it exactly (a convolution, a
+# transposed convolution, pad with negative amounts to crop, slice, concat), else one of
+# the gradient ops of cnnc/ops/train.py (axis_matmul, slice_grad, maxpool_grad,
+# adaptive_maxpool_grad).
+
+
+def _crop_to(g: GradContext, v, spatial: tuple[int, ...], suffix: str):
+    """``v`` cut or zero-extended at the end of each spatial axis to ``spatial``."""
+    have = v.shape[2:]
+    if tuple(have) == tuple(spatial):
+        return v
+    rank = len(spatial)
+    pads = (0,) * rank + tuple(s - h for s, h in zip(spatial, have, strict=True))
+    return g.emit("pad", [v], {"pads": pads, "mode": "constant", "value": 0.0}, suffix=suffix)
+
+
+@gradient("conv_transpose")
+def _conv_transpose(g: GradContext):
+    # y = conv_transpose(x, w) is the input gradient of conv(·, w): dx = conv(dy, w) with the
+    # same stride, pads, dilation and groups (w [C, out/groups, k…] is a conv weight from
+    # out to C channels); dw is conv_grad_weight with the roles of x and dy swapped.
+    dy, x, w = g.dy(), g.x(0), g.x(1)
+    a = g.attrs
+    window = {k: a[k] for k in ("stride", "pads", "dilation", "groups")}
+    grads = [None, None]
+    if g.needs(0):
+        dx = g.emit("conv", [dy, w], dict(window), suffix=".x")
+        # an output_pad of at least the stride (possible when the dilation is larger) makes
+        # the convolution one or more positions longer than x at the end
+        grads[0] = _crop_to(g, dx, tuple(x.shape[2:]), ".x.crop")
+    if g.needs(1):
+        attrs = {"kernel": tuple(w.shape[2:]), **window}
+        grads[1] = g.emit("conv_grad_weight", [dy, x], attrs, suffix=".weight")
+    if len(g.node.inputs) > 2:
+        grads.append(bias_grad(g, dy) if g.needs(2) else None)
+    return grads
+
+
+@gradient("avgpool")
+def _avgpool(g: GradContext):
+    # dx: each window spreads dy / (its divisor) over its taps: dy times the reciprocal
+    # divisors (a constant), then a depthwise transposed convolution by ones (by 1/divisor
+    # when every window has the same one), which adds each window's share into the padded
+    # input; the pads crop the start, and the end is cut (or, where floor mode's windows
+    # end early, zero-extended) to x's size.
+    from cnnc.backends.kernels import _avg_counts
+
+    x, dy = g.x(), g.dy()
+    a = g.attrs
+    kernel, stride, dilation, pads = a["kernel"], a["stride"], a["dilation"], a["pads"]
+    rank = len(kernel)
+    spatial, out = tuple(x.shape[2:]), tuple(dy.shape[2:])
+    counts = [
+        _avg_counts(
+            spatial[i],
+            out[i],
+            kernel[i],
+            stride[i],
+            dilation[i],
+            pads[i],
+            pads[i + rank],
+            a["count_include_pad"],
+        ).astype(np.float64)
+        for i in range(rank)
+    ]
+    divisor = counts[0] if rank == 1 else np.outer(counts[0], counts[1])
+    channels = x.shape[1]
+    if np.all(divisor == divisor.flat[0]):
+        # one divisor for every window (the usual case): it goes into the weights
+        share, weight = dy, np.full((channels, 1, *kernel), 1.0 / divisor.flat[0])
+    else:
+        reciprocal = g.constant(1.0 / divisor[None, None], ".share")
+        share = g.emit("mul", [dy, reciprocal], suffix=".share")
+        weight = np.ones((channels, 1, *kernel))
+    ones = g.constant(weight, ".ones")
+    attrs = {
+        "stride": tuple(stride),
+        "pads": (*pads[:rank], *(0,) * rank),
+        "dilation": tuple(dilation),
+        "groups": channels,
+        "output_pad": (0,) * rank,
+    }
+    spread = g.emit("conv_transpose", [share, ones], attrs, suffix=".spread")
+    return [_crop_to(g, spread, spatial, "")]
+
+
+@gradient("global_maxpool")
+def _global_maxpool(g: GradContext):
+    spatial = tuple(g.x().shape[2:])
+    attrs = {
+        "kernel": spatial,
+        "stride": spatial,
+        "pads": (0,) * (2 * len(spatial)),
+        "dilation": (1,) * len(spatial),
+        "ceil": False,
+    }
+    return [g.emit("maxpool_grad", [g.x(), g.dy()], attrs)]
+
+
+def _axis_matmul(g: GradContext, dy, matrices: list[np.ndarray]):
+    """dy multiplied along each spatial axis by the transpose of the forward op's matrix
+    [out, in] of that axis."""
+    consts = [
+        g.constant(np.ascontiguousarray(m.T), f".m{i}", like=dy) for i, m in enumerate(matrices)
+    ]
+    return g.emit("axis_matmul", [dy, *consts])
+
+
+@gradient("adaptive_avgpool")
+def _adaptive_avgpool(g: GradContext):
+    from cnnc.ops.pool import adaptive_windows
+
+    matrices = []
+    for size, out in zip(g.x().shape[2:], g.attrs["size"], strict=True):
+        starts, stops = adaptive_windows(size, out)
+        columns = np.arange(size)
+        inside = (columns >= starts[:, None]) & (columns < stops[:, None])
+        matrices.append(inside / (stops - starts)[:, None])
+    return [_axis_matmul(g, g.dy(), matrices)]
+
+
+@gradient("adaptive_maxpool")
+def _adaptive_maxpool(g: GradContext):
+    return [g.emit("adaptive_maxpool_grad", [g.x(), g.dy()], {"size": tuple(g.attrs["size"])})]
+
+
+@gradient("upsample")
+def _upsample(g: GradContext):
+    from cnnc.ops.resize import NEAREST_MODES, linear_taps, nearest_indices, upsample_sizes
+
+    a = g.attrs
+    spatial = tuple(g.x().shape[2:])
+    rank = len(spatial)
+    matrices = []
+    for i, (size, out) in enumerate(zip(spatial, upsample_sizes(spatial, a), strict=True)):
+        scale = a["scales"][i] if a["scales"] is not None else None
+        m = np.zeros((out, size))
+        rows = np.arange(out)
+        if a["mode"] in NEAREST_MODES:
+            m[rows, nearest_indices(size, out, scale, a["mode"], rank)] = 1.0
+        else:
+            # the float32 weights of the forward kernels (PyTorch's), exactly
+            first, second, w0, w1 = linear_taps(size, out, scale, a["align_corners"])
+            np.add.at(m, (rows, first), w0.astype(np.float64))
+            np.add.at(m, (rows, second), w1.astype(np.float64))
+        matrices.append(m)
+    return [_axis_matmul(g, g.dy(), matrices)]
+
+
+@gradient("pad")
+def _pad(g: GradContext):
+    a = g.attrs
+    pads = tuple(a["pads"])
+    if a["mode"] == "constant":
+        # the padding's values are constants; cropping what was added (and zeros where a
+        # negative amount cropped) is a pad by the opposite amounts
+        attrs = {"pads": tuple(-p for p in pads), "mode": "constant", "value": 0.0}
+        return [g.emit("pad", [g.dy()], attrs)]
+    rank = len(pads) // 2
+    mode = {"reflect": "reflect", "edge": "edge"}[a["mode"]]
+    matrices = [
+        np.pad(np.eye(size), ((pads[i], pads[i + rank]), (0, 0)), mode=mode)
+        for i, size in enumerate(g.x().shape[2:])
+    ]
+    return [_axis_matmul(g, g.dy(), matrices)]
+
+
+@gradient("crop")
+def _crop(g: GradContext):
+    x, dy = g.x(0), g.dy()
+    offset = tuple(g.attrs["offset"])
+    ends = tuple(s - o - d for s, o, d in zip(x.shape[2:], offset, dy.shape[2:], strict=True))
+    attrs = {"pads": (*offset, *ends), "mode": "constant", "value": 0.0}
+    # the reference gives only its size: no gradient
+    return [g.emit("pad", [dy], attrs), None]
+
+
+@gradient("slice")
+def _slice(g: GradContext):
+    a = g.attrs
+    size = g.x().shape[a["axis"]]
+    start, stop, _ = slice(a["start"], a["end"]).indices(size)
+    attrs = {"axis": a["axis"], "start": start, "stop": stop, "size": size}
+    return [g.emit("slice_grad", [g.dy()], attrs)]
+
+
+@gradient("split")
+def _split(g: GradContext):
+    # an unused part has no gradient: zeros in its place
+    parts = [g.dy_or_zeros(i) for i in range(len(g.node.outputs))]
+    return [g.emit("concat", parts) if len(parts) > 1 else parts[0]]
+
+
+@gradient("concat")
+def _concat(g: GradContext):
+    dy, grads, start = g.dy(), [], 0
+    for i, v in enumerate(g.node.inputs):
+        stop = start + v.shape[1]
+        if g.needs(i):
+            attrs = {"axis": 1, "start": start, "end": stop}
+            grads.append(g.emit("slice", [dy], attrs, suffix=f".{i}"))
+        else:
+            grads.append(None)
+        start = stop
+    return grads
