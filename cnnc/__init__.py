@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from cnnc.api import Model, compile, load, parse, read_input
+from cnnc.api import Model, compile, evaluate, fit, load, parse, read_input
 from cnnc.errors import CnncError
 from cnnc.limits import Limits
 
@@ -18,6 +18,8 @@ __all__ = [
     "Model",
     "__version__",
     "compile",
+    "evaluate",
+    "fit",
     "load",
     "parse",
     "read_input",
