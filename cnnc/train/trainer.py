@@ -271,7 +271,7 @@ class Trainer:
         state = step.state
         loss = float(outputs[len(state)])
         if not np.isfinite(loss):
-            raise TrainingError(f"the loss became {loss}")
+            raise TrainingError(f"the loss became {'NaN' if np.isnan(loss) else 'infinite'}")
         for name, value in zip(state, outputs, strict=False):
             if name in step.params and not np.isfinite(value).all():
                 raise TrainingError(f"the update made {name} NaN or infinite")
