@@ -413,3 +413,30 @@ def test_digits_without_scikit_learn_names_the_extra(tiny, tmp_path, capsys, mon
 def test_eval_needs_weights(tiny, capsys):
     assert main(["eval", str(tiny), "--data", "digits"]) == 1
     assert capsys.readouterr().err.splitlines()[0] == "error: evaluation needs trained weights"
+
+
+def test_training_from_a_weights_file_continues_its_batch_counters(tiny, tmp_path):
+    first, second = tmp_path / "1.npz", tmp_path / "2.npz"
+    data = small_data(100)
+    a = cnnc.fit(tiny, data, first, epochs=1, batch=25, val_split=0)
+    b = cnnc.fit(tiny, data, second, epochs=1, batch=25, val_split=0, weights=first)
+    assert int(a.weights["c1.bn.num_batches_tracked"]) == 4
+    assert int(b.weights["c1.bn.num_batches_tracked"]) == 8
+    assert not np.array_equal(a.weights["c1.weight"], b.weights["c1.weight"])
+
+
+def test_eval_gives_the_same_confusion_in_both_backends(tiny, tmp_path):
+    out = tmp_path / "w.npz"
+    cnnc.fit(tiny, "digits", out, epochs=1, lr=0.01)
+    ours = cnnc.evaluate(tiny, "digits", weights=out, backend="numpy")
+    theirs = cnnc.evaluate(tiny, "digits", weights=out, backend="onnxruntime")
+    assert ours.count == 359
+    assert np.array_equal(ours.confusion, theirs.confusion)
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_train_and_eval_have_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert f"examples:\n  cnnc {command} " in capsys.readouterr().out
