@@ -99,7 +99,9 @@ class TrainingStep:
         out = {}
         for m in self.masks:
             keep = rng.random((batch, *m.per_item)) >= m.p
-            out[m.name] = (keep / (1.0 - m.p)).astype(np.float32)
+            # p = 1 (a drop_path may drop always) gives zeros, as torchvision's StochasticDepth
+            scale = 1.0 / (1.0 - m.p) if m.p < 1 else 0.0
+            out[m.name] = (keep * scale).astype(np.float32)
         return out
 
 
@@ -287,6 +289,11 @@ def build_step(
     )
 
 
+def _drop_probability(node: Node) -> float:
+    """A dropout's probability (attribute ratio) or a drop_path's (attribute p)."""
+    return node.attrs["ratio"] if node.op == "dropout" else node.attrs["p"]
+
+
 def training_forward(
     forward: Graph, step: Graph, vmap: dict[int, Value]
 ) -> tuple[list[Node], dict[str, Value], list[Mask]]:
@@ -310,12 +317,12 @@ def training_forward(
             )
             running[node.inputs[3].name] = made.outputs[3]
             running[node.inputs[4].name] = made.outputs[4]
-        elif node.op in ("dropout", "drop_path") and node.attrs.get("ratio", 0) > 0:
+        elif node.op in ("dropout", "drop_path") and _drop_probability(node) > 0:
             x = inputs[0]
             per_item = tuple(x.shape[1:]) if node.op == "dropout" else (1,) * (x.type.rank - 1)
             mask_name = step.unique_name(f"{node.name}.mask")
             mask = step.add_input(mask_name, x.type.with_shape((x.shape[0], *per_item)))
-            masks.append(Mask(mask_name, node.attrs["ratio"], per_item))
+            masks.append(Mask(mask_name, _drop_probability(node), per_item))
             made = step.add_node(
                 "mul", [x, mask], name=node.name, loc=node.loc, output_names=[node.output.name]
             )
