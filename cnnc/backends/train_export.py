@@ -526,3 +526,69 @@ def _adam_update(e: Emitter, node: Node) -> None:
     size = ops("Div", [lr, bc1], "step_size")
     update = ops("Div", [ops("Mul", [size, m2], "scaled_m"), denom], "update")
     ops("Sub", [p, update], new_param)
+
+
+# ---- the training step as a model --------------------------------------------------------------
+
+
+def describe_step(step) -> str:
+    """What the exported step's inputs and outputs hold, in order (the model's doc string)."""
+    o = step.optimizer
+    if o.kind == "sgd":
+        settings = f"momentum {o.momentum:g}" + (", nesterov" if o.nesterov else "")
+        settings += f", dampening {o.dampening:g}" if o.dampening else ""
+    else:
+        settings = f"betas {o.betas[0]:g},{o.betas[1]:g}, eps {o.eps:g}"
+    settings += f", weight decay {o.weight_decay:g}" if o.weight_decay else ""
+    inputs = [
+        f"{len(step.params)} parameters",
+        *([f"{len(step.statistics)} running statistics"] if step.statistics else []),
+        *([f"{len(step.optimizer_state)} optimizer state tensors"] if step.optimizer_state else []),
+        *step.data,
+        step.target,
+        step.lr,
+        *(m.name for m in step.masks),
+    ]
+    outputs = [v.name for v in step.graph.outputs[len(step.state) :]]
+    return (
+        f"one training step of network {step.forward.name}: {step.loss} loss, "
+        f"{o.kind} ({settings}); inputs: {', '.join(inputs)}; outputs: the new value of "
+        f"each state input (<name>.new, in the inputs' order), then {', '.join(outputs)}"
+    )
+
+
+def _annotate(model, step) -> None:
+    from cnnc import __version__
+
+    model.doc_string = f"{describe_step(step)}; compiled by cnnc {__version__}"
+    helper.set_model_props(
+        model,
+        {
+            "cnnc.train.state": ",".join(step.state),
+            "cnnc.train.loss": step.loss,
+            "cnnc.train.optimizer": step.optimizer.kind,
+        },
+    )
+
+
+def step_to_onnx(step, opset: int | None = None, inline_functions: bool = False):
+    """The ONNX model of a training step (not yet checked; :func:`write_step` checks)."""
+    from cnnc.backends.onnx_export import DEFAULT_OPSET, to_onnx
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_training_opset(opset)
+    model = to_onnx(step.graph, opset, inline_functions)
+    _annotate(model, step)
+    return model
+
+
+def write_step(step, path, opset: int | None = None, inline_functions: bool = False):
+    """Check a training step's ONNX model (full_check) and write it to ``path``
+    atomically; returns the files written."""
+    from cnnc.backends.onnx_export import DEFAULT_OPSET, skeleton, write
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_training_opset(opset)
+    model, tensors = skeleton(step.graph, opset, inline_functions)
+    _annotate(model, step)
+    return write(model, tensors, path)

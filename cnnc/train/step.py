@@ -94,6 +94,48 @@ class TrainingStep:
             for name in self.optimizer_state
         }
 
+    def initial_state(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Every state input's starting value by name: the forward graph's parameters where
+        they have data (loaded weights), else seeded initial ones (PyTorch's for batch norm:
+        scale 1, shift 0, running mean 0 and variance 1); zero optimizer state."""
+        from cnnc.weights import initial_value
+
+        bn = {id(n.inputs[i]): i for n in self.forward.nodes if n.op == "bn" for i in (1, 2, 3, 4)}
+        state = {}
+        for name in [*self.params, *self.statistics]:
+            p = self.forward.params[name]
+            if p.has_data:
+                state[name] = np.asarray(p.data)
+            elif id(p) in bn:
+                fill = 1.0 if bn[id(p)] in (1, 4) else 0.0
+                state[name] = np.full(p.shape, fill, p.type.numpy_dtype)
+            else:
+                state[name] = initial_value(p, seed)
+        state.update(self.initial_optimizer_state())
+        return state
+
+    def to_onnx(self, path=None, opset: int | None = None, inline_functions: bool = False):
+        """The step as an ONNX model of standard ops (opset 16 or newer, 17 by default);
+        with ``path``, also check it and write it there atomically."""
+        from cnnc.backends.train_export import step_to_onnx, write_step
+
+        if path is not None:
+            write_step(self, path, opset, inline_functions)
+        return step_to_onnx(self, opset, inline_functions)
+
+    def write_onnx(self, path, opset: int | None = None, inline_functions: bool = False):
+        """Check the step's ONNX model and write it to ``path`` atomically; returns the
+        files written."""
+        from cnnc.backends.train_export import write_step
+
+        return write_step(self, path, opset, inline_functions)
+
+    def dump(self) -> str:
+        """The IR listing of the step's graph."""
+        from cnnc.ir.printer import dump
+
+        return dump(self.graph)
+
     def draw_masks(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One dropout mask per active dropout for a batch of ``batch`` items."""
         out = {}
