@@ -371,3 +371,88 @@ def test_three_steps_in_onnxruntime_lower_the_loss():
         feeds.update(zip(step.state, out, strict=False))
     assert feeds["optimizer.step"] == 3
     assert losses[0] > losses[1] > losses[2], losses
+
+
+# ---- command line and API ---------------------------------------------------------------------
+
+LENET_PATH = Path(__file__).parent.parent / "examples" / "lenet5.cnn"
+
+
+def test_compile_train_writes_a_step_that_trains_in_onnxruntime(tmp_path, capsys):
+    import cnnc
+    from cnnc.cli import main
+
+    out = tmp_path / "step.onnx"
+    flags = ["--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "--weight-decay", "1e-4"]
+    assert main(["compile", str(LENET_PATH), "--train", "-o", str(out), *flags]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith(f"wrote {out} (") and "61,706 trained values" in report
+    assert "sgd (momentum 0.9, nesterov, weight decay 0.0001)" in report
+    onnx.checker.check_model(str(out), full_check=True)
+    model = onnx.load(str(out))
+    assert model.opset_import[0].version == 17
+    optimizer = Optimizer("sgd", momentum=0.9, nesterov=True, weight_decay=1e-4)
+    step = cnnc.training_step(LENET_PATH, optimizer=optimizer)
+    session = ort_session(model)
+    assert [i.name for i in session.get_inputs()] == [v.name for v in step.graph.inputs]
+    assert [o.name for o in session.get_outputs()] == [v.name for v in step.graph.outputs]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["cnnc.train.state"].split(",") == step.state
+    rng = np.random.default_rng(12)
+    feeds = {
+        **step.initial_state(seed=3),
+        "image": _f((5, 1, 28, 28), rng),
+        "labels": rng.integers(0, 10, 5),
+        "lr": np.array(0.01, np.float32),
+    }
+    theirs = session.run(None, feeds)
+    ours = Interpreter(step.graph).run(*[feeds[v.name] for v in step.graph.inputs])
+    _assert_step_agrees(step, ours, theirs)
+
+
+def test_compile_train_refuses_what_does_not_apply(tmp_path, capsys):
+    from cnnc.cli import main
+
+    out = tmp_path / "step.onnx"
+    cases = [
+        (["--train", "--opset", "15"], "needs ONNX opset 16 or newer"),
+        (
+            ["--train", "--weights", str(tmp_path / "w.npz")],
+            "--weights does not apply with --train",
+        ),
+        (["--train", "--optimizer", "adam", "--momentum", "0.9"], "--momentum does not apply"),
+        (["--momentum", "0.9"], "--momentum applies to a training step"),
+    ]
+    for flags, message in cases:
+        assert main(["compile", str(LENET_PATH), "-o", str(out), *flags]) == 1
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err, flags
+        assert not out.exists()
+
+
+def test_dump_train_prints_the_step(capsys):
+    from cnnc.cli import main
+
+    assert main(["dump", str(LENET_PATH), "--train", "--optimizer", "adamw"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("network lenet5_train  (-O1: remove-identity, dce)")
+    assert text.count("= adamw_update(") == 10
+    assert "conv_grad_weight(%image, %c1.relu.grad)" in text
+
+
+def test_training_step_is_built_before_passes_and_cleaned_up_after():
+    import cnnc
+
+    source = "network n(x: 3x8x8) { conv(4, 3) -> relu -> dropout(0) -> gap -> fc(5) }"
+    cleaned = cnnc.training_step(source)
+    kept = cnnc.training_step(source, clean_up=False)
+    ops = [n.op for n in kept.graph.nodes]
+    assert "dropout" in ops and "dropout" not in [n.op for n in cleaned.graph.nodes]
+    # fuse-conv-act never ran: the relu is its own node, whose gradient needs its input
+    assert "relu" in ops and "activation_grad" in ops
+    feeds = {**cleaned.initial_state(), "x": np.ones((2, 3, 8, 8), np.float32)}
+    feeds.update({"labels": np.array([1, 4]), "lr": np.array(0.1, np.float32)})
+    before = Interpreter(kept.graph).run(*[feeds[v.name] for v in kept.graph.inputs])
+    after = Interpreter(cleaned.graph).run(*[feeds[v.name] for v in cleaned.graph.inputs])
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
