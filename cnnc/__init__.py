@@ -8,14 +8,17 @@
 
 __version__ = "0.1.0"
 
-from cnnc.api import Model, compile, evaluate, fit, load, parse, read_input
+from cnnc.api import Model, compile, evaluate, fit, load, parse, read_input, training_step
 from cnnc.errors import CnncError
 from cnnc.limits import Limits
+from cnnc.train.step import Optimizer, TrainingStep
 
 __all__ = [
     "CnncError",
     "Limits",
     "Model",
+    "Optimizer",
+    "TrainingStep",
     "__version__",
     "compile",
     "evaluate",
@@ -23,4 +26,5 @@ __all__ = [
     "load",
     "parse",
     "read_input",
+    "training_step",
 ]

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from cnnc.backends.interpreter import Interpreter
     from cnnc.passes.manager import Options as PassOptions
     from cnnc.train.evaluate import Evaluation
-    from cnnc.train.step import Optimizer
+    from cnnc.train.step import Optimizer, TrainingStep
     from cnnc.train.trainer import Epoch, Progress, TrainResult
 
 BACKENDS = ("numpy", "onnxruntime")
@@ -544,3 +544,62 @@ def evaluate(
         model = load(model, weights=weights, network=network)
     names = {"val": "validation", "train": "training", "all": "all"}
     return run_evaluation(model, dataset, names[split], backend)
+
+
+# The passes a training step runs (unless clean_up=False, or -O0): they remove what
+# computes nothing, never rewrite arithmetic (fold-bn and fuse-conv-act do not apply to a
+# network in training, whose step is built from the graph before any pass).
+TRAINING_CLEAN_UPS = ["remove-identity", "dce"]
+
+
+def training_step(
+    source: str | Path,
+    *,
+    optimizer: str | Optimizer | None = None,
+    loss: str | None = None,
+    network: str | None = None,
+    weights: str | Path | None = None,
+    allow_nonfinite: bool = False,
+    clean_up: bool = True,
+    pass_options: PassOptions | None = None,
+    limits: Limits | Mapping[str, int] | None = None,
+) -> TrainingStep:
+    """The graph of one training step of a program's network (see
+    :mod:`cnnc.train.step`): its inputs the parameters, the running statistics, the
+    optimizer's state, a batch, its labels (or targets) and the learning rate; its outputs
+    the new value of each state input, the loss and the network's output.
+
+    ``optimizer``: ``"sgd"``, ``"adam"``, ``"adamw"`` or a :class:`cnnc.Optimizer` (default
+    plain SGD); ``loss``: ``"cross_entropy"`` or ``"mse"`` (default: cross-entropy for a
+    classifier). The step is built from the network as lowered, before any optimization
+    pass; then the clean-ups remove-identity and dce run on it unless ``clean_up`` is
+    False. ``weights`` (an .npz file) gives :meth:`TrainingStep.initial_state` its
+    starting parameters. ``step.to_onnx(path)`` writes the step as an ONNX model that
+    trains in onnxruntime (README, "The training step in ONNX")."""
+    from cnnc.passes.manager import run_passes
+    from cnnc.train.step import Optimizer as Opt
+    from cnnc.train.step import build_step
+
+    limits = limits_mod.coerce(limits)
+    if isinstance(optimizer, str):
+        optimizer = Opt(optimizer)
+    with limits_mod.using(limits), _gc_paused():
+        if _is_path(source):
+            path = Path(source)
+            if path.suffix.lower() == ".onnx":
+                raise UsageError(
+                    "a training step is built from a program (.cnn), not from an ONNX model",
+                    str(path),
+                    hint="write the network as a program (cnnc import MODEL.onnx does)",
+                )
+            program = _parse(_read_text(path), str(source))
+        else:
+            program = _parse(str(source))
+        forward = lower(program, network)
+        if weights is not None:
+            weights_mod.load(forward, weights, allow_nonfinite)
+        step = build_step(forward, loss=loss, optimizer=optimizer)
+        if clean_up:
+            run_passes(step.graph, TRAINING_CLEAN_UPS, pass_options)
+            step.graph.opt_level = "-O1"
+    return step

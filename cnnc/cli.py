@@ -28,7 +28,8 @@ EXAMPLES = {
     "compile": """examples:
   cnnc compile examples/lenet5.cnn                 # writes examples/lenet5.onnx
   cnnc compile examples/vgg16.cnn -o vgg16.onnx --opset 13
-  cnnc compile model.cnn --weights trained.npz -o model.onnx""",
+  cnnc compile model.cnn --weights trained.npz -o model.onnx
+  cnnc compile examples/lenet5.cnn --train -o step.onnx --optimizer sgd --momentum 0.9""",
     "run": """examples:
   cnnc run examples/lenet5.cnn                     # random weights, random input
   cnnc run lenet5.onnx --backend onnxruntime --batch 4
@@ -37,7 +38,8 @@ EXAMPLES = {
   cnnc run two_inputs.cnn --input image=x.npy --input mask=m.npy -o outputs.npz""",
     "dump": """examples:
   cnnc dump examples/lenet5.cnn
-  cnnc dump lenet5.onnx""",
+  cnnc dump lenet5.onnx
+  cnnc dump examples/lenet5.cnn --train --optimizer adamw   # the graph of one training step""",
     "summary": """examples:
   cnnc summary examples/vgg16.cnn
   cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write fused ops as their standard ONNX ops instead of model-local functions",
     )
+    _add_train_arguments(
+        p, "write the graph of one training step instead (default output MODEL.train.onnx)"
+    )
 
     p = command("run", "run a program or an ONNX model on an input")
     _model_args(p)
@@ -220,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dump", "print the IR of a program or an ONNX model")
     _model_args(p)
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
+    _add_train_arguments(p, "print the graph of one training step instead")
 
     p = command("import", "write an ONNX model as a program and a weights file")
     p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to import")
@@ -430,6 +436,91 @@ def _optimizer_from_args(args) -> Optimizer:
     )
 
 
+def _add_train_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--train, --loss and the optimizer's options (compile --train, dump --train)."""
+    p.add_argument("--train", action="store_true", help=what)
+    p.add_argument(
+        "--loss",
+        choices=("cross_entropy", "mse"),
+        default=None,
+        help="with --train: the loss (default cross_entropy for a classifier, else mse)",
+    )
+    _add_optimizer_arguments(p)
+
+
+def _refuse_train_options(args) -> None:
+    """Without --train, the options of a training step are a UsageError (not ignored)."""
+    given = [
+        flag
+        for flag, value in (
+            ("--loss", args.loss is not None),
+            ("--momentum", args.momentum is not None),
+            ("--dampening", args.dampening is not None),
+            ("--nesterov", args.nesterov),
+            ("--weight-decay", args.weight_decay != 0),
+            ("--betas", args.betas is not None),
+            ("--eps", args.eps is not None),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(f"{', '.join(given)} applies to a training step", hint="add --train")
+
+
+def _training_step(args):
+    """The training step of the program ``args.model`` (compile --train, dump --train):
+    built from the network as lowered, then remove-identity and dce unless -O0."""
+    given = [
+        flag
+        for flag, value in (
+            ("--weights", args.weights is not None),
+            ("--passes", args.passes is not None),
+            ("--fully-conv", args.fully_conv),
+            ("--verify-each", args.verify_each),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --train",
+            hint="the training step takes the weights as inputs at run time and is built "
+            "before any optimization pass; -O0 leaves out its clean-ups (remove-identity, dce)",
+        )
+    options = PassOptions(
+        print_after=set(args.print_ir_after),
+        print_after_all=args.print_ir_after_all,
+        stop_after=getattr(args, "after", None),
+        printer=lambda text: print(text, file=sys.stderr),
+    )
+    return cnnc.training_step(
+        args.model,
+        optimizer=_optimizer_from_args(args),
+        loss=args.loss,
+        network=args.network,
+        clean_up=args.opt_level > 0,
+        pass_options=options,
+        limits=parse_option(args.limit),
+    )
+
+
+def _compile_train(args) -> None:
+    from cnnc.backends.train_export import check_training_opset, describe_step
+
+    if args.opset is not None:
+        check_training_opset(args.opset)
+    out = output.target(args.output or Path(args.model).with_suffix(".train.onnx"))
+    step = _training_step(args)
+    written = step.write_onnx(out.shown, opset=args.opset, inline_functions=args.inline_functions)
+    size = ""
+    if not out.through:
+        total = sum(path.stat().st_size for path in written)
+        size = f"{total / 1e6:,.1f} MB, " if total >= 100_000 else f"{total / 1e3:,.1f} kB, "
+    values = sum(step.forward.params[n].type.numel() for n in step.params)
+    report = sys.stderr if out.is_stdout else sys.stdout
+    print(f"wrote {out.name} ({size}{values:,} trained values)", file=report)
+    print(describe_step(step), file=report)
+
+
 def _size(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.lower().split("x"))
@@ -474,6 +565,10 @@ def _load(args, notice: bool = True) -> cnnc.Model:
 
 
 def cmd_compile(args) -> None:
+    if args.train:
+        _compile_train(args)
+        return
+    _refuse_train_options(args)
     if Path(args.model).suffix.lower() == ".onnx" and args.output is None:
         raise UsageError("compiling an ONNX model needs -o OUT.onnx (it would overwrite its input)")
     out = output.target(args.output or Path(args.model).with_suffix(".onnx"))
@@ -652,6 +747,10 @@ def _explain_disagreement(model, xs: list[np.ndarray], out=None) -> None:
 
 
 def cmd_dump(args) -> None:
+    if args.train:
+        print(_training_step(args).dump(), end="")
+        return
+    _refuse_train_options(args)
     print(_load(args, notice=False).dump(), end="")
 
 
