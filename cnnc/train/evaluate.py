@@ -23,10 +23,12 @@ class Evaluation:
 
     @property
     def count(self) -> int:
+        """How many items were classified."""
         return int(self.confusion.sum())
 
     @property
     def accuracy(self) -> float:
+        """The fraction classified right."""
         return float(np.trace(self.confusion) / max(1, self.count))
 
     @property
