@@ -454,3 +454,19 @@ def test_train_and_eval_have_help_with_examples(command, capsys):
         main([command, "--help"])
     assert done.value.code == 0
     assert f"examples:\n  cnnc {command} " in capsys.readouterr().out
+
+
+def test_the_progress_bar_redraws_one_line_and_clears_it():
+    import io
+
+    from cnnc.cli import _Bar
+    from cnnc.train.trainer import Progress
+
+    stream = io.StringIO()
+    bar = _Bar(stream)
+    bar(Progress(2, 10, 45, 45, 0.12345, 0.9712, 1234.5))
+    assert stream.getvalue() == (
+        "\repoch 2/10 [####################] 45/45  loss 0.1235  acc 97.12%  1,234 img/s"
+    )
+    bar.clear()
+    assert stream.getvalue().endswith("\r" + " " * 77 + "\r")
