@@ -482,6 +482,13 @@ def fit(
     from cnnc.train.step import Optimizer as Opt
     from cnnc.train.trainer import Trainer
 
+    if _is_path(source) and Path(source).suffix.lower() == ".onnx":
+        raise UsageError(
+            "cnnc trains a program (.cnn), not an ONNX model",
+            str(source),
+            hint="write the network as a program and its weights as a file "
+            "(cnnc import MODEL.onnx does), then train it with --weights",
+        )
     limits = limits_mod.coerce(limits)
     dataset = load_data(data)
     graph = _lowered(source, network, limits)

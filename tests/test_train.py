@@ -470,3 +470,14 @@ def test_the_progress_bar_redraws_one_line_and_clears_it():
     )
     bar.clear()
     assert stream.getvalue().endswith("\r" + " " * 77 + "\r")
+
+
+def test_an_onnx_model_is_refused_with_the_way_to_train_it(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read")
+    assert main(["train", str(model), "--data", "digits", "-o", str(tmp_path / "w.npz")]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{model}: error: cnnc trains a program (.cnn), not an ONNX model",
+        "hint: write the network as a program and its weights as a file (cnnc import "
+        "MODEL.onnx does), then train it with --weights",
+    ]
