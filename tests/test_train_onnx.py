@@ -88,6 +88,10 @@ CONVS = [
     ("3x17", "conv(4, 3, stride=2, dilation=2, pad=(2, 1))"),
     ("4x8x8", "conv(4, 3, stride=2, pad=1, groups=4)"),
     ("6x12x7", "conv(6, (3, 2), stride=(2, 3), groups=3)"),
+    # kernels of more than 9 taps take the other form (a Conv by dy)
+    ("4x13x12", "conv(6, 5, stride=2, dilation=(1, 2), pad=(2, 0, 1, 3), groups=2)"),
+    ("3x30", "conv(4, 11, stride=3, pad=(4, 2))"),
+    ("3x9x9", "conv(3, (2, 5), groups=3)"),
 ]
 
 
