@@ -230,8 +230,6 @@ class Trainer:
             self.counters = {n: 0 for n in counters.values()}
         self._counter_after = counters
         self.state.update(self.step.initial_optimizer_state())
-        if "optimizer.step" in self.state:
-            self.state["optimizer.step"] = np.zeros((), np.float32)
         self._run_step = _Runner(self.step.graph, backend)
         self._forward = None
         self._mask_rng = np.random.default_rng([seed, 1])
