@@ -314,11 +314,34 @@ def bad_cases(tmp_path):
             _savez(d / "i.npz", inputs=x),
             "i.npz: error: the data file has no array x and no array y (it holds inputs)",
         ),
+        "a header that claims more than the file holds": (
+            _lying_header(d / "k.npz", y),
+            "k.npz: error: cannot read the data file: x cannot be read: its header declares "
+            "shape [1000000000, 1, 8, 8] of float32 (256,000,000,000 bytes), but only 256 "
+            "bytes of data follow",
+        ),
         "non-finite inputs": (
             write_data(d / "j.npz", np.where(rows == 2, np.float32(np.nan), x), y),
             "j.npz: error: x holds 64 NaN or infinite values",
         ),
     }
+
+
+def _lying_header(path, y):
+    """An .npz whose x claims 10⁹ images of 1×8×8 in 256 bytes of data."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**9, 1, 8, 8)}
+    np.lib.format.write_array_header_1_0(member, header)
+    member.write(b"\0" * 256)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", member.getvalue())
+        buffer = io.BytesIO()
+        np.save(buffer, y)
+        archive.writestr("y.npy", buffer.getvalue())
+    return path
 
 
 def _savez(path, **arrays):
@@ -335,6 +358,7 @@ CASES = [
     "one-hot labels",
     "rows that do not pair",
     "no labels",
+    "a header that claims more than the file holds",
     "non-finite inputs",
 ]
 
