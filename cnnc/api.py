@@ -20,12 +20,15 @@ from cnnc.ir.graph import Graph
 from cnnc.limits import Limits
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     import onnx
 
     from cnnc.backends.interpreter import Interpreter
     from cnnc.passes.manager import Options as PassOptions
+    from cnnc.train.evaluate import Evaluation
+    from cnnc.train.step import Optimizer, TrainingStep
+    from cnnc.train.trainer import Epoch, Progress, TrainResult
 
 BACKENDS = ("numpy", "onnxruntime")
 
@@ -436,3 +439,174 @@ def read_input(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
             raise InputError(f"cannot read the input file: {e}", str(path), hint=hint) from None
         except MemoryError:
             raise InputError("out of memory while reading the input", str(path)) from None
+
+
+def _lowered(source: str | Path, network: str | None, limits: Limits) -> Graph:
+    """The graph of a program as lowering makes it, before any pass and with no weights."""
+    with limits_mod.using(limits), _gc_paused():
+        if _is_path(source):
+            program = _parse(_read_text(Path(source)), str(source))
+        else:
+            program = _parse(str(source))
+        return lower(program, network)
+
+
+def fit(
+    source: str | Path,
+    data: str | Path | tuple[np.ndarray, np.ndarray],
+    output: str | Path | None = None,
+    *,
+    network: str | None = None,
+    epochs: int = 10,
+    batch: int = 32,
+    optimizer: str | Optimizer = "adam",
+    lr: float | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    weights: str | Path | None = None,
+    backend: str = "numpy",
+    val_split: float = 0.2,
+    on_epoch: Callable[[Epoch], None] | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
+    limits: Limits | Mapping[str, int] | None = None,
+) -> TrainResult:
+    """Train a program's network on ``data`` (``"digits"``, an .npz file of ``x`` and
+    ``y``, or a pair of arrays) and return the learned tensors with each epoch's
+    figures; with ``output``, the tensors are also written there (atomically) after
+    every epoch. ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a
+    :class:`cnnc.train.step.Optimizer` (momentum, Nesterov, weight decay, betas);
+    ``lr`` defaults to 0.01 for SGD and 0.001 for Adam and AdamW. The README's
+    "Training" section gives every rule (split, shuffling, initialisation, errors)."""
+    from cnnc.data import load as load_data
+    from cnnc.train.step import Optimizer as Opt
+    from cnnc.train.trainer import Trainer
+
+    if _is_path(source) and Path(source).suffix.lower() == ".onnx":
+        raise UsageError(
+            "cnnc trains a program (.cnn), not an ONNX model",
+            str(source),
+            hint="write the network as a program and its weights as a file "
+            "(cnnc import MODEL.onnx does), then train it with --weights",
+        )
+    limits = limits_mod.coerce(limits)
+    dataset = load_data(data)
+    graph = _lowered(source, network, limits)
+    with limits_mod.using(limits):
+        trainer = Trainer(
+            graph,
+            optimizer=optimizer if isinstance(optimizer, Opt) else Opt(optimizer),
+            lr=lr,
+            batch=batch,
+            seed=seed,
+            shuffle=shuffle,
+            backend=backend,
+            weights=weights,
+        )
+        return trainer.fit(
+            dataset,
+            epochs=epochs,
+            val_split=val_split,
+            output_path=output,
+            on_epoch=on_epoch,
+            on_step=on_step,
+            on_start=on_start,
+        )
+
+
+SPLITS = ("val", "train", "all")
+
+
+def evaluate(
+    model: Model | str | Path,
+    data: str | Path | tuple[np.ndarray, np.ndarray],
+    *,
+    weights: str | Path | None = None,
+    split: str = "val",
+    val_split: float = 0.2,
+    backend: str = "numpy",
+    network: str | None = None,
+) -> Evaluation:
+    """Accuracy, per-class accuracy and confusion matrix of a classifier on ``data``: a
+    :class:`Model`, or a program or ONNX file compiled (optimized as usual) with
+    ``weights``. ``split`` picks the rows: ``"val"`` (the rows ``cnnc train`` held out
+    with the same ``val_split``), ``"train"`` (the others) or ``"all"``."""
+    from cnnc.data import load as load_data
+    from cnnc.data import split as split_rows
+    from cnnc.train.evaluate import evaluate as run_evaluation
+
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}", hint="val, train or all")
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    dataset = load_data(data)
+    if split != "all":
+        rows = split_rows(len(dataset), val_split)
+        dataset = dataset.rows(rows.val if split == "val" else rows.train)
+        if not len(dataset):
+            raise UsageError(f"--val-split {val_split} holds out no row to evaluate on")
+    if not isinstance(model, Model):
+        if weights is None and Path(str(model)).suffix.lower() != ".onnx":
+            raise UsageError("evaluation needs trained weights", hint="pass --weights W.npz")
+        model = load(model, weights=weights, network=network)
+    names = {"val": "validation", "train": "training", "all": "all"}
+    return run_evaluation(model, dataset, names[split], backend)
+
+
+# The passes a training step runs (unless clean_up=False, or -O0): they remove what
+# computes nothing, never rewrite arithmetic (fold-bn and fuse-conv-act do not apply to a
+# network in training, whose step is built from the graph before any pass).
+TRAINING_CLEAN_UPS = ["remove-identity", "dce"]
+
+
+def training_step(
+    source: str | Path,
+    *,
+    optimizer: str | Optimizer | None = None,
+    loss: str | None = None,
+    network: str | None = None,
+    weights: str | Path | None = None,
+    allow_nonfinite: bool = False,
+    clean_up: bool = True,
+    pass_options: PassOptions | None = None,
+    limits: Limits | Mapping[str, int] | None = None,
+) -> TrainingStep:
+    """The graph of one training step of a program's network (see
+    :mod:`cnnc.train.step`): its inputs the parameters, the running statistics, the
+    optimizer's state, a batch, its labels (or targets) and the learning rate; its outputs
+    the new value of each state input, the loss and the network's output.
+
+    ``optimizer``: ``"sgd"``, ``"adam"``, ``"adamw"`` or a :class:`cnnc.Optimizer` (default
+    plain SGD); ``loss``: ``"cross_entropy"`` or ``"mse"`` (default: cross-entropy for a
+    classifier). The step is built from the network as lowered, before any optimization
+    pass; then the clean-ups remove-identity and dce run on it unless ``clean_up`` is
+    False. ``weights`` (an .npz file) gives :meth:`TrainingStep.initial_state` its
+    starting parameters. ``step.to_onnx(path)`` writes the step as an ONNX model that
+    trains in onnxruntime (README, "The training step in ONNX")."""
+    from cnnc.passes.manager import run_passes
+    from cnnc.train.step import Optimizer as Opt
+    from cnnc.train.step import build_step
+
+    limits = limits_mod.coerce(limits)
+    if isinstance(optimizer, str):
+        optimizer = Opt(optimizer)
+    with limits_mod.using(limits), _gc_paused():
+        if _is_path(source):
+            path = Path(source)
+            if path.suffix.lower() == ".onnx":
+                raise UsageError(
+                    "a training step is built from a program (.cnn), not from an ONNX model",
+                    str(path),
+                    hint="write the network as a program (cnnc import MODEL.onnx does)",
+                )
+            program = _parse(_read_text(path), str(source))
+        else:
+            program = _parse(str(source))
+        forward = lower(program, network)
+        if weights is not None:
+            weights_mod.load(forward, weights, allow_nonfinite)
+        step = build_step(forward, loss=loss, optimizer=optimizer)
+        if clean_up:
+            run_passes(step.graph, TRAINING_CLEAN_UPS, pass_options)
+            step.graph.opt_level = "-O1"
+    return step

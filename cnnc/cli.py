@@ -22,12 +22,14 @@ from cnnc.limits import NAMES, parse_option
 from cnnc.npyfile import write_npz
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
+from cnnc.train.step import Optimizer
 
 EXAMPLES = {
     "compile": """examples:
   cnnc compile examples/lenet5.cnn                 # writes examples/lenet5.onnx
   cnnc compile examples/vgg16.cnn -o vgg16.onnx --opset 13
-  cnnc compile model.cnn --weights trained.npz -o model.onnx""",
+  cnnc compile model.cnn --weights trained.npz -o model.onnx
+  cnnc compile examples/lenet5.cnn --train -o step.onnx --optimizer sgd --momentum 0.9""",
     "run": """examples:
   cnnc run examples/lenet5.cnn                     # random weights, random input
   cnnc run lenet5.onnx --backend onnxruntime --batch 4
@@ -36,7 +38,8 @@ EXAMPLES = {
   cnnc run two_inputs.cnn --input image=x.npy --input mask=m.npy -o outputs.npz""",
     "dump": """examples:
   cnnc dump examples/lenet5.cnn
-  cnnc dump lenet5.onnx""",
+  cnnc dump lenet5.onnx
+  cnnc dump examples/lenet5.cnn --train --optimizer adamw   # the graph of one training step""",
     "summary": """examples:
   cnnc summary examples/vgg16.cnn
   cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384
@@ -51,6 +54,15 @@ EXAMPLES = {
   cnnc bench examples/vgg16.cnn --compile --repeat 3 # compile time and memory, fresh processes
   cnnc bench --scale                               # compile 1,000 to 100,000-layer networks
   cnnc bench examples/lenet5.cnn --train --batch 64 # one training step against PyTorch""",
+    "train": """examples:
+  cnnc train net.cnn --data digits -o net.npz      # Adam, lr 0.001, 10 epochs, batch 32
+  cnnc train net.cnn --data digits -o net.npz --epochs 30 --lr 0.003
+  cnnc train net.cnn --data train.npz -o w.npz --optimizer sgd --lr 0.1 --momentum 0.9
+  cnnc train net.cnn --data train.npz -o w.npz --weights w0.npz --no-shuffle --val-split 0""",
+    "eval": """examples:
+  cnnc eval net.cnn --weights net.npz --data digits          # the rows training held out
+  cnnc eval net.cnn --weights net.npz --data test.npz --split all
+  cnnc eval net.onnx --data digits --backend onnxruntime""",
 }
 
 
@@ -182,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write fused ops as their standard ONNX ops instead of model-local functions",
     )
+    _add_train_arguments(
+        p, "write the graph of one training step instead (default output MODEL.train.onnx)"
+    )
 
     p = command("run", "run a program or an ONNX model on an input")
     _model_args(p)
@@ -211,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dump", "print the IR of a program or an ONNX model")
     _model_args(p)
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
+    _add_train_arguments(p, "print the graph of one training step instead")
 
     p = command("import", "write an ONNX model as a program and a weights file")
     p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to import")
@@ -266,6 +282,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
+    p = command("train", "train a network on labelled data and write its weights")
+    p.add_argument("model", metavar="MODEL.cnn", help="the program of the network to train")
+    p.add_argument(
+        "--network", metavar="NAME", help="which network of the program (default: the last one)"
+    )
+    _data_args(p)
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="WEIGHTS.npz",
+        help="the learned weights, written (atomically) after every epoch",
+    )
+    p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
+    p.add_argument("--batch", type=int, default=32, help="items per step (default 32)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default 0.01 for sgd, else 0.001)"
+    )
+    _add_optimizer_arguments(p)
+    p.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="take the training rows in order: step k uses rows k·B to (k+1)·B−1",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial weights, the row order and dropout masks (default 0)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="INIT.npz",
+        help="start from these weights (default: seeded initial weights)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=cnnc.api.BACKENDS,
+        default="numpy",
+        help="run the training step in the NumPy interpreter (default) or onnxruntime",
+    )
+    _limit_arg(p)
+
+    p = command("eval", "accuracy, per-class accuracy and confusion matrix of a classifier")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument(
+        "--split",
+        choices=cnnc.api.SPLITS,
+        default="val",
+        help="the rows to evaluate: those `cnnc train` held out with the same --val-split "
+        "(val, the default), the others (train), or all",
+    )
+    p.add_argument(
+        "--backend",
+        choices=cnnc.api.BACKENDS,
+        default="numpy",
+        help="the NumPy interpreter (default) or onnxruntime",
+    )
+
     p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
     _model_args(p, default_level=0)
     p.add_argument(
@@ -280,6 +356,176 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --fully-conv: the size of the score map for this input size",
     )
     return parser
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE.npz|digits",
+        help="labelled data: an .npz of x (N×C×H×W or N×C×L float32) and y (N integer "
+        "labels), or digits (scikit-learn's 1,797 8×8 digits; needs cnnc[data])",
+    )
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="the fraction of rows held out for validation, the same rows on every run "
+        "(default 0.2)",
+    )
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        b1, b2 = (float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}") from None
+    return b1, b2
+
+
+def _add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
+    """The optimizer's options (torch.optim's meaning), for `train` and `compile --train`."""
+    g = p.add_argument_group("optimizer (torch.optim's meaning)")
+    g.add_argument(
+        "--optimizer", choices=("sgd", "adam", "adamw"), default="adam", help="(default adam)"
+    )
+    g.add_argument("--momentum", type=float, default=None, help="sgd's momentum (default 0)")
+    g.add_argument("--dampening", type=float, default=None, help="sgd's dampening (default 0)")
+    g.add_argument(
+        "--nesterov", action="store_true", help="sgd with Nesterov momentum (needs --momentum)"
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="L2 penalty (sgd, adam) or decoupled decay (adamw) (default 0)",
+    )
+    g.add_argument(
+        "--betas",
+        type=_pair,
+        default=None,
+        metavar="B1,B2",
+        help="Adam's moment decays (default 0.9,0.999)",
+    )
+    g.add_argument("--eps", type=float, default=None, help="Adam's epsilon (default 1e-8)")
+
+
+def _optimizer_from_args(args) -> Optimizer:
+    """The Optimizer the options name; an option of another optimizer is a UsageError."""
+    sgd = args.optimizer == "sgd"
+    wrong = [
+        flag
+        for flag, given, applies in (
+            ("--momentum", args.momentum is not None, sgd),
+            ("--dampening", args.dampening is not None, sgd),
+            ("--nesterov", args.nesterov, sgd),
+            ("--betas", args.betas is not None, not sgd),
+            ("--eps", args.eps is not None, not sgd),
+        )
+        if given and not applies
+    ]
+    if wrong:
+        raise UsageError(
+            f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to "
+            f"--optimizer {args.optimizer}",
+            hint="--momentum, --dampening and --nesterov are sgd's; --betas and --eps "
+            "are adam's and adamw's",
+        )
+    return Optimizer(
+        args.optimizer,
+        momentum=args.momentum or 0.0,
+        dampening=args.dampening or 0.0,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        betas=args.betas or (0.9, 0.999),
+        eps=1e-8 if args.eps is None else args.eps,
+    )
+
+
+def _add_train_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--train, --loss and the optimizer's options (compile --train, dump --train)."""
+    p.add_argument("--train", action="store_true", help=what)
+    p.add_argument(
+        "--loss",
+        choices=("cross_entropy", "mse"),
+        default=None,
+        help="with --train: the loss (default cross_entropy for a classifier, else mse)",
+    )
+    _add_optimizer_arguments(p)
+
+
+def _refuse_train_options(args) -> None:
+    """Without --train, the options of a training step are a UsageError (not ignored)."""
+    given = [
+        flag
+        for flag, value in (
+            ("--loss", args.loss is not None),
+            ("--momentum", args.momentum is not None),
+            ("--dampening", args.dampening is not None),
+            ("--nesterov", args.nesterov),
+            ("--weight-decay", args.weight_decay != 0),
+            ("--betas", args.betas is not None),
+            ("--eps", args.eps is not None),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(f"{', '.join(given)} applies to a training step", hint="add --train")
+
+
+def _training_step(args):
+    """The training step of the program ``args.model`` (compile --train, dump --train):
+    built from the network as lowered, then remove-identity and dce unless -O0."""
+    given = [
+        flag
+        for flag, value in (
+            ("--weights", args.weights is not None),
+            ("--passes", args.passes is not None),
+            ("--fully-conv", args.fully_conv),
+            ("--verify-each", args.verify_each),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --train",
+            hint="the training step takes the weights as inputs at run time and is built "
+            "before any optimization pass; -O0 leaves out its clean-ups (remove-identity, dce)",
+        )
+    options = PassOptions(
+        print_after=set(args.print_ir_after),
+        print_after_all=args.print_ir_after_all,
+        stop_after=getattr(args, "after", None),
+        printer=lambda text: print(text, file=sys.stderr),
+    )
+    return cnnc.training_step(
+        args.model,
+        optimizer=_optimizer_from_args(args),
+        loss=args.loss,
+        network=args.network,
+        clean_up=args.opt_level > 0,
+        pass_options=options,
+        limits=parse_option(args.limit),
+    )
+
+
+def _compile_train(args) -> None:
+    from cnnc.backends.train_export import check_training_opset, describe_step
+
+    if args.opset is not None:
+        check_training_opset(args.opset)
+    out = output.target(args.output or Path(args.model).with_suffix(".train.onnx"))
+    step = _training_step(args)
+    written = step.write_onnx(out.shown, opset=args.opset, inline_functions=args.inline_functions)
+    size = ""
+    if not out.through:
+        total = sum(path.stat().st_size for path in written)
+        size = f"{total / 1e6:,.1f} MB, " if total >= 100_000 else f"{total / 1e3:,.1f} kB, "
+    values = sum(step.forward.params[n].type.numel() for n in step.params)
+    report = sys.stderr if out.is_stdout else sys.stdout
+    print(f"wrote {out.name} ({size}{values:,} trained values)", file=report)
+    print(describe_step(step), file=report)
 
 
 def _size(text: str) -> tuple[int, ...]:
@@ -326,6 +572,10 @@ def _load(args, notice: bool = True) -> cnnc.Model:
 
 
 def cmd_compile(args) -> None:
+    if args.train:
+        _compile_train(args)
+        return
+    _refuse_train_options(args)
     if Path(args.model).suffix.lower() == ".onnx" and args.output is None:
         raise UsageError("compiling an ONNX model needs -o OUT.onnx (it would overwrite its input)")
     out = output.target(args.output or Path(args.model).with_suffix(".onnx"))
@@ -504,6 +754,10 @@ def _explain_disagreement(model, xs: list[np.ndarray], out=None) -> None:
 
 
 def cmd_dump(args) -> None:
+    if args.train:
+        print(_training_step(args).dump(), end="")
+        return
+    _refuse_train_options(args)
     print(_load(args, notice=False).dump(), end="")
 
 
@@ -608,6 +862,93 @@ def cmd_bench(args) -> None:
         _explain_disagreement(model, xs, sys.stderr if args.json else sys.stdout)
 
 
+class _Bar:
+    """A one-line progress bar on a terminal (standard error), redrawn at most 10 times
+    a second."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.shown = 0.0
+        self.width = 0
+
+    def __call__(self, p) -> None:
+        import time
+
+        now = time.monotonic()
+        if p.step < p.steps and now - self.shown < 0.1:
+            return
+        self.shown = now
+        done = int(20 * p.step / p.steps)
+        text = (
+            f"epoch {p.epoch}/{p.epochs} [{'#' * done}{'.' * (20 - done)}] {p.step}/{p.steps}"
+            f"  loss {p.loss:.4f}  acc {100 * p.accuracy:.2f}%  {p.images_per_second:,.0f} img/s"
+        )
+        self.width = max(self.width, len(text))
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def cmd_train(args) -> None:
+    from cnnc.train.trainer import Interrupted
+
+    optimizer = _optimizer_from_args(args)
+    bar = _Bar(sys.stderr) if sys.stderr.isatty() else None
+
+    def say(line: str) -> None:
+        if bar is not None:
+            bar.clear()
+        print(line, flush=True)
+
+    try:
+        result = cnnc.fit(
+            args.model,
+            args.data,
+            args.output,
+            network=args.network,
+            epochs=args.epochs,
+            batch=args.batch,
+            optimizer=optimizer,
+            lr=args.lr,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            weights=args.weights,
+            backend=args.backend,
+            val_split=args.val_split,
+            on_start=say,
+            on_epoch=lambda e: say(e.line(args.epochs)),
+            on_step=bar,
+            limits=parse_option(args.limit),
+        )
+    except Interrupted as e:
+        if bar is not None:
+            bar.clear()
+        print(f"cnnc: {e.message}", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.clear()
+    print(
+        f"wrote {args.output} ({len(result.weights)} tensors, after {len(result.history)} "
+        f"epochs, {result.steps:,} steps)"
+    )
+
+
+def cmd_eval(args) -> None:
+    model = _load(args, notice=False)
+    if model.random_weights:
+        raise UsageError("evaluation needs trained weights", hint="pass --weights W.npz")
+    report = cnnc.evaluate(
+        model, args.data, split=args.split, val_split=args.val_split, backend=args.backend
+    )
+    print(report.render())
+
+
 COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
@@ -615,6 +956,8 @@ COMMANDS = {
     "summary": cmd_summary,
     "bench": cmd_bench,
     "import": cmd_import,
+    "train": cmd_train,
+    "eval": cmd_eval,
 }
 
 
@@ -625,6 +968,8 @@ DOING = {
     "summary": "summarising",
     "bench": "benchmarking",
     "import": "importing",
+    "train": "training",
+    "eval": "evaluating",
 }
 
 

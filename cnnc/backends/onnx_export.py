@@ -1582,3 +1582,8 @@ def write(
         raise OutputError(f"cannot write: {e.strerror or e}", target.shown) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# The training ops' emitters register themselves in EMITTERS (imported last: they use this
+# module's Emitter and emitter).
+from cnnc.backends import train_export  # noqa: E402, F401

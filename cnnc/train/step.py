@@ -94,12 +94,56 @@ class TrainingStep:
             for name in self.optimizer_state
         }
 
+    def initial_state(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Every state input's starting value by name: the forward graph's parameters where
+        they have data (loaded weights), else seeded initial ones (PyTorch's for batch norm:
+        scale 1, shift 0, running mean 0 and variance 1); zero optimizer state."""
+        from cnnc.weights import initial_value
+
+        bn = {id(n.inputs[i]): i for n in self.forward.nodes if n.op == "bn" for i in (1, 2, 3, 4)}
+        state = {}
+        for name in [*self.params, *self.statistics]:
+            p = self.forward.params[name]
+            if p.has_data:
+                state[name] = np.asarray(p.data)
+            elif id(p) in bn:
+                fill = 1.0 if bn[id(p)] in (1, 4) else 0.0
+                state[name] = np.full(p.shape, fill, p.type.numpy_dtype)
+            else:
+                state[name] = initial_value(p, seed)
+        state.update(self.initial_optimizer_state())
+        return state
+
+    def to_onnx(self, path=None, opset: int | None = None, inline_functions: bool = False):
+        """The step as an ONNX model of standard ops (opset 16 or newer, 17 by default);
+        with ``path``, also check it and write it there atomically."""
+        from cnnc.backends.train_export import step_to_onnx, write_step
+
+        if path is not None:
+            write_step(self, path, opset, inline_functions)
+        return step_to_onnx(self, opset, inline_functions)
+
+    def write_onnx(self, path, opset: int | None = None, inline_functions: bool = False):
+        """Check the step's ONNX model and write it to ``path`` atomically; returns the
+        files written."""
+        from cnnc.backends.train_export import write_step
+
+        return write_step(self, path, opset, inline_functions)
+
+    def dump(self) -> str:
+        """The IR listing of the step's graph."""
+        from cnnc.ir.printer import dump
+
+        return dump(self.graph)
+
     def draw_masks(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One dropout mask per active dropout for a batch of ``batch`` items."""
         out = {}
         for m in self.masks:
             keep = rng.random((batch, *m.per_item)) >= m.p
-            out[m.name] = (keep / (1.0 - m.p)).astype(np.float32)
+            # p = 1 (a drop_path may drop always) gives zeros, as torchvision's StochasticDepth
+            scale = 1.0 / (1.0 - m.p) if m.p < 1 else 0.0
+            out[m.name] = (keep * scale).astype(np.float32)
         return out
 
 
@@ -287,6 +331,11 @@ def build_step(
     )
 
 
+def _drop_probability(node: Node) -> float:
+    """A dropout's probability (attribute ratio) or a drop_path's (attribute p)."""
+    return node.attrs["ratio"] if node.op == "dropout" else node.attrs["p"]
+
+
 def training_forward(
     forward: Graph, step: Graph, vmap: dict[int, Value]
 ) -> tuple[list[Node], dict[str, Value], list[Mask]]:
@@ -310,12 +359,12 @@ def training_forward(
             )
             running[node.inputs[3].name] = made.outputs[3]
             running[node.inputs[4].name] = made.outputs[4]
-        elif node.op in ("dropout", "drop_path") and node.attrs.get("ratio", 0) > 0:
+        elif node.op in ("dropout", "drop_path") and _drop_probability(node) > 0:
             x = inputs[0]
             per_item = tuple(x.shape[1:]) if node.op == "dropout" else (1,) * (x.type.rank - 1)
             mask_name = step.unique_name(f"{node.name}.mask")
             mask = step.add_input(mask_name, x.type.with_shape((x.shape[0], *per_item)))
-            masks.append(Mask(mask_name, node.attrs["ratio"], per_item))
+            masks.append(Mask(mask_name, _drop_probability(node), per_item))
             made = step.add_node(
                 "mul", [x, mask], name=node.name, loc=node.loc, output_names=[node.output.name]
             )
