@@ -562,7 +562,7 @@ TRAINING_CLEAN_UPS = ["remove-identity", "dce"]
 def training_step(
     source: str | Path,
     *,
-    optimizer: str | Optimizer | None = None,
+    optimizer: str | Optimizer = "adam",
     loss: str | None = None,
     network: str | None = None,
     weights: str | Path | None = None,
@@ -576,12 +576,13 @@ def training_step(
     optimizer's state, a batch, its labels (or targets) and the learning rate; its outputs
     the new value of each state input, the loss and the network's output.
 
-    ``optimizer``: ``"sgd"``, ``"adam"``, ``"adamw"`` or a :class:`cnnc.Optimizer` (default
-    plain SGD); ``loss``: ``"cross_entropy"`` or ``"mse"`` (default: cross-entropy for a
-    classifier). The step is built from the network as lowered, before any optimization
-    pass; then the clean-ups remove-identity and dce run on it unless ``clean_up`` is
-    False. ``weights`` (an .npz file) gives :meth:`TrainingStep.initial_state` its
-    starting parameters. ``step.to_onnx(path)`` writes the step as an ONNX model that
+    ``optimizer``: ``"sgd"``, ``"adam"``, ``"adamw"`` (torch.optim's defaults) or a
+    :class:`cnnc.Optimizer` (default Adam, as ``cnnc compile --train``); ``loss``:
+    ``"cross_entropy"`` or ``"mse"`` (default: cross-entropy for a classifier). The step
+    is built from the network as lowered, before any optimization pass; then the
+    clean-ups remove-identity and dce run on it unless ``clean_up`` is False.
+    ``weights`` (an .npz file) gives :meth:`TrainingStep.initial_state` its starting
+    parameters. ``step.to_onnx(path)`` writes the step as an ONNX model that
     trains in onnxruntime (README, "The training step in ONNX")."""
     from cnnc.passes.manager import run_passes
     from cnnc.train.step import Optimizer as Opt

@@ -460,3 +460,20 @@ def test_training_step_is_built_before_passes_and_cleaned_up_after():
     after = Interpreter(cleaned.graph).run(*[feeds[v.name] for v in cleaned.graph.inputs])
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_initial_state_takes_a_weights_file(tmp_path):
+    import cnnc
+
+    fresh = cnnc.training_step(BN_DROPOUT, optimizer="sgd").initial_state(seed=5)
+    assert np.array_equal(fresh["bn1.running_var"], np.ones(8, np.float32))
+    assert np.array_equal(fresh["bn1.weight"], np.ones(8, np.float32))
+    rng = np.random.default_rng(13)
+    given = {name: _f(a.shape, rng) for name, a in fresh.items()}
+    np.savez(tmp_path / "w.npz", **given)
+    step = cnnc.training_step(BN_DROPOUT, optimizer="adam", weights=tmp_path / "w.npz")
+    state = step.initial_state()
+    assert sorted(state) == sorted([*given, *step.optimizer_state])
+    for name, array in given.items():
+        np.testing.assert_array_equal(state[name], array)
+    assert not any(state[name].any() for name in step.optimizer_state)

@@ -120,9 +120,10 @@ def _static(node: Node, dims) -> list[int]:
 
 
 # Kernels of up to this many taps take the im2col form of conv_grad_weight; larger ones the
-# swapped Conv. Measured in onnxruntime 1.32 on 2 threads: 3×3 at 64 channels on 56×56,
-# batch 2: 15 against 36 ms; 128 channels on 28×28, batch 8: 53 against 158 ms; LeNet's
-# 5×5 on 28×28, batch 64: 15 against 2 ms; ResNet's 7×7 stem: 13 against 14 ms.
+# swapped Conv. Measured in onnxruntime 1.32 on 2 threads of a busy machine, im2col against
+# swapped Conv: 3×3 at 64 channels on 56×56, batch 2: 15 against 36 ms; 128 channels on
+# 28×28, batch 8: 53 against 158 ms; LeNet's 5×5 on 28×28, batch 64: 15 against 2 ms;
+# ResNet's 7×7 stem: 13 against 14 ms.
 IM2COL_MAX_TAPS = 9
 
 
