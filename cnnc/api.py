@@ -165,7 +165,7 @@ class Model:
         """Run the network; the list of its outputs."""
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        from cnnc.backends.interpreter import check_batch, check_input
+        from cnnc.backends.interpreter import check_batch, check_input, is_batched
 
         if len(inputs) != len(self.graph.inputs):
             raise InputError(
@@ -175,11 +175,12 @@ class Model:
             check_input(value, x, self.graph.flexible_spatial)
         check_batch(self.graph.inputs, inputs)
         # A fully convolutional network's activations grow with its inputs' area.
+        batched = [(v, x) for v, x in zip(self.graph.inputs, inputs, strict=True) if is_batched(v)]
         scale = max(
-            x.size / max(1, x.shape[0] * v.type.numel_per_item())
-            for v, x in zip(self.graph.inputs, inputs, strict=True)
+            (x.size / max(1, x.shape[0] * v.type.numel_per_item()) for v, x in batched),
+            default=1.0,
         )
-        self.check_memory(inputs[0].shape[0], max(scale, 1.0))
+        self.check_memory(batched[0][1].shape[0] if batched else 1, max(scale, 1.0))
         if backend == "numpy":
             return self.interpreter.run(*inputs)
         session = self._onnxruntime_session()

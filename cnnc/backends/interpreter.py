@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnc.backends import parallel, train_kernels  # noqa: F401 (registers its kernels)
-from cnnc.backends.kernels import ALIASING, IN_PLACE, KERNELS, PARAM_KERNELS, Kernel
+from cnnc.backends.kernels import (
+    ALIASING,
+    IN_PLACE,
+    KERNELS,
+    PARAM_KERNELS,
+    WEIGHTED,
+    Kernel,
+    runtime_weights,
+)
 from cnnc.errors import CnncError, InputError, InternalError
 from cnnc.ir.graph import Graph, Node, Value
 
@@ -33,39 +41,50 @@ class NodeFailure(CnncError):
     """A kernel failed while running a node (for example, out of memory)."""
 
 
+def is_batched(value: Value) -> bool:
+    """Whether a value has a batch axis: a first dimension that is a symbol ("N"). A
+    parameter fed as a graph input, a learning rate or a loss has none."""
+    return bool(value.type.shape) and not isinstance(value.type.shape[0], int)
+
+
 def check_input(value: Value, x: np.ndarray, flexible_spatial: bool = False) -> None:
     """Raise InputError if ``x`` does not fit graph input ``value``.
 
     With ``flexible_spatial`` (a fully convolutional network) the spatial sizes
-    may be larger than declared.
+    of a batched input may be larger than declared.
     """
     if not isinstance(x, np.ndarray):
         raise InputError(f"input %{value.name} must be a NumPy array, got {type(x).__name__}")
     t = value.type
     fits = t.matches(x.shape)
+    batched = is_batched(value)
+    flexible_spatial = flexible_spatial and batched
     if flexible_spatial and not fits and x.ndim == t.rank:
         fits = t.with_shape((*t.shape[:2], *x.shape[2:])).matches(x.shape) and all(
             s >= d for s, d in zip(x.shape[2:], t.spatial, strict=True)
         )
     if x.dtype != t.numpy_dtype or not fits:
         at_least = " (spatial sizes at least as large)" if flexible_spatial else ""
+        dims = ", ".join(str(d) for d in t.shape[1:] if batched)
+        shape = f"(batch, {dims})" if batched else str(tuple(t.shape))
         raise InputError(
             f"input %{value.name} expects {t}{at_least}, got {x.dtype} {list(x.shape)}",
-            hint=f"the network takes {t.numpy_dtype} arrays shaped "
-            f"(batch, {', '.join(str(d) for d in t.shape[1:])})",
+            hint=f"the network takes {t.numpy_dtype} arrays shaped {shape}",
         )
 
 
 def check_batch(values: list[Value], inputs) -> None:
-    """Raise InputError unless every input has the same batch size (its first axis)."""
-    sizes = {x.shape[0] for x in inputs if x.ndim}
+    """Raise InputError unless every batched input (see is_batched) has the same batch
+    size (its first axis); inputs without a batch axis take no part."""
+    pairs = [(v, x) for v, x in zip(values, inputs, strict=True) if is_batched(v) and x.ndim]
+    sizes = {x.shape[0] for _, x in pairs}
     if 0 in sizes:
-        empty = next(v.name for v, x in zip(values, inputs, strict=True) if x.ndim and not len(x))
+        empty = next(v.name for v, x in pairs if not len(x))
         raise InputError(
             f"input %{empty} is a batch of 0 items; a run needs at least one",
         )
     if len(sizes) > 1:
-        given = ", ".join(f"%{v.name} {x.shape[0]}" for v, x in zip(values, inputs, strict=True))
+        given = ", ".join(f"%{v.name} {x.shape[0]}" for v, x in pairs)
         raise InputError(f"the inputs of one run need one batch size, got {given}")
 
 
@@ -113,6 +132,12 @@ class Interpreter:
                 raise InternalError(f"the interpreter has no kernel for op {node.op}")
             ins = [slot(v) for v in operands(node)]
             outs = [slot(v) for v in node.outputs]
+            if node.op in WEIGHTED and any(not v.is_param for v in node.inputs[1:]):
+                if node.inputs[0].is_param:
+                    raise InternalError(f"node {node.name} ({node.op}) reads a parameter first")
+                run = runtime_weights(node, prepare)
+            else:
+                run = prepare(node)
             free = sorted({s for s in ins if last_use[s] == i and s not in keep})
             first = storage[ins[0]] if ins else None
             in_place = (
@@ -121,9 +146,21 @@ class Interpreter:
                 and storage_last_use[first] == i
                 and operands(node)[0].type == node.output.type
             )
-            self.steps.append(Step(node, prepare(node), ins, outs, free, in_place))
+            self.steps.append(Step(node, run, ins, outs, free, in_place))
         self.output_slots = [slot(v) for v in graph.outputs]
         self.n_slots = len(slots)
+        # The inputs that have a batch axis; the others (parameters fed as inputs, a
+        # learning rate) go whole to every share of a split batch.
+        self.batched_inputs = [i for i, v in enumerate(graph.inputs) if is_batched(v)]
+        self.batched_slots = {self.input_slots[i] for i in self.batched_inputs}
+        # A batch runs in shares only when every value keeps its batch axis: a value
+        # without one (a loss, a sum over the batch, a gradient of the weights) may mix
+        # the items, and shares of it could not be concatenated.
+        self.splittable = (
+            bool(self.batched_inputs)
+            and all(is_batched(out) for node in graph.nodes for out in node.outputs)
+            and all(is_batched(v) for v in graph.outputs)
+        )
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
         """Run the graph on its inputs (one array per graph input); returns its outputs."""
@@ -161,7 +198,7 @@ class Interpreter:
         # NaN and infinities follow IEEE arithmetic (README, NaN and infinity): they are
         # values, not errors, and NumPy's warnings about them would only be noise.
         with parallel.using(self.threads) as pool, np.errstate(**QUIET):
-            n = inputs[0].shape[0] if inputs and inputs[0].ndim else 0
+            n = inputs[self.batched_inputs[0]].shape[0] if self.splittable else 0
             if free and timer is None and self._splits_batch(n):
                 return self._batch_split(pool, env, n)
             self._steps(env, free, timer)
@@ -170,9 +207,10 @@ class Interpreter:
     def _splits_batch(self, n: int) -> bool:
         """Whether to run the batch in shares, one per thread, each share through the whole
         network: no hand-offs between threads at every node, and none of a node's work
-        left serial. Taken when every thread gets an even share (or many items)."""
+        left serial. Taken when every thread gets an even share (or many items), and only
+        when every value of the graph has a batch axis."""
         threads = self.threads
-        return n >= threads > 1 and (n % threads == 0 or n >= 4 * threads)
+        return self.splittable and n >= threads > 1 and (n % threads == 0 or n >= 4 * threads)
 
     def _batch_split(
         self, pool: parallel.Pool, env: list[np.ndarray | None], n: int
@@ -182,7 +220,7 @@ class Interpreter:
 
         def share(i: int, worker: int) -> None:
             lo, hi = shares[i]
-            part = [None if x is None else x[lo:hi] for x in env]
+            part = [x[lo:hi] if s in self.batched_slots else x for s, x in enumerate(env)]
             self._steps(part, True)
             results[i] = [part[s] for s in self.output_slots]
 

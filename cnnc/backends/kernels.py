@@ -13,6 +13,7 @@ indices, products by pooling matrices, or a loop over the few offsets of a windo
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -49,6 +50,53 @@ PARAM_KERNELS = {
     "groupnorm",
 }
 ALIASING = {"flatten", "dropout", "drop_path", "reshape", "transpose", "split", "slice", "crop"}
+
+
+# Ops whose prepare function reads the inputs after the first as data (weights, biases,
+# statistics). A node of one whose such input is not a parameter but a value of the run (a
+# graph input, another node's output) runs through ``runtime_weights``.
+WEIGHTED = {
+    "conv",
+    "conv_transpose",
+    "fc",
+    "linear",
+    "prelu",
+    "bn",
+    "affine",
+    "scale",
+    "layernorm",
+    "groupnorm",
+}
+
+
+class _Given:
+    """A weight given at run time, as a prepare function reads a parameter (``data``)."""
+
+    __slots__ = ("data", "name", "type")
+    is_param = True
+
+    def __init__(self, value, data: np.ndarray):
+        self.name, self.type, self.data = value.name, value.type, data
+
+
+def runtime_weights(node: Node, prepare: Callable[[Node], Kernel]) -> Kernel:
+    """The kernel of a node of a WEIGHTED op that reads some of its weights at run time:
+    called with the node's non-parameter inputs in order (its first input, then those
+    weights), it prepares the op's kernel afresh from a copy of the node whose inputs carry
+    this call's arrays, then runs it. Nothing is cached: a training step changes the
+    arrays, in place or not, between runs. Laying out the weights (a reshape, Winograd's
+    kernel transform, the sub-pixel weights of a transposed convolution) costs little next
+    to the op's own work on a batch."""
+    given = [i for i, v in enumerate(node.inputs) if i > 0 and not v.is_param]
+
+    def run(x: np.ndarray, *weights: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        inputs = list(node.inputs)
+        for i, w in zip(given, weights, strict=True):
+            inputs[i] = _Given(node.inputs[i], np.ascontiguousarray(w))
+        ready = prepare(Node(node.op, node.name, inputs, node.attrs, node.loc))
+        return ready(x) if out is None else ready(x, out=out)
+
+    return run
 
 
 def kernel(op: str):
@@ -107,7 +155,7 @@ class Window:
         x = self.lift(x)
         n, _, h, w = x.shape
         oh, ow = self.output_size(h, w)
-        y = np.empty((n, channels, oh, ow), np.float32)
+        y = np.empty((n, channels, oh, ow), x.dtype)
         parallel.share(channels, lambda share: work(x, y[:, share], share, oh, ow), x.size * passes)
         return self.drop(y)
 
@@ -259,7 +307,7 @@ def _products(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 def _fc_product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x @ weight.T for x [n, in] and weight [out, in] (read transposed, without a copy),
     the threads splitting the outputs: each reads its share of the weights."""
-    y = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    y = np.empty((x.shape[0], weight.shape[0]), x.dtype)
     parallel.share(
         weight.shape[0],
         lambda share: np.matmul(x, weight[share].T, out=y[:, share]),
@@ -321,7 +369,7 @@ def conv(node: Node) -> Kernel:
         while it is in the cache. Each thread copies, multiplies and finishes its own
         blocks, or, for a layer of one block and many kernels, the threads copy a share of
         its channels each and then split the kernels."""
-        n, ow = y.shape[0], y.shape[3]
+        n, ow, dtype = y.shape[0], y.shape[3], y.dtype
         column_rows = groups * rows_per_group
         pool = parallel.current()
         weights = weights_with_bias()
@@ -337,7 +385,7 @@ def conv(node: Node) -> Kernel:
 
         def scratch(worker: int, m: int) -> tuple[np.ndarray, np.ndarray]:
             size = column_rows * n * m * width
-            buffer = pool.scratch(worker, size + k * n * m * width)
+            buffer = pool.scratch(worker, size + k * n * m * width, dtype)
             cols = buffer[:size].reshape(groups, rows_per_group, n * m * width)
             if bias is not None:
                 cols[:, ckk] = 1.0
@@ -374,7 +422,7 @@ def conv(node: Node) -> Kernel:
             y = _fc_product(x.reshape(n, ckk), wmat[0])
             epilogue(y[:, :, None])
             return win.drop(y.reshape(n, k, 1, 1))
-        y = np.empty((n, k, oh, ow), np.float32)
+        y = np.empty((n, k, oh, ow), x.dtype)
         if (kh, kw, sh, sw) == (1, 1, 1, 1) and not padded:
             # A pointwise convolution is a matrix product on the input as it lies.
             _products(wmat, x.reshape(n, groups, cg, h * w), y.reshape(n, groups, kg, -1))
@@ -409,7 +457,7 @@ def conv(node: Node) -> Kernel:
         top_pad, left, bottom, right = win.pads
         hp, wp = h + top_pad + bottom, w + left + right
         # The last row's extra columns read up to (kw - 1)·dw past the end.
-        flat = np.zeros(n * c * hp * wp + (kw - 1) * dw, np.float32)
+        flat = np.zeros(n * c * hp * wp + (kw - 1) * dw, x.dtype)
         inside = flat[: n * c * hp * wp].reshape(n, c, hp, wp)[
             :, :, top_pad : top_pad + h, left : left + w
         ]
@@ -440,6 +488,7 @@ def conv(node: Node) -> Kernel:
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_PIXELS = 28 * 28
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINOGRAD_GG = np.kron(_WINOGRAD_G, _WINOGRAD_G)  # [a·4 + b, i·3 + j] = G[a, i]·G[b, j]
 
 
 def _winograd_applies(node: Node, weight: np.ndarray) -> bool:
@@ -462,10 +511,11 @@ def _winograd(node: Node, win: Window, weight: np.ndarray, direct: Kernel) -> Ke
     convolution's own sum is ±inf, and values near float32's largest overflow there; a
     result that comes out finite had neither (a non-finite value never turns finite)."""
     k, c = weight.shape[:2]
-    g = _WINOGRAD_G
-    # The kernel transform G·w·Gᵀ, once, in float64: [16 (4×4 positions), k, c].
-    transformed = np.einsum("ai,kcij,bj->abkc", g, weight.astype(np.float64), g)
-    u = np.ascontiguousarray(transformed.reshape(16, k, c), dtype=np.float32)
+    # The kernel transform G·w·Gᵀ in float64, [16 (4×4 positions), k, c]: one product of
+    # G⊗G [16, 9] by the taps [9, k·c] (five times as fast as an einsum of three operands,
+    # which matters when a training step feeds the weights at every run).
+    taps = weight.reshape(k * c, 9).T.astype(np.float64)
+    u = (_WINOGRAD_GG @ taps).astype(weight.dtype, copy=False).reshape(16, k, c)
     finish = _channel_epilogue(node)
     top, left, bottom, right = win.pads
 
@@ -473,12 +523,12 @@ def _winograd(node: Node, win: Window, weight: np.ndarray, direct: Kernel) -> Ke
         n, _, h, w = x.shape
         oh, ow = h + top + bottom - 2, w + left + right - 2
         th, tw = (oh + 1) // 2, (ow + 1) // 2
-        xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2), np.float32)
+        xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2), x.dtype)
         _copy_by_channels(
             xp[:, :, top : top + h, left : left + w],
             x[:, :, : 2 * th + 2 - top, : 2 * tw + 2 - left],
         )
-        y = np.empty((n, k, 2 * th, 2 * tw), np.float32)
+        y = np.empty((n, k, 2 * th, 2 * tw), x.dtype)
         # A tile row's transformed input and product: 16 values per tile and channel.
         blocks = _row_blocks(16 * max(c, k) * n, th, tw, min(c, k))
         pool = parallel.current()
@@ -489,7 +539,7 @@ def _winograd(node: Node, win: Window, weight: np.ndarray, direct: Kernel) -> Ke
             r = stop - first
             t = n * r * tw
             sizes = (4 * n * c * (2 * r + 2) * tw, 16 * c * t, 16 * k * t)
-            scratch = pool.scratch(worker, sum(sizes))
+            scratch = pool.scratch(worker, sum(sizes), x.dtype)
             cols, v, m = np.split(scratch, np.cumsum(sizes)[:2])
             v = v.reshape(16, c, t)
             _winograd_input(
@@ -582,7 +632,7 @@ def _depthwise(node: Node, win: Window, weight: np.ndarray) -> Kernel:
     def part(x: np.ndarray, out: np.ndarray, channels: slice, oh: int, ow: int) -> None:
         n, c, h, w = x[:, channels].shape
         wp, hp = ow + (kw - 1) * dw, oh + (kh - 1) * dh
-        flat = np.zeros((n, c, hp * wp + (kw - 1) * dw), np.float32)
+        flat = np.zeros((n, c, hp * wp + (kw - 1) * dw), x.dtype)
         inside = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
         inside[:, :, top : top + h, left : left + w] = x[:, channels]
         size = oh * wp
@@ -619,7 +669,7 @@ def _subpixel_weights(
     qw, pw = np.divmod(np.arange(kw) * dw, sw)
     live_h, live_w = sorted(set(ph.tolist())), sorted(set(pw.tolist()))
     reach_h, reach_w = int(qh[-1]) + 1, int(qw[-1]) + 1
-    sub = np.zeros((groups, kg, len(live_h), len(live_w), cg, reach_h, reach_w), np.float32)
+    sub = np.zeros((groups, kg, len(live_h), len(live_w), cg, reach_h, reach_w), weight.dtype)
     taps = weight.reshape(groups, cg, kg, kh, kw).transpose(3, 4, 0, 2, 1)
     phase_h, phase_w = np.searchsorted(live_h, ph), np.searchsorted(live_w, pw)
     rows, cols = reach_h - 1 - qh[:, None], reach_w - 1 - qw[None, :]
@@ -646,7 +696,7 @@ def _subpixel_columns(
     if (top, left, eh, ew, qh, qw) == (0, 0, h, w, 1, 1):
         return x.reshape(n, groups, cg, h * w), w
     # The last row's extra columns read up to qw - 1 values past the end.
-    flat = np.zeros((n, c, eh * ew + qw - 1), np.float32)
+    flat = np.zeros((n, c, eh * ew + qw - 1), x.dtype)
     extended = flat[:, :, : eh * ew].reshape(n, c, eh, ew)
     rows = slice(max(0, -top), max(0, min(eh, h - top)))
     cols = slice(max(0, -left), max(0, min(ew, w - left)))
@@ -660,7 +710,7 @@ def _subpixel_columns(
         (s_n, s_c * cg, s_c, ew * item, item, item),
         writeable=False,
     )
-    out = np.empty(windows.shape, np.float32)
+    out = np.empty(windows.shape, x.dtype)
     parallel.share(cg, lambda ch: np.copyto(out[:, :, ch], windows[:, :, ch]), out.size)
     return out.reshape(n, groups, cg * qh * qw, bh * ew), ew
 
@@ -749,7 +799,7 @@ def conv_transpose(node: Node) -> Kernel:
         # which spreads a NaN or an infinity (0·inf = NaN) to them.
         n, c, h, w = x.shape
         cg = c // groups
-        full = np.zeros((n, groups, kg, oh + top + bottom, ow + left + right), np.float32)
+        full = np.zeros((n, groups, kg, oh + top + bottom, ow + left + right), x.dtype)
         taps = weight.reshape(groups, cg, kg, kh, kw)
         xs = x.reshape(n, groups, cg, h * w)
         for i in range(kh):
@@ -777,7 +827,7 @@ def conv_transpose(node: Node) -> Kernel:
         crop = (off_h, off_w, bh * sh, bw * sw) != (0, 0, oh, ow)
         by_rows = bw < sw and len(live_w) == sw
         cols, width = _subpixel_columns(x, groups, first, (bh, bw), reach)
-        y = np.empty((n, groups * kg, oh, ow), np.float32)
+        y = np.empty((n, groups * kg, oh, ow), x.dtype)
         y_groups = y.reshape(n, groups, kg, oh, ow)
         pool = parallel.current()
 
@@ -788,7 +838,7 @@ def conv_transpose(node: Node) -> Kernel:
             per_row = n * g * k * phases_per_kernel * width
             rows = max(1, min(bh, COLUMN_BLOCK_BYTES // (4 * per_row)))
             full_size = n * g * k * sh * sw * rows * bw if by_rows and crop else 0
-            buffer = pool.scratch(worker, per_row * rows + full_size)
+            buffer = pool.scratch(worker, per_row * rows + full_size, x.dtype)
             weights = sub[gs, ks].reshape(g, k * phases_per_kernel, columns)
             out = y_groups[:, gs, ks]
             for b0 in range(0, bh, rows):
@@ -855,7 +905,7 @@ def linear(node: Node) -> Kernel:
         # Over the channels of a map: weight times each item's [C, positions], as a
         # pointwise convolution.
         n = x.shape[0]
-        y = np.empty((n, k, *x.shape[2:]), np.float32)
+        y = np.empty((n, k, *x.shape[2:]), x.dtype)
         _products(weight[None], x.reshape(n, 1, x.shape[1], -1), y.reshape(n, 1, k, -1))
         if bias is not None:
             y3 = y.reshape(n, k, -1)
@@ -920,7 +970,7 @@ def avgpool(node: Node) -> Kernel:
 @kernel("gap")
 def gap(node: Node) -> Kernel:
     def run(x: np.ndarray) -> np.ndarray:
-        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float32)
+        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=x.dtype)
 
     return run
 
@@ -936,15 +986,15 @@ def global_maxpool(node: Node) -> Kernel:
 # ---- resizing and adaptive pooling ----------------------------------------------------------
 
 
-def _by_spatial_size(plan: Callable[[tuple[int, ...]], object]) -> Callable[..., object]:
-    """``plan(spatial sizes)`` computed once per input size (a fully convolutional network
-    runs on inputs of any size)."""
-    plans: dict[tuple[int, ...], object] = {}
+def _by_spatial_size(plan: Callable[[tuple[int, ...], np.dtype], object]) -> Callable[..., object]:
+    """``plan(spatial sizes, dtype)`` computed once per input size (a fully convolutional
+    network runs on inputs of any size) and element type."""
+    plans: dict[tuple, object] = {}
 
     def get(x: np.ndarray):
-        key = tuple(x.shape[2:])
+        key = (x.shape[2:], x.dtype)
         if key not in plans:
-            plans[key] = plan(key)
+            plans[key] = plan(tuple(x.shape[2:]), x.dtype)
         return plans[key]
 
     return get
@@ -962,7 +1012,7 @@ def _resample_by_channels(
     axis in turn, the last writing into the output; the threads take a share of the
     channels each. No steps: a copy."""
     n, c = x.shape[:2]
-    y = np.empty((n, c, *out_spatial), np.float32)
+    y = np.empty((n, c, *out_spatial), x.dtype)
     if not steps:
         _copy_by_channels(y, x)
         return y
@@ -1009,7 +1059,7 @@ def upsample(node: Node) -> Kernel:
     rank = node.inputs[0].type.rank - 2
     mode = a["mode"]
 
-    def plan(spatial: tuple[int, ...]):
+    def plan(spatial: tuple[int, ...], dtype: np.dtype):
         out = upsample_sizes(spatial, a)
         steps, sizes = [], []
         for i, (size, o) in enumerate(zip(spatial, out, strict=True)):
@@ -1022,7 +1072,12 @@ def upsample(node: Node) -> Kernel:
             else:
                 if o == size:
                     continue
-                first, second, w0, w1 = linear_taps(size, o, scale, a["align_corners"])
+                # The weights of float32 (the op's definition, as PyTorch's float32 and
+                # ONNX compute them), in the input's type.
+                first, second, w0, w1 = (
+                    t.astype(dtype) if t.dtype.kind == "f" else t
+                    for t in linear_taps(size, o, scale, a["align_corners"])
+                )
                 ndim = rank + 2
                 steps.append(
                     (2 + i, first, second, _along(w0, 2 + i, ndim), _along(w1, 2 + i, ndim))
@@ -1089,7 +1144,7 @@ def _window_means(t: np.ndarray, axis: int, size: int) -> np.ndarray:
     n = t.shape[axis]
     means = [
         t[(slice(None),) * axis + (slice(i * n // size, -(-(i + 1) * n // size)),)].mean(
-            axis=axis, keepdims=True, dtype=np.float32
+            axis=axis, keepdims=True, dtype=t.dtype
         )
         for i in range(size)
     ]
@@ -1103,8 +1158,8 @@ def adaptive_avgpool(node: Node) -> Kernel:
     size = tuple(node.attrs["size"])
 
     plans = _by_spatial_size(
-        lambda spatial: _adaptive_steps(
-            spatial, size, lambda n, o: ("matrix", adaptive_avg_matrix(n, o))
+        lambda spatial, dtype: _adaptive_steps(
+            spatial, size, lambda n, o: ("matrix", adaptive_avg_matrix(n, o, dtype))
         )
     )
 
@@ -1112,7 +1167,7 @@ def adaptive_avgpool(node: Node) -> Kernel:
         axis, kind, data = step
         if kind == "uniform":
             y = _uniform_windows(t, axis, data, np.add, out)
-            y /= np.float32(data)
+            y /= t.dtype.type(data)
             return y
         if not all_finite(t):
             # The matrix's 0 outside each window would carry a NaN or an infinity into
@@ -1132,7 +1187,7 @@ def adaptive_maxpool(node: Node) -> Kernel:
     size = tuple(node.attrs["size"])
 
     plans = _by_spatial_size(
-        lambda spatial: _adaptive_steps(
+        lambda spatial, dtype: _adaptive_steps(
             spatial, size, lambda n, o: ("gather", adaptive_max_windows(n, o))
         )
     )
@@ -1167,7 +1222,7 @@ def _sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def _leaky_relu(attrs: dict) -> Activation:
-    alpha = np.float32(attrs["alpha"])
+    alpha = attrs["alpha"]
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
@@ -1175,18 +1230,19 @@ def _leaky_relu(attrs: dict) -> Activation:
         elif out is not x:
             np.copyto(out, x)
         # Only the negative values change (NaN is not negative: it stays NaN).
-        return np.multiply(out, alpha, out=out, where=out < 0)
+        return np.multiply(out, out.dtype.type(alpha), out=out, where=out < 0)
 
     return run
 
 
 def _clip(attrs: dict) -> Activation:
     # ONNX Clip: the max bound wins when min > max, so max(x, min) comes first.
-    low, high = np.float32(attrs["min"]), np.float32(attrs["max"])
+    low, high = attrs["min"], attrs["max"]
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        y = np.maximum(x, low, out=out)
-        return np.minimum(y, high, out=y)
+        kind = x.dtype.type
+        y = np.maximum(x, kind(low), out=out)
+        return np.minimum(y, kind(high), out=y)
 
     return run
 
@@ -1198,8 +1254,11 @@ _ERF_A = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
 
 
 def erf(z: np.ndarray) -> np.ndarray:
-    """The error function, element-wise, in z's precision (to 1.5e-7)."""
+    """The error function, element-wise, in z's precision (to 1.5e-7); in float64, exact
+    (math.erf value by value: slow, but float64 runs are for checking, not speed)."""
     kind = z.dtype.type
+    if z.dtype == np.float64:
+        return np.frompyfunc(math.erf, 1, 1)(z).astype(np.float64)
     a = np.abs(z)
     t = np.multiply(a, kind(_ERF_P))
     t += 1
@@ -1394,7 +1453,7 @@ def _contiguous(x: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, np.n
     return x, x
 
 
-def _normalize(x: np.ndarray, out: np.ndarray, epsilon: np.float32) -> None:
+def _normalize(x: np.ndarray, out: np.ndarray, epsilon: float) -> None:
     """out = (x - mean) / sqrt(var + epsilon) along axis 1 of x [outer, size, inner], the
     biased variance of the deviations themselves (two passes: no cancellation); ``out``
     may be ``x``. The sums of squares need no temporary the size of x (a fresh one each run
@@ -1409,8 +1468,9 @@ def _normalize(x: np.ndarray, out: np.ndarray, epsilon: np.float32) -> None:
         variance = np.matmul(rows[:, None, :], rows[:, :, None])
     else:
         variance = np.einsum("ijk,ijk->ik", out, out)[:, None, :]
-    variance *= np.float32(1 / x.shape[1])
-    variance += epsilon
+    kind = x.dtype.type
+    variance *= kind(1 / x.shape[1])
+    variance += kind(epsilon)
     np.sqrt(variance, out=variance)
     np.reciprocal(variance, out=variance)
     out *= variance
@@ -1418,7 +1478,7 @@ def _normalize(x: np.ndarray, out: np.ndarray, epsilon: np.float32) -> None:
 
 @kernel("layernorm")
 def layernorm(node: Node) -> Kernel:
-    axis, epsilon = node.attrs["axis"], np.float32(node.attrs["epsilon"])
+    axis, epsilon = node.attrs["axis"], node.attrs["epsilon"]
     weight, bias = (v.data.reshape(-1, 1) for v in node.inputs[1:])
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -1445,7 +1505,7 @@ def layernorm(node: Node) -> Kernel:
 
 @kernel("groupnorm")
 def groupnorm(node: Node) -> Kernel:
-    groups, epsilon = node.attrs["groups"], np.float32(node.attrs["epsilon"])
+    groups, epsilon = node.attrs["groups"], node.attrs["epsilon"]
     weight, bias = (v.data.reshape(groups, -1, 1) for v in node.inputs[1:])
 
     def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -1475,10 +1535,10 @@ def lrn(node: Node) -> Kernel:
     size = a["size"]
     before = (size - 1) // 2
     after = size - 1 - before
-    scale, bias, beta = np.float32(a["alpha"] / size), np.float32(a["bias"]), np.float32(a["beta"])
+    scale, bias, beta = a["alpha"] / size, a["bias"], a["beta"]
 
     def run(x: np.ndarray) -> np.ndarray:
-        channels = x.shape[1]
+        kind, channels = x.dtype.type, x.shape[1]
         # Window taps beyond the first or last channel only ever read zeros: skip them.
         lead, trail = min(before, channels - 1), min(after, channels - 1)
         squares = np.zeros((x.shape[0], lead + channels + trail, *x.shape[2:]), x.dtype)
@@ -1486,9 +1546,9 @@ def lrn(node: Node) -> Kernel:
         sums = squares[:, :channels].copy()
         for offset in range(1, lead + trail + 1):
             sums += squares[:, offset : offset + channels]
-        sums *= scale
-        sums += bias
-        return x / np.power(sums, beta, out=sums)
+        sums *= kind(scale)
+        sums += kind(bias)
+        return x / np.power(sums, kind(beta), out=sums)
 
     return run
 
@@ -1575,7 +1635,7 @@ def _border_sources(size: int, begin: int, end: int, mode: str) -> np.ndarray:
 @kernel("pad")
 def pad(node: Node) -> Kernel:
     a = node.attrs
-    pads, mode, value = tuple(a["pads"]), a["mode"], np.float32(a["value"])
+    pads, mode, value = tuple(a["pads"]), a["mode"], a["value"]
     rank = len(pads) // 2
     begins, ends = pads[:rank], pads[rank:]
     # Negative amounts crop (constant mode): the input's part that stays, and where it goes.
@@ -1589,7 +1649,7 @@ def pad(node: Node) -> Kernel:
     def run(x: np.ndarray) -> np.ndarray:
         spatial = x.shape[2:]
         shape = (*x.shape[:2], *(s + b + e for s, b, e in zip(spatial, begins, ends, strict=True)))
-        y = np.empty(shape, np.float32)
+        y = np.empty(shape, x.dtype)
         inner = y[(slice(None), slice(None), *place)]
         kept = x[(slice(None), slice(None), *keep)]
         if mode == "constant":

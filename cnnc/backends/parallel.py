@@ -46,13 +46,19 @@ class Pool:
         # What a task sees as the current pool: one thread, with its worker's own scratch.
         self._inner = [self] if threads == 1 else [Pool(1) for _ in range(threads)]
 
-    def scratch(self, worker: int, size: int) -> np.ndarray:
-        """``size`` float32s of ``worker``'s own scratch memory, reused by every kernel of a
-        run (a kernel must not return a view of it)."""
+    def scratch(self, worker: int, size: int, dtype: np.dtype = np.float32) -> np.ndarray:
+        """``size`` values of ``dtype`` (float32 unless said) of ``worker``'s own scratch
+        memory, reused by every kernel of a run (a kernel must not return a view of it)."""
         buffer = self._scratch[worker]
-        if buffer is None or buffer.size < size:
-            buffer = self._scratch[worker] = np.empty(size, np.float32)
-        return buffer[:size]
+        if dtype == np.float32:
+            if buffer is None or buffer.size < size:
+                buffer = self._scratch[worker] = np.empty(size, np.float32)
+            return buffer[:size]
+        # Another type (float64) views the same memory, grown to hold ``size`` of it.
+        floats = size * np.dtype(dtype).itemsize // 4
+        if buffer is None or buffer.size < floats:
+            buffer = self._scratch[worker] = np.empty(floats, np.float32)
+        return buffer[:floats].view(dtype)
 
     def release(self) -> None:
         """Free the scratch memory (at the end of a run)."""

@@ -48,7 +48,7 @@ def channel_scale_shift(node) -> tuple[np.ndarray, np.ndarray | None]:
     if node.op == "affine":
         return node.inputs[1].data, node.inputs[2].data
     weight, bias, mean, var = (v.data for v in node.inputs[1:])
-    scale = weight / np.sqrt(var + np.float32(node.attrs["epsilon"]))
+    scale = weight / np.sqrt(var + var.dtype.type(node.attrs["epsilon"]))
     return scale, bias - mean * scale
 
 

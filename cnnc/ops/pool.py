@@ -165,13 +165,13 @@ def adaptive_windows(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * size) // out, -((-(i + 1) * size) // out)
 
 
-def adaptive_avg_matrix(size: int, out: int) -> np.ndarray:
-    """The float32 pooling matrix [out, size] of adaptive average pooling along one axis:
-    row i holds 1 / (window length) over window i."""
+def adaptive_avg_matrix(size: int, out: int, dtype=np.float32) -> np.ndarray:
+    """The pooling matrix [out, size] (float32 unless said) of adaptive average pooling along
+    one axis: row i holds 1 / (window length) over window i."""
     starts, stops = adaptive_windows(size, out)
     columns = np.arange(size)
     inside = (columns >= starts[:, None]) & (columns < stops[:, None])
-    return (inside / (stops - starts)[:, None]).astype(np.float32)
+    return (inside / (stops - starts)[:, None]).astype(dtype)
 
 
 def adaptive_max_windows(size: int, out: int) -> np.ndarray:
