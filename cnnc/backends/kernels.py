@@ -35,6 +35,7 @@ KERNELS: dict[str, Callable[[Node], Kernel]] = {}
 IN_PLACE = {"bn", "affine", "scale", "layernorm", "groupnorm"}
 # Ops whose outputs may share memory with their first input (views), so that memory lives
 # on until the last use of any of them, and no op writes over it in place before then.
+ALIASING = {"flatten", "dropout", "drop_path", "reshape", "transpose", "split", "slice", "crop"}
 # Ops whose prepare function reads their parameters (``node.inputs[i].data``), so that the
 # interpreter passes them only the other inputs; every other kernel takes all its inputs.
 PARAM_KERNELS = {
@@ -49,7 +50,6 @@ PARAM_KERNELS = {
     "layernorm",
     "groupnorm",
 }
-ALIASING = {"flatten", "dropout", "drop_path", "reshape", "transpose", "split", "slice", "crop"}
 
 
 # Ops whose prepare function reads the inputs after the first as data (weights, biases,
