@@ -64,6 +64,13 @@ class Mask:
     p: float
     per_item: tuple[int, ...]
 
+    def values(self, keep: np.ndarray, dtype) -> np.ndarray:
+        """The mask of the items or elements ``keep`` says to keep: 1 / (1 − p) there, 0
+        elsewhere; all 0 when p is 1 (a drop_path that always drops, as torchvision's
+        stochastic depth)."""
+        scale = 1.0 / (1.0 - self.p) if self.p < 1 else 0.0
+        return (keep * scale).astype(dtype)
+
 
 @dataclass
 class TrainingStep:
@@ -98,8 +105,7 @@ class TrainingStep:
         """One dropout mask per active dropout for a batch of ``batch`` items."""
         out = {}
         for m in self.masks:
-            keep = rng.random((batch, *m.per_item)) >= m.p
-            out[m.name] = (keep / (1.0 - m.p)).astype(np.float32)
+            out[m.name] = m.values(rng.random((batch, *m.per_item)) >= m.p, np.float32)
         return out
 
 
@@ -288,17 +294,19 @@ def build_step(
 
 
 def training_forward(
-    forward: Graph, step: Graph, vmap: dict[int, Value]
+    forward: Graph, step: Graph, vmap: dict[int, Value], training: bool = True
 ) -> tuple[list[Node], dict[str, Value], list[Mask]]:
     """Add ``forward``'s nodes to ``step`` in training mode, reading ``vmap[id(v)]`` for each
     of its inputs and parameters (filled in with each node output). Returns the nodes made,
-    each running statistic's new value by name, and the dropout masks (new inputs)."""
+    each running statistic's new value by name, and the dropout masks (new inputs). Without
+    ``training`` the nodes are copied as they are (bn with its running statistics, dropout
+    the identity), as a network in PyTorch's eval() mode."""
     forward_nodes: list[Node] = []
     running: dict[str, Value] = {}
     masks: list[Mask] = []
     for node in forward.nodes:
         inputs = [vmap[id(v)] for v in node.inputs]
-        if node.op == "bn":
+        if node.op == "bn" and training:
             made = step.add_node(
                 "bn_train",
                 inputs,
@@ -310,12 +318,12 @@ def training_forward(
             )
             running[node.inputs[3].name] = made.outputs[3]
             running[node.inputs[4].name] = made.outputs[4]
-        elif node.op in ("dropout", "drop_path") and node.attrs.get("ratio", 0) > 0:
+        elif node.op in ("dropout", "drop_path") and training and drop_probability(node) > 0:
             x = inputs[0]
             per_item = tuple(x.shape[1:]) if node.op == "dropout" else (1,) * (x.type.rank - 1)
             mask_name = step.unique_name(f"{node.name}.mask")
             mask = step.add_input(mask_name, x.type.with_shape((x.shape[0], *per_item)))
-            masks.append(Mask(mask_name, node.attrs["ratio"], per_item))
+            masks.append(Mask(mask_name, drop_probability(node), per_item))
             made = step.add_node(
                 "mul", [x, mask], name=node.name, loc=node.loc, output_names=[node.output.name]
             )
@@ -334,6 +342,11 @@ def training_forward(
     return forward_nodes, running, masks
 
 
+def drop_probability(node: Node) -> float:
+    """The probability of a dropout (attribute ratio) or a drop_path (attribute p)."""
+    return node.attrs["ratio" if node.op == "dropout" else "p"]
+
+
 @dataclass
 class GradientGraph:
     """A graph computing a loss and its gradients (see :func:`gradient_graph`)."""
@@ -348,11 +361,12 @@ class GradientGraph:
 
 
 def gradient_graph(
-    forward: Graph, *, dtype: str = "f32", data_gradients: bool = True
+    forward: Graph, *, dtype: str = "f32", data_gradients: bool = True, training: bool = True
 ) -> GradientGraph:
     """The graph of the mean squared error between ``forward``'s (single) output and a
     target, and of its gradient with respect to every parameter and, with
-    ``data_gradients``, every float input, in training mode, all in ``dtype``: what the
+    ``data_gradients``, every float input, in training mode (or, without ``training``, in
+    inference mode: see :func:`training_forward`), all in ``dtype``: what the
     finite-difference checks of every gradient rule run. Inputs: parameters, statistics,
     the network's inputs, ``targets``, dropout masks. Outputs: ``loss``, then one gradient
     per parameter and per input, named ``<input>.grad``."""
@@ -370,7 +384,7 @@ def gradient_graph(
         vmap[id(v)] = graph.add_input(v.name, typed(v.type))
     out = forward.outputs[0]
     target = graph.add_input("targets", typed(out.type))
-    nodes, _, masks = training_forward(forward, graph, vmap)
+    nodes, _, masks = training_forward(forward, graph, vmap, training)
     prediction = vmap[id(out)]
     loss = graph.add_node("mse_loss", [prediction, target], name="loss").output
     seed = graph.add_node("mse_loss_grad", [prediction, target], name="loss.grad").output
