@@ -102,8 +102,10 @@ class GradContext:
         return constant(self.graph, f"{self.node.name}{suffix}", np.asarray(array, dtype))
 
     def scalar(self, value: float, like: Value | None = None) -> Value:
-        """A constant scalar of the float type of ``like``."""
-        return self.constant(np.array(value), f".c{value:g}", like)
+        """A constant scalar of the float type of ``like``, shaped [1, ..., 1] of its rank
+        (the IR's element-wise ops take inputs of one rank)."""
+        rank = (like or self.node.inputs[0]).type.rank
+        return self.constant(np.full((1,) * rank, value), f".c{value:g}", like)
 
     def sum_to(self, grad: Value, target: Value) -> Value:
         """``grad`` summed over the axes along which ``target`` was broadcast (NumPy's rule,
