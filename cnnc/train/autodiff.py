@@ -71,8 +71,10 @@ class GradContext:
             return dy
         out = self.node.outputs[i]
         if any(not isinstance(d, int) for d in out.shape):
-            # zeros of a batched shape: 0 · the output itself
-            return self.emit("mul", [out, self.scalar(0.0, out)], suffix=".zero")
+            # zeros of a batched shape: 0 · the output itself (the factor of the output's
+            # rank, 1×…×1: mul broadcasts only between equal ranks)
+            zero = self.constant(np.zeros((1,) * out.type.rank), f".zero{i}", like=out)
+            return self.emit("mul", [out, zero], suffix=".zero")
         return self.constant(np.zeros(out.shape), f".zero{i}", like=out)
 
     def needs(self, i: int) -> bool:
@@ -102,8 +104,8 @@ class GradContext:
         return constant(self.graph, f"{self.node.name}{suffix}", np.asarray(array, dtype))
 
     def scalar(self, value: float, like: Value | None = None) -> Value:
-        """A constant scalar of the float type of ``like``, shaped [1, ..., 1] of its rank
-        (the IR's element-wise ops take inputs of one rank)."""
+        """A constant scalar of the float type of ``like``, shaped [1, 1, ...] to its rank
+        (the arithmetic ops broadcast between tensors of one rank)."""
         rank = (like or self.node.inputs[0]).type.rank
         return self.constant(np.full((1,) * rank, value), f".c{value:g}", like)
 
