@@ -52,7 +52,9 @@ def check(
             feeds[v.name] = forward.params[v.name].data.astype(np_dtype)
         elif any(m.name == v.name for m in gg.masks):
             mask = next(m for m in gg.masks if m.name == v.name)
-            feeds[v.name] = mask.values(rng.random(shape) >= mask.p, np_dtype)
+            keep = rng.random(shape) >= mask.p
+            scale = 1.0 / (1 - mask.p) if mask.p < 1 else 0.0  # a drop_path of p = 1: zeros
+            feeds[v.name] = (keep * scale).astype(np_dtype)
         elif v.name in gg.data:
             feeds[v.name] = (spread * rng.standard_normal(shape)).astype(np_dtype)
         else:

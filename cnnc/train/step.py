@@ -64,13 +64,6 @@ class Mask:
     p: float
     per_item: tuple[int, ...]
 
-    def values(self, keep: np.ndarray, dtype) -> np.ndarray:
-        """The mask of the items or elements ``keep`` says to keep: 1 / (1 − p) there, 0
-        elsewhere; all 0 when p is 1 (a drop_path that always drops, as torchvision's
-        stochastic depth)."""
-        scale = 1.0 / (1.0 - self.p) if self.p < 1 else 0.0
-        return (keep * scale).astype(dtype)
-
 
 @dataclass
 class TrainingStep:
@@ -105,7 +98,10 @@ class TrainingStep:
         """One dropout mask per active dropout for a batch of ``batch`` items."""
         out = {}
         for m in self.masks:
-            out[m.name] = m.values(rng.random((batch, *m.per_item)) >= m.p, np.float32)
+            keep = rng.random((batch, *m.per_item)) >= m.p
+            # p = 1 (a drop_path may drop always) gives zeros, as torchvision's StochasticDepth
+            scale = 1.0 / (1.0 - m.p) if m.p < 1 else 0.0
+            out[m.name] = (keep * scale).astype(np.float32)
         return out
 
 
@@ -293,20 +289,23 @@ def build_step(
     )
 
 
+def _drop_probability(node: Node) -> float:
+    """A dropout's probability (attribute ratio) or a drop_path's (attribute p)."""
+    return node.attrs["ratio"] if node.op == "dropout" else node.attrs["p"]
+
+
 def training_forward(
-    forward: Graph, step: Graph, vmap: dict[int, Value], training: bool = True
+    forward: Graph, step: Graph, vmap: dict[int, Value]
 ) -> tuple[list[Node], dict[str, Value], list[Mask]]:
     """Add ``forward``'s nodes to ``step`` in training mode, reading ``vmap[id(v)]`` for each
     of its inputs and parameters (filled in with each node output). Returns the nodes made,
-    each running statistic's new value by name, and the dropout masks (new inputs). Without
-    ``training`` the nodes are copied as they are (bn with its running statistics, dropout
-    the identity), as a network in PyTorch's eval() mode."""
+    each running statistic's new value by name, and the dropout masks (new inputs)."""
     forward_nodes: list[Node] = []
     running: dict[str, Value] = {}
     masks: list[Mask] = []
     for node in forward.nodes:
         inputs = [vmap[id(v)] for v in node.inputs]
-        if node.op == "bn" and training:
+        if node.op == "bn":
             made = step.add_node(
                 "bn_train",
                 inputs,
@@ -318,12 +317,12 @@ def training_forward(
             )
             running[node.inputs[3].name] = made.outputs[3]
             running[node.inputs[4].name] = made.outputs[4]
-        elif node.op in ("dropout", "drop_path") and training and drop_probability(node) > 0:
+        elif node.op in ("dropout", "drop_path") and _drop_probability(node) > 0:
             x = inputs[0]
             per_item = tuple(x.shape[1:]) if node.op == "dropout" else (1,) * (x.type.rank - 1)
             mask_name = step.unique_name(f"{node.name}.mask")
             mask = step.add_input(mask_name, x.type.with_shape((x.shape[0], *per_item)))
-            masks.append(Mask(mask_name, drop_probability(node), per_item))
+            masks.append(Mask(mask_name, _drop_probability(node), per_item))
             made = step.add_node(
                 "mul", [x, mask], name=node.name, loc=node.loc, output_names=[node.output.name]
             )
@@ -342,9 +341,24 @@ def training_forward(
     return forward_nodes, running, masks
 
 
-def drop_probability(node: Node) -> float:
-    """The probability of a dropout (attribute ratio) or a drop_path (attribute p)."""
-    return node.attrs["ratio" if node.op == "dropout" else "p"]
+def inference_forward(forward: Graph, graph: Graph, vmap: dict[int, Value]) -> list[Node]:
+    """Add ``forward``'s nodes to ``graph`` as they are, reading ``vmap`` as
+    :func:`training_forward` does, but in inference mode: bn with its running statistics,
+    dropout and drop_path the identity (PyTorch's eval() mode, in which a network may be
+    fine-tuned with frozen statistics). Returns the nodes made."""
+    nodes = []
+    for node in forward.nodes:
+        made = graph.add_node(
+            node.op,
+            [vmap[id(v)] for v in node.inputs],
+            node.attrs,
+            name=node.name,
+            loc=node.loc,
+            output_names=[o.name for o in node.outputs],
+        )
+        nodes.append(made)
+        vmap.update({id(old): new for old, new in zip(node.outputs, made.outputs, strict=True)})
+    return nodes
 
 
 @dataclass
@@ -366,7 +380,7 @@ def gradient_graph(
     """The graph of the mean squared error between ``forward``'s (single) output and a
     target, and of its gradient with respect to every parameter and, with
     ``data_gradients``, every float input, in training mode (or, without ``training``, in
-    inference mode: see :func:`training_forward`), all in ``dtype``: what the
+    inference mode: see :func:`inference_forward`), all in ``dtype``: what the
     finite-difference checks of every gradient rule run. Inputs: parameters, statistics,
     the network's inputs, ``targets``, dropout masks. Outputs: ``loss``, then one gradient
     per parameter and per input, named ``<input>.grad``."""
@@ -384,7 +398,10 @@ def gradient_graph(
         vmap[id(v)] = graph.add_input(v.name, typed(v.type))
     out = forward.outputs[0]
     target = graph.add_input("targets", typed(out.type))
-    nodes, _, masks = training_forward(forward, graph, vmap, training)
+    if training:
+        nodes, _, masks = training_forward(forward, graph, vmap)
+    else:
+        nodes, masks = inference_forward(forward, graph, vmap), []
     prediction = vmap[id(out)]
     loss = graph.add_node("mse_loss", [prediction, target], name="loss").output
     seed = graph.add_node("mse_loss_grad", [prediction, target], name="loss.grad").output
