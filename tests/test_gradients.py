@@ -363,6 +363,28 @@ def test_gradient_op_agrees_in_onnxruntime(op, dims, attrs, weight, dtype, opset
         assert_agree(a, b, f"{op} {value.name}")
 
 
+@pytest.mark.parametrize("dims", [(3, 4, 5), (3, 7), (3,)])
+def test_affine_with_weights_fed_at_run_time_agrees_in_onnxruntime(dims):
+    # In a training step the weights of an affine (and of its gradient's scale) are inputs.
+    g = Graph("g")
+    x = g.add_input("x", TensorType("f32", ("N", *dims)))
+    w = g.add_input("w", TensorType("f32", (3,)))
+    b = g.add_input("b", TensorType("f32", (3,)))
+    g.outputs = [g.add_node("affine", [x, w, b], name="a").output]
+    rng = np.random.default_rng(0)
+    feeds = {
+        v.name: rng.standard_normal((2, *dims) if v is x else (3,)).astype(np.float32)
+        for v in g.inputs
+    }
+    (ours,) = Interpreter(g, threads=1).run(*feeds.values())
+    (theirs,) = ort_session(to_onnx(g)).run(None, feeds)
+    assert_agree(ours, theirs, "affine")
+    shape = (1, 3, *(1,) * (len(dims) - 1))
+    np.testing.assert_allclose(
+        ours, feeds["x"] * feeds["w"].reshape(shape) + feeds["b"].reshape(shape), rtol=1e-6
+    )
+
+
 # ---- every op has a rule ---------------------------------------------------------------------
 
 # Forward ops without a gradient rule on this branch, with the reason. The spatial ops' rules

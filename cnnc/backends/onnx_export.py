@@ -910,8 +910,17 @@ def _bn(e: Emitter, node: Node) -> None:
 def _affine(e: Emitter, node: Node) -> None:
     x, weight, bias = node.inputs
     per_channel = (-1, *(1,) * (x.type.rank - 2))
-    scale = e.constant(f"{node.name}.scale", weight.data.reshape(per_channel))
-    shift = e.constant(f"{node.name}.shift", bias.data.reshape(per_channel))
+
+    def shaped(v: Value, role: str) -> str:
+        if v.is_param:
+            return e.constant(f"{node.name}.{role}", v.data.reshape(per_channel))
+        # a value of the run (a training step feeds its parameters): reshaped in the model
+        shape = e.constant(f"{node.name}.{role}_shape", np.array(per_channel, np.int64))
+        out = e.fresh(f"{node.name}.{role}")
+        e.node("Reshape", [v.name, shape], [out], f"{node.name}.{role}")
+        return out
+
+    scale, shift = shaped(weight, "scale"), shaped(bias, "shift")
     scaled = e.fresh(f"{node.name}.scaled")
     e.node("Mul", [x.name, scale], [scaled], f"{node.name}.mul")
     e.node("Add", [scaled, shift], _names(node.outputs), node.name)
