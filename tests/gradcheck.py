@@ -14,6 +14,7 @@ from cnnc import weights
 from cnnc.backends.interpreter import Interpreter
 from cnnc.frontend.lower import lower
 from cnnc.frontend.parser import parse
+from cnnc.ir.graph import Graph
 from cnnc.train.step import gradient_graph
 
 
@@ -22,7 +23,7 @@ class GradientMismatch(AssertionError):
 
 
 def check(
-    source: str,
+    source: str | Graph,
     *,
     batch: int = 2,
     seed: int = 0,
@@ -31,12 +32,16 @@ def check(
     h: float = 1e-6,
     rtol: float = 1e-5,
     atol: float = 1e-9,
+    spread: float = 1.0,
+    training: bool = True,
 ) -> int:
-    """Check the gradients of the network ``source``; returns the number of entries
-    compared, and raises GradientMismatch naming the first that differs."""
-    forward = lower(parse(source), None)
+    """Check the gradients of the network ``source`` (a program, or a graph an IR test
+    builds); returns the number of entries compared, and raises GradientMismatch naming the
+    first that differs. The network's inputs are standard normal times ``spread``; without
+    ``training`` the network runs in inference mode (bn with its running statistics)."""
+    forward = source if isinstance(source, Graph) else lower(parse(source), None)
     weights.initialize(forward, seed)
-    gg = gradient_graph(forward, dtype=dtype)
+    gg = gradient_graph(forward, dtype=dtype, training=training)
     graph = gg.graph
     np_dtype = np.float64 if dtype == "f64" else np.float32
     rng = np.random.default_rng(seed)
@@ -48,7 +53,10 @@ def check(
         elif any(m.name == v.name for m in gg.masks):
             mask = next(m for m in gg.masks if m.name == v.name)
             keep = rng.random(shape) >= mask.p
-            feeds[v.name] = (keep / (1 - mask.p)).astype(np_dtype)
+            scale = 1.0 / (1 - mask.p) if mask.p < 1 else 0.0  # a drop_path of p = 1: zeros
+            feeds[v.name] = (keep * scale).astype(np_dtype)
+        elif v.name in gg.data:
+            feeds[v.name] = (spread * rng.standard_normal(shape)).astype(np_dtype)
         else:
             feeds[v.name] = rng.standard_normal(shape).astype(np_dtype)
     interp = Interpreter(graph, threads=1)

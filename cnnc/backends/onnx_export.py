@@ -910,8 +910,17 @@ def _bn(e: Emitter, node: Node) -> None:
 def _affine(e: Emitter, node: Node) -> None:
     x, weight, bias = node.inputs
     per_channel = (-1, *(1,) * (x.type.rank - 2))
-    scale = e.constant(f"{node.name}.scale", weight.data.reshape(per_channel))
-    shift = e.constant(f"{node.name}.shift", bias.data.reshape(per_channel))
+
+    def shaped(v: Value, role: str) -> str:
+        if v.is_param:
+            return e.constant(f"{node.name}.{role}", v.data.reshape(per_channel))
+        # a value of the run (a training step feeds its parameters): reshaped in the model
+        shape = e.constant(f"{node.name}.{role}_shape", np.array(per_channel, np.int64))
+        out = e.fresh(f"{node.name}.{role}")
+        e.node("Reshape", [v.name, shape], [out], f"{node.name}.{role}")
+        return out
+
+    scale, shift = shaped(weight, "scale"), shaped(bias, "shift")
     scaled = e.fresh(f"{node.name}.scaled")
     e.node("Mul", [x.name, scale], [scaled], f"{node.name}.mul")
     e.node("Add", [scaled, shift], _names(node.outputs), node.name)
@@ -1266,6 +1275,143 @@ def _prelu(e: Emitter, node: Node) -> None:
     shaped = e.fresh(f"{slope.name}.per_channel")
     e.node("Unsqueeze", [slope.name, axes], [shaped], f"{node.name}.unsqueeze")
     e.node("PRelu", [x.name, shaped], _names(node.outputs), node.name)
+
+
+# ---- gradients of the normalizations (training graphs; cnnc/ops/train.py) ------------------
+# layernorm_grad, groupnorm_grad and lrn_grad in standard ops of every opset cnnc writes
+# (ReduceSum takes its axes as an input from opset 13), in the dtype of their inputs.
+
+
+class _Steps:
+    """Adds the ONNX nodes of one IR node, each computing a fresh ``<node>.<suffix>``."""
+
+    def __init__(self, e: Emitter, node: Node):
+        self.e, self.node = e, node
+        self.dtype = node.inputs[0].type.numpy_dtype
+
+    def __call__(
+        self, op_type: str, inputs: list[str], suffix: str, out: str | None = None, **attrs
+    ):
+        name = f"{self.node.name}.{suffix}"
+        out = out or self.e.fresh(name)
+        self.e.node(op_type, inputs, [out], name, **attrs)
+        return out
+
+    def const(self, suffix: str, value) -> str:
+        return self.e.constant(f"{self.node.name}.{suffix}", np.asarray(value, self.dtype))
+
+    def ints(self, suffix: str, values) -> str:
+        return self.e.constant(f"{self.node.name}.{suffix}", np.asarray(values, np.int64))
+
+    def reduce_sum(self, x: str, axes, suffix: str, keepdims: bool = True, out=None) -> str:
+        axes_name = self.ints(f"{suffix}_axes", list(axes))
+        return self("ReduceSum", [x, axes_name], suffix, out, keepdims=int(keepdims))
+
+    def normalized(self, x: str, axes, count: int, epsilon: float) -> tuple[str, str, str]:
+        """x̂ = (x − mean) / sqrt(var + epsilon) over ``axes`` (``count`` values), its
+        1/sqrt(var + epsilon), and the constant 1/count."""
+        share = self.const("share", 1.0 / count)
+        mean = self("Mul", [self.reduce_sum(x, axes, "sum"), share], "mean")
+        centred = self("Sub", [x, mean], "centred")
+        square = self("Mul", [centred, centred], "square")
+        var = self("Mul", [self.reduce_sum(square, axes, "sum_square"), share], "var")
+        shifted = self("Add", [var, self.const("epsilon", epsilon)], "shifted")
+        invstd = self("Reciprocal", [self("Sqrt", [shifted], "std")], "invstd")
+        return self("Mul", [centred, invstd], "xhat"), invstd, share
+
+    def normalization_dx(self, g, xhat, invstd, share, axes, out=None) -> str:
+        """invstd · (g − mean(g) − x̂ · mean(g · x̂)) over ``axes``."""
+        mean_g = self("Mul", [self.reduce_sum(g, axes, "sum_g"), share], "mean_g")
+        gx = self("Mul", [g, xhat], "gx")
+        mean_gx = self("Mul", [self.reduce_sum(gx, axes, "sum_gx"), share], "mean_gx")
+        centred = self("Sub", [g, mean_g], "g_centred")
+        along = self("Mul", [xhat, mean_gx], "along")
+        return self("Mul", [self("Sub", [centred, along], "dxhat"), invstd], "dx", out)
+
+
+@emitter("layernorm_grad")
+def _layernorm_grad(e: Emitter, node: Node) -> None:
+    x, weight, dy = node.inputs
+    dx, dweight, dbias = _names(node.outputs)
+    axis, rank = node.attrs["axis"], x.type.rank
+    step = _Steps(e, node)
+    xhat, invstd, share = step.normalized(x.name, [axis], x.shape[axis], node.attrs["epsilon"])
+    along_axis = step.ints("weight_shape", [-1, *(1,) * (rank - 1 - axis)])
+    g = step("Mul", [dy.name, step("Reshape", [weight.name, along_axis], "weight")], "g")
+    step.normalization_dx(g, xhat, invstd, share, [axis], out=dx)
+    others = [a for a in range(rank) if a != axis]
+    step.reduce_sum(step("Mul", [dy.name, xhat], "dy_xhat"), others, "dweight", False, dweight)
+    step.reduce_sum(dy.name, others, "dbias", False, dbias)
+
+
+@emitter("groupnorm_grad")
+def _groupnorm_grad(e: Emitter, node: Node) -> None:
+    x, weight, dy = node.inputs
+    dx, dweight, dbias = _names(node.outputs)
+    groups, rank = node.attrs["groups"], x.type.rank
+    spatial = x.shape[2:]
+    if not all(isinstance(d, int) for d in spatial):
+        raise e.refuse(node, "a group norm's gradient at spatial sizes known only at run time")
+    count = x.shape[1] // groups * int(np.prod(spatial, dtype=np.int64))
+    step = _Steps(e, node)
+    grouped = step.ints("grouped_shape", [0, groups, -1])
+    shape = step("Shape", [x.name], "shape")
+    xg = step("Reshape", [x.name, grouped], "grouped")
+    xhat_g, invstd, share = step.normalized(xg, [2], count, node.attrs["epsilon"])
+    xhat = step("Reshape", [xhat_g, shape], "xhat_map")
+    per_channel = step.ints("weight_shape", [-1, *(1,) * (rank - 2)])
+    g = step("Mul", [dy.name, step("Reshape", [weight.name, per_channel], "weight")], "g")
+    g_grouped = step("Reshape", [g, grouped], "g_grouped")
+    dxg = step.normalization_dx(g_grouped, xhat_g, invstd, share, [2])
+    step("Reshape", [dxg, shape], "dx_map", dx)
+    others = [0, *range(2, rank)]
+    step.reduce_sum(step("Mul", [dy.name, xhat], "dy_xhat"), others, "dweight", False, dweight)
+    step.reduce_sum(dy.name, others, "dbias", False, dbias)
+
+
+@emitter("lrn_grad")
+def _lrn_grad(e: Emitter, node: Node) -> None:
+    # y = x · d^−β, d = k + α/size · S(x²), S the sum over channels c − before … c + after:
+    # dx = dy · d^−β − 2αβ/size · x · S'(dy · x · d^−β / d), S' over c − after … c + before.
+    x, dy = node.inputs
+    a = node.attrs
+    size, rank, channels = a["size"], x.type.rank, x.shape[1]
+    before = (size - 1) // 2
+    after = size - 1 - before
+    step = _Steps(e, node)
+
+    def window(t: str, lead: int, trail: int, suffix: str) -> str:
+        pads = [0] * (2 * rank)
+        pads[1], pads[rank + 1] = lead, trail
+        padded = step("Pad", [t, step.ints(f"{suffix}_pads", pads)], f"{suffix}_padded")
+        total = None
+        for offset in range(lead + trail + 1):
+            bounds = [
+                step.ints(f"{suffix}_{offset}_{end}", [v])
+                for end, v in (("start", offset), ("end", offset + channels), ("axis", 1))
+            ]
+            part = step("Slice", [padded, *bounds], f"{suffix}_{offset}")
+            total = part if total is None else step("Add", [total, part], f"{suffix}_to{offset}")
+        return total
+
+    square = step("Mul", [x.name, x.name], "square")
+    scaled = step(
+        "Mul",
+        [window(square, before, after, "sum"), step.const("alpha", a["alpha"] / size)],
+        "scaled",
+    )
+    d = step("Add", [scaled, step.const("k", a["bias"])], "d")
+    factor = step("Pow", [d, step.const("minus_beta", -a["beta"])], "factor")
+    dyx = step("Mul", [dy.name, x.name], "dyx")
+    t = step("Div", [step("Mul", [dyx, factor], "dyxf"), d], "t")
+    spread = window(t, after, before, "spread")
+    direct = step("Mul", [dy.name, factor], "direct")
+    coupling = step(
+        "Mul",
+        [step("Mul", [x.name, spread], "xs"), step.const("c", 2 * a["alpha"] * a["beta"] / size)],
+        "coupling",
+    )
+    step("Sub", [direct, coupling], "dx", node.output.name)
 
 
 # ---- model ----------------------------------------------------------------------------------

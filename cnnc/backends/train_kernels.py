@@ -168,8 +168,9 @@ def _derivative(op: str, attrs: dict) -> Callable[[np.ndarray], np.ndarray]:
         alpha = attrs["alpha"]
         return lambda x: np.where(x > 0, 1.0, alpha).astype(x.dtype)
     if op == "clip":
+        # 0 at the bounds themselves, as torch.clamp, hardtanh and relu6 give
         low, high = attrs["min"], attrs["max"]
-        return lambda x: ((x >= low) & (x <= high)).astype(x.dtype)
+        return lambda x: ((x > low) & (x < high)).astype(x.dtype)
     if op == "sigmoid":
         return lambda x: (lambda s: s * (1 - s))(_sig(x))
     if op == "tanh":
@@ -180,7 +181,8 @@ def _derivative(op: str, attrs: dict) -> Callable[[np.ndarray], np.ndarray]:
         alpha, beta = attrs["alpha"], attrs["beta"]
         return lambda x: np.where((alpha * x + beta > 0) & (alpha * x + beta < 1), alpha, 0.0)
     if op == "hardswish":
-        return lambda x: np.where(x < -3, 0.0, np.where(x <= 3, x / 3 + 0.5, 1.0))
+        # PyTorch's values at the kinks: 0 at -3, 1 at 3
+        return lambda x: np.where(x <= -3, 0.0, np.where(x < 3, x / 3 + 0.5, 1.0))
     if op == "gelu":
         if attrs["approximate"] == "tanh":
             k = np.sqrt(2 / np.pi)
@@ -433,5 +435,96 @@ def adaptive_maxpool_grad(node: Node):
         base = (np.arange(n * c) * area).reshape(n, c, 1)
         dx = np.bincount((chosen + base).ravel(), weights=dy.reshape(-1), minlength=n * c * area)
         return dx.astype(dy.dtype, copy=False).reshape(x.shape)
+
+    return run
+
+
+# ---- gradients of the normalizations ---------------------------------------------------------
+
+
+def _normalized_rows(x3: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """x̂ and 1/sqrt(var + epsilon) of x3 [outer, size, inner] along axis 1 (biased
+    variance of the deviations, as the forward kernels compute it)."""
+    centred = x3 - x3.mean(axis=1, keepdims=True)
+    var = np.square(centred).mean(axis=1, keepdims=True)
+    invstd = 1.0 / np.sqrt(var + x3.dtype.type(epsilon))
+    return centred * invstd, invstd
+
+
+def _normalization_dx(g: np.ndarray, xhat: np.ndarray, invstd: np.ndarray) -> np.ndarray:
+    """dx of x̂ = (x − mean) · invstd along axis 1 of [outer, size, inner], given g = dL/dx̂:
+    invstd · (g − mean(g) − x̂ · mean(g · x̂))."""
+    mean_g = g.mean(axis=1, keepdims=True)
+    mean_gx = (g * xhat).mean(axis=1, keepdims=True)
+    return invstd * (g - mean_g - xhat * mean_gx)
+
+
+@train_kernel("layernorm_grad")
+def layernorm_grad(node: Node):
+    axis, epsilon = node.attrs["axis"], node.attrs["epsilon"]
+
+    def run(x, weight, dy):
+        size = x.shape[axis]
+        outer = int(np.prod(x.shape[:axis]))
+        x3, dy3 = x.reshape(outer, size, -1), dy.reshape(outer, size, -1)
+        xhat, invstd = _normalized_rows(x3, epsilon)
+        dweight = np.einsum("oci,oci->c", dy3, xhat)
+        dbias = dy3.sum(axis=(0, 2))
+        dx = _normalization_dx(dy3 * weight.reshape(1, -1, 1), xhat, invstd)
+        dtype = x.dtype
+        return [dx.reshape(x.shape).astype(dtype, copy=False), dweight, dbias]
+
+    return run
+
+
+@train_kernel("groupnorm_grad")
+def groupnorm_grad(node: Node):
+    groups, epsilon = node.attrs["groups"], node.attrs["epsilon"]
+
+    def run(x, weight, dy):
+        n, c = x.shape[:2]
+        # [n, groups, values of the group, 1]: each group of each item normalized as a row
+        xhat, invstd = _normalized_rows(x.reshape(n * groups, -1, 1), epsilon)
+        per_channel = (n, c, -1)
+        xhat_c, dy_c = xhat.reshape(per_channel), dy.reshape(per_channel)
+        dweight = np.einsum("ncp,ncp->c", dy_c, xhat_c)
+        dbias = dy_c.sum(axis=(0, 2))
+        g = (dy_c * weight.reshape(1, -1, 1)).reshape(xhat.shape)
+        dx = _normalization_dx(g, xhat, invstd)
+        return [dx.reshape(x.shape).astype(x.dtype, copy=False), dweight, dbias]
+
+    return run
+
+
+def _channel_window_sum(t: np.ndarray, lead: int, trail: int) -> np.ndarray:
+    """At each channel c, the sum of t over channels c − lead … c + trail that exist."""
+    channels = t.shape[1]
+    lead, trail = min(lead, channels - 1), min(trail, channels - 1)
+    padded = np.zeros((t.shape[0], lead + channels + trail, *t.shape[2:]), t.dtype)
+    padded[:, lead : lead + channels] = t
+    sums = padded[:, :channels].copy()
+    for offset in range(1, lead + trail + 1):
+        sums += padded[:, offset : offset + channels]
+    return sums
+
+
+@train_kernel("lrn_grad")
+def lrn_grad(node: Node):
+    a = node.attrs
+    size = a["size"]
+    before = (size - 1) // 2
+    after = size - 1 - before
+
+    def run(x, dy):
+        # y = x · d^−β, d = k + α/size · (window sum of x²): dx_j = dy_j · d_j^−β
+        # − 2αβ/size · x_j · Σ over the windows c holding j of dy_c · x_c · d_c^(−β−1)
+        kind = x.dtype.type
+        d = _channel_window_sum(np.square(x), before, after)
+        d *= kind(a["alpha"] / size)
+        d += kind(a["bias"])
+        scale = np.power(d, kind(-a["beta"]))
+        spread = _channel_window_sum(dy * x * scale / d, after, before)
+        dx = dy * scale - kind(2 * a["alpha"] * a["beta"] / size) * x * spread
+        return dx.astype(x.dtype, copy=False)
 
     return run

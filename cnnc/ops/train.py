@@ -363,3 +363,65 @@ for _op in (AxisMatmul, SliceGrad, AdaptiveMaxPoolGrad):
     register_op(_op())
 
 TRAINING_OPS = TRAINING_OPS | {"axis_matmul", "slice_grad", "adaptive_maxpool_grad"}
+
+
+# ---- gradients of the normalizations (layernorm, groupnorm, lrn) ------------------------------
+# Each recomputes the statistics of its forward op from x (a pass over x, cheaper than keeping
+# them alive from the forward pass to the backward one).
+
+
+class LayerNormGrad(OpDef):
+    """inputs (x, weight, dy); attrs axis, epsilon of y = layernorm(x, weight, bias): the
+    gradients (dx, dweight, dbias)."""
+
+    name = "layernorm_grad"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        x, weight, dy = inputs
+        _same(self.name, x, dy, "output gradient")
+        axis = attrs["axis"]
+        if not 0 < axis < x.rank or weight.shape != (x.shape[axis],):
+            raise ShapeError(f"layernorm_grad: weight {weight} and axis {axis} do not fit {x}")
+        return [x, weight, weight]
+
+    def describe(self, node) -> str:
+        return f"axis={node.attrs['axis']} eps={node.attrs['epsilon']:g}"
+
+
+class GroupNormGrad(OpDef):
+    """inputs (x, weight, dy); attrs groups, epsilon of y = groupnorm(x, weight, bias): the
+    gradients (dx, dweight, dbias)."""
+
+    name = "groupnorm_grad"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        x, weight, dy = inputs
+        _same(self.name, x, dy, "output gradient")
+        groups = attrs["groups"]
+        if x.rank < 2 or weight.shape != (x.shape[1],) or x.shape[1] % groups:
+            raise ShapeError(f"groupnorm_grad: weight {weight} and {groups} groups do not fit {x}")
+        return [x, weight, weight]
+
+    def describe(self, node) -> str:
+        return f"g={node.attrs['groups']} eps={node.attrs['epsilon']:g}"
+
+
+class LrnGrad(OpDef):
+    """inputs (x, dy); attrs size, alpha, beta, bias of y = lrn(x): the gradient dx."""
+
+    name = "lrn_grad"
+
+    def infer(self, inputs: list[TensorType], attrs: dict[str, Any]) -> list[TensorType]:
+        x, dy = inputs
+        _same(self.name, x, dy, "output gradient")
+        return [x]
+
+    def describe(self, node) -> str:
+        a = node.attrs
+        return f"size={a['size']} alpha={a['alpha']:g} beta={a['beta']:g} k={a['bias']:g}"
+
+
+for _op in (LayerNormGrad, GroupNormGrad, LrnGrad):
+    register_op(_op())
+
+TRAINING_OPS = TRAINING_OPS | {"layernorm_grad", "groupnorm_grad", "lrn_grad"}

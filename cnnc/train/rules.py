@@ -121,11 +121,16 @@ def _sub(g: GradContext):
 
 @gradient("mul")
 def _mul(g: GradContext):
-    a, b = g.x(0), g.x(1)
-    dy = g.dy()
-    da = g.sum_to(g.emit("mul", [dy, b], suffix=".a"), a) if g.needs(0) else None
-    db = g.sum_to(g.emit("mul", [dy, a], suffix=".b"), b) if g.needs(1) else None
-    return [da, db]
+    # y = x0 · x1 · … : dxi = dy · (the product of the others), summed to xi's shape
+    xs, dy = g.node.inputs, g.dy()
+    grads = []
+    for i, x in enumerate(xs):
+        if not g.needs(i):
+            grads.append(None)
+            continue
+        others = [v for j, v in enumerate(xs) if j != i]
+        grads.append(g.sum_to(g.emit("mul", [dy, *others], suffix=f".{i}"), x))
+    return grads
 
 
 @gradient("div")
@@ -390,4 +395,168 @@ def _concat(g: GradContext):
         else:
             grads.append(None)
         start = stop
+    return grads
+
+
+# ---- per-channel scales, normalizations, linear layers, transposes ------------------------------
+
+
+def _per_channel_sum(g: GradContext, t, suffix: str):
+    """t summed over every axis but the channels (1): [C]."""
+    axes = (0, *range(2, t.type.rank))
+    return g.emit("reduce_sum", [t], {"axes": axes, "keepdims": False}, suffix=suffix)
+
+
+def _channel_view(g: GradContext, w, rank: int):
+    """A [C] parameter as [C, 1, ..., 1], the layout that multiplies a rank-``rank`` map per
+    channel (a scale's weight)."""
+    if rank == 2:
+        return w
+    return g.emit("reshape", [w], {"shape": (1,) * (rank - 2)}, suffix=".per_channel")
+
+
+@gradient("affine")
+def _affine(g: GradContext):
+    x, w, _ = g.node.inputs
+    dy = g.dy()
+    return [
+        g.emit("scale", [dy, _channel_view(g, w, x.type.rank)], suffix=".x")
+        if g.needs(0)
+        else None,
+        _per_channel_sum(g, g.emit("mul", [dy, x], suffix=".dyx"), ".weight")
+        if g.needs(1)
+        else None,
+        bias_grad(g, dy) if g.needs(2) else None,
+    ]
+
+
+@gradient("scale")
+def _scale(g: GradContext):
+    x, w = g.node.inputs
+    dy = g.dy()
+    return [
+        g.emit("scale", [dy, w], suffix=".x") if g.needs(0) else None,
+        g.sum_to(g.emit("mul", [dy, x], suffix=".dyx"), w) if g.needs(1) else None,
+    ]
+
+
+@gradient("bn")
+def _bn(g: GradContext):
+    # Inference mode (frozen statistics, as a network in eval() fine-tunes): y = x̂ · w + b,
+    # x̂ = (x − running_mean) / sqrt(running_var + eps); the bn op itself computes
+    # dx = dy · w / sqrt(running_var + eps) (mean and bias 0) and x̂ (weight 1, bias 0).
+    x, w, _, mean, var = g.node.inputs
+    dy = g.dy()
+    channels = x.shape[1]
+    zeros = g.constant(np.zeros(channels), ".zeros")
+    attrs = {"epsilon": g.attrs["epsilon"]}
+    grads = [None] * 5
+    if g.needs(0):
+        grads[0] = g.emit("bn", [dy, w, zeros, zeros, var], attrs, suffix=".x")
+    if g.needs(1):
+        ones = g.constant(np.ones(channels), ".ones")
+        xhat = g.emit("bn", [x, ones, zeros, mean, var], attrs, suffix=".xhat")
+        grads[1] = _per_channel_sum(g, g.emit("mul", [dy, xhat], suffix=".dyxhat"), ".weight")
+    if g.needs(2):
+        grads[2] = bias_grad(g, dy)
+    return grads
+
+
+@gradient("prelu")
+def _prelu(g: GradContext):
+    # y = x where x > 0, else w · x: the part of dy where x ≤ 0 is dy − relu'(x) · dy
+    # (exact: each element is dy or 0), scaled by the slopes for dx, and times x for dw.
+    x, w = g.node.inputs
+    dy, rank = g.dy(), x.type.rank
+    relu = {"activation": "relu", "activation_attrs": {}}
+    positive = g.emit("activation_grad", [x, dy], relu, suffix=".positive")
+    rest = g.emit("sub", [dy, positive], suffix=".rest")
+    shared = w.shape != (x.shape[1],)  # one slope for every channel
+    grads = [None, None]
+    if g.needs(0):
+        if shared:
+            slope = g.emit("reshape", [w], {"shape": (1,) * (rank - 1)}, suffix=".slope")
+            scaled = g.emit("mul", [rest, slope], suffix=".scaled")
+        else:
+            scaled = g.emit("scale", [rest, _channel_view(g, w, rank)], suffix=".scaled")
+        grads[0] = g.emit("add", [positive, scaled], suffix=".x")
+    if g.needs(1):
+        product = g.emit("mul", [rest, x], suffix=".restx")
+        if shared:
+            total = g.emit(
+                "reduce_sum", [product], {"axes": (0,), "keepdims": True}, suffix=".batch"
+            )
+            axes = {"axes": tuple(range(1, rank)), "keepdims": False}
+            grads[1] = g.emit("reduce_sum", [total], axes, suffix=".weight")
+        else:
+            grads[1] = _per_channel_sum(g, product, ".weight")
+    return grads
+
+
+@gradient("layernorm")
+def _layernorm(g: GradContext):
+    x, w, _ = g.node.inputs
+    attrs = {"axis": g.attrs["axis"], "epsilon": g.attrs["epsilon"]}
+    dx, dw, db = g.emit_outputs("layernorm_grad", [x, w, g.dy()], attrs)
+    return [dx, dw, db]
+
+
+@gradient("groupnorm")
+def _groupnorm(g: GradContext):
+    x, w, _ = g.node.inputs
+    attrs = {"groups": g.attrs["groups"], "epsilon": g.attrs["epsilon"]}
+    dx, dw, db = g.emit_outputs("groupnorm_grad", [x, w, g.dy()], attrs)
+    return [dx, dw, db]
+
+
+@gradient("lrn")
+def _lrn(g: GradContext):
+    return [g.emit("lrn_grad", [g.x(), g.dy()], dict(g.attrs))]
+
+
+@gradient("transpose")
+def _transpose(g: GradContext):
+    perm = tuple(g.attrs["perm"])
+    inverse = tuple(perm.index(a) for a in range(len(perm)))
+    return [g.emit("transpose", [g.dy()], {"perm": inverse})]
+
+
+@gradient("linear")
+def _linear(g: GradContext):
+    # The same product at every position is a 1-D convolution of kernel 1 once the axis is
+    # the channel axis and the other axes one: dx is its transposed convolution by the
+    # weight [K, C, 1], dw its weight gradient; the bias sums dy over all axes but the axis.
+    x, w = g.x(0), g.x(1)
+    dy, axis, rank = g.dy(), g.attrs["axis"], x.type.rank
+    c = w.shape[1]
+    perm = (0, axis, *(a for a in range(1, rank) if a != axis))
+
+    def as_conv1d(v, suffix: str):
+        if axis != 1:
+            v = g.emit("transpose", [v], {"perm": perm}, suffix=f".{suffix}_first")
+        if rank != 3:
+            positions = int(np.prod(v.shape[2:]))
+            v = g.emit("reshape", [v], {"shape": (v.shape[1], positions)}, suffix=f".{suffix}3")
+        return v
+
+    window = {"stride": (1,), "pads": (0, 0), "dilation": (1,), "groups": 1}
+    dy3 = as_conv1d(dy, "dy")
+    grads = [None, None]
+    if g.needs(0):
+        kernel = g.emit("reshape", [w], {"shape": (c, 1)}, suffix=".kernel")
+        dx = g.emit("conv_transpose", [dy3, kernel], {**window, "output_pad": (0,)}, suffix=".x3")
+        moved = tuple(x.shape[a] for a in perm)
+        if rank != 3:
+            dx = g.emit("reshape", [dx], {"shape": moved[1:]}, suffix=".x_moved")
+        if axis != 1:
+            inverse = tuple(perm.index(a) for a in range(rank))
+            dx = g.emit("transpose", [dx], {"perm": inverse}, suffix=".x")
+        grads[0] = dx
+    if g.needs(1):
+        x3 = as_conv1d(x, "x")
+        dw = g.emit("conv_grad_weight", [x3, dy3], {**window, "kernel": (1,)}, suffix=".weight3")
+        grads[1] = g.emit("reshape", [dw], {"shape": (c,)}, suffix=".weight")
+    if len(g.node.inputs) > 2:
+        axes = {"axes": tuple(a for a in range(rank) if a != axis), "keepdims": False}
+        grads.append(g.emit("reduce_sum", [dy], axes, suffix=".bias") if g.needs(2) else None)
     return grads

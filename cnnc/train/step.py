@@ -383,6 +383,26 @@ def training_forward(
     return forward_nodes, running, masks
 
 
+def inference_forward(forward: Graph, graph: Graph, vmap: dict[int, Value]) -> list[Node]:
+    """Add ``forward``'s nodes to ``graph`` as they are, reading ``vmap`` as
+    :func:`training_forward` does, but in inference mode: bn with its running statistics,
+    dropout and drop_path the identity (PyTorch's eval() mode, in which a network may be
+    fine-tuned with frozen statistics). Returns the nodes made."""
+    nodes = []
+    for node in forward.nodes:
+        made = graph.add_node(
+            node.op,
+            [vmap[id(v)] for v in node.inputs],
+            node.attrs,
+            name=node.name,
+            loc=node.loc,
+            output_names=[o.name for o in node.outputs],
+        )
+        nodes.append(made)
+        vmap.update({id(old): new for old, new in zip(node.outputs, made.outputs, strict=True)})
+    return nodes
+
+
 @dataclass
 class GradientGraph:
     """A graph computing a loss and its gradients (see :func:`gradient_graph`)."""
@@ -397,11 +417,12 @@ class GradientGraph:
 
 
 def gradient_graph(
-    forward: Graph, *, dtype: str = "f32", data_gradients: bool = True
+    forward: Graph, *, dtype: str = "f32", data_gradients: bool = True, training: bool = True
 ) -> GradientGraph:
     """The graph of the mean squared error between ``forward``'s (single) output and a
     target, and of its gradient with respect to every parameter and, with
-    ``data_gradients``, every float input, in training mode, all in ``dtype``: what the
+    ``data_gradients``, every float input, in training mode (or, without ``training``, in
+    inference mode: see :func:`inference_forward`), all in ``dtype``: what the
     finite-difference checks of every gradient rule run. Inputs: parameters, statistics,
     the network's inputs, ``targets``, dropout masks. Outputs: ``loss``, then one gradient
     per parameter and per input, named ``<input>.grad``."""
@@ -419,7 +440,10 @@ def gradient_graph(
         vmap[id(v)] = graph.add_input(v.name, typed(v.type))
     out = forward.outputs[0]
     target = graph.add_input("targets", typed(out.type))
-    nodes, _, masks = training_forward(forward, graph, vmap)
+    if training:
+        nodes, _, masks = training_forward(forward, graph, vmap)
+    else:
+        nodes, masks = inference_forward(forward, graph, vmap), []
     prediction = vmap[id(out)]
     loss = graph.add_node("mse_loss", [prediction, target], name="loss").output
     seed = graph.add_node("mse_loss_grad", [prediction, target], name="loss.grad").output
