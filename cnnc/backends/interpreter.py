@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnc.backends import parallel
-from cnnc.backends.kernels import ALIASING, IN_PLACE, KERNELS, WEIGHTED, Kernel, runtime_weights
+from cnnc.backends.kernels import (
+    ALIASING,
+    IN_PLACE,
+    KERNELS,
+    WEIGHTED,
+    Kernel,
+    runtime_weights,
+    with_constants,
+)
 from cnnc.errors import CnncError, InputError, InternalError
 from cnnc.ir.graph import Graph, Node, Value
 
@@ -98,15 +106,22 @@ class Interpreter:
         # storage; it dies at the last use of any of them.
         storage: dict[int, int] = {s: s for s in self.input_slots}
         storage_last_use: dict[int, int] = {}
+        param_views: set[int] = set()
         for i, node in enumerate(graph.nodes):
             for v in node.activations:
                 last_use[slot(v)] = i
                 storage_last_use[storage[slot(v)]] = i
             for out in node.outputs:
                 first = slot(node.activations[0]) if node.activations else None
-                storage[slot(out)] = storage[first] if node.op in ALIASING else slot(out)
+                if node.op in ALIASING and first is None:
+                    # A view of a parameter's array (reshape(p)): nothing writes over it.
+                    storage[slot(out)] = slot(out)
+                    param_views.add(slot(out))
+                else:
+                    storage[slot(out)] = storage[first] if node.op in ALIASING else slot(out)
         keep = {slot(v) for v in graph.outputs}
         pinned = {storage[s] for s in keep} | {storage[s] for s in self.input_slots}
+        pinned |= param_views
         self.steps: list[Step] = []
         for i, node in enumerate(graph.nodes):
             prepare = KERNELS.get(node.op)
@@ -114,7 +129,12 @@ class Interpreter:
                 raise InternalError(f"the interpreter has no kernel for op {node.op}")
             ins = [slot(v) for v in node.activations]
             outs = [slot(v) for v in node.outputs]
-            if node.op in WEIGHTED and any(not v.is_param for v in node.inputs[1:]):
+            # Parameters in places the op's kernel takes as arrays of the run (add(x, p)),
+            # and weights that are arrays of the run (a conv's weight fed as an input).
+            constants = node.op not in WEIGHTED and any(v.is_param for v in node.inputs)
+            if constants:
+                run = with_constants(node, prepare(node))
+            elif node.op in WEIGHTED and any(not v.is_param for v in node.inputs[1:]):
                 if node.inputs[0].is_param:
                     raise InternalError(f"node {node.name} ({node.op}) reads a parameter first")
                 run = runtime_weights(node, prepare)
@@ -123,7 +143,8 @@ class Interpreter:
             free = sorted({s for s in ins if last_use[s] == i and s not in keep})
             first = storage[ins[0]] if ins else None
             in_place = (
-                node.op in IN_PLACE
+                not constants
+                and node.op in IN_PLACE
                 and first not in pinned
                 and storage_last_use[first] == i
                 and node.activations[0].type == node.output.type

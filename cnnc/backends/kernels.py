@@ -85,6 +85,20 @@ def runtime_weights(node: Node, prepare: Callable[[Node], Kernel]) -> Kernel:
     return run
 
 
+def with_constants(node: Node, ready: Kernel) -> Kernel:
+    """The kernel of a node of an op whose kernel takes every input (add, mul, concat, ...)
+    when some of them are parameters: called with the node's other inputs, it passes each
+    parameter's array in its place."""
+    constants = {i: v.data for i, v in enumerate(node.inputs) if v.is_param}
+    count = len(node.inputs)
+
+    def run(*xs: np.ndarray) -> np.ndarray:
+        given = iter(xs)
+        return ready(*(constants[i] if i in constants else next(given) for i in range(count)))
+
+    return run
+
+
 def kernel(op: str):
     """Register the prepare function of IR op ``op``."""
 
