@@ -333,3 +333,27 @@ def test_a_batch_split_passes_a_fed_weight_whole_to_each_share():
     assert interpreter._splits_batch(8)
     expected = Interpreter(graph, threads=1).run(x)[0]
     _close(interpreter.run(x, *_param_arrays(graph))[0], expected, 1e-6)
+
+
+def test_parameters_reach_kernels_that_take_every_input():
+    """mul(x, p), add(p, x, p), dropout(p): the parameter's array is passed in its place
+    (it used to be left out, and mul(x, p) returned x); an in-place relu after a view of a
+    parameter writes a copy, never the parameter's own array."""
+    graph = Graph("g")
+    x = graph.add_input("x", TensorType("f32", (2, 3)))
+    p = graph.add_param("p", (2, 3))
+    data = np.array([[2, -3, 4], [-1, 5, 0.5]], np.float32)
+    p.set_data(data.copy())
+    product = graph.add_node("mul", [x, p], name="product").output
+    total = graph.add_node("add", [p, x, p], name="total").output
+    view = graph.add_node("dropout", [p], {"ratio": 0.5}, name="view").output
+    rectified = graph.add_node("relu", [view], name="rectified").output
+    graph.outputs = [product, total, rectified]
+    verify(graph)
+    xs = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    for threads in (1, 2):
+        product_, total_, rectified_ = Interpreter(graph, threads=threads).run(xs)
+        np.testing.assert_array_equal(product_, xs * data)
+        np.testing.assert_array_equal(total_, data + xs + data)
+        np.testing.assert_array_equal(rectified_, np.maximum(data, 0))
+        np.testing.assert_array_equal(p.data, data)

@@ -65,7 +65,7 @@ def check_input(value: Value, x: np.ndarray, flexible_spatial: bool = False) -> 
         )
     if x.dtype != t.numpy_dtype or not fits:
         at_least = " (spatial sizes at least as large)" if flexible_spatial else ""
-        dims = ", ".join(str(d) for d in t.shape[1:] if batched)
+        dims = ", ".join(str(d) for d in t.shape[1:])
         shape = f"(batch, {dims})" if batched else str(tuple(t.shape))
         raise InputError(
             f"input %{value.name} expects {t}{at_least}, got {x.dtype} {list(x.shape)}",
