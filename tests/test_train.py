@@ -175,6 +175,23 @@ def test_a_loss_that_becomes_nan_names_epoch_and_step_and_keeps_the_last_checkpo
         assert np.isfinite(saved["c1.weight"]).all()
 
 
+@pytest.mark.parametrize("backend", ["numpy", "onnxruntime"])
+def test_a_last_batch_of_one_row_through_a_batch_norm_of_vectors_is_refused(tmp_path, backend):
+    """PyTorch refuses batch norm in training on one value per channel; so does cnnc, in
+    both backends, naming the layer and the step (the 33rd row makes a batch of 1)."""
+    out = tmp_path / "w.npz"
+    graph = graph_of("network n(x: 1x8x8) { flatten -> fc(16) -> norm: bn -> relu -> fc(10) }")
+    trainer = Trainer(graph, optimizer=Optimizer("sgd"), lr=0.01, batch=32, backend=backend)
+    with pytest.raises(cnnc.CnncError) as caught:
+        trainer.fit(cnnc.data.load(small_data(33)), epochs=1, val_split=0, output_path=out)
+    assert caught.value.message.startswith(
+        "batch norm norm would normalize one value per channel (a batch of 1 of f32[N,16])"
+    )
+    assert "at epoch 1, step 2 of 2" in caught.value.message
+    assert caught.value.hint == "pick a --batch that leaves no last batch of a single row"
+    assert not out.exists()
+
+
 def test_ctrl_c_in_the_command_exits_130_and_keeps_the_last_whole_epoch(tiny, tmp_path):
     out = tmp_path / "w.npz"
     proc = subprocess.Popen(

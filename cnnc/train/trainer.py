@@ -3,6 +3,7 @@ in onnxruntime, a validation pass and an atomic checkpoint after every epoch."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ EVAL_BATCH = 256  # items per run of the validation forward pass
 
 
 class TrainingError(CnncError):
-    """Training cannot go on: the loss or the weights stopped being finite."""
+    """Training cannot go on: the loss or the weights stopped being finite, or a batch
+    cannot be normalized."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -260,6 +262,14 @@ class Trainer:
         """One training step on a batch: updates the weights and the optimizer's state;
         returns the batch's loss and the network's output on it (before the update)."""
         step = self.step
+        for node in step.graph.nodes:
+            if node.op == "bn_train" and len(x) * math.prod(node.inputs[0].shape[2:]) == 1:
+                raise TrainingError(
+                    f"batch norm {node.name} would normalize one value per channel (a batch "
+                    f"of 1 of {node.inputs[0].type}), which has no variance (PyTorch refuses "
+                    "it too)",
+                    hint="pick a --batch that leaves no last batch of a single row",
+                )
         feeds = dict(self.state)
         feeds[step.data[0]] = x
         feeds[step.target] = y
@@ -367,7 +377,7 @@ class Trainer:
                         raise TrainingError(
                             f"{e.message} at epoch {epoch}, step {step} of {steps} "
                             f"(step {self.steps_done + 1} of the run); {saved}",
-                            hint="lower --lr, or check the data for extreme values",
+                            hint=e.hint or "lower --lr, or check the data for extreme values",
                         ) from None
                     seen += len(y)
                     loss_sum += loss * len(y)
