@@ -357,3 +357,16 @@ def test_parameters_reach_kernels_that_take_every_input():
         np.testing.assert_array_equal(total_, data + xs + data)
         np.testing.assert_array_equal(rectified_, np.maximum(data, 0))
         np.testing.assert_array_equal(p.data, data)
+
+
+def test_a_graph_of_an_op_that_reads_the_whole_batch_never_runs_in_shares():
+    """mse_loss_grad divides by the whole batch's size: run in shares of 4 items it would
+    come out twice too large, though every value of the graph has a batch axis."""
+    graph = Graph("g")
+    pred = graph.add_input("pred", TensorType("f32", ("N", 3)))
+    target = graph.add_input("target", TensorType("f32", ("N", 3)))
+    graph.outputs = [graph.add_node("mse_loss_grad", [pred, target], name="d").output]
+    interpreter = Interpreter(graph, threads=2)
+    assert not interpreter._splits_batch(8)
+    x, t = np.ones((8, 3), np.float32), np.zeros((8, 3), np.float32)
+    np.testing.assert_allclose(interpreter.run(x, t)[0], np.full((8, 3), 2 / 24), rtol=1e-6)

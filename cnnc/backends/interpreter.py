@@ -20,6 +20,7 @@ from cnnc.backends.kernels import (
 )
 from cnnc.errors import CnncError, InputError, InternalError
 from cnnc.ir.graph import Graph, Node, Value
+from cnnc.ops.train import TRAINING_OPS
 
 
 @dataclass
@@ -156,8 +157,11 @@ class Interpreter:
         # A batch runs in shares only when every value keeps its batch axis: a value
         # without one (a loss, a sum over the batch, a gradient of the weights) may mix
         # the items, and shares of it could not be concatenated.
+        # Nor when an op of a training graph reads the whole batch (a loss's gradient divides
+        # by the batch size, a batch norm in training takes its statistics over it).
         self.splittable = (
             bool(self.batched_inputs)
+            and not any(node.op in TRAINING_OPS for node in graph.nodes)
             and all(is_batched(out) for node in graph.nodes for out in node.outputs)
             and all(is_batched(v) for v in graph.outputs)
         )
