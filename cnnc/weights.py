@@ -425,3 +425,26 @@ def check_finite(graph: Graph, where: str) -> None:
             where,
             hint="pass --allow-nonfinite (allow_nonfinite=True) to run it all the same",
         )
+
+
+def initial_weights(graph: Graph, seed: int) -> dict[str, np.ndarray]:
+    """Seeded initial tensors for training ``graph`` (a lowered graph): PyTorch's for
+    normalization layers (scales 1, shifts 0, running mean 0 and variance 1) and cnnc's
+    seeded rules for the rest (He-normal weights, PyTorch's uniform biases)."""
+    stats = {}
+    for node in graph.nodes:
+        if node.op == "bn":
+            stats[node.inputs[3].name] = 0.0  # running mean
+            stats[node.inputs[4].name] = 1.0  # running variance
+    out = {}
+    for name, p in graph.params.items():
+        kind = (p.init or ("he_normal", 1))[0]
+        if name in stats:
+            out[name] = np.full(p.shape, stats[name], np.float32)
+        elif kind == "bn_scale":
+            out[name] = np.ones(p.shape, np.float32)
+        elif kind == "bn_shift":
+            out[name] = np.zeros(p.shape, np.float32)
+        else:
+            out[name] = initial_value(p, seed)
+    return out

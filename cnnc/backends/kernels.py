@@ -37,22 +37,6 @@ IN_PLACE = {"bn", "affine", "scale", "layernorm", "groupnorm"}
 # Ops whose outputs may share memory with their first input (views), so that memory lives
 # on until the last use of any of them, and no op writes over it in place before then.
 ALIASING = {"flatten", "dropout", "drop_path", "reshape", "transpose", "split", "slice", "crop"}
-# Ops whose prepare function reads their parameters (``node.inputs[i].data``), so that the
-# interpreter passes them only the other inputs; every other kernel takes all its inputs.
-PARAM_KERNELS = {
-    "conv",
-    "conv_transpose",
-    "fc",
-    "linear",
-    "prelu",
-    "bn",
-    "affine",
-    "scale",
-    "layernorm",
-    "groupnorm",
-}
-
-
 # Ops whose prepare function reads the inputs after the first as data (weights, biases,
 # statistics). A node of one whose such input is not a parameter but a value of the run (a
 # graph input, another node's output) runs through ``runtime_weights``.
@@ -68,6 +52,10 @@ WEIGHTED = {
     "layernorm",
     "groupnorm",
 }
+# Ops whose prepare function reads their parameters, so that the interpreter passes them only
+# the other inputs: the WEIGHTED ops and the training ops (cnnc/backends/train_kernels.py adds
+# them); every other kernel takes all its inputs, parameters included.
+PARAM_KERNELS = set(WEIGHTED)
 
 
 class _Given:

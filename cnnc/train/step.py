@@ -96,21 +96,20 @@ class TrainingStep:
 
     def initial_state(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Every state input's starting value by name: the forward graph's parameters where
-        they have data (loaded weights), else seeded initial ones (PyTorch's for batch norm:
-        scale 1, shift 0, running mean 0 and variance 1); zero optimizer state."""
-        from cnnc.weights import initial_value
+        they have data (loaded weights), else the seeded initial ones of
+        :func:`cnnc.weights.initial_weights` (what ``cnnc train`` starts from); zero
+        optimizer state."""
+        from cnnc.weights import initial_weights
 
-        bn = {id(n.inputs[i]): i for n in self.forward.nodes if n.op == "bn" for i in (1, 2, 3, 4)}
+        fresh: dict[str, np.ndarray] | None = None
         state = {}
         for name in [*self.params, *self.statistics]:
             p = self.forward.params[name]
             if p.has_data:
                 state[name] = np.asarray(p.data)
-            elif id(p) in bn:
-                fill = 1.0 if bn[id(p)] in (1, 4) else 0.0
-                state[name] = np.full(p.shape, fill, p.type.numpy_dtype)
             else:
-                state[name] = initial_value(p, seed)
+                fresh = fresh if fresh is not None else initial_weights(self.forward, seed)
+                state[name] = fresh[name]
         state.update(self.initial_optimizer_state())
         return state
 

@@ -18,6 +18,7 @@ from cnnc.errors import CnncError, UsageError
 from cnnc.ir.graph import Graph
 from cnnc.npyfile import ArrayFileError, NpzArchive, open_array_file, write_npz
 from cnnc.train.step import Optimizer, _classifier_logits, build_step
+from cnnc.weights import initial_weights
 
 BACKENDS = ("numpy", "onnxruntime")
 EVAL_BATCH = 256  # items per run of the validation forward pass
@@ -90,29 +91,6 @@ class TrainResult:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The network's output on ``x`` with the learned weights (inference mode)."""
         return self.trainer.forward(x)[1]
-
-
-def initial_weights(graph: Graph, seed: int) -> dict[str, np.ndarray]:
-    """Seeded initial tensors for training ``graph`` (a lowered graph): PyTorch's for
-    normalization layers (scales 1, shifts 0, running mean 0 and variance 1) and cnnc's
-    seeded rules for the rest (He-normal weights, PyTorch's uniform biases)."""
-    stats = {}
-    for node in graph.nodes:
-        if node.op == "bn":
-            stats[node.inputs[3].name] = 0.0  # running mean
-            stats[node.inputs[4].name] = 1.0  # running variance
-    out = {}
-    for name, p in graph.params.items():
-        kind = (p.init or ("he_normal", 1))[0]
-        if name in stats:
-            out[name] = np.full(p.shape, stats[name], np.float32)
-        elif kind == "bn_scale":
-            out[name] = np.ones(p.shape, np.float32)
-        elif kind == "bn_shift":
-            out[name] = np.zeros(p.shape, np.float32)
-        else:
-            out[name] = weights_mod.initial_value(p, seed)
-    return out
 
 
 def batch_counters(graph: Graph) -> dict[str, str]:
