@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -1009,6 +1010,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        if isinstance(e, BrokenPipeError) or isinstance(e.__context__, BrokenPipeError):
+            # The reader of standard output stopped reading (`cnnc dump ... | head`): end
+            # quietly, with the status of a process that SIGPIPE ended, as coreutils' do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + 13
         if args.debug:
             raise
         error = e if isinstance(e, CnncError) else last_resort(e, args.command, args.model)

@@ -323,3 +323,20 @@ def test_a_folder_without_write_permission_is_one_error(tmp_path, capsys, monkey
         code, _, err = cli(capsys, cmd, program, "-o", tmp_path / name)
         assert_error(code, err, f"{tmp_path / name}: error: cannot write: Permission denied")
     assert os.listdir(tmp_path) == ["tiny.cnn"]
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`cnnc compile BIG -o - | head -c 10`: no error message, the status of a process
+    ended by SIGPIPE (141), as coreutils give."""
+    from conftest import CNNC
+
+    proc = subprocess.Popen(
+        [str(CNNC), "compile", "examples/alexnet.cnn", "-o", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "error" not in stderr and "Traceback" not in stderr
