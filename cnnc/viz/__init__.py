@@ -1,0 +1,1 @@
+"""Pictures of networks: the graph drawn, feature maps, reports."""
