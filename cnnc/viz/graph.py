@@ -31,7 +31,7 @@ from cnnc.ir.graph import Graph, Node, is_statistic
 
 # Sizes, in SVG user units (pixels).
 FONT = 11  # px; a character of the sans-serif font is taken as CHAR wide, generously
-CHAR = 0.62 * FONT
+CHAR = 0.66 * FONT
 BOX_H = 36
 MIN_BOX_W = 96
 GAP_X = 18  # between neighbours in a layer
@@ -424,7 +424,7 @@ def _lay_out(
                     for n, w, d in nbrs[k]
                     if items[n].layer == li + (-1 if downward else 1)
                 ]
-                if not side:
+                if len(side) != 1 and not (side and len(nbrs[k]) <= 3):
                     continue
                 n, _, d = max(side, key=lambda t: t[1])
                 want = items[n].x + d
