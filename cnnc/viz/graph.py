@@ -80,6 +80,15 @@ class Cluster:
     compact: bool = False  # no other box lies beside it: folding it removes its band
     anchor: float = 0.0  # x where the first value enters it: its folded box is centred there
 
+    @property
+    def title(self) -> str:
+        """The name inside the cluster around it (``branch2`` in ``inception3a``), but a
+        number keeps the word before it (``layer1.0``, not ``0``)."""
+        if not self.parent:
+            return self.name
+        rest = self.name[len(self.parent) + 1 :]
+        return f"{self.parent.rsplit('.', 1)[-1]}.{rest}" if rest[:1].isdigit() else rest
+
 
 @dataclass
 class Segment:
@@ -618,7 +627,7 @@ def layout(graph: Graph) -> Layout:
         width, height, tops, bottoms = _lay_out(items, level_edges, top, bottom)
         pad = PAD if group is not None else MARGIN
         if group is not None:
-            title_w = (len(group) + 2) * CHAR + 2 * PAD
+            title_w = (len(clusters[group].title) + 2) * CHAR + 2 * PAD
             extra = max(0.0, title_w - (width + 2 * pad)) / 2
         else:
             extra = 0.0
@@ -767,7 +776,7 @@ def folded_box(c: Cluster) -> tuple[float, float, float, float]:
 
 
 def _folded_lines(c: Cluster) -> list[str]:
-    return [f"▸ {c.name}", f"{c.ops} ops  {_count(c.params)} params"]
+    return [f"▸ {c.title}", f"{c.ops} ops  {_count(c.params)} params"]
 
 
 def fold_geometry(lay: Layout, folded: set[str]):
@@ -803,7 +812,8 @@ stroke-dasharray:4 2}
 .cnnc-graph .box text.op{font-weight:bold}
 .cnnc-graph .box text.sub{fill:#444}
 .cnnc-graph .cluster>rect{fill-opacity:.55;stroke:#8a8fa8;stroke-width:1}
-.cnnc-graph .ctitle{cursor:pointer;fill:#2f3a66;font-weight:bold}
+.cnnc-graph .ctitle{cursor:pointer;fill:#2f3a66;font-weight:bold;paint-order:stroke;
+stroke:#ffffff;stroke-width:3px;stroke-opacity:.8;stroke-linejoin:round}
 .cnnc-graph .ctitle:hover{text-decoration:underline}
 .cnnc-graph .folded{cursor:pointer}
 .cnnc-graph .folded rect{stroke:#2f3a66;stroke-width:1.4}
@@ -905,7 +915,7 @@ def render_svg(lay: Layout, name: str, folded: set[str], title: bool = True) -> 
         )
         out.append(
             f'<text class="ctitle{" hide" if is_shown else ""}" x="{_fmt(c.x + PAD)}" '
-            f'y="{_fmt(top + 15)}">▾ {escape(c.name)}<title>click to fold {escape(c.name)} '
+            f'y="{_fmt(top + 15)}">▾ {escape(c.title)}<title>click to fold {escape(c.name)} '
             f"({c.ops} ops, {c.params:,} params)</title></text>"
         )
         out.append(
