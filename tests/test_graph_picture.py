@@ -3,7 +3,11 @@ layers, clusters from the layer names), its SVG (valid XML, foldable) and its DO
 
 from __future__ import annotations
 
+import html
+import json
 import re
+import shutil
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 
@@ -13,7 +17,15 @@ import cnnc
 from cnnc.cli import main
 from cnnc.ir.graph import Graph
 from cnnc.ir.types import TensorType
-from cnnc.viz.graph import FOLDED_H, fold_geometry, folded_box, layout, to_dot, to_svg
+from cnnc.viz.graph import (
+    FOLDED_H,
+    fold_geometry,
+    folded_box,
+    layout,
+    render_svg,
+    to_dot,
+    to_svg,
+)
 from tests.conftest import EXAMPLES
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -223,3 +235,52 @@ def test_cnnc_graph_refuses_other_formats(tmp_path, capsys):
         == 1
     )
     assert "--fold applies to SVG" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium on PATH (apt-get install chromium): the folding script runs untested",
+)
+def test_in_a_browser_a_click_folds_a_cluster_as_the_python_drawing_does(tmp_path):
+    graph = graph_of("resnet18")
+    lay = layout(graph)
+    clicks = """<script>
+var s = document.querySelector("svg"), c = s.querySelector('.cluster[data-id="layer1"]');
+c.querySelector(".ctitle").dispatchEvent(new MouseEvent("click", {bubbles: true}));
+document.body.dataset.folded = s.getAttribute("height");
+document.body.dataset.edges = JSON.stringify([...s.querySelectorAll(".edge:not(.hide)")]
+  .map(e => e.getAttribute("d")));
+c.querySelector(".folded").dispatchEvent(new MouseEvent("click", {bubbles: true}));
+document.body.dataset.unfolded = s.getAttribute("height");
+</script>"""
+    page = tmp_path / "page.html"
+    page.write_text(f"<!doctype html><html><body>{to_svg(graph)}{clicks}</body></html>")
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    body = re.search(r"<body([^>]*)>", proc.stdout).group(1)
+    data = {k: html.unescape(v) for k, v in re.findall(r'data-(\w+)="([^"]*)"', body)}
+    _, _, _, height = fold_geometry(lay, {"layer1"})
+    assert float(data["folded"]) == pytest.approx(height, abs=0.11)
+    assert float(data["unfolded"]) == pytest.approx(lay.height, abs=0.11)
+    # Every edge the script redrew is where the Python drawing of the same state puts it.
+    drawn = ET.fromstring(render_svg(lay, graph.name, {"layer1"}))
+    expected = [
+        p.get("d")
+        for p in drawn.iter(f"{SVG}path")
+        if "edge" in p.get("class", "") and "hide" not in p.get("class", "")
+    ]
+    got = json.loads(data["edges"])
+    assert len(got) == len(expected) < len(lay.segments)
+
+    def numbers(d: str) -> list[float]:
+        return [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", d)]
+
+    for a, b in zip(got, expected, strict=True):
+        assert numbers(a) == pytest.approx(numbers(b), abs=0.15), (a, b)

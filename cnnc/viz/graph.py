@@ -20,6 +20,7 @@ title, with the same rule as :func:`fold_geometry` here, which draws the initial
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import json
 import math
@@ -294,8 +295,6 @@ def _lay_out(
     indegree = {k: len(preds[k]) for k in items}
     ready = sorted((it.order, k) for k, it in items.items() if indegree[k] == 0)
     topo: list[str] = []
-    import heapq
-
     heapq.heapify(ready)
     while ready:
         _, k = heapq.heappop(ready)
@@ -679,7 +678,7 @@ def layout(graph: Graph) -> Layout:
             )
 
     place(None, 0.0, 0.0)
-    _spread_arrows(segments, boxes)
+    _spread_arrows(segments)
     result = Layout(boxes, clusters, segments, [(v, s, d) for v, s, d, _ in edges], width, height)
     _mark_compact(result)
     return result
@@ -734,7 +733,7 @@ def _break_cycles(clusters: dict[str, Cluster], boxes: dict[str, Box], edges: li
         c.depth = 1 + sum(1 for _ in _chain(clusters, c.parent))
 
 
-def _spread_arrows(segments: list[Segment], boxes: dict[str, Box]) -> None:
+def _spread_arrows(segments: list[Segment]) -> None:
     """Edges into the same box end side by side along its top, in the order they come."""
     into: dict[tuple[float, float], list[Segment]] = {}
     for s in segments:
@@ -750,19 +749,16 @@ def _spread_arrows(segments: list[Segment], boxes: dict[str, Box]) -> None:
 
 
 def _mark_compact(lay: Layout) -> None:
+    """A cluster is compact when every box and cluster across its band of y lies inside it
+    or around it: folding it may then remove the band."""
     rects = [(k, b.cluster, b.y, b.y + b.h) for k, b in lay.boxes.items()]
     rects += [(k, c.parent, c.y, c.y + c.h) for k, c in lay.clusters.items()]
     for cid, c in lay.clusters.items():
-        inside = set()
-        mine = lay.ancestors(cid)
-        c.compact = True
-        for key, owner, y0, y1 in rects:
-            if y1 <= c.y or y0 >= c.y + c.h or key in mine:
-                continue
-            if key not in inside and cid not in lay.ancestors(owner):
-                c.compact = False
-                break
-            inside.add(key)
+        around = lay.ancestors(cid)
+        c.compact = all(
+            y1 <= c.y or y0 >= c.y + c.h or key in around or cid in lay.ancestors(owner)
+            for key, owner, y0, y1 in rects
+        )
 
 
 # ---- folding ------------------------------------------------------------------------------------
@@ -832,7 +828,9 @@ def _r(v: float) -> float:
 
 
 def _path(points: list[tuple[float, float]]) -> str:
-    """Straight where vertical, else a cubic with vertical tangents at both ends."""
+    """Straight where vertical, else a cubic with vertical tangents at both ends (decided on
+    the rounded coordinates, as the script does)."""
+    points = [(_r(x), _r(y)) for x, y in points]
     x0, y0 = points[0]
     d = [f"M{_fmt(x0)},{_fmt(y0)}"]
     for (ax, ay), (bx, by) in itertools.pairwise(points):
