@@ -493,20 +493,13 @@ def _prelu(g: GradContext):
     return grads
 
 
-@gradient("layernorm")
-def _layernorm(g: GradContext):
+@gradient("layernorm", "groupnorm")
+def _normalization(g: GradContext):
+    # layernorm_grad / groupnorm_grad recompute the statistics from x and give all three
     x, w, _ = g.node.inputs
-    attrs = {"axis": g.attrs["axis"], "epsilon": g.attrs["epsilon"]}
-    dx, dw, db = g.emit_outputs("layernorm_grad", [x, w, g.dy()], attrs)
-    return [dx, dw, db]
-
-
-@gradient("groupnorm")
-def _groupnorm(g: GradContext):
-    x, w, _ = g.node.inputs
-    attrs = {"groups": g.attrs["groups"], "epsilon": g.attrs["epsilon"]}
-    dx, dw, db = g.emit_outputs("groupnorm_grad", [x, w, g.dy()], attrs)
-    return [dx, dw, db]
+    keys = ("axis", "epsilon") if g.node.op == "layernorm" else ("groups", "epsilon")
+    attrs = {k: g.attrs[k] for k in keys}
+    return list(g.emit_outputs(f"{g.node.op}_grad", [x, w, g.dy()], attrs))
 
 
 @gradient("lrn")
