@@ -369,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="numpy",
         help="the NumPy interpreter (default) or onnxruntime",
     )
+    p.add_argument(
+        "--labels",
+        metavar="FILE|imagenet|digits",
+        help="class names for the per-class lines: a file of one name per line, or a built-in list",
+    )
 
     p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
     _model_args(p, default_level=0)
@@ -1113,10 +1118,11 @@ def cmd_eval(args) -> None:
     model = _load(args, notice=False)
     if model.random_weights:
         raise UsageError("evaluation needs trained weights", hint="pass --weights W.npz")
+    labels = _labels(model, args.labels)
     report = cnnc.evaluate(
         model, args.data, split=args.split, val_split=args.val_split, backend=args.backend
     )
-    print(report.render())
+    print(report.render(labels))
 
 
 COMMANDS = {

@@ -495,3 +495,19 @@ def test_cnnc_viz_refuses_a_file_as_its_folder_and_an_unknown_layer(tmp_path, ca
     )
     assert code == 1 and "has no layer named 'nope'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_eval_names_the_classes_of_its_per_class_lines():
+    model = cnnc.compile(RGB)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 3, 8, 8)).astype(np.float32)
+    y = np.arange(12) % 3
+    report = cnnc.evaluate(model, (x, y), split="all")
+    lines = report.render(["cat", "dog", "bird"]).splitlines()
+    per_class = lines[lines.index("per class:") + 1 :][:3]
+    assert [line.split(":")[0] for line in per_class] == [
+        "  class 0 cat ",
+        "  class 1 dog ",
+        "  class 2 bird",
+    ]
+    assert report.render().splitlines()[3].startswith("  class 0: ")
