@@ -755,7 +755,9 @@ def _read_images(model: cnnc.Model, value, paths: list[str], args) -> np.ndarray
     if getattr(args, "normalize", None) is not None:
         normalization, source = preprocess.parse_option(args.normalize), "--normalize"
     elif value.name in model.graph.preprocess:
-        normalization, source = model.graph.preprocess[value.name], "the program's"
+        normalization = model.graph.preprocess[value.name]
+        onnx = Path(args.model).suffix.lower() == ".onnx" if args is not None else False
+        source = "the ONNX model's" if onnx else "the program's"
     else:
         normalization, source = preprocess.NONE, "the default"
     files = images.image_files(paths)

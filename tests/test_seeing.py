@@ -511,3 +511,31 @@ def test_eval_names_the_classes_of_its_per_class_lines():
         "  class 2 bird",
     ]
     assert report.render().splitlines()[3].startswith("  class 0: ")
+
+
+def test_an_onnx_model_carries_the_normalization_of_its_program(tmp_path):
+    source = RGB.replace("normalize=imagenet", "mean=(0.1234567891, 0.5, -1), std=0.3")
+    cnnc.compile(source).to_onnx(tmp_path / "n.onnx")
+    loaded = cnnc.load(tmp_path / "n.onnx").graph.preprocess["image"]
+    assert (loaded.mean, loaded.std) == ((0.1234567891, 0.5, -1.0), (0.3,))
+    cnnc.compile(RGB).to_onnx(tmp_path / "i.onnx")
+    assert cnnc.load(tmp_path / "i.onnx").graph.preprocess == {"image": preprocess.IMAGENET}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("cnnc.normalize.image", "imagenett", "is not a normalization"),
+        ("cnnc.normalize.image", "0.5/0.5,1", "has 2 mean values for an input of 3 channels"),
+        ("cnnc.normalize.mask", "none", "names no image input"),
+    ],
+)
+def test_a_bad_normalization_in_onnx_metadata_is_one_error(tmp_path, key, value, message):
+    import onnx
+
+    proto = cnnc.compile(RGB).to_onnx()
+    onnx.helper.set_model_props(proto, {key: value})
+    onnx.save(proto, tmp_path / "bad.onnx")
+    with pytest.raises(cnnc.errors.ModelFileError, match=message) as e:
+        cnnc.load(tmp_path / "bad.onnx")
+    assert e.value.where == str(tmp_path / "bad.onnx")
