@@ -189,9 +189,10 @@ def feature_map_image(name: str, value: np.ndarray, labels: Sequence[str] | None
         channels, length = value.shape
         shown = value[:MAX_TILES]
         cell_w = max(1, math.ceil(512 / length)) if length < 512 else 1
-        rows = [_scaled(row)[None, :] for row in shown]
-        strip = np.concatenate([np.repeat(r, 6, axis=0) for r in rows], axis=0)
-        rgb = np.repeat(VIRIDIS[strip], cell_w, axis=1)
+        rows = [np.repeat(VIRIDIS[_scaled(row)][None], 8, axis=0) for row in shown]
+        gap = np.full((1, length, 3), 255, np.uint8)  # a white line between channels
+        strip = np.concatenate([part for r in rows for part in (r, gap)][:-1], axis=0)
+        rgb = np.repeat(strip, cell_w, axis=1)
         more = f" (the first {MAX_TILES} of {channels})" if channels > MAX_TILES else ""
         note = f"{len(rows)} channels{more}, one row each, scaled to its own range"
         return _with_legend(image_module.fromarray(rgb, "RGB"), [head, note])
