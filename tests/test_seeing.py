@@ -555,3 +555,11 @@ def test_compiling_and_running_on_arrays_never_import_pillow(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_long_signal_is_averaged_to_at_most_1024_cells_a_row():
+    value = np.arange(2 * 5000, dtype=np.float32).reshape(2, 5000)
+    image = maps.feature_map_image("long", value)
+    assert image.width <= 1024 + 2 * maps.MARGIN + 10
+    nan = maps.feature_map_image("nan", np.full(1000, np.nan, np.float32))
+    assert nan.width > 0
