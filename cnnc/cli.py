@@ -60,6 +60,10 @@ EXAMPLES = {
   cnnc train net.cnn --data digits -o net.npz --epochs 30 --lr 0.003
   cnnc train net.cnn --data train.npz -o w.npz --optimizer sgd --lr 0.1 --momentum 0.9
   cnnc train net.cnn --data train.npz -o w.npz --weights w0.npz --no-shuffle --val-split 0""",
+    "report": """examples:
+  cnnc report examples/vgg16.cnn -o vgg16.html      # random weights, seeded random input
+  cnnc report net.cnn --weights net.npz --input photo.jpg -o net.html
+  cnnc report model.onnx --input x.npy -O1 -o model.html""",
     "eval": """examples:
   cnnc eval net.cnn --weights net.npz --data digits          # the rows training held out
   cnnc eval net.cnn --weights net.npz --data test.npz --split all
@@ -355,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         metavar="HxW",
         help="with --fully-conv: the size of the score map for this input size",
+    )
+
+    p = command("report", "write one self-contained HTML page about a network")
+    _model_args(p)
+    p.add_argument(
+        "--input",
+        metavar="IMG|X.npy",
+        help="the input whose feature maps the page shows: an image or an array "
+        "(default: seeded random)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="REPORT.html",
+        help="the page (default: the model's name with .html)",
     )
     return parser
 
@@ -950,6 +969,45 @@ def cmd_eval(args) -> None:
     print(report.render())
 
 
+def cmd_report(args) -> None:
+    import time
+
+    from cnnc.viz import report
+
+    start = time.perf_counter()
+    out = output.target(args.output or Path(args.model).with_suffix(".html"))
+    if out.path is not None and out.path == Path(args.model).resolve():
+        raise UsageError("-o names the model file itself", args.output)
+    model = _load(args, notice=False)
+    if args.input and len(model.graph.inputs) != 1:
+        raise UsageError(
+            f"{model.name} has {len(model.graph.inputs)} inputs; the report draws the "
+            "feature maps of a network of one input",
+            hint="leave out --input",
+        )
+    # The table, the charts and the graph show the network as written (as cnnc summary).
+    table = cnnc.load(
+        args.model,
+        seed=args.seed,
+        network=args.network,
+        opt_level=0,
+        fully_conv=args.fully_conv,
+        limits=parse_option(args.limit),
+    ).graph
+    weights = args.weights or (
+        f"random He-normal weights (seed {args.seed})" if model.random_weights else args.model
+    )
+    shown = args.input or f"a seeded standard-normal input (seed {args.seed})"
+    about = report.ReportInput(args.model, weights, shown, model.graph.opt_level)
+    page = report.report(model, table, about, args.input, args.seed).encode()
+    with output.open_output(out) as f:
+        f.write(page)
+    print(
+        f"wrote {out.name} ({len(page) / 1e6:,.1f} MB) in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr if out.is_stdout else sys.stdout,
+    )
+
+
 COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
@@ -959,6 +1017,7 @@ COMMANDS = {
     "import": cmd_import,
     "train": cmd_train,
     "eval": cmd_eval,
+    "report": cmd_report,
 }
 
 
@@ -971,6 +1030,7 @@ DOING = {
     "import": "importing",
     "train": "training",
     "eval": "evaluating",
+    "report": "reporting on",
 }
 
 

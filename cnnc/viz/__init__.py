@@ -1,0 +1,1 @@
+"""Seeing inside a network: images in, pictures and an HTML report out."""
