@@ -208,9 +208,9 @@ def fc_caption(rows: list[LayerRow]) -> str:
             if gap
             else "."
         )
+    layers = f"The {len(fc)} fc layers hold" if len(fc) > 1 else f"The fc layer {fc[0].name} holds"
     text = (
-        f"The {len(fc)} fc layer{'s' if len(fc) > 1 else ''} hold{'' if len(fc) > 1 else 's'} "
-        f"{_pct(fc_params, params)} of the parameters ({fc_params:,} of {params:,}) "
+        f"{layers} {_pct(fc_params, params)} of the parameters ({fc_params:,} of {params:,}) "
         f"but do {_pct(fc_macs, macs)} of the multiply-accumulates."
     )
     if gap:
@@ -281,11 +281,19 @@ def feature_map_pngs(model: cnnc.Model, x: np.ndarray) -> dict[str, bytes] | Non
     """Each layer's feature-map picture for ``x`` (see :func:`cnnc.viz.maps.layer_pngs`),
     each shrunk by :func:`shrink_png`; None where the module that draws them is not
     installed."""
-    if importlib.util.find_spec("cnnc.viz.maps") is None or not _have_pillow():
+    draw = _layer_pngs()
+    if draw is None or not _have_pillow():
+        return None
+    return {key: shrink_png(png) for key, png in draw(model, x).items()}
+
+
+def _layer_pngs():
+    """:func:`cnnc.viz.maps.layer_pngs`, or None where this cnnc has no such module."""
+    if importlib.util.find_spec("cnnc.viz.maps") is None:
         return None
     from cnnc.viz import maps
 
-    return {key: shrink_png(png) for key, png in maps.layer_pngs(model, x).items()}
+    return maps.layer_pngs
 
 
 CSS = """
@@ -404,7 +412,7 @@ def _maps_section(model: cnnc.Model, x: np.ndarray | None, about: ReportInput) -
             "needs Pillow (<code>pip install 'cnnc[viz]'</code>).</div>"
         )
     pictures = feature_map_pngs(model, x)
-    if pictures is None:
+    if pictures is None:  # (Pillow is there: the module that draws is not)
         return (
             '<div class="placeholder" id="maps-placeholder">No feature maps: this cnnc has '
             "no <code>cnnc.viz.maps</code> module yet.</div>"

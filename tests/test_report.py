@@ -1,0 +1,248 @@
+"""cnnc report: one self-contained HTML page, its sections, its pictures, its errors, and
+the page as headless Chromium shows it (tests/browser_check.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnnc
+from cnnc.cli import main
+from cnnc.ir import printer
+from cnnc.viz import report
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+SECTIONS = ["where", "summary", "graph", "maps", "dump"]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import browser_check  # noqa: E402
+
+CHROMIUM = browser_check.find_chromium()
+
+
+class Page(HTMLParser):
+    """What a browser would fetch or show: every src/href, the section ids, the <img>s."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.links: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.tags: set[str] = set()
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "data", "action", "poster", "xlink:href"):
+                self.links.append((tag, name, value or ""))
+            if name == "id" and tag == "section":
+                self.ids.append(value)
+            if tag == "img" and name == "src":
+                self.images.append(value or "")
+
+
+def _stand_in_maps(model, x):
+    """Pictures as cnnc.viz.maps.layer_pngs gives them (used until it is merged): a PNG
+    per layer, keyed by name; the first is wider than the report's cap."""
+    from PIL import Image
+
+    pictures = {}
+    for i, node in enumerate(model.graph.nodes[:4]):
+        width = 900 if i == 0 else 40
+        a = np.linspace(0, 255, width * 30).reshape(30, width).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(a, "L").save(out, format="PNG")
+        pictures[node.name] = out.getvalue()
+    return pictures
+
+
+@pytest.fixture
+def maps(monkeypatch):
+    """The real feature maps where cnnc.viz.maps exists, else the stand-in above."""
+    pytest.importorskip("PIL", reason="Pillow (cnnc[viz]) is needed to draw feature maps")
+    if report._layer_pngs() is None:
+        monkeypatch.setattr(report, "_layer_pngs", lambda: _stand_in_maps)
+
+
+def _make(tmp_path: Path, *args: str, name: str = "r.html") -> tuple[int, Path]:
+    out = tmp_path / name
+    status = main(["report", *args, "-o", str(out)])
+    return status, out
+
+
+def _svgs(text: str) -> list[str]:
+    return re.findall(r"<svg\b.*?</svg>", text, flags=re.S)
+
+
+def test_the_page_is_self_contained_and_has_every_section(tmp_path, maps, capsys):
+    status, out = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"))
+    assert status == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    text = out.read_text(encoding="utf-8")
+    page = Page(text)
+    assert page.ids == SECTIONS
+    # Nothing to fetch: every src is a data: URI, every href an anchor in the page.
+    for tag, attribute, value in page.links:
+        if attribute == "href":
+            assert value.startswith("#"), (tag, value)
+        else:
+            assert value.startswith("data:image/png;base64,"), (tag, value[:60])
+    assert not {"link", "script", "iframe", "object", "embed"} & page.tags
+    # The only URLs are the SVG namespace, which is a name, not a request.
+    assert set(re.findall(r"https?://[^\s\"'<>)]+", text)) <= {"http://www.w3.org/2000/svg"}
+    assert "url(" not in text and "@import" not in text
+    # Header: the name, the figures (those cnnc summary prints), the version.
+    model = cnnc.load(EXAMPLES / "lenet5.cnn", opt_level=0)
+    assert "<h1>lenet5</h1>" in text
+    assert f"{model.param_count():,}" in text
+    macs = re.search(r"multiply-accumulates per item: ([\d,]+)", printer.summary(model.graph))
+    assert macs.group(1) in text
+    assert f"cnnc {cnnc.__version__}" in text
+    # The dump is the -O2 one, escaped.
+    assert "IR dump (-O2)" in text
+    assert "network lenet5  (-O2: " in text
+    assert "%image" in text and "<pre>" in text
+
+
+def test_pictures_are_png_data_uris_within_the_cap(tmp_path, maps):
+    from PIL import Image
+
+    status, out = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"))
+    assert status == 0
+    images = Page(out.read_text(encoding="utf-8")).images
+    assert images
+    for src in images:
+        data = base64.b64decode(src.removeprefix("data:image/png;base64,"), validate=True)
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG"
+            assert 0 < max(image.size) <= report.MAX_PICTURE_SIDE
+
+
+def test_the_svgs_parse_as_xml(tmp_path, maps):
+    status, out = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"))
+    assert status == 0
+    svgs = _svgs(out.read_text(encoding="utf-8"))
+    assert len(svgs) >= 2  # the two charts (and the graph once cnnc.viz.graph is there)
+    for svg in svgs:
+        root = ET.fromstring(svg)
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert float(root.get("width")) > 0 and float(root.get("height")) > 0
+
+
+def test_the_caption_gives_the_fc_share_of_the_model_at_hand(tmp_path, maps):
+    """VGG-16: the fc layers' share of the parameters (the tutorial's 89%) as cnnc
+    summary computes it; the GAP classifier: no fc layer at all."""
+    model = cnnc.load(EXAMPLES / "vgg16.cnn", opt_level=0)
+    rows = report.layer_rows(model.graph)
+    share = re.search(r"parameters by op: fc (\d+\.\d)%", printer.summary(model.graph))
+    caption = report.fc_caption(rows)
+    assert f"The 3 fc layers hold {share.group(1)}% of the parameters" in caption
+    fc = sum(r.params for r in rows if r.kind == "fc")
+    assert f"({fc:,} of {model.param_count():,})" in caption
+    assert "gap" in caption
+    gap = cnnc.load(EXAMPLES / "gap_classifier.cnn", opt_level=0)
+    assert report.fc_caption(report.layer_rows(gap.graph)).startswith(
+        "This network has no fc layer"
+    )
+    # The per-layer chart has one bar pair per layer with parameters or MACs.
+    chart = ET.fromstring(report.layer_chart(rows))
+    bars = chart.findall("{http://www.w3.org/2000/svg}rect")
+    assert len(bars) == 2 * sum(1 for r in rows if r.params or r.macs)
+
+
+def test_an_array_input_is_the_maps_input(tmp_path, maps, monkeypatch):
+    seen = []
+    draw = report._layer_pngs()
+    monkeypatch.setattr(
+        report, "_layer_pngs", lambda: lambda model, x: seen.append(x) or draw(model, x)
+    )
+    x = np.random.default_rng(3).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    status, out = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"), "--input", str(tmp_path / "x.npy"))
+    assert status == 0
+    assert np.array_equal(seen[0], x[:1])  # the first item of a batch
+    assert f"For {tmp_path / 'x.npy'}" in out.read_text(encoding="utf-8")
+
+
+def test_errors_are_clear_and_leave_no_file(tmp_path, capsys):
+    np.save(tmp_path / "wrong.npy", np.zeros((1, 3, 28, 28), np.float32))
+    cases = [
+        (["--input", str(tmp_path / "wrong.npy")], "wrong.npy", "r.html"),
+        (["--input", str(tmp_path / "missing.npy")], "missing.npy", "r.html"),
+        ([], "does not exist", "no/such/dir/r.html"),
+        ([], "is a directory", "."),
+    ]
+    for extra, expected, name in cases:
+        status, _ = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"), *extra, name=name)
+        err = capsys.readouterr().err
+        assert status == 1, err
+        assert expected in err and "error:" in err
+        assert "Traceback" not in err
+        assert not (tmp_path / "r.html").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.npy"]  # no temporary file
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed, so the page was not checked in a browser "
+    "(apt-get install -y chromium; then python tests/browser_check.py PAGE --screenshot OUT.png)",
+)
+def test_the_page_renders_in_headless_chromium(tmp_path, maps):
+    status, out = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"))
+    assert status == 0
+    shot = tmp_path / "shot.png"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "browser_check.py"),
+            str(out),
+            "--screenshot",
+            str(shot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 console error(s)" in run.stdout and run.stdout.strip().endswith("ok")
+    images = len(Page(out.read_text(encoding="utf-8")).images)
+    assert f"{images}/{images} images loaded" in run.stdout
+    assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (see the test above)")
+def test_the_browser_check_finds_a_broken_page(tmp_path):
+    """The check fails a page that fetches, holds a broken picture and throws."""
+    page = tmp_path / "bad.html"
+    page.write_text(
+        "<!DOCTYPE html><html><body>"
+        '<img alt="remote" src="http://127.0.0.1:9/x.png">'
+        '<img alt="broken" src="data:image/png;base64,iVBORw0KGgoAAAA">'
+        '<div style="display:none"><svg xmlns="http://www.w3.org/2000/svg" width="10" '
+        'height="10"></svg></div>'
+        "<script>console.error('boom'); undefined_function();</script>"
+        "</body></html>"
+    )
+    result = browser_check.check(page)
+    problems = "\n".join(result["problems"])
+    assert "request for http://127.0.0.1:9/x.png" in problems
+    assert "img #0 (remote) did not render" in problems
+    assert "img #1 (broken) did not render" in problems
+    assert "svg #0" in problems
+    assert "console error: boom" in problems
+    assert "undefined_function" in problems
