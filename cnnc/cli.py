@@ -36,7 +36,9 @@ EXAMPLES = {
   cnnc run lenet5.onnx --backend onnxruntime --batch 4
   cnnc run lenet5.onnx --compare                   # both backends, check they agree
   cnnc run model.cnn --weights w.npz --input x.npy -o y.npy
-  cnnc run two_inputs.cnn --input image=x.npy --input mask=m.npy -o outputs.npz""",
+  cnnc run two_inputs.cnn --input image=x.npy --input mask=m.npy -o outputs.npz
+  cnnc run examples/resnet18.cnn --weights r18.npz --input cat.jpg --labels imagenet
+  cnnc run examples/digits.cnn --weights examples/digits.npz --input digits/ --labels digits""",
     "dump": """examples:
   cnnc dump examples/lenet5.cnn
   cnnc dump lenet5.onnx
@@ -227,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top", type=int, default=5, help="classes to print per item (default 5)")
     p.add_argument("-o", "--output", metavar="Y.npy", help="save the output array here")
+    _image_args(p)
 
     p = command("dump", "print the IR of a program or an ONNX model")
     _model_args(p)
@@ -376,6 +379,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="the page (default: the model's name with .html)",
     )
     return parser
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images (PNG, JPEG, BMP; needs cnnc[viz])")
+    g.add_argument(
+        "--normalize",
+        metavar="imagenet|none|MEAN,STD",
+        help="how pixels scaled to [0,1] are normalized: (x - mean) / std per channel "
+        "(default: what the program declares on its input, else none); MEAN and STD are "
+        "a number or one per channel joined by /",
+    )
+    g.add_argument(
+        "--invert",
+        action="store_true",
+        help="use 1 - x for each pixel scaled to [0,1] (dark strokes on white paper become "
+        "the white-on-black of scikit-learn's digits)",
+    )
+    g.add_argument(
+        "--labels",
+        metavar="FILE|imagenet|digits",
+        help="class names to print with the top classes: a file of one name per line, "
+        "or a built-in list",
+    )
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -610,35 +636,59 @@ def cmd_compile(args) -> None:
     )
 
 
-def _describe_output(y: np.ndarray, top: int) -> list[str]:
+def _describe_output(
+    y: np.ndarray,
+    top: int,
+    labels: list[str] | None = None,
+    items: list[str] | None = None,
+) -> list[str]:
     lines = [f"output shape {list(y.shape)}"]
     if y.ndim == 2:
         k = min(top, y.shape[1])
-        for i, row in enumerate(y[:8]):
+        shown = len(y) if items else 8  # every image given is named in the report
+        for i, row in enumerate(y[:shown]):
             best = np.argsort(-row, kind="stable")[:k]
-            lines.append(f"  item {i}: " + "  ".join(f"class {c}: {row[c]:.4g}" for c in best))
-        if len(y) > 8:
-            lines.append(f"  ... {len(y) - 8} more items")
+            named = f" ({Path(items[i]).name})" if items and i < len(items) else ""
+            lines.append(
+                f"  item {i}{named}: "
+                + "  ".join(
+                    f"class {c}{' ' + labels[c] if labels else ''}: {row[c]:.4g}" for c in best
+                )
+            )
+        if len(y) > shown:
+            lines.append(f"  ... {len(y) - shown} more items")
     else:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf print as such
             lines.append(f"  min {y.min():.4g}  max {y.max():.4g}  mean {y.mean():.4g}")
     return lines
 
 
-def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
+def _read_inputs(model: cnnc.Model, specs: list[str], args=None) -> list[np.ndarray]:
     """The arrays of ``--input`` options, one per network input: ``FILE.npy`` fills the
     next input in order, ``NAME=FILE.npy`` the input called NAME, and ``FILE.npz`` the
-    inputs named by its arrays (any one array, for a network of one input). Each array
+    inputs named by its arrays (any one array, for a network of one input). Images (PNG,
+    JPEG, BMP, or folders of them) make one batch for the next input, or for NAME with
+    ``NAME=IMAGE`` (cnnc.viz.images); ``args.image_files`` then lists them. Each array
     is checked against its input here, so that a mistake names its file."""
     from cnnc.backends.interpreter import check_batch, check_input
+    from cnnc.viz import images
 
     names = model.input_names
     given: dict[str, np.ndarray] = {}
-    in_order: list[np.ndarray] = []
+    in_order: list = []
     files: dict[int, str] = {}
+    pictures: dict[str, list[str]] = {}  # input name (or "" for the next) -> image paths
     for spec in specs:
         name, sep, path = spec.partition("=")
         named = bool(sep) and name in names
+        if images.is_image(path if named else spec):
+            key = name if named else ""
+            if key not in pictures:
+                pictures[key] = []
+                if not named:
+                    in_order.append(pictures[key])
+            pictures[key].append(path if named else spec)
+            continue
         data = cnnc.read_input(path if named else spec)
         for array in data.values() if isinstance(data, dict) else [data]:
             files[id(array)] = path if named else spec
@@ -656,6 +706,9 @@ def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
             given[name] = data
         else:
             in_order.append(data)
+    for key, paths in pictures.items():
+        if key:
+            given[key] = paths  # type: ignore[assignment]
     for name in names:
         if name not in given and in_order:
             given[name] = in_order.pop(0)
@@ -671,12 +724,63 @@ def _read_inputs(model: cnnc.Model, specs: list[str]) -> list[np.ndarray]:
         )
     for value in model.graph.inputs:
         x = given[value.name]
+        if isinstance(x, list):
+            x = given[value.name] = _read_images(model, value, x, args)
+            continue
         try:
             check_input(value, x, model.graph.flexible_spatial)
             check_batch([value], [x])
         except CnncError as e:
             raise e.at(files[id(x)]) from None
     return [given[n] for n in names]
+
+
+def _read_images(model: cnnc.Model, value, paths: list[str], args) -> np.ndarray:
+    """The batch of images for input ``value``, normalized as --normalize says or, without
+    it, as the program declares (none if it does not); the files and the normalization
+    are noted on ``args`` for the report."""
+    from cnnc import preprocess
+    from cnnc.viz import images
+
+    if getattr(args, "normalize", None) is not None:
+        normalization, source = preprocess.parse_option(args.normalize), "--normalize"
+    elif value.name in model.graph.preprocess:
+        normalization, source = model.graph.preprocess[value.name], "the program's"
+    else:
+        normalization, source = preprocess.NONE, "the default"
+    files = images.image_files(paths)
+    x = images.load_images(
+        files, value.type, normalization, invert=bool(getattr(args, "invert", False))
+    )
+    if args is not None:
+        if not getattr(args, "image_files", None):
+            args.image_files = [str(f) for f in files]
+        args.image_notes = [
+            *getattr(args, "image_notes", []),
+            f"%{value.name}: {len(files)} image{'s' if len(files) != 1 else ''}, resized and "
+            f"cropped to {'x'.join(map(str, value.type.shape[2:]))}, normalize "
+            f"{normalization.describe()} ({source})"
+            + (", inverted" if getattr(args, "invert", False) else ""),
+        ]
+    return x
+
+
+def _labels(model: cnnc.Model, spec: str | None) -> list[str] | None:
+    """The class names of --labels, checked against the classes of the model's first output
+    (N×classes)."""
+    if spec is None:
+        return None
+    from cnnc.viz.labels import check_count, load_labels
+
+    names = load_labels(spec)
+    shape = model.graph.outputs[0].type.shape
+    if len(shape) != 2 or not isinstance(shape[1], int):
+        raise UsageError(
+            f"--labels names classes, but the output of {model.name} is "
+            f"{model.graph.outputs[0].type}, not N×classes"
+        )
+    check_count(names, shape[1], spec)
+    return names
 
 
 def _shapes(arrays: list[np.ndarray]) -> str:
@@ -690,9 +794,12 @@ def cmd_run(args) -> None:
     model = _load(args)
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    labels = _labels(model, args.labels)
     if args.input:
-        xs = _read_inputs(model, args.input)
+        xs = _read_inputs(model, args.input, args)
     else:
+        if args.normalize is not None or args.invert:
+            raise UsageError("--normalize and --invert apply to images given with --input")
         xs = model.random_inputs(args.batch, args.seed)
     outputs = model.output_names
     suffix = Path(args.output or "").suffix.lower()
@@ -705,8 +812,12 @@ def cmd_run(args) -> None:
     results = {b: model.run_all_outputs(*xs, backend=b) for b in backends}
     ys = results[args.backend]
     print(f"{model.name} on input {_shapes(xs)} ({args.backend})", file=report)
+    for note in getattr(args, "image_notes", []):
+        print(f"  {note}", file=report)
     for name, y in zip(outputs, ys, strict=True):
-        lines = _describe_output(y, args.top)
+        lines = _describe_output(
+            y, args.top, labels if y.ndim == 2 else None, getattr(args, "image_files", None)
+        )
         if len(outputs) > 1:
             lines[0] = f"output %{name}: shape {list(y.shape)}"
         print("\n".join(lines), file=report)

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnc import limits
+from cnnc import limits, preprocess
 from cnnc.errors import CnncError, CnncWarning, LayerError, Location, ShapeError
 from cnnc.frontend.parser import (
     Arg,
@@ -23,6 +23,7 @@ from cnnc.frontend.parser import (
     Name,
     Neg,
     Network,
+    NetworkInput,
     Program,
     Statement,
     TupleExpr,
@@ -32,6 +33,7 @@ from cnnc.ir.types import BATCH, TensorType
 from cnnc.ir.verify import verify
 from cnnc.ops import Attr, Layer, LayerContext, all_layers, get_layer
 from cnnc.ops.base import REQUIRED
+from cnnc.preprocess import Normalization
 
 # Words an argument may use that are not names of values or parameters.
 WORDS = {"true", "false", "same", "valid"}
@@ -151,6 +153,9 @@ class _Lowering:
                 x = self.graph.add_input(inp.name, TensorType("f32", (BATCH, *inp.shape)))
             except CnncError as e:
                 raise e.at(inp.shape_loc) from None
+            normalization = _input_normalization(inp)
+            if normalization is not None:
+                self.graph.preprocess[inp.name] = normalization
             # Inputs other than the first one are values a statement must name to use.
             values[inp.name] = _Binding(x, inp.loc if values else None, used=not values)
         if not net.statements:
@@ -578,6 +583,82 @@ def _source_text(loc: Location) -> str:
 
 
 # ---- argument expressions --------------------------------------------------------------------
+
+
+INPUT_OPTIONS = ("normalize", "mean", "std")
+
+
+def _input_normalization(inp: NetworkInput) -> Normalization | None:
+    """The normalization that ``[normalize=imagenet]`` or ``[mean=..., std=...]`` after an
+    input's shape declares (cnnc.preprocess), checked against its channels."""
+    if not inp.options:
+        return None
+    given: dict[str, Arg] = {}
+    for option in inp.options:
+        if option.name not in INPUT_OPTIONS:
+            close = difflib.get_close_matches(option.name, INPUT_OPTIONS, n=1)
+            raise LayerError(
+                f"unknown input option {option.name!r}",
+                option.loc,
+                hint=f"did you mean {close[0]}?"
+                if close
+                else "an input takes normalize=imagenet|none, or mean=... and std=...",
+            )
+        if option.name in given:
+            raise LayerError(f"input option {option.name!r} is given twice", option.loc)
+        given[option.name] = option
+    if "normalize" in given:
+        option = given["normalize"]
+        if len(given) > 1:
+            raise LayerError(
+                "normalize= names a normalization; mean= and std= give one: use one or the other",
+                option.loc,
+            )
+        word = option.value.id if isinstance(option.value, Name) else None
+        if word not in preprocess.NAMED:
+            raise LayerError(
+                "normalize= takes imagenet or none",
+                option.value.loc,
+                hint="or give the numbers: mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)",
+            )
+        normalization = preprocess.NAMED[word]
+    else:
+        missing = [k for k in ("mean", "std") if k not in given]
+        if missing:
+            raise LayerError(
+                f"input option {missing[0]}= is missing",
+                inp.options[0].loc,
+                hint="mean= and std= come together",
+            )
+        numbers = {k: _option_numbers(given[k]) for k in ("mean", "std")}
+        try:
+            normalization = preprocess.make(numbers["mean"], numbers["std"])
+        except CnncError as e:
+            raise LayerError(e.message, given["std"].loc) from None
+    if normalization is not preprocess.NONE:
+        try:
+            normalization.check_channels(inp.shape[0])
+        except CnncError as e:
+            raise LayerError(e.message, inp.options[0].loc, e.hint) from None
+    return normalization
+
+
+def _option_numbers(option: Arg) -> tuple[float, ...]:
+    """A number or a tuple of numbers, written as literals (``0.5``, ``(0.5, -1, 2)``)."""
+    items = option.value.items if isinstance(option.value, TupleExpr) else [option.value]
+    numbers = []
+    for item in items:
+        sign = 1.0
+        if isinstance(item, Neg):
+            item, sign = item.operand, -1.0
+        if not (isinstance(item, Literal) and _is_number(item.value)):
+            raise LayerError(
+                f"{option.name}= takes a number or numbers, one per channel",
+                item.loc,
+                hint=f"for example {option.name}=(0.5, 0.5, 0.5)",
+            )
+        numbers.append(sign * float(item.value))
+    return tuple(numbers)
 
 
 def evaluate(expr: Expr, scope: _Scope) -> Any:

@@ -149,6 +149,8 @@ class NetworkInput:
     shape: tuple[int, ...]
     loc: Location
     shape_loc: Location
+    # ``[normalize=imagenet]`` after the shape: how an image becomes this input.
+    options: list[Arg] = field(default_factory=list)
 
 
 @dataclass
@@ -424,9 +426,16 @@ class ToAst:
         return Network(str(name), inputs, statements, self._loc(meta), outputs)
 
     def net_input(self, meta, children):
-        name, shape = children
+        name, shape, options = children
         dims = tuple(_integer(d, self._tok(shape)) for d in shape.split("x"))
-        return NetworkInput(str(name), dims, self._loc(meta), self._tok(shape))
+        return NetworkInput(str(name), dims, self._loc(meta), self._tok(shape), options or [])
+
+    def input_options(self, meta, options):
+        return list(options)
+
+    def input_option(self, meta, children):
+        name, value = children
+        return Arg(str(name), value, self._loc(meta))
 
     def net_outputs(self, meta, names):
         return [(str(n), self._tok(n)) for n in names]

@@ -201,6 +201,8 @@ class Graph:
         self.opt_level: str = "-O0"
         # A fully convolutional network takes inputs larger than declared (convolutionalize).
         self.flexible_spatial = False
+        # How an image becomes each input, where the program says (cnnc.preprocess).
+        self.preprocess: dict = {}
         self.warnings: list = []  # CnncWarning from lowering (unused values)
         self._names: set[str] = set()
         self.param_bytes = 0  # of the parameters added, counted against limits.param_bytes

@@ -31,6 +31,7 @@ def copy_graph(
     copy.pipeline = list(graph.pipeline)
     copy.opt_level = graph.opt_level
     copy.flexible_spatial = graph.flexible_spatial
+    copy.preprocess = dict(graph.preprocess)
     copy.warnings = list(graph.warnings)
     new: dict[int, Value] = {}
     for v in graph.inputs:
