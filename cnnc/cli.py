@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPORT.html",
         help="the page (default: the model's name with .html)",
     )
+    _image_args(p)
     return parser
 
 
@@ -1090,12 +1091,18 @@ def cmd_report(args) -> None:
     if out.path is not None and out.path == Path(args.model).resolve():
         raise UsageError("-o names the model file itself", args.output)
     model = _load(args, notice=False)
-    if args.input and len(model.graph.inputs) != 1:
-        raise UsageError(
-            f"{model.name} has {len(model.graph.inputs)} inputs; the report draws the "
-            "feature maps of a network of one input",
-            hint="leave out --input",
-        )
+    x = None
+    if args.input:
+        if len(model.graph.inputs) != 1:
+            raise UsageError(
+                f"{model.name} has {len(model.graph.inputs)} inputs; the report draws the "
+                "feature maps of a network of one input",
+                hint="leave out --input",
+            )
+        (x,) = _read_inputs(model, [args.input], args)
+    elif args.normalize is not None or args.invert:
+        raise UsageError("--normalize and --invert apply to images given with --input")
+    labels = _labels(model, args.labels)
     # The table, the charts and the graph show the network as written (as cnnc summary).
     table = cnnc.load(
         args.model,
@@ -1108,9 +1115,12 @@ def cmd_report(args) -> None:
     weights = args.weights or (
         f"random He-normal weights (seed {args.seed})" if model.random_weights else args.model
     )
-    shown = args.input or f"a seeded standard-normal input (seed {args.seed})"
+    if args.input:
+        shown = "; ".join([args.input, *getattr(args, "image_notes", [])])
+    else:
+        shown = f"a seeded standard-normal input (seed {args.seed})"
     about = report.ReportInput(args.model, weights, shown, model.graph.opt_level)
-    page = report.report(model, table, about, args.input, args.seed).encode()
+    page = report.report(model, table, about, x, labels, args.seed).encode()
     with output.open_output(out) as f:
         f.write(page)
     print(

@@ -53,7 +53,7 @@ class Page(HTMLParser):
                 self.images.append(value or "")
 
 
-def _stand_in_maps(model, x):
+def _stand_in_maps(model, x, layers=None, labels=None):
     """Pictures as cnnc.viz.maps.layer_pngs gives them (used until it is merged): a PNG
     per layer, keyed by name; the first is wider than the report's cap."""
     from PIL import Image
@@ -169,7 +169,7 @@ def test_an_array_input_is_the_maps_input(tmp_path, maps, monkeypatch):
     seen = []
     draw = report._layer_pngs()
     monkeypatch.setattr(
-        report, "_layer_pngs", lambda: lambda model, x: seen.append(x) or draw(model, x)
+        report, "_layer_pngs", lambda: lambda model, x, **kw: seen.append(x) or draw(model, x, **kw)
     )
     x = np.random.default_rng(3).standard_normal((2, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -177,6 +177,18 @@ def test_an_array_input_is_the_maps_input(tmp_path, maps, monkeypatch):
     assert status == 0
     assert np.array_equal(seen[0], x[:1])  # the first item of a batch
     assert f"For {tmp_path / 'x.npy'}" in out.read_text(encoding="utf-8")
+
+
+def test_an_image_input_is_read_resized_and_noted(tmp_path, maps):
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / "photo.png")
+    status, out = _make(
+        tmp_path, str(EXAMPLES / "lenet5.cnn"), "--input", str(tmp_path / "photo.png")
+    )
+    assert status == 0
+    text = out.read_text(encoding="utf-8")
+    assert "1 image, resized and cropped to 28x28" in text
 
 
 def test_errors_are_clear_and_leave_no_file(tmp_path, capsys):

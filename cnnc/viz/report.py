@@ -277,14 +277,17 @@ def shrink_png(data: bytes, max_side: int = MAX_PICTURE_SIDE) -> bytes:
         return out.getvalue()
 
 
-def feature_map_pngs(model: cnnc.Model, x: np.ndarray) -> dict[str, bytes] | None:
+def feature_map_pngs(
+    model: cnnc.Model, x: np.ndarray, labels: list[str] | None = None
+) -> dict[str, bytes] | None:
     """Each layer's feature-map picture for ``x`` (see :func:`cnnc.viz.maps.layer_pngs`),
     each shrunk by :func:`shrink_png`; None where the module that draws them is not
     installed."""
     draw = _layer_pngs()
     if draw is None or not _have_pillow():
         return None
-    return {key: shrink_png(png) for key, png in draw(model, x).items()}
+    pictures = draw(model, x, labels=labels)
+    return {key: shrink_png(png) for key, png in pictures.items()}
 
 
 def _layer_pngs():
@@ -335,6 +338,7 @@ def render(
     table_graph: Graph,
     about: ReportInput,
     x: np.ndarray | None,
+    labels: list[str] | None = None,
 ) -> str:
     """The report's HTML: ``model`` (optimized as asked) gives the feature maps and the
     dump, ``table_graph`` (the network as written, -O0) the table, charts and graph;
@@ -380,7 +384,7 @@ def render(
         _graph_section(table_graph),
         "</section>",
         '<section id="maps"><h2>Feature maps</h2>',
-        _maps_section(model, x, about),
+        _maps_section(model, x, about, labels),
         "</section>",
         f'<section id="dump"><h2>IR dump ({e(about.opt_level)})</h2>',
         f"<pre>{e(model.dump())}</pre></section>",
@@ -399,7 +403,9 @@ def _graph_section(graph: Graph) -> str:
     return f'<div class="scroll">{svg}</div>'
 
 
-def _maps_section(model: cnnc.Model, x: np.ndarray | None, about: ReportInput) -> str:
+def _maps_section(
+    model: cnnc.Model, x: np.ndarray | None, about: ReportInput, labels: list[str] | None
+) -> str:
     if x is None:
         return (
             '<div class="placeholder" id="maps-placeholder">No feature maps: the network '
@@ -411,7 +417,7 @@ def _maps_section(model: cnnc.Model, x: np.ndarray | None, about: ReportInput) -
             '<div class="placeholder" id="maps-placeholder">No feature maps: drawing them '
             "needs Pillow (<code>pip install 'cnnc[viz]'</code>).</div>"
         )
-    pictures = feature_map_pngs(model, x)
+    pictures = feature_map_pngs(model, x, labels)
     if pictures is None:  # (Pillow is there: the module that draws is not)
         return (
             '<div class="placeholder" id="maps-placeholder">No feature maps: this cnnc has '
@@ -430,54 +436,19 @@ def _maps_section(model: cnnc.Model, x: np.ndarray | None, about: ReportInput) -
     )
 
 
-def read_input(model: cnnc.Model, path: str) -> np.ndarray:
-    """The feature maps' input from ``path``: an array (.npy) of the network's input
-    shape, or an image (read, resized and normalized by :mod:`cnnc.viz.images`); the
-    first item of a batch."""
-    from pathlib import Path
-
-    from cnnc.backends.interpreter import check_input
-    from cnnc.errors import CnncError, InputError, UsageError
-
-    value = model.graph.inputs[0]
-    if Path(path).suffix.lower() in (".npy", ".npz"):
-        x = cnnc.api.read_input(path)
-        if isinstance(x, dict):
-            if len(x) != 1:
-                raise InputError(
-                    f"holds {len(x)} arrays; the report draws the maps of one input",
-                    path,
-                    hint="save one array with numpy.save(path, array)",
-                )
-            (x,) = x.values()
-        try:
-            check_input(value, x, model.graph.flexible_spatial)
-        except CnncError as e:
-            raise e.at(path) from None
-    else:
-        if importlib.util.find_spec("cnnc.viz.images") is None:
-            raise UsageError(
-                "this cnnc reads no images yet (it has no cnnc.viz.images module)",
-                path,
-                hint="give the input as an array: --input X.npy",
-            )
-        from cnnc.viz import images
-
-        x = images.load_images([path], value.type)
-    return x[:1]
-
-
 def report(
     model: cnnc.Model,
     table_graph: Graph,
     about: ReportInput,
-    input_path: str | None = None,
+    x: np.ndarray | None = None,
+    labels: list[str] | None = None,
     seed: int = 0,
 ) -> str:
-    """The HTML of ``cnnc report``: the feature maps of the input at ``input_path`` or,
-    without one, of a seeded standard-normal input (a network of several inputs gets
-    no feature maps)."""
-    x = None
-    if len(model.graph.inputs) == 1:
-        x = read_input(model, input_path) if input_path else model.random_input(1, seed)
-    return render(model, table_graph, about, x)
+    """The HTML of ``cnnc report``: the feature maps of the first item of ``x`` or,
+    without it, of a seeded standard-normal input (a network of several inputs gets no
+    feature maps); ``labels`` names the classes of the prediction's picture."""
+    if len(model.graph.inputs) != 1:
+        x = None
+    elif x is None:
+        x = model.random_input(1, seed)
+    return render(model, table_graph, about, None if x is None else x[:1], labels)
