@@ -190,6 +190,25 @@ class Model:
         names = [i.name for i in session.get_inputs()]
         return session.run(None, dict(zip(names, inputs, strict=True)))
 
+    def activations(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the network in the NumPy interpreter keeping every value: the graph's
+        inputs, then each node's output, by name in graph order (the names of
+        :meth:`dump`; compile with ``opt_level=0`` to see every layer as written, since
+        -O2 fuses conv, bn and relu into one value)."""
+        from cnnc.backends.interpreter import check_batch, check_input
+
+        if len(inputs) != len(self.graph.inputs):
+            raise InputError(
+                f"network {self.name} takes {len(self.graph.inputs)} input(s), got {len(inputs)}"
+            )
+        for value, x in zip(self.graph.inputs, inputs, strict=True):
+            check_input(value, x, self.graph.flexible_spatial)
+        check_batch(self.graph.inputs, inputs)
+        _, values = self.interpreter.run_all(*inputs)
+        named = {v.name: x for v, x in zip(self.graph.inputs, inputs, strict=True)}
+        named.update(values)
+        return named
+
     @property
     def interpreter(self) -> Interpreter:
         """The prepared NumPy interpreter of this model (prepared on first use)."""

@@ -39,6 +39,10 @@ EXAMPLES = {
   cnnc run two_inputs.cnn --input image=x.npy --input mask=m.npy -o outputs.npz
   cnnc run examples/resnet18.cnn --weights r18.npz --input cat.jpg --labels imagenet
   cnnc run examples/digits.cnn --weights examples/digits.npz --input digits/ --labels digits""",
+    "viz": """examples:
+  cnnc viz examples/digits.cnn --weights examples/digits.npz --input 2.png -o viz/
+  cnnc viz examples/resnet18.cnn --weights r18.npz --input cat.jpg --labels imagenet \\
+      --layers conv1,layer1.0.relu,layer4.1.relu -o cat/""",
     "dump": """examples:
   cnnc dump examples/lenet5.cnn
   cnnc dump lenet5.onnx
@@ -229,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top", type=int, default=5, help="classes to print per item (default 5)")
     p.add_argument("-o", "--output", metavar="Y.npy", help="save the output array here")
+    _image_args(p)
+
+    p = command("viz", "draw each layer's feature maps, the first kernels and the prediction")
+    _model_args(p, default_level=0)
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="IMAGE|X.npy",
+        help="the input: an image (PNG, JPEG, BMP), a folder of them, or an array; the "
+        "pictures show the first item",
+    )
+    p.add_argument(
+        "--layers",
+        type=_names,
+        metavar="A,B,...",
+        help="draw only these layers (default: every input and layer; cnnc dump -O0 lists "
+        "the names)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder of the PNGs")
     _image_args(p)
 
     p = command("dump", "print the IR of a program or an ONNX model")
@@ -885,6 +909,40 @@ def _explain_disagreement(model, xs: list[np.ndarray], out=None) -> None:
     )
 
 
+def cmd_viz(args) -> None:
+    from cnnc.viz import images, maps
+
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError("is not a folder; -o names the folder the pictures go to", str(folder))
+    model = _load(args)
+    labels = _labels(model, args.labels)
+    xs = _read_inputs(model, args.input, args)
+    picture = None
+    if getattr(args, "image_files", None):
+        value = model.graph.inputs[0]
+        with images.open_image(args.image_files[0]) as image:
+            array = images.image_array(image, value.type.shape[1:], Path(args.image_files[0]))
+        picture = maps._display(array)
+    pngs = maps.layer_pngs(model, xs, args.layers, labels, picture=picture)
+    layers = [name for name in pngs if name not in (maps.KERNELS, maps.PREDICTION)]
+    digits = len(str(len(layers)))
+    names = {name: f"{i:0{max(2, digits)}d}_{name}.png" for i, name in enumerate(layers)}
+    names[maps.KERNELS] = "kernels.png"
+    names[maps.PREDICTION] = "prediction.png"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CnncError(f"cannot create the folder: {e.strerror or e}", str(folder)) from None
+    written = [names[key] for key in pngs]
+    with output.open_outputs(*(folder / name for name in written)) as files:
+        for f, data in zip(files, pngs.values(), strict=True):
+            f.write(data)
+    for note in getattr(args, "image_notes", []):
+        print(note)
+    print(f"wrote {len(written)} pictures to {folder}: {', '.join(written)}")
+
+
 def cmd_dump(args) -> None:
     if args.train:
         print(_training_step(args).dump(), end="")
@@ -1132,6 +1190,7 @@ def cmd_report(args) -> None:
 COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
+    "viz": cmd_viz,
     "dump": cmd_dump,
     "summary": cmd_summary,
     "bench": cmd_bench,
@@ -1145,6 +1204,7 @@ COMMANDS = {
 DOING = {
     "compile": "compiling",
     "run": "running",
+    "viz": "drawing",
     "dump": "dumping",
     "summary": "summarising",
     "bench": "benchmarking",
