@@ -81,9 +81,24 @@ def _scaled(a: np.ndarray, low: float | None = None, high: float | None = None) 
     return np.clip((a - low) / (high - low) * 255.0, 0, 255).round().astype(np.uint8)
 
 
-def _png(image) -> bytes:
+def _palette_image():
+    """A palette of 224 viridis colours and 32 greys (white, ink and the text's
+    antialiasing): a feature-map picture in it is a third of its RGB size, and as sharp."""
+    image_module = pillow()
+    viridis = VIRIDIS[np.linspace(0, 255, 224).round().astype(int)]
+    greys = np.repeat(np.linspace(0, 255, 32).round()[:, None], 3, axis=1)
+    palette = image_module.new("P", (1, 1))
+    palette.putpalette(np.concatenate([viridis, greys]).astype(np.uint8).reshape(-1).tolist())
+    return palette
+
+
+def _png(image, viridis: bool = False) -> bytes:
+    """PNG bytes; a picture drawn only in viridis and greys is stored with a palette."""
+    if viridis:
+        image_module = pillow()
+        image = image.quantize(palette=_palette_image(), dither=image_module.Dither.NONE)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
 
 
@@ -334,7 +349,10 @@ def layer_pngs(
                 + "cnnc dump lists the names (-O0 for every layer as written)",
             )
     chosen = list(values) if layers is None else [n for n in values if n in set(layers)]
-    pngs = {name: _png(feature_map_image(name, values[name][0], labels)) for name in chosen}
+    pngs = {
+        name: _png(feature_map_image(name, values[name][0], labels), viridis=True)
+        for name in chosen
+    }
     kernels = first_conv_kernels(model)
     if kernels is not None:
         pngs[KERNELS] = _png(kernels_image(*kernels))
