@@ -402,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPORT.html",
         help="the page (default: the model's name with .html)",
     )
+    p.add_argument(
+        "--layers",
+        type=_names,
+        metavar="A,B,...",
+        help="draw the feature maps of these values only (default: every one; "
+        "cnnc dump lists the names)",
+    )
     _image_args(p)
     return parser
 
@@ -1178,7 +1185,7 @@ def cmd_report(args) -> None:
     else:
         shown = f"a seeded standard-normal input (seed {args.seed})"
     about = report.ReportInput(args.model, weights, shown, model.graph.opt_level)
-    page = report.report(model, table, about, x, labels, args.seed).encode()
+    page = report.report(model, table, about, x, labels, args.seed, args.layers).encode()
     with output.open_output(out) as f:
         f.write(page)
     print(

@@ -53,27 +53,10 @@ class Page(HTMLParser):
                 self.images.append(value or "")
 
 
-def _stand_in_maps(model, x, layers=None, labels=None):
-    """Pictures as cnnc.viz.maps.layer_pngs gives them (used until it is merged): a PNG
-    per layer, keyed by name; the first is wider than the report's cap."""
-    from PIL import Image
-
-    pictures = {}
-    for i, node in enumerate(model.graph.nodes[:4]):
-        width = 900 if i == 0 else 40
-        a = np.linspace(0, 255, width * 30).reshape(30, width).astype(np.uint8)
-        out = io.BytesIO()
-        Image.fromarray(a, "L").save(out, format="PNG")
-        pictures[node.name] = out.getvalue()
-    return pictures
-
-
 @pytest.fixture
-def maps(monkeypatch):
-    """The real feature maps where cnnc.viz.maps exists, else the stand-in above."""
+def maps():
+    """Feature maps need Pillow (cnnc[viz], in the test extra)."""
     pytest.importorskip("PIL", reason="Pillow (cnnc[viz]) is needed to draw feature maps")
-    if report._layer_pngs() is None:
-        monkeypatch.setattr(report, "_layer_pngs", lambda: _stand_in_maps)
 
 
 def _make(tmp_path: Path, *args: str, name: str = "r.html") -> tuple[int, Path]:
@@ -131,6 +114,18 @@ def test_pictures_are_png_data_uris_within_the_cap(tmp_path, maps):
         with Image.open(io.BytesIO(data)) as image:
             assert image.format == "PNG"
             assert 0 < max(image.size) <= report.MAX_PICTURE_SIDE
+
+
+def test_a_large_picture_is_shrunk_keeping_its_palette():
+    Image = pytest.importorskip("PIL.Image", reason="Pillow (cnnc[viz]) is not installed")
+    image = Image.fromarray(np.tile(np.arange(250, dtype=np.uint8), (300, 4)), "L").convert("P")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    small = report.shrink_png(out.getvalue())
+    with Image.open(io.BytesIO(small)) as shrunk:
+        assert shrunk.size == (report.MAX_PICTURE_SIDE, round(300 * report.MAX_PICTURE_SIDE / 1000))
+        assert shrunk.mode == "P"
+    assert report.shrink_png(small) == small  # within the cap: unchanged
 
 
 def test_the_svgs_parse_as_xml(tmp_path, maps):
@@ -191,11 +186,19 @@ def test_an_image_input_is_read_resized_and_noted(tmp_path, maps):
     assert "1 image, resized and cropped to 28x28" in text
 
 
+def test_layers_chooses_the_pictures(tmp_path, maps):
+    status, out = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"), "--layers", "c1,c2")
+    assert status == 0
+    names = [a for a in re.findall(r'<img alt="([^"]*)"', out.read_text(encoding="utf-8"))]
+    assert [n for n in names if not n.startswith("@")] == ["c1", "c2"]
+
+
 def test_errors_are_clear_and_leave_no_file(tmp_path, capsys):
     np.save(tmp_path / "wrong.npy", np.zeros((1, 3, 28, 28), np.float32))
     cases = [
         (["--input", str(tmp_path / "wrong.npy")], "wrong.npy", "r.html"),
         (["--input", str(tmp_path / "missing.npy")], "missing.npy", "r.html"),
+        (["--layers", "c1,nope"], "no layer named 'nope'", "r.html"),
         ([], "does not exist", "no/such/dir/r.html"),
         ([], "is a directory", "."),
     ]

@@ -214,7 +214,7 @@ def _bars(units: np.ndarray, labels: Sequence[str] | None = None, height: int = 
         labels = [str(i) for i in range(units.size)]
     font = _font()
     probe = ImageDraw.Draw(image_module.new("RGB", (1, 1)))
-    text_width = max((probe.textbbox((0, 0), t, font=font)[2] for t in labels), default=0)
+    text_width = max((probe.textbbox((0, 0), t, font=font)[2] for t in labels or ()), default=0)
     bar = max(2, min(24, 768 // max(units.size, 1)))
     if named:
         bar = max(bar, text_width + 6)
