@@ -61,6 +61,11 @@ EXAMPLES = {
   cnnc bench examples/vgg16.cnn --compile --repeat 3 # compile time and memory, fresh processes
   cnnc bench --scale                               # compile 1,000 to 100,000-layer networks
   cnnc bench examples/lenet5.cnn --train --batch 64 # one training step against PyTorch""",
+    "graph": """examples:
+  cnnc graph examples/resnet18.cnn -o resnet18.svg   # open it in a browser; click a block's title
+  cnnc graph examples/resnet50.cnn --fold 1 -o r50.svg # the stages, their blocks folded
+  cnnc graph examples/googlenet.cnn -O0 -o googlenet.dot  # DOT, for Graphviz's dot
+  cnnc graph model.onnx -o - > model.svg""",
     "train": """examples:
   cnnc train net.cnn --data digits -o net.npz      # Adam, lr 0.001, 10 epochs, batch 32
   cnnc train net.cnn --data digits -o net.npz --epochs 30 --lr 0.003
@@ -313,6 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time every node, in the interpreter and in onnxruntime's profiler",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    p = command("graph", "draw the network as a picture (SVG) or write it as DOT")
+    _model_args(p)
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.svg|OUT.dot",
+        help="the picture: .svg (the default: the model's name with .svg), .dot for DOT, "
+        "- for SVG on standard output",
+    )
+    p.add_argument(
+        "--fold",
+        type=int,
+        metavar="DEPTH",
+        help="draw the blocks nested deeper than DEPTH folded (0 folds every block)",
+    )
 
     p = command("train", "train a network on labelled data and write its weights")
     p.add_argument("model", metavar="MODEL.cnn", help="the program of the network to train")
@@ -970,6 +991,29 @@ def cmd_summary(args) -> None:
         raise UsageError("--input-size applies with --fully-conv")
 
 
+def cmd_graph(args) -> None:
+    from cnnc.viz.graph import to_dot, to_svg
+
+    given = args.output or str(Path(args.model).with_suffix(".svg"))
+    suffix = "" if given == output.STDOUT else Path(given).suffix.lower()
+    if suffix not in ("", ".svg", ".dot", ".gv"):
+        raise UsageError(
+            f"cnnc graph writes SVG (.svg) or DOT (.dot), not {suffix}",
+            hint="name the output OUT.svg or OUT.dot (or - for SVG on standard output)",
+        )
+    if args.fold is not None and args.fold < 0:
+        raise UsageError(f"--fold takes a depth of 0 or more, got {args.fold}")
+    if args.fold is not None and suffix in (".dot", ".gv"):
+        raise UsageError("--fold applies to SVG; DOT has no folding", hint="drop --fold")
+    out = output.target(given)
+    model = _load(args, notice=False)
+    text = to_dot(model.graph) if suffix in (".dot", ".gv") else to_svg(model.graph, fold=args.fold)
+    with output.open_output(out) as f:
+        f.write(text.encode())
+    if not out.is_stdout:
+        print(f"wrote {out.name} ({len(model.graph.nodes)} layers, {len(text) / 1e3:,.1f} kB)")
+
+
 def cmd_import(args) -> None:
     source = Path(args.model)
     if source.suffix.lower() != ".onnx":
@@ -1202,6 +1246,7 @@ COMMANDS = {
     "summary": cmd_summary,
     "bench": cmd_bench,
     "import": cmd_import,
+    "graph": cmd_graph,
     "train": cmd_train,
     "eval": cmd_eval,
     "report": cmd_report,
@@ -1216,6 +1261,7 @@ DOING = {
     "summary": "summarising",
     "bench": "benchmarking",
     "import": "importing",
+    "graph": "drawing",
     "train": "training",
     "eval": "evaluating",
     "report": "reporting on",

@@ -29,6 +29,7 @@ def test_the_wheel_carries_the_grammar_inside_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "cnnc/grammar/cnn.lark" in names
     assert "cnnc/cli.py" in names
+    assert "cnnc/viz/graph.js" in names  # the folding script that cnnc graph inlines
 
 
 def test_a_non_editable_install_compiles_from_any_directory(wheel, tmp_path):

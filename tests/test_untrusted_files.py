@@ -271,6 +271,7 @@ MODEL_COMMANDS = {
     "run": ["run", "{model}", "-o", "{out}/y.npy"],
     "dump": ["dump", "{model}"],
     "summary": ["summary", "{model}"],
+    "graph": ["graph", "{model}", "-o", "{out}/net.svg"],
     "bench": ["bench", "{model}", "--repeat", "1", "--warmup", "0"],
 }
 

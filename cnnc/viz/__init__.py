@@ -1,5 +1,6 @@
-"""Seeing inside a network: images in (images.py), class names (labels.py), and pictures of
-its feature maps and kernels (maps.py). Pillow, the optional extra ``cnnc[viz]``, is imported
+"""Seeing inside a network: images in (images.py), class names (labels.py), pictures of
+its feature maps and kernels (maps.py), the graph drawn (graph.py) and the HTML report
+(report.py). Pillow, the optional extra ``cnnc[viz]``, is imported
 only when an image is read or drawn, so that compiling and running never need it."""
 
 from __future__ import annotations
