@@ -82,10 +82,12 @@ def test_the_page_is_self_contained_and_has_every_section(tmp_path, maps, capsys
             assert value.startswith("#"), (tag, value)
         else:
             assert value.startswith("data:image/png;base64,"), (tag, value[:60])
-    assert not {"link", "script", "iframe", "object", "embed"} & page.tags
+    assert not {"link", "iframe", "object", "embed", "base"} & page.tags
     # The only URLs are the SVG namespace, which is a name, not a request.
     assert set(re.findall(r"https?://[^\s\"'<>)]+", text)) <= {"http://www.w3.org/2000/svg"}
-    assert "url(" not in text and "@import" not in text
+    # CSS and SVG refer only to the page itself (an arrowhead's marker: url(#id)).
+    assert all(u.startswith("#") for u in re.findall(r"url\(\s*['\"]?([^)'\"]*)", text))
+    assert "@import" not in text
     # Header: the name, the figures (those cnnc summary prints), the version.
     model = cnnc.load(EXAMPLES / "lenet5.cnn", opt_level=0)
     assert "<h1>lenet5</h1>" in text
@@ -132,7 +134,8 @@ def test_the_svgs_parse_as_xml(tmp_path, maps):
     status, out = _make(tmp_path, str(EXAMPLES / "lenet5.cnn"))
     assert status == 0
     svgs = _svgs(out.read_text(encoding="utf-8"))
-    assert len(svgs) >= 2  # the two charts (and the graph once cnnc.viz.graph is there)
+    assert len(svgs) == 3  # the two charts and the graph
+    assert 'class="cnnc-graph"' in svgs[2] and "<title>lenet5</title>" in svgs[2]
     for svg in svgs:
         root = ET.fromstring(svg)
         assert root.tag == "{http://www.w3.org/2000/svg}svg"

@@ -246,14 +246,19 @@ def _table(rows: list[LayerRow]) -> str:
     )
 
 
+# A graph of more nodes than this starts with its blocks inside blocks folded (a
+# ResNet-50 shows its four stages, each a column of folded bottleneck blocks).
+FOLD_ABOVE = 80
+
+
 def graph_svg(graph: Graph) -> str | None:
-    """The graph as inline SVG from :mod:`cnnc.viz.graph`, or None where that module is
-    not installed."""
+    """The graph as inline SVG from :mod:`cnnc.viz.graph` (its clusters fold on a click),
+    or None where that module is not installed."""
     if importlib.util.find_spec("cnnc.viz.graph") is None:
         return None
     from cnnc.viz import graph as graph_mod
 
-    return graph_mod.to_svg(graph)
+    return graph_mod.to_svg(graph, fold=1 if len(graph.nodes) > FOLD_ABOVE else None)
 
 
 def _have_pillow() -> bool:
@@ -405,7 +410,11 @@ def _graph_section(graph: Graph) -> str:
             '<div class="placeholder" id="graph-placeholder">The graph is not in this '
             "report: this cnnc has no <code>cnnc.viz.graph</code> module yet.</div>"
         )
-    return f'<div class="scroll">{svg}</div>'
+    return (
+        '<p class="note">The network as written: a box per layer with its op, output shape '
+        "and parameters; a click on a block's title folds it into one box, a click on "
+        f'that box unfolds it.</p><div class="scroll">{svg}</div>'
+    )
 
 
 def _maps_section(
