@@ -444,10 +444,14 @@ def _maps_section(
     e = html.escape
     special = {"@prediction": "the prediction", "@kernels": "the first convolution's kernels"}
     order = [k for k in special if k in pictures] + [k for k in pictures if k not in special]
+    # The caption repeats the picture's name and type: a shrunk legend is small.
+    types = {v.name: v.type for v in model.graph.inputs}
+    types.update((v.name, v.type) for n in model.graph.nodes for v in n.outputs)
+    captions = {k: f"{k} : {types[k]}" for k in order if k in types}
     figures = [
         f'<figure><img alt="{e(key)}" src="data:image/png;base64,'
         f'{base64.b64encode(pictures[key]).decode()}">'
-        f"<figcaption>{e(special.get(key, key))}</figcaption></figure>"
+        f"<figcaption>{e(special.get(key) or captions.get(key, key))}</figcaption></figure>"
         for key in order
     ]
     return (
