@@ -394,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="numpy",
         help="the NumPy interpreter (default) or onnxruntime",
     )
+    p.add_argument(
+        "--labels",
+        metavar="FILE|imagenet|digits",
+        help="class names for the per-class lines: a file of one name per line, or a built-in list",
+    )
 
     p = command("summary", "print layers, shapes, parameters and multiply-accumulates")
     _model_args(p, default_level=0)
@@ -798,7 +803,9 @@ def _read_images(model: cnnc.Model, value, paths: list[str], args) -> np.ndarray
     if getattr(args, "normalize", None) is not None:
         normalization, source = preprocess.parse_option(args.normalize), "--normalize"
     elif value.name in model.graph.preprocess:
-        normalization, source = model.graph.preprocess[value.name], "the program's"
+        normalization = model.graph.preprocess[value.name]
+        onnx = Path(args.model).suffix.lower() == ".onnx" if args is not None else False
+        source = "the ONNX model's" if onnx else "the program's"
     else:
         normalization, source = preprocess.NONE, "the default"
     files = images.image_files(paths)
@@ -1184,10 +1191,11 @@ def cmd_eval(args) -> None:
     model = _load(args, notice=False)
     if model.random_weights:
         raise UsageError("evaluation needs trained weights", hint="pass --weights W.npz")
+    labels = _labels(model, args.labels)
     report = cnnc.evaluate(
         model, args.data, split=args.split, val_split=args.val_split, backend=args.backend
     )
-    print(report.render())
+    print(report.render(labels))
 
 
 def cmd_report(args) -> None:

@@ -38,6 +38,16 @@ class Normalization:
     def describe(self) -> str:
         return self.name
 
+    def option_text(self) -> str:
+        """The text :func:`parse_option` reads back to this normalization, exactly (an ONNX
+        model carries it in its metadata)."""
+        if self.name in NAMED:
+            return self.name
+        return ",".join("/".join(repr(v) for v in numbers) for numbers in (self.mean, self.std))
+
+
+# The ONNX metadata key that carries an input's normalization: cnnc.normalize.<input>.
+METADATA_PREFIX = "cnnc.normalize."
 
 NONE = Normalization()
 IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD, "imagenet")

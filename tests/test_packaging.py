@@ -30,6 +30,8 @@ def test_the_wheel_carries_the_grammar_inside_the_package(wheel):
     assert "cnnc/grammar/cnn.lark" in names
     assert "cnnc/cli.py" in names
     assert "cnnc/viz/graph.js" in names  # the folding script that cnnc graph inlines
+    # The class names of --labels imagenet|digits.
+    assert {"cnnc/viz/labels/imagenet.txt", "cnnc/viz/labels/digits.txt"} <= set(names)
 
 
 def test_a_non_editable_install_compiles_from_any_directory(wheel, tmp_path):

@@ -136,6 +136,36 @@ def png(width: int = 4, height: int = 4) -> bytes:
     )
 
 
+def lying_png(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header claims ``width`` × ``height`` pixels."""
+    good = png()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = b"IHDR" + ihdr
+    chunk = struct.pack(">I", len(ihdr)) + body + struct.pack(">I", zlib.crc32(body))
+    return good[:8] + chunk + good[8 + len(chunk) :]
+
+
+def lying_bmp(width: int, height: int) -> bytes:
+    """A BMP of a few bytes whose header claims ``width`` × ``height`` 24-bit pixels."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 48, 0, 0, 54) + info + b"\x80" * 48
+
+
+def jpeg(size: int = 32) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(2).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def damaged(data: bytes, at: int) -> bytes:
+    changed = bytearray(data)
+    changed[at] ^= 0xFF
+    return bytes(changed)
+
+
 INPUT_CORPUS = {
     "empty.npy": b"",
     "empty.npz": b"",
@@ -149,8 +179,13 @@ INPUT_CORPUS = {
     "bad version.npy": b"\x93NUMPY\x09\x00" + b"\0" * 40,
     "bad header.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': ..., }\n",
     "untokenizable header.npy": untokenizable_npy(),
-    "image.png": png(),
     "truncated image.png": png()[:30],
+    "truncated data.png": png(64, 64)[:-20],
+    "bad checksum.png": damaged(png(), 40),
+    "bomb.png": lying_png(100_000, 100_000),
+    "bomb.bmp": lying_bmp(60_000, 60_000),
+    "lying size.bmp": lying_bmp(64, 64),
+    "truncated photo.jpg": jpeg()[:300],
     "random bytes named.png": np.random.default_rng(1).bytes(200),
     "image.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\0" * 50,
     "image.ppm": b"P6\n4 4\n255\n" + b"\x80" * 48,
@@ -389,13 +424,21 @@ def test_an_input_header_is_checked_before_anything_is_allocated(tmp_path):
         cnnc.read_input(path)
 
 
-def test_an_image_is_named_as_what_it_is(tmp_path, capsys):
+def test_an_image_of_a_format_not_read_is_named_as_what_it_is(tmp_path, capsys):
     program = tmp_path / "tiny.cnn"
     program.write_text(PROGRAM)
-    for name, kind in (("image.png", "a PNG image"), ("image.ppm", "a PPM image")):
+    for name, kind in (("image.gif", "a GIF image"), ("image.ppm", "a PPM image")):
         (tmp_path / name).write_bytes(INPUT_CORPUS[name])
         _code, _, err = cli(capsys, "run", program, "--input", tmp_path / name)
         assert f"not a NumPy array file (.npy or .npz): it looks like {kind}" in err
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, capsys):
+    program = tmp_path / "tiny.cnn"
+    program.write_text(PROGRAM)
+    (tmp_path / "bomb.png").write_bytes(INPUT_CORPUS["bomb.png"])
+    _code, _, err = cli(capsys, "run", program, "--input", tmp_path / "bomb.png")
+    assert "the image is too large: more than 89,478,485 pixels" in err
 
 
 def test_a_batch_of_zero_items_is_refused_naming_its_file(tmp_path, capsys):

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from cnnc import __version__
+from cnnc import __version__, preprocess
 from cnnc.errors import InternalError, OutputError, UsageError
 from cnnc.ir.graph import Graph, Node, Value
 from cnnc.ir.types import format_dims
@@ -1532,10 +1532,16 @@ def skeleton(
         functions=list(e.functions.values()),
         doc_string=f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})",
     )
+    props = {}
     if flexible:
         # The declared input is the smallest the network takes; importing needs its sizes.
         (x,) = graph.inputs
-        helper.set_model_props(model, {MIN_INPUT_KEY: "x".join(map(str, x.type.shape[1:]))})
+        props[MIN_INPUT_KEY] = "x".join(map(str, x.type.shape[1:]))
+    # How an image becomes each input, as the program declared it (cnnc.preprocess).
+    for name, normalization in graph.preprocess.items():
+        props[preprocess.METADATA_PREFIX + name] = normalization.option_text()
+    if props:
+        helper.set_model_props(model, props)
     tensors = [_param_tensor(p) for p in graph.params.values()]
     return model, tensors + [Tensor.of_proto(t) for t in e.initializers]
 

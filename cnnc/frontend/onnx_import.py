@@ -13,7 +13,7 @@ import onnx.inliner
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from cnnc import limits
+from cnnc import limits, preprocess
 from cnnc.errors import CnncError, ModelFileError, first_line
 from cnnc.frontend import onnx_names, onnx_patterns, onnx_shapes
 from cnnc.frontend.onnx_shapes import Dim
@@ -1673,6 +1673,24 @@ def _check(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     return model
 
 
+def _read_normalizations(imp, props: dict[str, str], where: str) -> None:
+    """The normalization of each input that cnnc wrote as metadata (cnnc.normalize.NAME)
+    when it compiled a program that declares one; a value it cannot read is an error."""
+    for key, text in props.items():
+        if not key.startswith(preprocess.METADATA_PREFIX):
+            continue
+        name = key[len(preprocess.METADATA_PREFIX) :]
+        value = imp.values.get(name)
+        try:
+            if value is None or value.type.rank != 4:
+                raise CnncError(f"names no image input (N×C×H×W) of {imp.graph.name}")
+            normalization = preprocess.parse_option(text)
+            normalization.check_channels(value.type.shape[1])
+        except CnncError as e:
+            raise ModelFileError(f"metadata {key}={text[:60]!r}: {e.message}", where) from None
+        imp.graph.preprocess[name] = normalization
+
+
 def _min_input(text: str, where: str) -> tuple[int, ...]:
     """The smallest input sizes of a fully convolutional model cnnc wrote, from its
     metadata (``3x224x224``): anything else there means the file was edited or damaged."""
@@ -1906,6 +1924,7 @@ def _import(model: onnx.ModelProto, base_dir: str | None, where: str) -> Graph:
     for vi in g.input:
         if vi.name not in imp.constants:
             imp.values[vi.name] = imp.graph.add_input(vi.name, _input_type(imp, vi))
+    _read_normalizations(imp, props, where)
     origins: dict[str, onnx.NodeProto] = {}  # IR node name -> the ONNX node it came from
     for node in _noting_origins(imp.graph, nodes, origins):
         try:

@@ -437,6 +437,18 @@ class ToAst:
         name, value = children
         return Arg(str(name), value, self._loc(meta))
 
+    def option_word(self, meta, children):
+        return Name(self._loc(meta), str(children[0]))
+
+    def option_number(self, meta, children):
+        sign, number = children
+        loc = self._loc(meta)
+        value = float(number) if number.type == "FLOAT" else _integer(number, loc)
+        return Literal(loc, -value if sign else value)
+
+    def option_tuple(self, meta, children):
+        return TupleExpr(self._loc(meta), list(children))
+
     def net_outputs(self, meta, names):
         return [(str(n), self._tok(n)) for n in names]
 

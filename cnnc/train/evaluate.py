@@ -38,8 +38,9 @@ class Evaluation:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.diag(self.confusion) / totals
 
-    def render(self) -> str:
-        """The report `cnnc eval` prints."""
+    def render(self, labels: list[str] | None = None) -> str:
+        """The report `cnnc eval` prints; with ``labels`` (one per class), the per-class
+        lines name their classes."""
         k = len(self.confusion)
         right = int(np.trace(self.confusion))
         lines = [
@@ -50,14 +51,18 @@ class Evaluation:
         ]
         totals = self.confusion.sum(axis=1)
         width = len(str(k - 1))
+        names = [""] * k
+        if labels is not None and len(labels) == k:
+            longest = max(len(n) for n in labels)
+            names = [f" {n:<{longest}}" for n in labels]
         for c in range(k):
             if totals[c]:
                 lines.append(
-                    f"  class {c:>{width}}: {100 * self.per_class[c]:6.2f}% "
+                    f"  class {c:>{width}}{names[c]}: {100 * self.per_class[c]:6.2f}% "
                     f"({int(self.confusion[c, c]):,} of {int(totals[c]):,})"
                 )
             else:
-                lines.append(f"  class {c:>{width}}:      - (no item)")
+                lines.append(f"  class {c:>{width}}{names[c]}:      - (no item)")
         lines += ["", "confusion matrix (rows: true class, columns: predicted class):"]
         cell = max(len(str(int(self.confusion.max()))), width, 1) + 1
         lines.append(" " * (width + 7) + "".join(f"{c:>{cell}}" for c in range(k)))

@@ -112,6 +112,10 @@ def open_image(path: str | Path):
             str(path),
             hint="scale the image down first; a network needs a few hundred pixels a side",
         ) from None
+    except image_module.UnidentifiedImageError:
+        raise InputError(
+            "cannot decode the image: its header is damaged or cut short", str(path)
+        ) from None
     except MemoryError:
         raise InputError("out of memory while decoding the image", str(path)) from None
     except Exception as e:  # Pillow's decoders raise many kinds on damaged data

@@ -155,8 +155,12 @@ def _grid(
 
 
 def _columns(count: int, h: int, w: int) -> int:
-    """Columns that make the grid roughly square."""
-    return max(1, min(count, math.ceil(math.sqrt(count * h / max(w, 1)))))
+    """Columns that make the grid roughly square: a divisor of ``count`` near the square
+    root where there is one (32 tiles are 8×4, not 6×6 with 4 missing), wider rather than
+    taller."""
+    square = max(1, min(count, math.ceil(math.sqrt(count * h / max(w, 1)))))
+    near = [c for c in range(square, min(count, 2 * square) + 1) if count % c == 0]
+    return near[0] if near else square
 
 
 def _scale_for(h: int, w: int, target: int = TILE_PIXELS) -> int:
@@ -176,7 +180,10 @@ def feature_map_image(name: str, value: np.ndarray, labels: Sequence[str] | None
         h, w = value.shape[1:]
         body = _grid(tiles, _columns(len(tiles), h, w), _scale_for(h, w))
         more = f" (the first {MAX_TILES} of {channels})" if channels > MAX_TILES else ""
-        note = f"{len(tiles)} channels{more}, each scaled to its own range: dark low, yellow high"
+        note = (
+            f"{len(tiles)} channel{'s' if len(tiles) != 1 else ''}{more}, each scaled to "
+            "its own range: dark low, yellow high"
+        )
         return _with_legend(body, [head, note])
     if value.ndim == 2 and value.shape[1] > 1:
         channels, length = value.shape
@@ -214,7 +221,7 @@ def _bars(units: np.ndarray, labels: Sequence[str] | None = None, height: int = 
         labels = [str(i) for i in range(units.size)]
     font = _font()
     probe = ImageDraw.Draw(image_module.new("RGB", (1, 1)))
-    text_width = max((probe.textbbox((0, 0), t, font=font)[2] for t in labels or ()), default=0)
+    text_width = max((probe.textbbox((0, 0), t, font=font)[2] for t in labels or []), default=0)
     bar = max(2, min(24, 768 // max(units.size, 1)))
     if named:
         bar = max(bar, text_width + 6)
