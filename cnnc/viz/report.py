@@ -90,6 +90,10 @@ def _si(n: float) -> str:
     return f"{n:g}"
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
+
+
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "0%"
 
@@ -367,7 +371,7 @@ def render(
         f'<header id="header"><h1>{e(model.name)}</h1><dl class="facts">',
         f"<dt>model</dt><dd>{e(about.source)}</dd>",
         f"<dt>input</dt><dd>{e(inputs)}</dd>",
-        f"<dt>parameters</dt><dd>{params:,} ({params * 4 / 1e6:,.1f} MB as float32)</dd>",
+        f"<dt>parameters</dt><dd>{params:,} ({_bytes(params * 4)} as float32)</dd>",
         f"<dt>multiply-accumulates</dt><dd>{macs:,} per item ({_si(macs)}MAC)</dd>",
         f"<dt>layers</dt><dd>{len(rows)} as written; {len(model.graph.nodes)} "
         f"after {e(about.opt_level)}</dd>",
