@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+WIDTH, HEIGHT = 1280, 1000  # the page's viewport, and the first screen's screenshot
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
@@ -195,7 +196,7 @@ def _start(chromium: str, profile: str, timeout: float) -> tuple[subprocess.Pope
         "--disable-extensions",
         "--disable-background-networking",
         "--hide-scrollbars",
-        "--window-size=1280,1000",
+        f"--window-size={WIDTH},{HEIGHT}",
         f"--user-data-dir={profile}",
         "--remote-debugging-port=0",
         "about:blank",
@@ -245,6 +246,13 @@ def check(
             tools = _Session(browser, session["sessionId"])
             for domain in ("Page", "Runtime", "Log", "Network"):
                 tools.call(f"{domain}.enable")
+            tools.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=WIDTH,
+                height=HEIGHT,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             tools.call("Page.navigate", url=url)
             tools.wait_for("Page.loadEventFired", timeout)
             time.sleep(0.3)  # let late console messages arrive
@@ -260,7 +268,7 @@ def check(
                     params["clip"] = {
                         "x": 0,
                         "y": 0,
-                        "width": 1280,
+                        "width": WIDTH,
                         "height": min(found["height"], 16000),
                         "scale": 1,
                     }

@@ -204,19 +204,19 @@ def fc_caption(rows: list[LayerRow]) -> str:
     fc_macs = sum(r.macs for r in fc)
     gap = any(r.kind == "gap" for r in rows)
     if not fc:
-        text = (
-            f"This network has no fc layer: its {params:,} parameters are all in "
-            "convolutions and normalizations"
-        )
+        holders = sorted({r.kind for r in rows if r.params})
+        where = f"in its {', '.join(holders)} layers" if holders else "nowhere: it has none"
+        text = f"This network has no fc layer: its {params:,} parameters are all {where}"
         return text + (
             ", and gap (global average pooling) turns the last feature maps into scores."
             if gap
             else "."
         )
-    layers = f"The {len(fc)} fc layers hold" if len(fc) > 1 else f"The fc layer {fc[0].name} holds"
+    many = len(fc) > 1
+    layers = f"The {len(fc)} fc layers hold" if many else f"The fc layer {fc[0].name} holds"
     text = (
         f"{layers} {_pct(fc_params, params)} of the parameters ({fc_params:,} of {params:,}) "
-        f"but do {_pct(fc_macs, macs)} of the multiply-accumulates."
+        f"but {'do' if many else 'does'} {_pct(fc_macs, macs)} of the multiply-accumulates."
     )
     if gap:
         return text + (
