@@ -1214,6 +1214,7 @@ def cmd_report(args) -> None:
             raise UsageError(
                 f"{model.name} has {len(model.graph.inputs)} inputs; the report draws the "
                 "feature maps of a network of one input",
+                args.model,
                 hint="leave out --input",
             )
         (x,) = _read_inputs(model, [args.input], args)
@@ -1240,8 +1241,9 @@ def cmd_report(args) -> None:
     page = report.report(model, table, about, x, labels, args.seed, args.layers).encode()
     with output.open_output(out) as f:
         f.write(page)
+    size = f"{len(page) / 1e6:,.1f} MB" if len(page) >= 100_000 else f"{len(page) / 1e3:,.1f} kB"
     print(
-        f"wrote {out.name} ({len(page) / 1e6:,.1f} MB) in {time.perf_counter() - start:.1f} s",
+        f"wrote {out.name} ({size}) in {time.perf_counter() - start:.1f} s",
         file=sys.stderr if out.is_stdout else sys.stdout,
     )
 

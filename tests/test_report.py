@@ -196,6 +196,27 @@ def test_layers_chooses_the_pictures(tmp_path, maps):
     assert [n for n in names if not n.startswith("@")] == ["c1", "c2"]
 
 
+def test_a_network_of_two_inputs_gets_no_feature_maps(tmp_path, capsys):
+    program = tmp_path / "two.cnn"
+    program.write_text(
+        "network two(a: 3x8x8, b: 3x8x8) {\n"
+        "    x = a -> conv(4, 3, pad=1) -> relu\n"
+        "    y = b -> conv(4, 3, pad=1)\n"
+        "    add(x, y) -> gap -> fc(5)\n"
+        "}\n"
+    )
+    status, out = _make(tmp_path, str(program))
+    assert status == 0
+    page = Page(out.read_text(encoding="utf-8"))
+    assert page.ids == SECTIONS and not page.images
+    assert "No feature maps: the network has 2 inputs" in out.read_text(encoding="utf-8")
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), np.float32))
+    status, _ = _make(tmp_path, str(program), "--input", str(tmp_path / "x.npy"), name="s.html")
+    assert status == 1
+    assert "two has 2 inputs; the report draws the feature maps" in capsys.readouterr().err
+    assert not (tmp_path / "s.html").exists()
+
+
 def test_errors_are_clear_and_leave_no_file(tmp_path, capsys):
     np.save(tmp_path / "wrong.npy", np.zeros((1, 3, 28, 28), np.float32))
     cases = [
