@@ -227,10 +227,13 @@ def check(
     full: bool = False,
     chromium: str | None = None,
     timeout: float = 60,
+    evaluate: str | None = None,
 ) -> dict:
     """Load ``page`` in headless Chromium and return the findings: ``problems`` (a list
     of lines; empty when the page passed), ``images``, ``svgs``, ``requests``,
-    ``console_errors``, ``sections``."""
+    ``console_errors``, ``sections``, and ``evaluated``: the value of the JavaScript
+    expression ``evaluate`` run in the page after the checks (then any error it
+    causes is a problem too)."""
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("no Chromium found (apt-get install -y chromium)")
@@ -261,6 +264,11 @@ def check(
                     "value"
                 ]
             )
+            evaluated, thrown = None, None
+            if evaluate is not None:
+                answer = tools.call("Runtime.evaluate", expression=evaluate, returnByValue=True)
+                evaluated = answer["result"].get("value")
+                thrown = answer.get("exceptionDetails")
             if screenshot is not None:
                 params = {"format": "png"}
                 if full:
@@ -280,7 +288,11 @@ def check(
             if ws is not None:
                 ws.close()
             browser_close(process)
-    return _findings(found, events, url)
+    result = _findings(found, events, url)
+    if thrown is not None:
+        text = thrown.get("exception", {}).get("description") or thrown.get("text")
+        result["problems"].append(f"the evaluated expression threw: {text}")
+    return {**result, "evaluated": evaluated}
 
 
 class _Session:

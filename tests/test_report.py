@@ -264,6 +264,38 @@ def test_the_page_renders_in_headless_chromium(tmp_path, maps):
     assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+# A click on the first block's title, in the page: the graph's height before and after.
+FOLD_FIRST_BLOCK = """(() => {
+  const svg = document.querySelector('svg.cnnc-graph');
+  const before = svg.getBoundingClientRect().height;
+  svg.querySelector('.ctitle').dispatchEvent(new MouseEvent('click', {bubbles: true}));
+  return [before, svg.getBoundingClientRect().height];
+})()"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (see the test above)")
+def test_the_graph_folds_inside_the_page(tmp_path, maps):
+    """The graph's folding script runs inline in the report: a click folds a block."""
+    program = tmp_path / "blocks.cnn"
+    program.write_text(
+        "block basic(c) {\n"
+        "    y = in -> conv(c, 3, pad=1) -> relu -> conv(c, 3, pad=1)\n"
+        "    add(y, in) -> relu\n"
+        "}\n"
+        "network blocks(image: 3x16x16) {\n"
+        "    stem: conv(8, 3, pad=1) -> relu\n"
+        "    basic(8) * 2\n"
+        "    gap -> fc(4)\n"
+        "}\n"
+    )
+    status, out = _make(tmp_path, str(program), "--layers", "stem")
+    assert status == 0
+    result = browser_check.check(out, evaluate=FOLD_FIRST_BLOCK)
+    assert result["problems"] == []
+    before, after = result["evaluated"]
+    assert 0 < after < before
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (see the test above)")
 def test_the_browser_check_finds_a_broken_page(tmp_path):
     """The check fails a page that fetches, holds a broken picture and throws."""
