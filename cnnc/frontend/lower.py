@@ -437,6 +437,7 @@ class _Lowering:
         if not block.statements:
             raise LayerError(f"block {block.name} has no layers", block.loc)
         self.stack.append(block.name)
+        self.graph.blocks[name] = block.name
         try:
             return self.body(block.statements, inner, x)
         except CnncError as e:
