@@ -131,13 +131,18 @@ def _block_paths(graph: Graph) -> dict[int, list[str]]:
         path: list[str] = []
         if "/" not in node.name:
             parts = node.name.split(".")
+            named = False
             for i in range(1, len(parts)):
                 prefix = ".".join(parts[:i])
                 if prefix in graph.blocks:
+                    kind = graph.blocks[prefix]
+                    if path and path[-1] in graph.blocks and graph.blocks[path[-1]] == kind:
+                        # x: conv -> res -> res: instances x.res and x.res.2, side by side
+                        path.pop()
                     path.append(prefix)
                 elif prefix in names:
-                    break
-                elif heads[prefix] >= 2:
+                    named = True
+                elif not named and heads[prefix] >= 2:
                     path.append(prefix)
         paths[id(node)] = path
     return paths

@@ -182,19 +182,36 @@ FIELD_RULES = {
 }
 
 
+def _broadcast(v: Value, node) -> bool:
+    # A 1×1 map read by a node whose output map is larger: repeated over it.
+    out = node.outputs[0].type
+    spatial = v.type.spatial
+    return (
+        len(node.activations) > 1
+        and v.type.rank == out.rank
+        and all(d == 1 for d in spatial)
+        and any(d != 1 for d in out.spatial)
+    )
+
+
 def receptive_fields(graph: Graph) -> dict[int, tuple[Jump, tuple[int, ...]]]:
     """(output stride, receptive field) per spatial axis of one cell of every value computed
     from a feature-map input (by ``id`` of the value; a value that is not a feature map of
     the inputs' rank, such as an fc's output, has none). The field is counted on the input:
     it may pass the input's size (the part past it is padding). Where branches merge, the
-    smallest stride and the largest field count."""
+    smallest stride and the largest field count; an operand broadcast over the map (a
+    squeeze-and-excitation's per-channel scale, N×C×1×1) does not widen the field: a
+    cell's field is the window whose pixels reach it through windows, not the global
+    context a scale carries."""
     fields: dict[int, tuple[Jump, tuple]] = {}
     for x in graph.inputs:
         rank = x.type.rank - 2
         if rank >= 1:
             fields[id(x)] = ((Fraction(1),) * rank, (1,) * rank)
     for node in graph.nodes:
-        found = [fields[id(v)] for v in node.activations if id(v) in fields]
+        found = [
+            fields[id(v)] for v in node.activations if id(v) in fields and not _broadcast(v, node)
+        ]
         if not found or len({len(f[0]) for f in found}) != 1:
             continue
         rank = len(found[0][0])
