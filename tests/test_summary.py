@@ -245,3 +245,14 @@ def test_the_api_refuses_a_depth_or_batch_below_one():
     for kwargs in ({"depth": 0}, {"batch": 0}, {"batch": True}):
         with pytest.raises(cnnc.errors.UsageError):
             model.summary(**kwargs)
+
+
+def test_the_readme_example_is_the_output_trimmed():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    block = readme.split("$ cnnc summary examples/resnet18.cnn --depth 2\n", 1)[1]
+    shown = [line for line in block.split("\n```", 1)[0].splitlines() if line != "..."]
+    text = cnnc.compile(EXAMPLES / "resnet18.cnn", opt_level=0).summary(depth=2)
+    lines = iter(text.splitlines())
+    assert len(shown) > 20
+    for line in shown:  # each in order, some skipped where the README has "..."
+        assert line in lines, line

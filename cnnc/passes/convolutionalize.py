@@ -139,7 +139,11 @@ def _transposed(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
 
 def _upsampled(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
     # A nearest cell reads one input cell; a linear one reads two neighbours.
-    scales = node.attrs["scales"]
+    # An upsample to a size scales each axis by its output size over its input size.
+    scales = node.attrs["scales"] or tuple(
+        Fraction(o, i)
+        for o, i in zip(node.output.type.spatial, node.inputs[0].type.spatial, strict=True)
+    )
     linear = node.attrs["mode"] in ("linear", "bilinear")
     field = tuple(f + (j if linear else 0) for f, j in zip(field, jump, strict=True))
     return tuple(
