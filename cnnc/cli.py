@@ -413,6 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HxW",
         help="with --fully-conv: the size of the score map for this input size",
     )
+    p.add_argument(
+        "--depth",
+        type=int,
+        metavar="D",
+        help="show blocks to depth D, deeper ones folded into their block's line "
+        "(1: the top level only; default: every layer)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="B",
+        help="the batch size of the activation memory (default 1)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the table's rows and the totals as JSON"
+    )
 
     p = command("report", "write one self-contained HTML page about a network")
     _model_args(p)
@@ -987,8 +1004,19 @@ def cmd_dump(args) -> None:
 
 
 def cmd_summary(args) -> None:
+    if args.json and (args.tensors or args.fully_conv):
+        raise UsageError("--json prints the summary's rows only, without --tensors or --fully-conv")
+    if args.depth is not None and args.depth < 1:
+        raise UsageError(f"--depth must be at least 1, got {args.depth}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
     model = _load(args, notice=False)
-    print(model.summary(), end="")
+    if args.json:
+        from cnnc.ir.printer import summary_json
+
+        print(summary_json(model.graph, args.batch, args.depth))
+        return
+    print(model.summary(args.depth, args.batch), end="")
     if args.tensors:
         print()
         print(model.tensors(), end="")
