@@ -29,6 +29,18 @@ import browser_check  # noqa: E402
 
 CHROMIUM = browser_check.find_chromium()
 
+# A network of two instances of a block: clusters in the graph, subtotals in the table.
+BLOCKS = """block basic(c) {
+    y = in -> conv(c, 3, pad=1) -> relu -> conv(c, 3, pad=1)
+    add(y, in) -> relu
+}
+network blocks(image: 3x16x16) {
+    stem: conv(8, 3, pad=1) -> relu
+    basic(8) * 2
+    gap -> fc(4)
+}
+"""
+
 
 class Page(HTMLParser):
     """What a browser would fetch or show: every src/href, the section ids, the <img>s."""
@@ -99,6 +111,21 @@ def test_the_page_is_self_contained_and_has_every_section(tmp_path, maps, capsys
     assert "IR dump (-O2)" in text
     assert "network lenet5  (-O2: " in text
     assert "%image" in text and "<pre>" in text
+
+
+def test_the_table_is_cnnc_summarys(tmp_path):
+    """Blocks with subtotals and the totals, as printer.summary_data gives them."""
+    program = tmp_path / "blocks.cnn"
+    program.write_text(BLOCKS)
+    model = cnnc.load(program, opt_level=0)
+    data = printer.summary_data(model.graph)
+    table = report.summary_table(model.graph)
+    body = re.findall(r"<tr class=\"(block|layer)\">", table)
+    assert body == [r["kind"] for r in data["rows"]]
+    assert body.count("block") == 3  # basic(8) * 2: the repetition, then its two instances
+    totals = re.search(r"<tfoot>.*</tfoot>", table).group(0)
+    assert f"{data['totals']['params']:,}" in totals
+    assert f"{data['totals']['macs']:,}" in totals
 
 
 def test_pictures_are_png_data_uris_within_the_cap(tmp_path, maps):
@@ -277,17 +304,7 @@ FOLD_FIRST_BLOCK = """(() => {
 def test_the_graph_folds_inside_the_page(tmp_path, maps):
     """The graph's folding script runs inline in the report: a click folds a block."""
     program = tmp_path / "blocks.cnn"
-    program.write_text(
-        "block basic(c) {\n"
-        "    y = in -> conv(c, 3, pad=1) -> relu -> conv(c, 3, pad=1)\n"
-        "    add(y, in) -> relu\n"
-        "}\n"
-        "network blocks(image: 3x16x16) {\n"
-        "    stem: conv(8, 3, pad=1) -> relu\n"
-        "    basic(8) * 2\n"
-        "    gap -> fc(4)\n"
-        "}\n"
-    )
+    program.write_text(BLOCKS)
     status, out = _make(tmp_path, str(program), "--layers", "stem")
     assert status == 0
     result = browser_check.check(out, evaluate=FOLD_FIRST_BLOCK)

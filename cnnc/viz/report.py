@@ -231,6 +231,7 @@ def fc_caption(rows: list[LayerRow]) -> str:
 
 
 def _table(rows: list[LayerRow]) -> str:
+    """The summary table of ``layer_rows`` (name, op, output, params, MACs)."""
     cells = []
     for r in rows:
         cells.append(
@@ -247,6 +248,62 @@ def _table(rows: list[LayerRow]) -> str:
         + "".join(cells)
         + f'</tbody><tfoot><tr><td>total</td><td></td><td></td><td class="n">{params:,}</td>'
         f'<td class="n">{macs:,}</td></tr></tfoot></table>'
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n:,}" if n else ""
+
+
+def _dims(shapes: list[list]) -> str:
+    return " ".join("[" + ",".join(map(str, s)) + "]" for s in shapes)
+
+
+def _axes(values: list | None) -> str:
+    return "×".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values or [])
+
+
+def summary_table(graph: Graph) -> str:
+    """The table of ``cnnc summary`` (:func:`cnnc.ir.printer.summary_rows`: blocks with
+    subtotals, inputs, kernels, output bytes, receptive fields, what a layer reads where
+    values branch), or the smaller :func:`layer_rows` table where this cnnc has none."""
+    from cnnc.ir import printer
+
+    if not hasattr(printer, "summary_data"):
+        return _table(layer_rows(graph))
+    data = printer.summary_data(graph)
+    e = html.escape
+    cells = []
+    for r in data["rows"]:
+        block = r["kind"] == "block"
+        kernel = _axes(r["kernel"])
+        if kernel and any(s != 1 for s in r["stride"] or []):
+            kernel += f" /{_axes(r['stride'])}"
+        name = e(r["label"]) + (f" ({r['layers']} layers)" if block else "")
+        cells.append(
+            f'<tr class="{"block" if block else "layer"}">'
+            f'<td style="padding-left:{0.4 + 1.2 * r["depth"]:.1f}em">{name}</td>'
+            f"<td>{e(str(r['op']))}</td><td>{e(_dims(r['inputs']))}</td>"
+            f"<td>{e(_dims(r['outputs']))}</td><td>{e(kernel)}</td>"
+            f'<td class="n">{_count(r["params"])}</td><td class="n">{_count(r["macs"])}</td>'
+            f'<td class="n">{_bytes(r["bytes"]) if r["bytes"] else ""}</td>'
+            f"<td>{e(_axes(r['receptive_field']))}</td>"
+            f"<td>{e(', '.join(r['connected_to']))}</td></tr>"
+        )
+    t = data["totals"]
+    heads = ["layer", "op", "input", "output", "kernel /stride"]
+    numbers = ["params", "MACs", "output (batch 1)"]
+    return (
+        '<table class="summary"><thead><tr>'
+        + "".join(f"<th>{h}</th>" for h in heads)
+        + "".join(f'<th class="n">{h}</th>' for h in numbers)
+        + "<th>receptive field</th><th>connected to</th></tr></thead><tbody>"
+        + "".join(cells)
+        + "</tbody><tfoot><tr><td>total</td><td></td><td></td><td></td><td></td>"
+        f'<td class="n">{t["params"]:,}</td><td class="n">{t["macs"]:,}</td>'
+        f'<td class="n">{_bytes(t["bytes"])}</td><td></td><td></td></tr></tfoot></table>'
+        f'<p class="note">Activation memory at batch 1: {_bytes(t["bytes"])} for every '
+        f"output, {_bytes(t['peak_bytes'])} at the interpreter's peak.</p>"
     )
 
 
@@ -325,6 +382,7 @@ table.summary th, table.summary td { padding: 2px 10px; border-bottom: 1px solid
   text-align: left; white-space: nowrap; }
 table.summary thead th { position: sticky; top: 0; background: #eee; }
 table.summary tfoot td { font-weight: bold; border-top: 2px solid #999; }
+table.summary tr.block td { font-weight: bold; background: #f3f5fa; }
 .n { text-align: right !important; }
 pre { font: 12px/1.35 ui-monospace, monospace; background: #fff; border: 1px solid #ddd;
   padding: .8em; overflow: auto; max-height: 80vh; }
@@ -391,9 +449,10 @@ def render(
         "that has parameters or MACs, the bars scaled to the largest layer's.</figcaption>"
         "</figure></section>",
         '<section id="summary"><h2>Summary</h2>',
-        f'<p class="note">The network as written (-O0, as <code>cnnc summary</code> shows it)'
-        f"; batch-norm running statistics are not counted as parameters.</p>"
-        f'<div class="scroll">{_table(rows)}</div></section>',
+        '<p class="note">The network as written (-O0), as <code>cnnc summary</code> shows '
+        "it: blocks (in bold) give the subtotals of their layers; batch-norm running "
+        "statistics are not counted as parameters.</p>"
+        f'<div class="scroll">{summary_table(table_graph)}</div></section>',
         '<section id="graph"><h2>Graph</h2>',
         _graph_section(table_graph),
         "</section>",
