@@ -8,8 +8,9 @@ holds, in this order:
   optimization level, where the weights and the input came from, cnnc's version;
 - where the parameters and the MACs are: a stacked bar per layer kind and a bar per
   layer, with a caption stating the fc layers' share computed for this network;
-- the summary table (per layer: name, op, output shape, parameters, MACs), of the
-  network as written (-O0, as ``cnnc summary`` shows it);
+- the summary table of ``cnnc summary`` (blocks with subtotals; per layer: input,
+  output, kernel, parameters, MACs, output bytes, receptive field, connected-to), of
+  the network as written (-O0);
 - the graph (:func:`cnnc.viz.graph.to_svg`);
 - every layer's feature maps for the input (:func:`cnnc.viz.maps.layer_pngs`), each
   picture at most :data:`MAX_PICTURE_SIDE` pixels on its longer side;
@@ -50,7 +51,7 @@ OTHER_COLOURS = ["#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac", "#86bcb6
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One line of the summary table: a node of the graph."""
+    """A node of the graph, as the charts count it."""
 
     name: str
     op: str  # the op as the dump labels it (conv2d, fc, maxpool2d, ...)
@@ -61,8 +62,8 @@ class LayerRow:
 
 
 def layer_rows(graph: Graph) -> list[LayerRow]:
-    """The summary table of ``graph``, one row per node (the figures ``cnnc summary``
-    prints)."""
+    """One row per node of ``graph``: the figures the charts and the header add up
+    (those ``cnnc summary`` prints)."""
     from cnnc.ops import get_op
 
     rows = []
@@ -230,27 +231,6 @@ def fc_caption(rows: list[LayerRow]) -> str:
     )
 
 
-def _table(rows: list[LayerRow]) -> str:
-    """The summary table of ``layer_rows`` (name, op, output, params, MACs)."""
-    cells = []
-    for r in rows:
-        cells.append(
-            f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(r.op)}</td>"
-            f"<td>{html.escape(r.shape)}</td>"
-            f'<td class="n">{f"{r.params:,}" if r.params else ""}</td>'
-            f'<td class="n">{f"{r.macs:,}" if r.macs else ""}</td></tr>'
-        )
-    params = sum(r.params for r in rows)
-    macs = sum(r.macs for r in rows)
-    return (
-        '<table class="summary"><thead><tr><th>layer</th><th>op</th><th>output</th>'
-        '<th class="n">params</th><th class="n">MACs</th></tr></thead><tbody>'
-        + "".join(cells)
-        + f'</tbody><tfoot><tr><td>total</td><td></td><td></td><td class="n">{params:,}</td>'
-        f'<td class="n">{macs:,}</td></tr></tfoot></table>'
-    )
-
-
 def _count(n: int) -> str:
     return f"{n:,}" if n else ""
 
@@ -266,11 +246,9 @@ def _axes(values: list | None) -> str:
 def summary_table(graph: Graph) -> str:
     """The table of ``cnnc summary`` (:func:`cnnc.ir.printer.summary_rows`: blocks with
     subtotals, inputs, kernels, output bytes, receptive fields, what a layer reads where
-    values branch), or the smaller :func:`layer_rows` table where this cnnc has none."""
+    values branch), as HTML."""
     from cnnc.ir import printer
 
-    if not hasattr(printer, "summary_data"):
-        return _table(layer_rows(graph))
     data = printer.summary_data(graph)
     e = html.escape
     cells = []
