@@ -96,7 +96,12 @@ def _bytes(n: int) -> str:
 
 
 def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "0%"
+    """A share in percent: one decimal, or two significant digits under 1% (a share is
+    0 only when the part is)."""
+    if not whole or not part:
+        return "0%"
+    p = 100 * part / whole
+    return f"{p:.1f}%" if p >= 1 else f"{p:.2g}%"
 
 
 def _text(x: float, y: float, s: str, anchor: str = "start", extra: str = "") -> str:
