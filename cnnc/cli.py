@@ -1256,6 +1256,7 @@ def cmd_report(args) -> None:
         network=args.network,
         opt_level=0,
         fully_conv=args.fully_conv,
+        allow_nonfinite=args.allow_nonfinite,
         limits=parse_option(args.limit),
     ).graph
     weights = args.weights or (
