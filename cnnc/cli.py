@@ -826,6 +826,7 @@ def _read_images(model: cnnc.Model, value, paths: list[str], args) -> np.ndarray
     else:
         normalization, source = preprocess.NONE, "the default"
     files = images.image_files(paths)
+    model.check_memory(len(files))  # before a folder of many images is decoded
     x = images.load_images(
         files, value.type, normalization, invert=bool(getattr(args, "invert", False))
     )
@@ -969,7 +970,8 @@ def cmd_viz(args) -> None:
         raise UsageError("is not a folder; -o names the folder the pictures go to", str(folder))
     model = _load(args)
     labels = _labels(model, args.labels)
-    xs = _read_inputs(model, args.input, args)
+    # The pictures show the first item: the others need not run.
+    xs = [x[:1] for x in _read_inputs(model, args.input, args)]
     picture = None
     if getattr(args, "image_files", None):
         value = model.graph.inputs[0]

@@ -539,3 +539,27 @@ def test_a_bad_normalization_in_onnx_metadata_is_one_error(tmp_path, key, value,
     with pytest.raises(cnnc.errors.ModelFileError, match=message) as e:
         cnnc.load(tmp_path / "bad.onnx")
     assert e.value.where == str(tmp_path / "bad.onnx")
+
+
+def test_compiling_and_running_on_arrays_never_import_pillow(tmp_path):
+    import subprocess
+
+    program = tmp_path / "grey.cnn"
+    program.write_text(GREY)
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    script = (
+        "import sys; from cnnc.cli import main; "
+        f"assert main(['run', {str(program)!r}, '--input', {str(tmp_path / 'x.npy')!r}]) == 0; "
+        f"assert main(['compile', {str(program)!r}, '-o', {str(tmp_path / 'g.onnx')!r}]) == 0; "
+        "assert 'PIL' not in sys.modules, 'Pillow was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_long_signal_is_averaged_to_at_most_1024_cells_a_row():
+    value = np.arange(2 * 5000, dtype=np.float32).reshape(2, 5000)
+    image = maps.feature_map_image("long", value)
+    assert image.width <= 1024 + 2 * maps.MARGIN + 10
+    nan = maps.feature_map_image("nan", np.full(1000, np.nan, np.float32))
+    assert nan.width > 0

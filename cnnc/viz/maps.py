@@ -188,12 +188,21 @@ def feature_map_image(name: str, value: np.ndarray, labels: Sequence[str] | None
     if value.ndim == 2 and value.shape[1] > 1:
         channels, length = value.shape
         shown = value[:MAX_TILES]
+        averaged = ""
+        if length > 1024:  # a long signal: the mean of each run of `step` values
+            step = math.ceil(length / 1024)
+            padded = np.full((shown.shape[0], math.ceil(length / step) * step), np.nan)
+            padded[:, :length] = shown
+            with np.errstate(all="ignore"):
+                shown = np.nanmean(padded.reshape(shown.shape[0], -1, step), axis=2)
+            length, averaged = shown.shape[1], f", each cell the mean of {step} values"
         cell_w = max(1, math.ceil(512 / length)) if length < 512 else 1
-        rows = [_scaled(row)[None, :] for row in shown]
-        strip = np.concatenate([np.repeat(r, 6, axis=0) for r in rows], axis=0)
-        rgb = np.repeat(VIRIDIS[strip], cell_w, axis=1)
+        rows = [np.repeat(VIRIDIS[_scaled(row)][None], 8, axis=0) for row in shown]
+        gap = np.full((1, length, 3), 255, np.uint8)  # a white line between channels
+        strip = np.concatenate([part for r in rows for part in (r, gap)][:-1], axis=0)
+        rgb = np.repeat(strip, cell_w, axis=1)
         more = f" (the first {MAX_TILES} of {channels})" if channels > MAX_TILES else ""
-        note = f"{len(rows)} channels{more}, one row each, scaled to its own range"
+        note = f"{len(rows)} channels{more}, one row each, scaled to its own range{averaged}"
         return _with_legend(image_module.fromarray(rgb, "RGB"), [head, note])
     units = value.reshape(-1)
     if units.size <= MAX_TILES:
@@ -201,7 +210,8 @@ def feature_map_image(name: str, value: np.ndarray, labels: Sequence[str] | None
     columns = 64
     padded = np.full(math.ceil(units.size / columns) * columns, np.nan)
     padded[: units.size] = units
-    cells = _scaled(np.nan_to_num(padded, nan=np.nanmin(units)))
+    finite = units[np.isfinite(units)]
+    cells = _scaled(np.nan_to_num(padded, nan=finite.min() if finite.size else 0.0))
     grid = VIRIDIS[cells.reshape(-1, columns)]
     grid[np.isnan(padded).reshape(-1, columns)] = 255
     big = np.repeat(np.repeat(grid, 6, axis=0), 6, axis=1)
