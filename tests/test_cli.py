@@ -244,7 +244,9 @@ def test_an_onnx_file_that_is_not_onnx_is_one_clean_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["compile", "run", "dump", "summary", "bench", "import"])
+@pytest.mark.parametrize(
+    "command", ["compile", "run", "dump", "summary", "bench", "import", "graph"]
+)
 def test_every_command_has_help_with_an_example(command):
     proc = run_cnnc(command, "--help")
     assert proc.returncode == 0
