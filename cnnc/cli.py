@@ -792,7 +792,7 @@ def cmd_summary(args) -> None:
     if args.json:
         from cnnc.ir.printer import summary_json
 
-        print(summary_json(model.graph, args.batch, args.depth))
+        print(summary_json(model.graph, batch=args.batch, depth=args.depth))
         return
     print(model.summary(args.depth, args.batch), end="")
     if args.tensors:

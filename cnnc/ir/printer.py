@@ -485,7 +485,7 @@ def _connected(row: dict, limit: int = 3) -> str:
     return ", ".join(names)
 
 
-def summary(graph: Graph, depth: int | None = None, batch: int = 1) -> str:
+def summary(graph: Graph, batch: int = 1, depth: int | None = None) -> str:
     """A table of layers and blocks (a tree from the layers' dotted names; ``depth`` folds
     the blocks at depth - 1): op, kernel/stride, input and output shapes, parameters,
     multiply-accumulates per item, output bytes at ``batch``, receptive field/output stride
