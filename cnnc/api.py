@@ -293,12 +293,12 @@ class Model:
         item, output bytes at ``batch``, receptive field/output stride and the values it
         reads where branches merge; then the totals."""
         _check_summary_options(depth, batch)
-        return printer.summary(self.graph, depth, batch)
+        return printer.summary(self.graph, batch=batch, depth=depth)
 
     def summary_rows(self, depth: int | None = None, batch: int = 1) -> list[dict]:
         """The summary's rows as plain data (see :func:`cnnc.ir.printer.summary_rows`)."""
         _check_summary_options(depth, batch)
-        return printer.summary_rows(self.graph, batch, depth)
+        return printer.summary_rows(self.graph, batch=batch, depth=depth)
 
     def tensors(self) -> str:
         """Every parameter tensor with its shape: what a weights file must hold."""

@@ -49,6 +49,8 @@ EXAMPLES = {
   cnnc dump examples/lenet5.cnn --train --optimizer adamw   # the graph of one training step""",
     "summary": """examples:
   cnnc summary examples/vgg16.cnn
+  cnnc summary examples/resnet18.cnn --depth 2 --batch 8  # two levels of blocks
+  cnnc summary examples/resnet18.cnn --json        # the rows, for scripts
   cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384
   cnnc summary examples/resnet18.cnn --tensors     # the names a weights file holds""",
     "import": """examples:
@@ -417,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--depth",
         type=int,
         metavar="D",
-        help="show blocks to depth D, deeper ones folded into their block's line "
-        "(1: the top level only; default: every layer)",
+        help="show D levels of the tree of blocks, the blocks of the last level folded "
+        "into one line each (1: the top level only; default: every layer)",
     )
     p.add_argument(
         "--batch",
@@ -1016,7 +1018,7 @@ def cmd_summary(args) -> None:
     if args.json:
         from cnnc.ir.printer import summary_json
 
-        print(summary_json(model.graph, args.batch, args.depth))
+        print(summary_json(model.graph, batch=args.batch, depth=args.depth))
         return
     print(model.summary(args.depth, args.batch), end="")
     if args.tensors:

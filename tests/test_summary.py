@@ -221,7 +221,7 @@ def test_the_api_and_the_command_line_print_the_same(capsys):
     assert capsys.readouterr().out == model.summary()
     assert main(["summary", str(path), "--depth", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data == summary_data(model.graph, 1, 1)
+    assert data == summary_data(model.graph, batch=1, depth=1)
     assert [r["name"] for r in data["rows"] if r["folded"]] == [f"layer{i}" for i in range(1, 5)]
     assert data["rows"] == model.summary_rows(depth=1)
 

@@ -107,43 +107,49 @@ def _window(node: Node) -> tuple[list[int] | None, list[int] | None]:
     return list(kernel), list(stride)
 
 
+def _prefixes(name: str) -> list[str]:
+    """The proper prefixes of a layer's name that may be blocks: ``layer1``, ``layer1.0``
+    of ``layer1.0.conv1``; of a PyTorch exporter's path ``/layer1/layer1.0/conv1/Conv``,
+    ``/layer1``, ``/layer1/layer1.0``, ``/layer1/layer1.0/conv1``. Another name with a
+    ``/`` is not split."""
+    if name.startswith("/"):
+        parts = name.split("/")
+        return ["/".join(parts[:i]) for i in range(2, len(parts))]
+    if "/" in name:
+        return []
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def _block_paths(graph: Graph) -> dict[int, list[str]]:
     """The blocks around each node, outermost first (by ``id`` of the node). A prefix of
     a node's dotted name (``layer1``, ``layer1.0`` of ``layer1.0.conv1``) is a block if the
     lowering expanded a block instance under that name, or if it is no node's or value's
     name and heads two or more nodes (a repetition ``layer1: basic(64) * 2``, a group of
-    labels ``downsample.0``, ``downsample.1``). A prefix that names a layer ends the search:
-    ``bn1.relu`` is the relu after layer ``bn1``, beside it. Names with a ``/`` (ONNX
-    exporters' paths) are not split."""
+    labels ``downsample.0``, ``downsample.1``). Past a prefix that names a layer only
+    block instances count: ``bn1.relu`` is the relu after layer ``bn1``, beside it."""
     names = {v.name for v in graph.inputs}
     names.update(n.name for n in graph.nodes)
     names.update(v.name for n in graph.nodes for v in n.outputs)
     heads: dict[str, int] = {}
     for node in graph.nodes:
-        if "/" in node.name:
-            continue
-        parts = node.name.split(".")
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
+        for prefix in _prefixes(node.name):
             heads[prefix] = heads.get(prefix, 0) + 1
     paths: dict[int, list[str]] = {}
     for node in graph.nodes:
         path: list[str] = []
-        if "/" not in node.name:
-            parts = node.name.split(".")
-            named = False
-            for i in range(1, len(parts)):
-                prefix = ".".join(parts[:i])
-                if prefix in graph.blocks:
-                    kind = graph.blocks[prefix]
-                    if path and path[-1] in graph.blocks and graph.blocks[path[-1]] == kind:
-                        # x: conv -> res -> res: instances x.res and x.res.2, side by side
-                        path.pop()
-                    path.append(prefix)
-                elif prefix in names:
-                    named = True
-                elif not named and heads[prefix] >= 2:
-                    path.append(prefix)
+        named = False
+        for prefix in _prefixes(node.name):
+            if prefix in graph.blocks:
+                kind = graph.blocks[prefix]
+                if path and path[-1] in graph.blocks and graph.blocks[path[-1]] == kind:
+                    # x: conv -> res -> res: instances x.res and x.res.2, side by side
+                    path.pop()
+                path.append(prefix)
+            elif prefix in names:
+                named = True
+            elif not named and heads[prefix] >= 2:
+                path.append(prefix)
         paths[id(node)] = path
     return paths
 
@@ -179,7 +185,9 @@ def _tree(graph: Graph) -> _Block:
 
 
 def _relative(name: str, block: str) -> str:
-    return name[len(block) + 1 :] if block and name.startswith(block + ".") else name
+    if block and (name.startswith(block + ".") or name.startswith(block + "/")):
+        return name[len(block) + 1 :]
+    return name
 
 
 def summary_rows(graph: Graph, batch: int = 1, depth: int | None = None) -> list[dict]:
@@ -477,7 +485,7 @@ def _connected(row: dict, limit: int = 3) -> str:
     return ", ".join(names)
 
 
-def summary(graph: Graph, depth: int | None = None, batch: int = 1) -> str:
+def summary(graph: Graph, batch: int = 1, depth: int | None = None) -> str:
     """A table of layers and blocks (a tree from the layers' dotted names; ``depth`` folds
     the blocks at depth - 1): op, kernel/stride, input and output shapes, parameters,
     multiply-accumulates per item, output bytes at ``batch``, receptive field/output stride
