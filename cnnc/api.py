@@ -78,6 +78,13 @@ def _is_path(source: str | Path) -> bool:
     return isinstance(source, Path) or ("\n" not in source and "{" not in source)
 
 
+def _check_summary_options(depth: int | None, batch: int) -> None:
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise UsageError(f"the summary's depth must be an integer of at least 1, got {depth!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UsageError(f"the summary's batch must be an integer of at least 1, got {batch!r}")
+
+
 class Model:
     """A compiled network: its IR graph with weights, ready to run, export or inspect."""
 
@@ -279,9 +286,19 @@ class Model:
         """The IR listing: one aligned line per node, with types and source lines."""
         return printer.dump(self.graph)
 
-    def summary(self) -> str:
-        """A table of layers with output shapes, parameter counts and multiply-accumulates."""
-        return printer.summary(self.graph)
+    def summary(self, depth: int | None = None, batch: int = 1) -> str:
+        """The table of ``cnnc summary``: layers and blocks as a tree (blocks at depth
+        ``depth - 1`` folded, with their subtotals; every layer by default), each with its
+        op, kernel/stride, input and output shapes, parameters, multiply-accumulates per
+        item, output bytes at ``batch``, receptive field/output stride and the values it
+        reads where branches merge; then the totals."""
+        _check_summary_options(depth, batch)
+        return printer.summary(self.graph, batch=batch, depth=depth)
+
+    def summary_rows(self, depth: int | None = None, batch: int = 1) -> list[dict]:
+        """The summary's rows as plain data (see :func:`cnnc.ir.printer.summary_rows`)."""
+        _check_summary_options(depth, batch)
+        return printer.summary_rows(self.graph, batch=batch, depth=depth)
 
     def tensors(self) -> str:
         """Every parameter tensor with its shape: what a weights file must hold."""

@@ -49,6 +49,8 @@ EXAMPLES = {
   cnnc dump examples/lenet5.cnn --train --optimizer adamw   # the graph of one training step""",
     "summary": """examples:
   cnnc summary examples/vgg16.cnn
+  cnnc summary examples/resnet18.cnn --depth 2 --batch 8  # two levels of blocks
+  cnnc summary examples/resnet18.cnn --json        # the rows, for scripts
   cnnc summary examples/vgg16.cnn --fully-conv --input-size 384x384
   cnnc summary examples/resnet18.cnn --tensors     # the names a weights file holds""",
     "import": """examples:
@@ -71,6 +73,10 @@ EXAMPLES = {
   cnnc train net.cnn --data digits -o net.npz --epochs 30 --lr 0.003
   cnnc train net.cnn --data train.npz -o w.npz --optimizer sgd --lr 0.1 --momentum 0.9
   cnnc train net.cnn --data train.npz -o w.npz --weights w0.npz --no-shuffle --val-split 0""",
+    "report": """examples:
+  cnnc report examples/vgg16.cnn -o vgg16.html      # random weights, seeded random input
+  cnnc report net.cnn --weights net.npz --input photo.jpg -o net.html
+  cnnc report model.onnx --input x.npy -O1 -o model.html""",
     "eval": """examples:
   cnnc eval net.cnn --weights net.npz --data digits          # the rows training held out
   cnnc eval net.cnn --weights net.npz --data test.npz --split all
@@ -409,6 +415,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HxW",
         help="with --fully-conv: the size of the score map for this input size",
     )
+    p.add_argument(
+        "--depth",
+        type=int,
+        metavar="D",
+        help="show D levels of the tree of blocks, the blocks of the last level folded "
+        "into one line each (1: the top level only; default: every layer)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="B",
+        help="the batch size of the activation memory (default 1)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the table's rows and the totals as JSON"
+    )
+
+    p = command("report", "write one self-contained HTML page about a network")
+    _model_args(p)
+    p.add_argument(
+        "--input",
+        metavar="IMG|X.npy",
+        help="the input whose feature maps the page shows: an image or an array "
+        "(default: seeded random)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="REPORT.html",
+        help="the page (default: the model's name with .html)",
+    )
+    p.add_argument(
+        "--layers",
+        type=_names,
+        metavar="A,B,...",
+        help="draw the feature maps of these values only (default: every one; "
+        "cnnc dump lists the names)",
+    )
+    _image_args(p)
     return parser
 
 
@@ -962,8 +1008,19 @@ def cmd_dump(args) -> None:
 
 
 def cmd_summary(args) -> None:
+    if args.json and (args.tensors or args.fully_conv):
+        raise UsageError("--json prints the summary's rows only, without --tensors or --fully-conv")
+    if args.depth is not None and args.depth < 1:
+        raise UsageError(f"--depth must be at least 1, got {args.depth}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
     model = _load(args, notice=False)
-    print(model.summary(), end="")
+    if args.json:
+        from cnnc.ir.printer import summary_json
+
+        print(summary_json(model.graph, batch=args.batch, depth=args.depth))
+        return
+    print(model.summary(args.depth, args.batch), end="")
     if args.tensors:
         print()
         print(model.tensors(), end="")
@@ -1173,6 +1230,57 @@ def cmd_eval(args) -> None:
     print(report.render(labels))
 
 
+def cmd_report(args) -> None:
+    import time
+
+    from cnnc.viz import report
+
+    start = time.perf_counter()
+    out = output.target(args.output or Path(args.model).with_suffix(".html"))
+    if out.path is not None and out.path == Path(args.model).resolve():
+        raise UsageError("-o names the model file itself", args.output)
+    model = _load(args, notice=False)
+    x = None
+    if args.input:
+        if len(model.graph.inputs) != 1:
+            raise UsageError(
+                f"{model.name} has {len(model.graph.inputs)} inputs; the report draws the "
+                "feature maps of a network of one input",
+                args.model,
+                hint="leave out --input",
+            )
+        (x,) = _read_inputs(model, [args.input], args)
+    elif args.normalize is not None or args.invert:
+        raise UsageError("--normalize and --invert apply to images given with --input")
+    labels = _labels(model, args.labels)
+    # The table, the charts and the graph show the network as written (as cnnc summary).
+    table = cnnc.load(
+        args.model,
+        seed=args.seed,
+        network=args.network,
+        opt_level=0,
+        fully_conv=args.fully_conv,
+        allow_nonfinite=args.allow_nonfinite,
+        limits=parse_option(args.limit),
+    ).graph
+    weights = args.weights or (
+        f"random He-normal weights (seed {args.seed})" if model.random_weights else args.model
+    )
+    if args.input:
+        shown = "; ".join([args.input, *getattr(args, "image_notes", [])])
+    else:
+        shown = f"a seeded standard-normal input (seed {args.seed})"
+    about = report.ReportInput(args.model, weights, shown, model.graph.opt_level)
+    page = report.report(model, table, about, x, labels, args.seed, args.layers).encode()
+    with output.open_output(out) as f:
+        f.write(page)
+    size = f"{len(page) / 1e6:,.1f} MB" if len(page) >= 100_000 else f"{len(page) / 1e3:,.1f} kB"
+    print(
+        f"wrote {out.name} ({size}) in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr if out.is_stdout else sys.stdout,
+    )
+
+
 COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
@@ -1184,6 +1292,7 @@ COMMANDS = {
     "graph": cmd_graph,
     "train": cmd_train,
     "eval": cmd_eval,
+    "report": cmd_report,
 }
 
 
@@ -1198,6 +1307,7 @@ DOING = {
     "graph": "drawing",
     "train": "training",
     "eval": "evaluating",
+    "report": "reporting on",
 }
 
 

@@ -54,6 +54,10 @@ def draw(name: str, shape: tuple, init: tuple | None, seed: int) -> np.ndarray:
     raise AssertionError(f"init rule {kind}")
 
 
+# The ops whose multiply-accumulates the calibration budget counts.
+_PRODUCTS = frozenset({"conv", "conv_transpose", "fc", "linear"})
+
+
 class _Initial:
     """The thunk of a parameter's initial value: its name, shape and rule as lowering
     declared them, so that a pass renaming or reshaping the parameter later changes
@@ -218,7 +222,10 @@ class Calibration:
     @staticmethod
     def _cost(g: Graph, batch: int) -> tuple[int, int]:
         """Multiply-accumulates of a batch, and the most bytes of activations alive at once."""
-        macs = batch * sum(get_op(n.op).macs(n) for n in g.nodes)
+        # The products of the weighted layers, as the budget was set (the summary's MACs
+        # also count bn, pooling, ...: counting them here would calibrate some seeded
+        # models on smaller maps, and change their statistics).
+        macs = batch * sum(get_op(n.op).macs(n) for n in g.nodes if n.op in _PRODUCTS)
         last_use = {id(v): i for i, n in enumerate(g.nodes) for v in n.activations}
         size = {id(v): batch * v.type.numel_per_item() * 4 for v in g.inputs}
         alive = sum(size.values())

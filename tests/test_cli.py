@@ -232,7 +232,8 @@ def test_summary_prints_the_parameter_table():
     proc = run_cnnc("summary", EXAMPLES / "alexnet.cnn")
     assert proc.returncode == 0
     assert "parameters: 61,100,840 (244.4 MB as float32)" in proc.stdout
-    assert proc.stdout.splitlines()[3].split() == ["layer", "op", "output", "params", "MACs"]
+    header = ["layer", "op", "kernel", "input", "output", "params", "MACs", "memory", "field"]
+    assert proc.stdout.splitlines()[3].split() == [*header, "connected", "to"]
 
 
 def test_an_onnx_file_that_is_not_onnx_is_one_clean_error(tmp_path):

@@ -246,7 +246,7 @@ def test_random_weights_measure_the_statistics_of_a_bn_after_a_split():
 
 def test_the_summary_lists_the_shape_of_every_part_of_a_split():
     model = compile0("network n(x: 6x4x4) { a, b = x -> split((2, 4))  concat(b, a) }")
-    assert re.search(r"split1 +split +\[N,2,4,4\] \[N,4,4,4\]", model.summary())
+    assert re.search(r"split1 +split +\[N,6,4,4\] +\[N,2,4,4\] \[N,4,4,4\]", model.summary())
 
 
 def test_a_split_into_more_chunks_than_torch_gives_suggests_sizes():

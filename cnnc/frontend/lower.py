@@ -363,9 +363,10 @@ class _Lowering:
         scope.counters[keyword] += 1
         if link.label is None and chain_label is not None:
             name = self.graph.unique_name(f"{chain_label}.{keyword}")
-            if link.repeat is not None or link.steps is not None:
-                # Its layers are name.0, name.1, ...: keep name itself from the next link of
-                # this keyword, whose layers would otherwise take the same names.
+            if link.repeat is not None or link.steps is not None or keyword in self.blocks:
+                # Its layers are name.0, name.1, ... (a block instance's, name.conv1, ...):
+                # keep name itself from the next link of this keyword, whose layers would
+                # otherwise take the same names.
                 self.graph.reserve_name(name)
             return name
         if link.label is None:
@@ -442,6 +443,7 @@ class _Lowering:
         if not block.statements:
             raise LayerError(f"block {block.name} has no layers", block.loc)
         self.stack.append(block.name)
+        self.graph.blocks[name] = block.name
         try:
             return self.body(block.statements, inner, x)
         except CnncError as e:

@@ -204,6 +204,9 @@ class Graph:
         # How an image becomes each input, where the program says (cnnc.preprocess).
         self.preprocess: dict = {}
         self.warnings: list = []  # CnncWarning from lowering (unused values)
+        # Each block instance of the program by its name (the prefix of its layers' names)
+        # and the block it expands ("layer1.0": "basic"), for the summary's tree.
+        self.blocks: dict[str, str] = {}
         self._names: set[str] = set()
         self.param_bytes = 0  # of the parameters added, counted against limits.param_bytes
 

@@ -33,6 +33,7 @@ def copy_graph(
     copy.flexible_spatial = graph.flexible_spatial
     copy.preprocess = dict(graph.preprocess)
     copy.warnings = list(graph.warnings)
+    copy.blocks = dict(graph.blocks)
     new: dict[int, Value] = {}
     for v in graph.inputs:
         new[id(v)] = copy.add_input(v.name, retype(v.type))

@@ -64,6 +64,10 @@ class Softmax(OpDef):
             raise ShapeError(f"softmax axis {attrs['axis']} is out of range for {x}")
         return [x]
 
+    def macs(self, node) -> int:
+        # The division by the sum (exp is a function, not a multiply-add).
+        return node.output.type.numel_per_item()
+
     def describe(self, node) -> str:
         return f"axis={node.attrs['axis']}"
 

@@ -67,6 +67,13 @@ class Elementwise(OpDef):
             )
         return [inputs[0].with_shape(broadcast_shape(self.name, inputs))]
 
+    def macs(self, node) -> int:
+        # A product or quotient per output element and input after the first; a sum or
+        # difference does no multiplication.
+        if self.name in ("add", "sub"):
+            return 0
+        return (len(node.inputs) - 1) * node.output.type.numel_per_item()
+
 
 # Element-wise arithmetic between computed values; add and mul take any number of inputs,
 # applied left to right.

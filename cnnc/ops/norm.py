@@ -33,6 +33,10 @@ class BatchNorm(OpDef):
                 raise ShapeError(f"bn parameter {p} does not match the {x.shape[1]} channels")
         return [x]
 
+    def macs(self, node) -> int:
+        # At inference x·s + t, s and t per channel, computed once from the statistics.
+        return node.output.type.numel_per_item()
+
     def describe(self, node) -> str:
         return f"eps={node.attrs['epsilon']:g}"
 
@@ -98,6 +102,10 @@ class LocalResponseNorm(OpDef):
             raise ShapeError(f"lrn needs a feature map N×C×L or N×C×H×W, got {x}")
         return [x]
 
+    def macs(self, node) -> int:
+        # The square of each value, its window's sum times alpha/size, the division.
+        return 3 * node.output.type.numel_per_item()
+
     def describe(self, node) -> str:
         a = node.attrs
         return f"size={a['size']} alpha={a['alpha']:g} beta={a['beta']:g} k={a['bias']:g}"
@@ -153,6 +161,9 @@ class Affine(OpDef):
                 raise ShapeError(f"affine parameter {p} does not match the {x.shape[1]} channels")
         return [x]
 
+    def macs(self, node) -> int:
+        return node.output.type.numel_per_item()  # x·weight + bias
+
 
 register_op(Affine())
 
@@ -197,6 +208,9 @@ class Scale(OpDef):
             )
         return [x]
 
+    def macs(self, node) -> int:
+        return node.output.type.numel_per_item()  # x·weight
+
 
 register_op(Scale())
 
@@ -233,6 +247,12 @@ register_layer(
 )
 
 
+def normalization_macs(node) -> int:
+    """A layernorm's or groupnorm's multiply-adds: 3 per element, the square for the
+    variance, the multiplication by 1/σ, and the weight's (with the bias added)."""
+    return 3 * node.output.type.numel_per_item()
+
+
 class LayerNorm(OpDef):
     """inputs (x, weight [C], bias [C]), attrs axis, epsilon: at every position (every index
     of the other axes), y = (x - mean) / sqrt(var + epsilon) · weight + bias, mean and
@@ -256,6 +276,9 @@ class LayerNorm(OpDef):
 
     def describe(self, node) -> str:
         return f"axis={node.attrs['axis']} eps={node.attrs['epsilon']:g}"
+
+    def macs(self, node) -> int:
+        return normalization_macs(node)
 
 
 register_op(LayerNorm())
@@ -316,6 +339,9 @@ class GroupNorm(OpDef):
 
     def describe(self, node) -> str:
         return f"g={node.attrs['groups']} eps={node.attrs['epsilon']:g}"
+
+    def macs(self, node) -> int:
+        return normalization_macs(node)
 
 
 register_op(GroupNorm())

@@ -14,6 +14,12 @@ from cnnc.ops.common import describe_window, resolve_pads, windowed_shape
 from cnnc.ops.conv import feature_map_rank
 
 
+def pool_macs(node) -> int:
+    """An average pool's multiply-adds: the division of each window's sum, one per output
+    element; a max pool compares and does none."""
+    return node.output.type.numel_per_item() if "avg" in node.op or node.op == "gap" else 0
+
+
 class Pool(OpDef):
     """attrs kernel, stride, pads, dilation, ceil (and count_include_pad for avgpool)."""
 
@@ -34,6 +40,9 @@ class Pool(OpDef):
             self.name, x, kernel, attrs["stride"], pads, attrs["dilation"], attrs["ceil"]
         )
         return [x.with_shape((*x.shape[:2], *out))]
+
+    def macs(self, node) -> int:
+        return pool_macs(node)
 
     def label(self, node) -> str:
         return f"{self.name}{len(node.attrs['kernel'])}d"
@@ -60,6 +69,9 @@ class GlobalPool(OpDef):
         if x.rank < 3:
             raise ShapeError(f"{self.name} needs a feature map N×C×L or N×C×H×W, got {x}")
         return [x.with_shape((*x.shape[:2], *(1,) * (x.rank - 2)))]
+
+    def macs(self, node) -> int:
+        return pool_macs(node)
 
 
 for _op in (Pool("maxpool"), Pool("avgpool"), GlobalPool("gap"), GlobalPool("global_maxpool")):
@@ -206,6 +218,9 @@ class AdaptivePool(OpDef):
         if min(size) < 1:
             raise ShapeError(f"{self.name} size {format_dims(size)} must be positive")
         return [x.with_shape((*x.shape[:2], *size))]
+
+    def macs(self, node) -> int:
+        return pool_macs(node)
 
     def label(self, node) -> str:
         return f"{self.name}{len(node.attrs['size'])}d"

@@ -153,6 +153,12 @@ class Upsample(OpDef):
             )
         return [x.with_shape((*x.shape[:2], *out))]
 
+    def macs(self, node) -> int:
+        # Nearest copies; linear weighs the 2 neighbours of each axis (4 for bilinear).
+        if node.attrs["mode"] in NEAREST_MODES:
+            return 0
+        return 2 ** (node.output.type.rank - 2) * node.output.type.numel_per_item()
+
     def label(self, node) -> str:
         return f"upsample{node.inputs[0].type.rank - 2}d"
 

@@ -139,12 +139,36 @@ def _transposed(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
 
 def _upsampled(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
     # A nearest cell reads one input cell; a linear one reads two neighbours.
-    scales = node.attrs["scales"]
+    # An upsample to a size scales each axis by its output size over its input size.
+    scales = node.attrs["scales"] or tuple(
+        Fraction(o, i)
+        for o, i in zip(node.output.type.spatial, node.inputs[0].type.spatial, strict=True)
+    )
     linear = node.attrs["mode"] in ("linear", "bilinear")
     field = tuple(f + (j if linear else 0) for f, j in zip(field, jump, strict=True))
     return tuple(
         j / Fraction(s).limit_denominator(1000) for j, s in zip(jump, scales, strict=True)
     ), field
+
+
+def _global(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
+    # One cell sees the whole map (a global pool).
+    spatial = node.inputs[0].type.spatial
+    field = tuple(f + (n - 1) * j for f, n, j in zip(field, spatial, jump, strict=True))
+    return tuple(j * n for j, n in zip(jump, spatial, strict=True)), field
+
+
+def _adaptive(node, jump: Jump, field: tuple) -> tuple[Jump, tuple]:
+    # PyTorch's adaptive windows: cell i of n -> o covers floor(i·n/o) .. ceil((i+1)·n/o),
+    # n//o + 1 or + 2 cells when o does not divide n (+ 2 unless n % o divides o); the
+    # widest window counts, and cells are n/o apart.
+    spatial, size = node.inputs[0].type.spatial, node.attrs["size"]
+    widest = tuple(
+        n // o + (0 if n % o == 0 else 1 if o % (n % o) == 0 else 2)
+        for n, o in zip(spatial, size, strict=True)
+    )
+    field = tuple(f + (k - 1) * j for f, k, j in zip(field, widest, jump, strict=True))
+    return tuple(j * Fraction(n, o) for j, n, o in zip(jump, spatial, size, strict=True)), field
 
 
 # How an op changes the spacing of output cells on the input (the jump) and how much of the
@@ -155,20 +179,46 @@ FIELD_RULES = {
     "avgpool": _windowed,
     "conv_transpose": _transposed,
     "upsample": _upsampled,
+    "gap": _global,
+    "global_maxpool": _global,
+    "adaptive_avgpool": _adaptive,
+    "adaptive_maxpool": _adaptive,
 }
 
 
-def receptive_field(graph: Graph, output: Value | None = None) -> tuple[Jump, tuple[int, ...]]:
-    """(output stride, receptive field) of one cell of ``output`` (the first output by
-    default), per spatial axis. The stride is a fraction when the output is finer than
-    the input."""
-    (x,) = graph.inputs
-    rank = x.type.rank - 2
-    fields: dict[int, tuple[Jump, tuple]] = {id(x): ((Fraction(1),) * rank, (1,) * rank)}
+def _broadcast(v: Value, node) -> bool:
+    # A 1×1 map read by a node whose output map is larger: repeated over it.
+    out = node.outputs[0].type
+    spatial = v.type.spatial
+    return (
+        len(node.activations) > 1
+        and v.type.rank == out.rank
+        and all(d == 1 for d in spatial)
+        and any(d != 1 for d in out.spatial)
+    )
+
+
+def receptive_fields(graph: Graph) -> dict[int, tuple[Jump, tuple[int, ...]]]:
+    """(output stride, receptive field) per spatial axis of one cell of every value computed
+    from a feature-map input (by ``id`` of the value; a value that is not a feature map of
+    the inputs' rank, such as an fc's output, has none). The field is counted on the input:
+    it may pass the input's size (the part past it is padding). Where branches merge, the
+    smallest stride and the largest field count; an operand broadcast over the map (a
+    squeeze-and-excitation's per-channel scale, N×C×1×1) does not widen the field: a
+    cell's field is the window whose pixels reach it through windows, not the global
+    context a scale carries."""
+    fields: dict[int, tuple[Jump, tuple]] = {}
+    for x in graph.inputs:
+        rank = x.type.rank - 2
+        if rank >= 1:
+            fields[id(x)] = ((Fraction(1),) * rank, (1,) * rank)
     for node in graph.nodes:
-        found = [fields[id(v)] for v in node.activations if id(v) in fields]
-        if not found:
+        found = [
+            fields[id(v)] for v in node.activations if id(v) in fields and not _broadcast(v, node)
+        ]
+        if not found or len({len(f[0]) for f in found}) != 1:
             continue
+        rank = len(found[0][0])
         jump = tuple(min(f[0][i] for f in found) for i in range(rank))
         field = tuple(max(f[1][i] for f in found) for i in range(rank))
         rule = FIELD_RULES.get(node.op)
@@ -176,8 +226,15 @@ def receptive_field(graph: Graph, output: Value | None = None) -> tuple[Jump, tu
             jump, field = rule(node, jump, field)
         for out in node.outputs:
             fields[id(out)] = (jump, field)
-    jump, field = fields[id(output or graph.outputs[0])]
-    return jump, tuple(int(f) for f in field)
+    return {k: (jump, tuple(int(f) for f in field)) for k, (jump, field) in fields.items()}
+
+
+def receptive_field(graph: Graph, output: Value | None = None) -> tuple[Jump, tuple[int, ...]]:
+    """(output stride, receptive field) of one cell of ``output`` (the first output by
+    default), per spatial axis, of a network of one input. The stride is a fraction when
+    the output is finer than the input."""
+    (_,) = graph.inputs
+    return receptive_fields(graph)[id(output or graph.outputs[0])]
 
 
 def padded_layers(graph: Graph) -> list[str]:
