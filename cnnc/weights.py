@@ -190,6 +190,10 @@ def draw(
 ) -> np.ndarray:
     """The seeded initial tensor of the parameter ``name`` (see :func:`initial_value`);
     the chunks of a big tensor are drawn by the worker threads of :func:`parallel_map`."""
+    kind, fan_in = init or ("he_normal", 1)
+    if kind != "constant" and math.prod(shape) <= CHUNK:  # one chunk: no closures to build
+        rng = seeds.rng(name) if seeds is not None else _rng(seed, name)
+        return _values(rng, kind, fan_in, math.prod(shape), None).reshape(shape)
     parts = pieces(name, shape, init, seed, seeds)
     if len(parts) == 1:
         return parts[0][1](None).reshape(shape)

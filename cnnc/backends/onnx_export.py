@@ -1200,12 +1200,24 @@ def _prelu(e: Emitter, node: Node) -> None:
 # ---- model ----------------------------------------------------------------------------------
 
 
-def _value_info(v: Value, spatial: list | None = None) -> onnx.ValueInfoProto:
-    """A value's type; ``spatial`` replaces its spatial sizes (symbols, or None for unknown)."""
+def _value_info(
+    v: Value, spatial: list | None = None, types: dict | None = None
+) -> onnx.ValueInfoProto:
+    """A value's type; ``spatial`` replaces its spatial sizes (symbols, or None for unknown).
+    ``types`` remembers the TypeProto of each (dtype, shape): a network of 10,000 layers has
+    a handful, and copying one costs a tenth of making it."""
     shape = list(v.type.shape)
     if spatial is not None and len(shape) > 2:
         shape[2:] = spatial[-(len(shape) - 2) :]
-    return helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], shape)
+    if types is None:
+        return helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], shape)
+    key = (v.type.dtype, tuple(shape))
+    known = types.get(key)
+    if known is None:
+        known = types[key] = helper.make_tensor_value_info("", _ELEM[v.type.dtype], shape).type
+    info = onnx.ValueInfoProto(name=v.name)
+    info.type.CopyFrom(known)
+    return info
 
 
 def to_onnx(
@@ -1258,7 +1270,9 @@ class Tensor:
         computing it); the pieces are independent, so threads may compute them at once."""
         if self.nbytes == 0:
             return []
-        pieces = self._pieces() if self._pieces is not None else None
+        # A tensor below PARALLEL_BYTES is one piece that the writer computes.
+        big = self._pieces is not None and self.nbytes >= PARALLEL_BYTES
+        pieces = self._pieces() if big else None
         if pieces is None:
             return [(self.nbytes, lambda: self.array().reshape(-1))]
         little = self.dtype.newbyteorder("<")
@@ -1334,8 +1348,9 @@ def skeleton(
     outputs = {id(v) for v in graph.outputs}
     flexible = graph.flexible_spatial
     one_d = graph.inputs[0].type.rank == 3
+    types: dict = {}
     value_info = [
-        _value_info(v, [None, None] if flexible else None)
+        _value_info(v, [None, None] if flexible else None, types)
         for n in graph.nodes
         for v in n.outputs
         if id(v) not in outputs
