@@ -303,7 +303,7 @@ class Graph:
         The shape is checked against the hard limits and the running total of parameter
         bytes against ``param_bytes``, before anything is allocated."""
         type = TensorType(dtype, tuple(shape))
-        total = self.param_bytes + tensor_bytes(type.shape, type.numpy_dtype.itemsize)
+        total = self.param_bytes + tensor_bytes(type.shape, type.itemsize)
         if total > limits.current().param_bytes:
             raise limits.exceeded(
                 LayerError,
