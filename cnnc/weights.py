@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from cnnc.errors import WeightsError
+from cnnc.errors import InternalError, WeightsError
 from cnnc.ir.graph import Graph, Value
 from cnnc.npyfile import ArrayFileError, NpzArchive, nonfinite_count, open_array_file
 from cnnc.ops import get_op
@@ -16,9 +19,106 @@ from cnnc.ops import get_op
 IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
+def _rng(seed: int, name: str, chunk: int = 0) -> np.random.Generator:
     # Seeding per tensor name keeps each tensor's values stable when layers are added elsewhere.
+    if chunk:
+        return np.random.default_rng([seed, zlib.crc32(name.encode()), chunk])
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+# A tensor of more than CHUNK values is drawn in chunks of CHUNK values, chunk k >= 1 from
+# default_rng([seed, crc32(name), k]) and chunk 0 from the tensor's own generator, so that
+# threads can draw the chunks of one big tensor at once and its values are the same
+# whatever the number of threads; a tensor of at most CHUNK values is one chunk.
+CHUNK = 1 << 22
+
+# SeedSequence's constants (numpy/random/bit_generator.pyx): its hash of the entropy words
+# [seed, crc] into the 4-word pool, and of the pool into the 4 uint64 words that PCG64
+# seeds itself from.
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_MULT_L, _MIX_MULT_R = 0xCA01F9DD, 0x4973F715
+_MASK32 = 0xFFFFFFFF
+
+
+def _seed_words(seed: int, crcs: np.ndarray) -> np.ndarray:
+    """``SeedSequence([seed, crc]).generate_state(4, np.uint64)`` for every crc at once,
+    one row each: numpy's hash done on arrays (its loop costs about 10 µs a tensor,
+    most of the time of a network of 10,000 small layers). ``seed`` fits 32 bits."""
+    n = len(crcs)
+    shift = np.uint32(16)
+    hash_const = _INIT_A
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        nonlocal hash_const
+        value = value ^ np.uint32(hash_const)
+        hash_const = hash_const * _MULT_A & _MASK32
+        value = value * np.uint32(hash_const)
+        return value ^ (value >> shift)
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        result = np.uint32(_MIX_MULT_L) * x - np.uint32(_MIX_MULT_R) * y
+        return result ^ (result >> shift)
+
+    zeros = np.zeros(n, np.uint32)
+    entropy = [np.full(n, seed, np.uint32), crcs.astype(np.uint32), zeros, zeros]
+    pool = [hashmix(word) for word in entropy]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    hash_const = _INIT_B
+    words = np.empty((n, 8), np.uint32)
+    for i in range(8):
+        value = pool[i % 4] ^ np.uint32(hash_const)
+        hash_const = hash_const * _MULT_B & _MASK32
+        value = value * np.uint32(hash_const)
+        words[:, i] = value ^ (value >> shift)
+    return words.astype("<u4").view("<u8").astype(np.uint64)
+
+
+class _SeedWords(np.random.bit_generator.ISeedSequence):
+    """A seed sequence whose state is already computed (numpy's documented interface for
+    what a bit generator seeds itself from)."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: np.ndarray):
+        self.words = words
+
+    def generate_state(self, n_words: int, dtype=np.uint32) -> np.ndarray:
+        if n_words != 4 or np.dtype(dtype) != np.uint64:  # PCG64 asks for exactly this
+            raise InternalError(f"a bit generator asked for {n_words} words of {dtype}")
+        return self.words
+
+
+class _Seeds:
+    """The generators ``default_rng([seed, crc32(name)])`` of many tensors, their seeds
+    hashed for all of them at once when the first is asked for."""
+
+    __slots__ = ("_rows", "names", "seed")
+
+    def __init__(self, seed: int, names: list[str]):
+        self.seed, self.names = seed, names
+        self._rows: dict[str, np.ndarray] | None = None
+
+    def rng(self, name: str) -> np.random.Generator:
+        if self._rows is None:
+            self._rows = self._hash()
+        row = self._rows.get(name)
+        if row is None:
+            return _rng(self.seed, name)
+        return np.random.Generator(np.random.PCG64(_SeedWords(row)))
+
+    def _hash(self) -> dict[str, np.ndarray]:
+        if not (0 <= self.seed <= _MASK32) or not self.names:
+            return {}  # other seeds take numpy's own path, tensor by tensor
+        crcs = np.array([zlib.crc32(n.encode()) for n in self.names], np.uint32)
+        rows = _seed_words(self.seed, crcs)
+        # The hash is numpy's: a numpy whose SeedSequence differed would show it here.
+        reference = np.random.SeedSequence([self.seed, int(crcs[0])]).generate_state(4, np.uint64)
+        if not np.array_equal(rows[0], reference):  # pragma: no cover
+            return {}
+        return dict(zip(self.names, rows, strict=True))
 
 
 def initial_value(param: Value, seed: int) -> np.ndarray:
@@ -30,28 +130,124 @@ def initial_value(param: Value, seed: int) -> np.ndarray:
     shifts (and statistics, until :func:`initialize` measures them): trained values
     are never the identity either.
     ``constant``: every value the rule's second item (PReLU's slopes start at 0.25).
+    A tensor of more than :data:`CHUNK` values is drawn in chunks (see there).
     """
     return draw(param.name, param.type.shape, param.init, seed)
 
 
-def draw(name: str, shape: tuple, init: tuple | None, seed: int) -> np.ndarray:
-    """The seeded initial tensor of the parameter ``name`` (see :func:`initial_value`)."""
+def pieces(
+    name: str, shape: tuple, init: tuple | None, seed: int, seeds: _Seeds | None = None
+) -> list[tuple[int, Callable[[np.ndarray | None], np.ndarray]]]:
+    """The chunks of the seeded initial tensor of the parameter ``name``, in order: for
+    each, its number of values and a function computing them (flat float32, into its
+    argument when that is an array of that many float32s). Independent of each other:
+    threads may compute them at once."""
     kind, fan_in = init or ("he_normal", 1)
-    rng = _rng(seed, name)
+    size = math.prod(shape)
+    if kind == "constant":
+        return [(size, lambda out=None: _fill(out, np.full(size, fan_in, np.float32)))]
+
+    def chunk(k: int, n: int) -> Callable[[np.ndarray | None], np.ndarray]:
+        def compute(out: np.ndarray | None = None) -> np.ndarray:
+            if k:
+                rng = _rng(seed, name, k)
+            else:
+                rng = seeds.rng(name) if seeds is not None else _rng(seed, name)
+            return _values(rng, kind, fan_in, n, out)
+
+        return compute
+
+    return [
+        (min(CHUNK, size - start), chunk(k, min(CHUNK, size - start)))
+        for k, start in enumerate(range(0, max(size, 1), CHUNK))
+    ]
+
+
+def _fill(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
+def _values(rng: np.random.Generator, kind: str, fan_in, n: int, out) -> np.ndarray:
     if kind == "he_normal":
-        values = rng.standard_normal(shape, dtype=np.float32)
+        values = rng.standard_normal(n, dtype=np.float32, out=out)
         values *= np.float32(np.sqrt(2.0 / fan_in))  # in place: no second copy of a big tensor
         return values
     if kind == "uniform":
         bound = 1.0 / np.sqrt(fan_in)
-        return rng.uniform(-bound, bound, shape).astype(np.float32)
+        return _fill(out, rng.uniform(-bound, bound, n).astype(np.float32))
     if kind == "bn_scale":
-        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-    if kind == "constant":
-        return np.full(shape, fan_in, np.float32)
+        return _fill(out, rng.uniform(0.5, 1.5, n).astype(np.float32))
     if kind == "bn_shift":
-        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        return _fill(out, (rng.standard_normal(n) * 0.1).astype(np.float32))
     raise AssertionError(f"init rule {kind}")
+
+
+def draw(
+    name: str, shape: tuple, init: tuple | None, seed: int, seeds: _Seeds | None = None
+) -> np.ndarray:
+    """The seeded initial tensor of the parameter ``name`` (see :func:`initial_value`);
+    the chunks of a big tensor are drawn by the worker threads of :func:`parallel_map`."""
+    kind, fan_in = init or ("he_normal", 1)
+    if kind != "constant" and math.prod(shape) <= CHUNK:  # one chunk: no closures to build
+        rng = seeds.rng(name) if seeds is not None else _rng(seed, name)
+        return _values(rng, kind, fan_in, math.prod(shape), None).reshape(shape)
+    parts = pieces(name, shape, init, seed, seeds)
+    if len(parts) == 1:
+        return parts[0][1](None).reshape(shape)
+    values = np.empty(math.prod(shape), np.float32)
+    slices, start = [], 0
+    for n, _ in parts:
+        slices.append(values[start : start + n])
+        start += n
+    chunks = range(len(parts))
+    if threading.current_thread().name.startswith(_THREAD_NAME):
+        mapped = map(lambda i: parts[i][1](slices[i]), chunks)  # already on a drawing thread
+    else:
+        mapped = parallel_map(lambda i: parts[i][1](slices[i]), chunks)
+    for _ in mapped:
+        pass
+    return values.reshape(shape)
+
+
+def parallel_map(fn: Callable, items):
+    """``map(fn, items)`` computed on the drawing threads (see :func:`draw_threads`), two
+    items per thread ahead of the one consumed, results in order."""
+    from collections import deque
+
+    pool, threads = draw_threads()
+    if threads == 1:
+        yield from map(fn, items)
+        return
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > 2 * threads:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# Threads that draw the chunks of big tensors: one per CPU, at most this many. NumPy's
+# generators release the GIL while they fill an array.
+DRAW_THREADS = 4
+_THREAD_NAME = "cnnc-draw"
+_POOL: tuple | None = None
+
+
+def draw_threads() -> tuple:
+    """The thread pool that draws weights, and its number of threads."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cnnc.backends.parallel import cpu_count
+
+        threads = max(1, min(DRAW_THREADS, cpu_count()))
+        _POOL = (ThreadPoolExecutor(threads, thread_name_prefix=_THREAD_NAME), threads)
+    return _POOL
 
 
 # The ops whose multiply-accumulates the calibration budget counts.
@@ -63,13 +259,18 @@ class _Initial:
     declared them, so that a pass renaming or reshaping the parameter later changes
     nothing about the values it gets."""
 
-    __slots__ = ("init", "name", "seed", "shape")
+    __slots__ = ("init", "name", "seed", "seeds", "shape")
 
-    def __init__(self, param: Value, seed: int):
+    def __init__(self, param: Value, seed: int, seeds: _Seeds | None = None):
         self.name, self.shape, self.init, self.seed = param.name, param.type.shape, param.init, seed
+        self.seeds = seeds
 
     def __call__(self) -> np.ndarray:
-        return draw(self.name, self.shape, self.init, self.seed)
+        return draw(self.name, self.shape, self.init, self.seed, self.seeds)
+
+    def pieces(self) -> list:
+        """The tensor's chunks (see :func:`pieces`)."""
+        return pieces(self.name, self.shape, self.init, self.seed, self.seeds)
 
 
 def initialize(graph: Graph, seed: int = 0) -> Calibration | None:
@@ -88,9 +289,10 @@ def initialize(graph: Graph, seed: int = 0) -> Calibration | None:
     ]
     calibration = Calibration(graph, random_stats, seed) if random_stats else None
     statistics = {id(v) for n in random_stats for v in n.inputs[3:5]}
-    for param in graph.params.values():
-        if not param.has_data and id(param) not in statistics:
-            param.set_data(_Initial(param, seed))
+    todo = [p for p in graph.params.values() if not p.has_data and id(p) not in statistics]
+    seeds = _Seeds(seed, [p.name for p in todo])
+    for param in todo:
+        param.set_data(_Initial(param, seed, seeds))
     return calibration
 
 

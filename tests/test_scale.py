@@ -36,6 +36,8 @@ def nothing_runs(monkeypatch):
         raise AssertionError("a weight was drawn or the network ran")
 
     monkeypatch.setattr(weights, "draw", refuse)
+    monkeypatch.setattr(weights, "pieces", refuse)
+    monkeypatch.setattr(weights, "_values", refuse)
     monkeypatch.setattr(weights, "_calibrate", refuse)
 
 
@@ -61,8 +63,8 @@ def test_dump_and_summary_never_draw_weights_nor_run_the_network(
 
 
 def test_the_draw_guard_is_real_compiling_draws_and_calibrates(write_program, monkeypatch):
-    calls = {"draw": 0, "calibrate": 0}
-    draw, calibrate = weights.draw, weights._calibrate
+    calls = {"draw": 0, "values": 0, "calibrate": 0}
+    draw, values, calibrate = weights.draw, weights._values, weights._calibrate
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -72,12 +74,15 @@ def test_the_draw_guard_is_real_compiling_draws_and_calibrates(write_program, mo
         return wrapper
 
     monkeypatch.setattr(weights, "draw", counted("draw", draw))
+    monkeypatch.setattr(weights, "_values", counted("values", values))
     monkeypatch.setattr(weights, "_calibrate", counted("calibrate", calibrate))
     path = write_program(BN_NET)
     assert main(["compile", str(path), "-o", str(path.with_suffix(".onnx"))]) == 0
-    # Both bns are measured in one run; each parameter drawn for calibration and export.
+    # Both bns are measured in one run; each parameter drawn for calibration and export
+    # (every random value, of a whole tensor or of a chunk, comes from _values).
     assert calls["calibrate"] == 1
     assert calls["draw"] >= 6
+    assert calls["values"] >= calls["draw"]
 
 
 def test_a_model_computes_statistics_once_when_first_needed():
@@ -195,6 +200,27 @@ def test_the_streamed_file_is_the_serialized_model(example, tmp_path):
     assert [p.name for p in model.graph.params.values() if p._data is not None] != list(
         model.graph.params
     )  # the export did not keep every weight
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_big_tensors_are_written_in_chunks_drawn_on_threads(external, monkeypatch, tmp_path):
+    monkeypatch.setattr(weights, "CHUNK", 1000)
+    monkeypatch.setattr(onnx_export, "PARALLEL_BYTES", 1000)
+    monkeypatch.setattr(weights, "DRAW_THREADS", 2)
+    monkeypatch.setattr(weights, "_POOL", None)
+    program = "network n(x: 4x8x8) { c: conv(8, 3) -> relu  f: fc(300) -> relu  g: fc(10) }"
+    model = cnnc.compile(program)
+    # fc-to-conv reshapes f.weight (300 x 288, 87 chunks); its chunks still reach the file.
+    assert model.graph.params["f.weight"].shape == (300, 8, 6, 6)
+    assert len(model.graph.params["f.weight"].data_pieces()) == 87
+    path = tmp_path / "m.onnx"
+    onnx_export.export(model.graph, path, external_threshold=1000 if external else 2**40)
+    assert (tmp_path / "m.onnx.data").exists() == external
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    for name, param in model.graph.params.items():  # .data draws each tensor whole
+        np.testing.assert_array_equal(written[name], param.data)
+    if not external:
+        assert path.read_bytes() == onnx_export.to_onnx(model.graph).SerializeToString()
 
 
 def test_trained_weights_are_written_as_loaded(tmp_path):

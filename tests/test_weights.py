@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
 import cnnc
+from cnnc import weights
 from cnnc.errors import WeightsError
 
 PROGRAM = """network small(x: 2x8x8) {
@@ -49,6 +52,63 @@ def test_random_biases_are_small_and_uniform_like_pytorch():
     b = cnnc.compile("network n(x: 64x8x8) { big: conv(4096, 1) }").graph.params["big.bias"].data
     assert np.abs(b).max() <= 1 / np.sqrt(64)
     assert np.abs(b).max() > 0.9 / np.sqrt(64)
+
+
+def test_each_tensor_is_drawn_from_a_generator_seeded_by_its_name():
+    model = cnnc.compile(PROGRAM, seed=3, opt_level=0)
+    for name, shape in SHAPES.items():
+        rng = np.random.default_rng([3, zlib.crc32(name.encode())])
+        fan_in = 18 if name.startswith("c1") else 64
+        if name.endswith("weight"):
+            expected = rng.standard_normal(shape, dtype=np.float32)
+            expected *= np.float32(np.sqrt(2 / fan_in))
+        else:
+            bound = 1 / np.sqrt(fan_in)
+            expected = rng.uniform(-bound, bound, shape).astype(np.float32)
+        np.testing.assert_array_equal(model.graph.params[name].data, expected)
+
+
+def test_the_seeds_hashed_on_arrays_are_numpy_s_seed_sequence():
+    names = ["", "c1.weight", *(f"layer{i}.bias" for i in range(40))]
+    crcs = np.array([0, 1, 2**32 - 1, *(zlib.crc32(n.encode()) for n in names)], np.uint32)
+    for seed in (0, 1, 7, 123_456_789, 2**32 - 1):
+        rows = weights._seed_words(seed, crcs)
+        for crc, row in zip(crcs, rows, strict=True):
+            expected = np.random.SeedSequence([seed, int(crc)]).generate_state(4, np.uint64)
+            np.testing.assert_array_equal(row, expected)
+
+
+def test_seeds_past_32_bits_give_numpy_s_values_too():
+    seed = 2**40 + 5
+    w = cnnc.compile(PROGRAM, seed=seed).graph.params["c1.weight"].data
+    rng = np.random.default_rng([seed, zlib.crc32(b"c1.weight")])
+    np.testing.assert_array_equal(
+        w, rng.standard_normal((4, 2, 3, 3), dtype=np.float32) * np.float32(np.sqrt(2 / 18))
+    )
+
+
+def test_a_big_tensor_comes_in_chunks_the_same_on_any_number_of_threads(monkeypatch):
+    monkeypatch.setattr(weights, "CHUNK", 1000)
+    drawn = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(weights, "DRAW_THREADS", threads)
+        monkeypatch.setattr(weights, "_POOL", None)
+        drawn[threads] = weights.draw("f.weight", (25, 100), ("he_normal", 100), 5)
+        drawn[threads, "bias"] = weights.draw("f.bias", (2500,), ("uniform", 100), 5)
+    np.testing.assert_array_equal(drawn[1], drawn[2])
+    np.testing.assert_array_equal(drawn[1, "bias"], drawn[2, "bias"])
+    # 2,500 values: chunk 0 from the tensor's own generator (the values a tensor of at
+    # most a chunk has), chunks 1 and 2 from generators of their own.
+    crc = zlib.crc32(b"f.weight")
+    flat, scale = drawn[1].reshape(-1), np.float32(np.sqrt(2 / 100))
+    for k, (start, n) in enumerate([(0, 1000), (1000, 1000), (2000, 500)]):
+        rng = np.random.default_rng([5, crc, k] if k else [5, crc])
+        expected = rng.standard_normal(n, dtype=np.float32) * scale
+        np.testing.assert_array_equal(flat[start : start + n], expected)
+    bias = drawn[1, "bias"]
+    assert np.abs(bias).max() <= 0.1
+    assert not np.array_equal(bias[:500], bias[1000:1500])  # no chunk repeats another
+    assert not np.array_equal(bias[:500], bias[2000:])
 
 
 def test_a_compiled_model_says_its_weights_are_random():

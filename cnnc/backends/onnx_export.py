@@ -1417,12 +1417,24 @@ def _lrn_grad(e: Emitter, node: Node) -> None:
 # ---- model ----------------------------------------------------------------------------------
 
 
-def _value_info(v: Value, spatial: list | None = None) -> onnx.ValueInfoProto:
-    """A value's type; ``spatial`` replaces its spatial sizes (symbols, or None for unknown)."""
+def _value_info(
+    v: Value, spatial: list | None = None, types: dict | None = None
+) -> onnx.ValueInfoProto:
+    """A value's type; ``spatial`` replaces its spatial sizes (symbols, or None for unknown).
+    ``types`` remembers the TypeProto of each (dtype, shape): a network of 10,000 layers has
+    a handful, and copying one costs a tenth of making it."""
     shape = list(v.type.shape)
     if spatial is not None and len(shape) > 2:
         shape[2:] = spatial[-(len(shape) - 2) :]
-    return helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], shape)
+    if types is None:
+        return helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], shape)
+    key = (v.type.dtype, tuple(shape))
+    known = types.get(key)
+    if known is None:
+        known = types[key] = helper.make_tensor_value_info("", _ELEM[v.type.dtype], shape).type
+    info = onnx.ValueInfoProto(name=v.name)
+    info.type.CopyFrom(known)
+    return info
 
 
 def to_onnx(
@@ -1441,13 +1453,22 @@ def to_onnx(
 
 class Tensor:
     """An initializer whose data is computed when it is written: name, dtype and shape
-    are known up front, so a file's lengths are too."""
+    are known up front, so a file's lengths are too. ``pieces``, when given, returns
+    the data in chunks that threads may compute at once (see :meth:`Value.data_pieces`)."""
 
-    __slots__ = ("_compute", "dtype", "name", "nbytes", "shape")
+    __slots__ = ("_compute", "_pieces", "dtype", "name", "nbytes", "shape")
 
-    def __init__(self, name: str, dtype: np.dtype, shape: tuple, compute: Callable):
+    def __init__(
+        self,
+        name: str,
+        dtype: np.dtype,
+        shape: tuple,
+        compute: Callable,
+        pieces: Callable[[], list | None] | None = None,
+    ):
         self.name, self.dtype, self.shape, self._compute = name, np.dtype(dtype), shape, compute
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+        self._pieces = pieces
 
     @classmethod
     def of_proto(cls, tensor: onnx.TensorProto) -> Tensor:
@@ -1460,6 +1481,25 @@ class Tensor:
         if data.shape != tuple(self.shape):
             raise InternalError(f"initializer {self.name}: data {data.shape}, type {self.shape}")
         return data
+
+    def parts(self) -> list[tuple[int, Callable[[], np.ndarray]]]:
+        """The data as consecutive flat little-endian pieces, each (its bytes, a function
+        computing it); the pieces are independent, so threads may compute them at once."""
+        if self.nbytes == 0:
+            return []
+        # A tensor below PARALLEL_BYTES is one piece that the writer computes.
+        big = self._pieces is not None and self.nbytes >= PARALLEL_BYTES
+        pieces = self._pieces() if big else None
+        if pieces is None:
+            return [(self.nbytes, lambda: self.array().reshape(-1))]
+        little = self.dtype.newbyteorder("<")
+        parts = [
+            (n * self.dtype.itemsize, lambda fn=fn: np.asarray(fn(None), dtype=little))
+            for n, fn in pieces
+        ]
+        if sum(n for n, _ in parts) != self.nbytes:
+            raise InternalError(f"initializer {self.name}: its pieces are not its {self.shape}")
+        return parts
 
     def header(self) -> onnx.TensorProto:
         """The TensorProto without its data."""
@@ -1477,7 +1517,36 @@ class Tensor:
 
 
 def _param_tensor(p: Value) -> Tensor:
-    return Tensor(p.name, p.type.numpy_dtype, tuple(p.type.shape), p.compute_data)
+    return Tensor(p.name, p.type.numpy_dtype, tuple(p.type.shape), p.compute_data, p.data_pieces)
+
+
+# Pieces of at least this many bytes are computed on the drawing threads, ahead of the
+# writer (smaller ones cost less than a thread hand-off, about 20 µs, and are computed
+# by the writer when it reaches them).
+PARALLEL_BYTES = 1 << 18
+
+
+def _stream(tensors: list[Tensor]):
+    """The data of ``tensors`` as their pieces, in order: a piece of ``PARALLEL_BYTES`` or
+    more is computed on the drawing threads while the writer writes what comes before
+    it, at most two per thread ahead (so at most that many pieces are in memory)."""
+    from cnnc.weights import draw_threads
+
+    pool, threads = draw_threads()
+    units = [part for t in tensors for part in t.parts()]
+    futures: dict[int, Any] = {}
+    ahead = 2 * threads
+    following = 0  # the next unit to consider handing to a thread
+    for i, (nbytes, compute) in enumerate(units):
+        following = max(following, i)
+        while following < len(units) and len(futures) < ahead:
+            if units[following][0] >= PARALLEL_BYTES and threads > 1:
+                futures[following] = pool.submit(units[following][1])
+            following += 1
+        data = futures.pop(i).result() if i in futures else compute()
+        if data.nbytes != nbytes:
+            raise InternalError(f"a piece of {data.nbytes} bytes, not {nbytes}")
+        yield data
 
 
 def skeleton(
@@ -1496,8 +1565,9 @@ def skeleton(
     outputs = {id(v) for v in graph.outputs}
     flexible = graph.flexible_spatial
     one_d = graph.inputs[0].type.rank == 3
+    types: dict = {}
     value_info = [
-        _value_info(v, [None, None] if flexible else None)
+        _value_info(v, [None, None] if flexible else None, types)
         for n in graph.nodes
         for v in n.outputs
         if id(v) not in outputs
@@ -1643,14 +1713,17 @@ def write_embedded(model: onnx.ModelProto, tensors: list, f) -> None:
     f.write(head)
     f.write(_field(_MODEL_GRAPH, graph_length))
     f.write(graph_head)
+    pieces = _stream([t for t, _, _ in records if t is not None])
     for t, record, nbytes in records:
         f.write(record)
-        if t is not None:
-            data = t.array()
-            if data.nbytes != nbytes:
-                raise InternalError(f"initializer {t.name}: {data.nbytes} bytes, not {nbytes}")
-            f.write(data.reshape(-1).view(np.uint8))
+        written = 0
+        while written < nbytes:
+            data = next(pieces)
+            f.write(data.view(np.uint8))
+            written += data.nbytes
             del data
+        if written != nbytes:
+            raise InternalError(f"initializer {t.name}: {written} bytes, not {nbytes}")
     f.write(graph_tail)
     f.write(tail)
 
@@ -1714,15 +1787,20 @@ def write(
             bare.CopyFrom(model)
             offset = 0
             with open(workdir / data_name, "wb") as f:
+                pieces = _stream([t for t in tensors if id(t) not in small])
                 for t in tensors:
                     if id(t) in small:
                         bare.graph.initializer.append(small[id(t)])
                         continue
                     bare.graph.initializer.append(_external(t, data_name, offset))
-                    data = t.array()
-                    f.write(data.reshape(-1).view(np.uint8))
-                    offset += data.nbytes
-                    del data
+                    end = offset + t.nbytes
+                    while offset < end:
+                        data = next(pieces)
+                        f.write(data.view(np.uint8))
+                        offset += data.nbytes
+                        del data
+                    if offset != end:
+                        raise InternalError(f"initializer {t.name}: not {t.nbytes} bytes")
             onnx.save_model(bare, staged)
         written = [Path(path)]
         if data_name is not None:

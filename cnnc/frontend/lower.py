@@ -279,16 +279,18 @@ class _Lowering:
             index = 0
             for step in link.steps:
                 times = self.repeat(step, scope)
+                bound: dict = {}  # the step's arguments, bound once for its repetitions
                 for i in range(times):
                     before = len(self.graph.nodes)
-                    x = self.apply(step.call, scope, x, f"{name}.{index}")
+                    x = self.apply(step.call, scope, x, f"{name}.{index}", bound)
                     index += 1
                     self.check_layers(step, i, times - i - 1, len(self.graph.nodes) - before)
             return x
         times = self.repeat(link, scope)
+        bound = {}
         for i in range(times):
             before = len(self.graph.nodes)
-            x = self.apply(link.call, scope, x, f"{name}.{i}" if link.repeat else name)
+            x = self.apply(link.call, scope, x, f"{name}.{i}" if link.repeat else name, bound)
             self.check_layers(link, i, times - i - 1, len(self.graph.nodes) - before)
         return x
 
@@ -312,8 +314,12 @@ class _Lowering:
                 unit=" layers (IR nodes)",
             )
 
-    def apply(self, call: Call, scope: _Scope, x: Value | tuple, name: str) -> Value | tuple:
-        """One layer or block instance called ``name``, applied to ``x``."""
+    def apply(
+        self, call: Call, scope: _Scope, x: Value | tuple, name: str, bound: dict | None = None
+    ) -> Value | tuple:
+        """One layer or block instance called ``name``, applied to ``x``. ``bound`` keeps a
+        layer's bound arguments between the repetitions of one link (the same call in the
+        same scope binds the same arguments; a merge's values are bound each time)."""
         layer = get_layer(call.name)
         # A merge reads the values it names, not the one the chain carries.
         merge = layer is not None and any(a.kind == "values" for a in layer.attrs)
@@ -335,7 +341,12 @@ class _Lowering:
                     hint=f"write {call.name} -> ... on its own",
                 )
             raise self.unknown(call)
-        args, locs = bind_args(layer, call, self.arguments(call, scope, layer))
+        if bound and not merge:
+            args, locs = dict(bound["args"]), bound["locs"]
+        else:
+            args, locs = bind_args(layer, call, self.arguments(call, scope, layer))
+            if bound is not None and not merge:
+                bound["args"], bound["locs"] = dict(args), locs
         try:
             return layer.build(LayerContext(self.graph, name, call.loc, args, locs), x)
         except CnncError as e:

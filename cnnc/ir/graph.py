@@ -78,6 +78,20 @@ class Value:
             )
         return data
 
+    def data_pieces(self) -> list | None:
+        """The lazy tensor's chunks, when its thunk computes it in chunks that threads may
+        compute at once (see :func:`cnnc.weights.pieces`): a list of (number of values,
+        function computing them flat); None otherwise."""
+        if self._data is not None or self.type.numpy_dtype != np.float32:
+            return None
+        thunk = self._thunk
+        if isinstance(thunk, _Derived) and all(isinstance(s, Reshape) for s in thunk.steps):
+            thunk = thunk.base  # a reshape keeps the values in their order
+        pieces = getattr(thunk, "pieces", None)
+        if pieces is None or math.prod(thunk.shape) != math.prod(self.type.shape):
+            return None
+        return pieces()
+
     def set_data(self, data: np.ndarray | Callable[[], np.ndarray]) -> None:
         """Give a parameter its tensor, or a function computing it when first needed."""
         if callable(data):
@@ -103,6 +117,18 @@ class Value:
 
     def __repr__(self) -> str:
         return f"%{self.name}: {self.type}"
+
+
+class Reshape:
+    """A step of :meth:`Value.derive` that only reshapes the data."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple):
+        self.shape = tuple(shape)
+
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        return data.reshape(self.shape)
 
 
 class _Derived:
@@ -282,7 +308,7 @@ class Graph:
         The shape is checked against the hard limits and the running total of parameter
         bytes against ``param_bytes``, before anything is allocated."""
         type = TensorType(dtype, tuple(shape))
-        total = self.param_bytes + tensor_bytes(type.shape, type.numpy_dtype.itemsize)
+        total = self.param_bytes + tensor_bytes(type.shape, type.itemsize)
         if total > limits.current().param_bytes:
             raise limits.exceeded(
                 LayerError,

@@ -19,6 +19,9 @@ _NUMPY = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32
 _ITEMSIZE = {name: np.dtype(t).itemsize for name, t in _NUMPY.items()}
 
 
+_VALID: set[tuple] = set()  # (dtype, shape) of the types that passed their check
+
+
 @dataclass(frozen=True)
 class TensorType:
     """The element type and shape of a tensor value."""
@@ -29,6 +32,20 @@ class TensorType:
     def __post_init__(self):
         # A hard limit: NumPy and ONNX hold sizes in int64. Counted exactly, so that a shape
         # no array can have is refused where it is made rather than overflowing later.
+        # A type that passed once passes again (a 10,000-layer network has a handful).
+        key = (self.dtype, self.shape)
+        try:
+            if key in _VALID:
+                return
+        except TypeError:  # a shape that is not a tuple of hashables: checked, not remembered
+            self._check()
+            return
+        self._check()
+        if len(_VALID) > 10_000:
+            _VALID.clear()
+        _VALID.add(key)
+
+    def _check(self) -> None:
         known = [d for d in self.shape if isinstance(d, int)]
         if any(d > INT64_MAX for d in known):
             raise ShapeError(
@@ -49,6 +66,10 @@ class TensorType:
     @property
     def rank(self) -> int:
         return len(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self.dtype]
 
     @property
     def numpy_dtype(self) -> np.dtype:

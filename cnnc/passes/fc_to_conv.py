@@ -35,7 +35,7 @@ Leaves alone (and why):
 
 from __future__ import annotations
 
-from cnnc.ir.graph import Graph, Node
+from cnnc.ir.graph import Graph, Node, Reshape
 from cnnc.ir.types import TensorType
 from cnnc.ops.activation import ACTIVATIONS
 
@@ -82,9 +82,8 @@ def _convert(graph: Graph, fc: Node, flatten: Node) -> None:
     x = flatten.inputs[0]
     weight = fc.inputs[1]
     out, (channels, *spatial) = weight.shape[0], x.shape[1:]
-    weight.derive(
-        lambda w, shape=(out, channels, *spatial): w.reshape(shape), shape=(out, channels, *spatial)
-    )
+    shape = (out, channels, *spatial)
+    weight.derive(Reshape(shape), shape=shape)
     rank = len(spatial)
     attrs = {"stride": (1,) * rank, "pads": (0,) * 2 * rank, "dilation": (1,) * rank, "groups": 1}
     conv = graph.replace_node(fc, "conv", [x, *fc.inputs[1:]], attrs, note="fc→conv")
@@ -103,7 +102,7 @@ def _pointwise(linear: Node) -> bool:
 def _convert_linear(graph: Graph, linear: Node) -> None:
     weight, spatial = linear.inputs[1], linear.inputs[0].type.rank - 2
     shape = (*weight.shape, *(1,) * spatial)
-    weight.derive(lambda w, shape=shape: w.reshape(shape), shape=shape)
+    weight.derive(Reshape(shape), shape=shape)
     attrs = {"stride": (1,) * spatial, "pads": (0,) * 2 * spatial, "dilation": (1,) * spatial}
     graph.replace_node(linear, "conv", linear.inputs, {**attrs, "groups": 1}, note="linear→conv")
 
