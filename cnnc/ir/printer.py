@@ -1,4 +1,6 @@
-"""The IR dump: one aligned line per node with every value's type and its source line."""
+"""The IR dump (one aligned line per node with every value's type and its source line), the
+summary (a tree of layers and blocks with shapes, parameters, MACs, memory and receptive
+fields; its rows as data for scripts) and the list of parameter tensors."""
 
 from __future__ import annotations
 
