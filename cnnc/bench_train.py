@@ -20,6 +20,9 @@ from cnnc.errors import CnncError
 BACKENDS = ("numpy", "onnxruntime", "torch")
 STEP_OPTIMIZER = {"kind": "sgd", "momentum": 0.9, "weight_decay": 1e-4}
 LR = 0.01
+# Rounds of fresh processes per backend: the best of their medians is reported, since a
+# shared machine slows a process now and then (PyTorch's OpenMP threads most of all).
+ROUNDS = 3
 
 
 def torch_forward(graph, params: dict):
@@ -223,6 +226,7 @@ class TrainRow:
     peak_bytes: int | None
     setup_bytes: int | None
     note: str = ""
+    spread: tuple[float, float] | None = None  # the lowest and highest round medians
 
 
 @dataclass
@@ -231,6 +235,7 @@ class TrainReport:
     batch: int
     threads: int
     repeat: int
+    rounds: int = ROUNDS
     rows: list[TrainRow] = field(default_factory=list)
 
     def ratio(self, backend: str) -> float | None:
@@ -246,6 +251,7 @@ class TrainReport:
             "batch": self.batch,
             "threads": self.threads,
             "repeat": self.repeat,
+            "rounds": self.rounds,
             "rows": [r.__dict__ for r in self.rows],
             "ratio_to_torch": {b: self.ratio(b) for b in ("numpy", "onnxruntime")},
         }
@@ -253,9 +259,10 @@ class TrainReport:
     def render(self) -> str:
         lines = [
             f"{self.model}: one SGD step (momentum 0.9, weight decay 1e-4), batch "
-            f"{self.batch}, {self.threads} threads, median of {self.repeat} steps, each "
-            "backend in a process of its own",
-            f"  {'backend':<12} {'ms/step':>9} {'× torch':>8} {'peak RSS':>10} "
+            f"{self.batch}, {self.threads} threads; each backend in a fresh process per round, "
+            f"{self.rounds} round(s) of {self.repeat} steps: the best round's median (and the "
+            "range of the rounds' medians)",
+            f"  {'backend':<12} {'ms/step':>9} {'rounds':>15} {'× torch':>8} {'peak RSS':>10} "
             f"{'after setup':>12} {'first loss':>11}",
         ]
         for r in self.rows:
@@ -263,8 +270,9 @@ class TrainReport:
                 lines.append(f"  {r.backend:<12} {r.note}")
                 continue
             ratio = self.ratio(r.backend)
+            low, high = r.spread or (r.ms_per_step, r.ms_per_step)
             lines.append(
-                f"  {r.backend:<12} {r.ms_per_step:9.1f} "
+                f"  {r.backend:<12} {r.ms_per_step:9.1f} {f'{low:.1f}–{high:.1f}':>15} "
                 f"{(f'{ratio:.2f}' if ratio is not None else '-'):>8} "
                 f"{r.peak_bytes / 2**20:8.0f} MB {r.setup_bytes / 2**20:9.0f} MB "
                 f"{r.first_loss:11.5f}"
@@ -273,28 +281,44 @@ class TrainReport:
 
 
 def bench_train(
-    path: str, batch: int, repeat: int = 5, warmup: int = 1, threads: int | None = None
+    path: str,
+    batch: int,
+    repeat: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    rounds: int = ROUNDS,
 ) -> TrainReport:
-    """Time one training step of the program at ``path`` in each backend (see the module)."""
+    """Time one training step of the program at ``path`` in each backend (see the module):
+    ``rounds`` rounds, each running every backend once in a fresh process (in turn, the
+    order reversed every other round); a backend's figure is the best of its rounds'
+    medians, its memory that of its first round."""
     from cnnc.bench import _cpu_count
 
     threads = threads or _cpu_count()
-    report = TrainReport(path, batch, threads, repeat)
+    report = TrainReport(path, batch, threads, repeat, rounds)
     env = _child_env()
+    present = [b for b in BACKENDS if b != "torch" or _has_torch()]
+    results: dict[str, list[dict]] = {b: [] for b in present}
+    for r in range(rounds):
+        for backend in present if r % 2 == 0 else present[::-1]:
+            args = _python(CHILD, backend, str(path), str(batch), str(repeat), str(warmup))
+            _, _, out = _run_child([*args, str(threads)], env)
+            results[backend].append(json.loads(out.strip().splitlines()[-1]))
     for backend in BACKENDS:
-        if backend == "torch" and not _has_torch():
-            report.rows.append(TrainRow("torch", None, None, None, None, "not installed"))
+        if backend not in results:
+            report.rows.append(TrainRow(backend, None, None, None, None, "not installed"))
             continue
-        args = _python(CHILD, backend, str(path), str(batch), str(repeat), str(warmup))
-        _, _, out = _run_child([*args, str(threads)], env)
-        result = json.loads(out.strip().splitlines()[-1])
+        runs = results[backend]
+        medians = [statistics.median(run["times"]) * 1000 for run in runs]
+        first = runs[0]
         report.rows.append(
             TrainRow(
                 backend,
-                statistics.median(result["times"]) * 1000,
-                result["loss"],
-                result["rss_peak"],
-                result["rss_before"],
+                min(medians),
+                first["loss"],
+                first["rss_peak"],
+                first["rss_before"],
+                spread=(min(medians), max(medians)),
             )
         )
     return report

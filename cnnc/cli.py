@@ -293,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         "installed), each in a process of its own",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="with --train: fresh processes per backend, taking the best round (default 3)",
+    )
+    p.add_argument(
         "--scale",
         action="store_true",
         help="time `cnnc compile` of generated networks of 1,000 to 100,000 layers (no MODEL)",
@@ -1104,8 +1110,10 @@ def cmd_bench(args) -> None:
         if args.compile or str(args.model).lower().endswith(".onnx"):
             raise UsageError("--train times the training step of a program (.cnn)")
         _load(args, notice=False)  # a mistake in the program is reported here, as compile does
+        if args.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
         report = bench_train.bench_train(
-            args.model, args.batch, args.repeat, min(args.warmup, 1), args.threads
+            args.model, args.batch, args.repeat, min(args.warmup, 1), args.threads, args.rounds
         )
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
         return

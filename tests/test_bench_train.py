@@ -11,7 +11,16 @@ from conftest import run_cnnc
 
 def test_bench_train_runs_the_same_step_in_every_backend():
     proc = run_cnnc(
-        "bench", "examples/lenet5.cnn", "--train", "--batch", "4", "--repeat", "1", "--json"
+        "bench",
+        "examples/lenet5.cnn",
+        "--train",
+        "--batch",
+        "4",
+        "--repeat",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)

@@ -38,6 +38,16 @@ CASES = [
     case("stride1-depthwise", "8x6x6", "conv_transpose(8, 3, pad=1, groups=8)"),
     case("stride1-pad-beyond-the-reach", "3x6x6", "conv_transpose(4, 2, pad=(2, 0))"),
     case("conv1d-stride1", "3x7", "conv_transpose(4, 3, pad=(0, 2), bias=false)"),
+    # stride 1 onto a much larger output runs as a product and a scatter of the taps
+    case("stride1-scatter-lenet", "16x10x10", "conv_transpose(6, 5, pad=0)"),
+    case(
+        "stride1-scatter-pads-dilation",
+        "4x4x5",
+        "conv_transpose(6, 3, pad=(1, 0, 0, 2), dilation=2)",
+    ),
+    case("stride1-scatter-groups", "4x3x3", "conv_transpose(6, 3, groups=2)"),
+    case("stride1-scatter-depthwise", "4x3x3", "conv_transpose(4, 4, groups=4, bias=false)"),
+    case("conv1d-stride1-scatter", "3x4", "conv_transpose(4, 5, pad=(1, 0))"),
     case(
         "stride2-pad1-output_pad1", "3x5x5", "conv_transpose(4, 3, stride=2, pad=1, output_pad=1)"
     ),
@@ -91,6 +101,7 @@ REFERENCE_RAISES = {
     "conv1d-groups",
     "depthwise-multiplier2",
     "stride1-groups",
+    "stride1-scatter-groups",
 }
 REFERENCE_BIAS = {
     "depthwise",

@@ -294,3 +294,31 @@ def test_global_and_adaptive_maxpool_gradients_go_to_the_first_maximum_on_ties()
             # onnxruntime's ArgMax picks the first maximum too
             (ort_dx,) = ort_session(to_onnx(graph)).run(None, {"x": x, "dy": dy})
             np.testing.assert_allclose(ort_dx, dx, rtol=1e-6, atol=1e-6)
+
+
+def _maxpool_grad_reference(x: np.ndarray, dy: np.ndarray, k: int) -> np.ndarray:
+    """Window by window: each window's gradient to its first largest input (row-major)."""
+    dx = np.zeros_like(x)
+    n, c, oh, ow = dy.shape
+    for b, ch, i, j in np.ndindex(n, c, oh, ow):
+        window = x[b, ch, i * k : (i + 1) * k, j * k : (j + 1) * k]
+        r, s = np.unravel_index(np.argmax(window), window.shape)
+        dx[b, ch, i * k + r, j * k + s] += dy[b, ch, i, j]
+    return dx
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 2, 9, 7), (1, 1, 4, 4)])
+def test_maxpool_grad_of_windows_that_tile_the_map_goes_to_the_first_maximum(shape):
+    """maxpool(2) (kernel = stride, no padding) takes its own path in the kernel: on maps
+    full of ties and on leftover rows and columns it gives what a window-by-window loop
+    gives."""
+    from cnnc.backends.kernels import KERNELS
+    from cnnc.ir.graph import Node
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, shape).astype(np.float64)  # many ties
+    attrs = {"kernel": (2, 2), "stride": (2, 2), "pads": (0, 0, 0, 0), "dilation": (1, 1)}
+    node = Node("maxpool_grad", "m", [], {**attrs, "ceil": False}, None)
+    dy = rng.standard_normal((shape[0], shape[1], shape[2] // 2, shape[3] // 2))
+    got = KERNELS["maxpool_grad"](node)(x, dy)
+    np.testing.assert_array_equal(got, _maxpool_grad_reference(x, dy, 2))

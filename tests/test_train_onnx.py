@@ -127,7 +127,9 @@ def test_matmul(trans_a, trans_b):
 
 
 POOLS = [
-    ("3x8x8", "maxpool(2)"),
+    ("3x8x8", "maxpool(2)"),  # windows that tile the map: SpaceToDepth in ONNX
+    ("4x6x6", "maxpool(3)"),
+    ("3x9x8", "maxpool(2)"),  # a row no window reaches: MaxPool's indices in ONNX
     ("3x9x9", "maxpool(3, stride=2, pad=1, ceil=true)"),  # overlapping windows add up
     ("2x9x10", "maxpool(2, stride=1, dilation=2, pad=(1, 0, 0, 1))"),
     ("3x11", "maxpool(3, stride=2, pad=1, ceil=true)"),

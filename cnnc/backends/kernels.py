@@ -750,6 +750,63 @@ def _put_row_phases(phases: np.ndarray, target: np.ndarray, live_h: list[int]) -
             target[:, :, :, :, i] = 0
 
 
+# A stride 1 transposed convolution whose output has this many times its input's pixels or
+# more runs as one matrix product and a scatter of its taps (its multiplications count the
+# input's pixels) rather than as the convolution by flipped kernels (which counts the
+# output's, many of them against padding): LeNet's 5×5 input gradient on a 10×10 map.
+SCATTER_FROM_GROWTH = 1.5
+
+
+def _transpose_scatter(node: Node) -> Kernel | None:
+    """A stride 1 transposed convolution as weightsᵀ × input, [groups, kg·taps, n·h·w], then
+    each tap's rows added into the output at the tap's offset, the pads cropped and the bias
+    added. None unless the output is SCATTER_FROM_GROWTH times the input's size or more."""
+    a = node.attrs
+    weight = node.inputs[1].data  # [C_in, out/groups, k...]
+    win = _window(node, weight.shape[2:])
+    weight = win.lift(weight) if win.one_d else weight
+    cin, kg, kh, kw = weight.shape
+    spatial = tuple(node.inputs[0].type.spatial)
+    h, w = (1, *spatial) if win.one_d else spatial
+    (dh, dw), (t, left, b, r) = win.dilation, win.pads
+    oph, opw = (0, *a["output_pad"]) if win.one_d else a["output_pad"]
+    if any(s != 1 for s in a["stride"]) or not all(isinstance(v, int) for v in (h, w)):
+        return None
+    full_h, full_w = h + dh * (kh - 1) + oph, w + dw * (kw - 1) + opw
+    oh, ow = full_h - t - b, full_w - left - r
+    if oh * ow < SCATTER_FROM_GROWTH * h * w or oh < 1 or ow < 1:
+        return None
+    groups = a["groups"]
+    cg = cin // groups
+    # [groups, kg·kh·kw, cg]: row (o, i, j) holds the weights from each input channel
+    wt = np.ascontiguousarray(weight.reshape(groups, cg, kg * kh * kw).transpose(0, 2, 1))
+    bias = node.inputs[2].data if len(node.inputs) > 2 else None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = win.lift(x)
+        n = x.shape[0]
+        canvas = np.zeros((n, groups, kg, full_h, full_w), x.dtype)
+        weights = wt.astype(x.dtype, copy=False)
+
+        def share(part: slice) -> None:  # a share of the batch, product and scatter
+            xs = x[part].reshape(-1, groups, cg, h * w).transpose(1, 2, 0, 3)
+            cols = np.matmul(weights, xs.reshape(groups, cg, -1))  # [groups, kg·kh·kw, m·h·w]
+            cols = cols.reshape(groups, kg, kh, kw, -1, h, w)
+            for i in range(kh):
+                for j in range(kw):
+                    target = canvas[part, :, :, i * dh : i * dh + h, j * dw : j * dw + w]
+                    target += cols[:, :, i, j].transpose(2, 0, 1, 3, 4)
+
+        parallel.share(n, share, canvas.size * kh * kw)
+        y = canvas.reshape(n, groups * kg, full_h, full_w)[:, :, t : t + oh, left : left + ow]
+        y = np.ascontiguousarray(y)
+        if bias is not None:
+            y += bias.reshape(-1, 1, 1).astype(x.dtype, copy=False)
+        return win.drop(y)
+
+    return run
+
+
 def _transpose_as_conv(node: Node) -> Kernel | None:
     """A stride 1 transposed convolution is the convolution of its input by the same
     kernels flipped, in and out channels swapped in each group, with padding
@@ -794,9 +851,9 @@ def conv_transpose(node: Node) -> Kernel:
     groups, when there are more groups than kernels in each), each over blocks of rows
     whose products fit COLUMN_BLOCK_BYTES. An input with a NaN or an infinity is
     scattered tap by tap instead (see ``scatter``)."""
-    as_conv = _transpose_as_conv(node)
-    if as_conv is not None:
-        return as_conv
+    direct = _transpose_scatter(node) or _transpose_as_conv(node)
+    if direct is not None:
+        return direct
     weight = node.inputs[1].data
     win = _window(node, weight.shape[2:])
     weight = win.lift(weight) if win.one_d else weight

@@ -74,19 +74,28 @@ def conv_grad_weight(node: Node):
             return _drop_weight(w, win)
         sn, sc, sh_, sw_ = xp.strides
         (sh, sw), (dh, dw) = win.stride, win.dilation
-        cols = as_strided(
-            xp,
-            (groups, cg, kh, kw, n, oh, ow),
-            (cg * sc, sc, sh_ * dh, sw_ * dw, sn, sh_ * sh, sw_ * sw),
-            writeable=False,
-        ).reshape(groups, cg * kh * kw, n * oh * ow)
-        d = dy.reshape(n, groups, og, oh * ow).transpose(1, 2, 0, 3).reshape(groups, og, -1)
-        w = np.empty((groups, og, cg * kh * kw), dy.dtype)
+        pool = parallel.current()
+        shares = parallel.split(n, pool.threads) if n > 1 else [(0, n)]
+        partial = [np.empty((groups, og, cg * kh * kw), dy.dtype) for _ in shares]
 
-        def work(share: slice) -> None:  # a share of each group's kernels
-            np.matmul(d[:, share], cols.transpose(0, 2, 1), out=w[:, share])
+        def work(k: int, worker: int) -> None:
+            # a share of the batch: its im2col columns (the copy that costs most) and their
+            # product with its output gradients; the shares' products are summed after
+            lo, hi = shares[k]
+            m = hi - lo
+            cols = as_strided(
+                xp[lo:hi],
+                (groups, cg, kh, kw, m, oh, ow),
+                (cg * sc, sc, sh_ * dh, sw_ * dw, sn, sh_ * sh, sw_ * sw),
+                writeable=False,
+            ).reshape(groups, cg * kh * kw, m * oh * ow)
+            d = dy[lo:hi].reshape(m, groups, og, oh * ow).transpose(1, 2, 0, 3)
+            np.matmul(d.reshape(groups, og, -1), cols.transpose(0, 2, 1), out=partial[k])
 
-        parallel.share(og, work, macs=d.size * cols.shape[1])
+        pool.map(work, len(shares))
+        w = partial[0]
+        for more in partial[1:]:
+            w += more
         return _drop_weight(w.reshape(o, cg, kh, kw), win)
 
     return run
@@ -115,10 +124,46 @@ def matmul(node: Node):
 def maxpool_grad(node: Node):
     win = _window(node, node.attrs["kernel"])
 
+    (kh, kw), (sh, sw) = win.kernel, win.stride
+    tiled = (kh, kw) == (sh, sw) and not any(win.pads) and win.dilation == (1, 1)
+
+    def tiles(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        # Windows that tile the map (LeNet's 2×2, stride 2): each tap is a strided view, and
+        # each window's gradient goes to the first tap (row-major) that holds its maximum;
+        # rows and columns no window reaches get 0. No padding and no overlapping adds.
+        oh, ow = dy.shape[2], dy.shape[3]
+        dx = np.zeros(x.shape, dy.dtype)
+
+        def work(share: slice) -> None:
+            part, target, grads = x[:, share], dx[:, share], dy[:, share]
+            views = [
+                part[:, :, i : i + oh * kh : kh, j : j + ow * kw : kw]
+                for i in range(kh)
+                for j in range(kw)
+            ]
+            best = views[0].copy()
+            for v in views[1:]:
+                np.maximum(best, v, out=best)
+            left = np.ones(best.shape, bool)  # windows whose maximum is not yet placed
+            hit = np.empty(best.shape, bool)
+            for t, v in enumerate(views):
+                i, j = divmod(t, kw)
+                np.equal(v, best, out=hit)
+                hit &= left
+                left &= ~hit
+                np.multiply(
+                    grads, hit, out=target[:, :, i : i + oh * kh : kh, j : j + ow * kw : kw]
+                )
+
+        parallel.share(x.shape[1], work, x.size)
+        return dx
+
     def run(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
         x, dy = win.lift(x), win.lift(dy)
         h, w = x.shape[2:]
         oh, ow = dy.shape[2], dy.shape[3]
+        if tiled and oh * kh <= h and ow * kw <= w:
+            return win.drop(tiles(x, dy))
         xp = win.padded(x, -np.inf, oh, ow)
         taps = _taps(win)
         dxp = np.zeros(xp.shape, dy.dtype)
