@@ -479,3 +479,37 @@ def test_initial_state_takes_a_weights_file(tmp_path):
     for name, array in given.items():
         np.testing.assert_array_equal(state[name], array)
     assert not any(state[name].any() for name in step.optimizer_state)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "attrs", "flipped"),
+    [
+        ((6, 5, 5), (6, 4, 3, 3), {"pads": (1, 1, 1, 1)}, True),
+        ((6, 4, 5), (6, 3, 3, 2), {"pads": (2, 0, 1, 1), "dilation": (1, 2)}, True),
+        ((6, 7), (6, 2, 4), {"pads": (0, 3)}, True),
+        ((4, 5, 5), (4, 3, 3, 3), {"pads": (1, 1, 1, 1), "groups": 2}, False),  # 2 groups
+        ((4, 5, 5), (4, 3, 2, 2), {"pads": (3, 0, 0, 0)}, False),  # pad beyond the reach
+        ((4, 5, 5), (4, 3, 3, 3), {"pads": (1, 1, 1, 1), "stride": (2, 2)}, False),
+    ],
+)
+def test_a_transposed_convolution_of_fed_weights_exports_and_agrees(
+    x_shape, w_shape, attrs, flipped
+):
+    """A convolution's input gradient (conv_transpose of weights that are inputs of the run)
+    exports at stride 1 and one group as the Conv by the transposed, flipped kernels; every
+    form agrees with the interpreter, a bias included."""
+    rank = len(x_shape) - 1
+    full = {"stride": (1,) * rank, "dilation": (1,) * rank, "groups": 1, **attrs}
+    full["output_pad"] = (0,) * rank
+    groups = full["groups"]
+    inputs = [
+        ("x", TensorType("f32", ("N", *x_shape))),
+        ("w", TensorType("f32", w_shape)),
+        ("b", TensorType("f32", (w_shape[1] * groups,))),
+    ]
+    graph = _one_node("conv_transpose", inputs, full)
+    rng = np.random.default_rng(7)
+    feeds = {"x": _f((2, *x_shape), rng), "w": _f(w_shape, rng), "b": _f(inputs[2][1].shape, rng)}
+    _check(graph, feeds)
+    ops = {n.op_type for n in to_onnx(graph, 17).graph.node}
+    assert ("ConvTranspose" not in ops) == flipped

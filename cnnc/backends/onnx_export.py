@@ -476,7 +476,48 @@ def _conv_transpose(e: Emitter, node: Node) -> None:
         )
     if any(output_pad):
         attrs["output_padding"] = list(output_pad)
+    if _transpose_as_flipped_conv(e, node):
+        return
     e.node("ConvTranspose", _names(node.inputs), _names(node.outputs), node.name, **attrs)
+
+
+def _transpose_as_flipped_conv(e: Emitter, node: Node) -> bool:
+    """A stride 1 transposed convolution of one group whose weights are values of the run
+    (a convolution's input gradient in a training step) as the Conv by its kernels
+    transposed and flipped, padded by dilation·(k − 1) − pad: onnxruntime's Conv is several
+    times as fast as its ConvTranspose there. A model with constant weights keeps its
+    ConvTranspose (what it says is what it computes). True if it wrote the Conv."""
+    a = node.attrs
+    weight = node.inputs[1]
+    kernel = tuple(weight.shape[2:])
+    rank = len(kernel)
+    if weight.is_param or a["groups"] != 1 or any(s != 1 for s in a["stride"]):
+        return False
+    reach = [d * (k - 1) for d, k in zip(a["dilation"], kernel, strict=True)]
+    pads = [reach[i] - a["pads"][i] for i in range(rank)]
+    pads += [reach[i] - a["pads"][rank + i] + a["output_pad"][i] for i in range(rank)]
+    if min(pads) < 0:
+        return False
+    swapped = e.fresh(f"{node.name}.weight_t")
+    e.node("Transpose", [weight.name], [swapped], swapped, perm=[1, 0, *range(2, rank + 2)])
+    ends = np.iinfo(np.int64).min
+    bounds = [
+        e.constant(f"{node.name}.{what}", np.array(values, np.int64))
+        for what, values in (
+            ("flip_starts", [-1] * rank),
+            ("flip_ends", [ends] * rank),
+            ("flip_axes", list(range(2, rank + 2))),
+            ("flip_steps", [-1] * rank),
+        )
+    ]
+    flipped = e.fresh(f"{node.name}.weight_flipped")
+    e.node("Slice", [swapped, *bounds], [flipped], flipped)
+    attrs = {"kernel_shape": list(kernel), "strides": [1] * rank, "pads": pads}
+    if any(d != 1 for d in a["dilation"]):
+        attrs["dilations"] = list(a["dilation"])
+    inputs = [node.inputs[0].name, flipped, *_names(node.inputs[2:])]
+    e.node("Conv", inputs, _names(node.outputs), node.name, **attrs)
+    return True
 
 
 @emitter("fc")
