@@ -238,7 +238,11 @@ def check(
     if chromium is None:
         raise FileNotFoundError("no Chromium found (apt-get install -y chromium)")
     url = Path(page).resolve().as_uri()
-    with tempfile.TemporaryDirectory(prefix="cnnc-chromium-") as profile:
+    # Chromium's helper processes may still write to the profile while it is removed:
+    # what is left then is not the check's business.
+    with tempfile.TemporaryDirectory(
+        prefix="cnnc-chromium-", ignore_cleanup_errors=True
+    ) as profile:
         process, browser_url = _start(chromium, profile, timeout)
         ws = None
         try:
