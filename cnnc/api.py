@@ -175,15 +175,9 @@ class Model:
         """Run the network; the list of its outputs."""
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        from cnnc.backends.interpreter import check_batch, check_input, is_batched
+        from cnnc.backends.interpreter import is_batched
 
-        if len(inputs) != len(self.graph.inputs):
-            raise InputError(
-                f"network {self.name} takes {len(self.graph.inputs)} input(s), got {len(inputs)}"
-            )
-        for value, x in zip(self.graph.inputs, inputs, strict=True):
-            check_input(value, x, self.graph.flexible_spatial)
-        check_batch(self.graph.inputs, inputs)
+        self._check_inputs(inputs)
         # A fully convolutional network's activations grow with its inputs' area.
         batched = [(v, x) for v, x in zip(self.graph.inputs, inputs, strict=True) if is_batched(v)]
         scale = max(
@@ -197,11 +191,9 @@ class Model:
         names = [i.name for i in session.get_inputs()]
         return session.run(None, dict(zip(names, inputs, strict=True)))
 
-    def activations(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the network in the NumPy interpreter keeping every value: the graph's
-        inputs, then each node's output, by name in graph order (the names of
-        :meth:`dump`; compile with ``opt_level=0`` to see every layer as written, since
-        -O2 fuses conv, bn and relu into one value)."""
+    def _check_inputs(self, inputs: tuple[np.ndarray, ...]) -> None:
+        """Raise InputError unless ``inputs`` fit the network's inputs (count, dtype, shape,
+        one batch size)."""
         from cnnc.backends.interpreter import check_batch, check_input
 
         if len(inputs) != len(self.graph.inputs):
@@ -211,6 +203,13 @@ class Model:
         for value, x in zip(self.graph.inputs, inputs, strict=True):
             check_input(value, x, self.graph.flexible_spatial)
         check_batch(self.graph.inputs, inputs)
+
+    def activations(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the network in the NumPy interpreter keeping every value: the graph's
+        inputs, then each node's output, by name in graph order (the names of
+        :meth:`dump`; compile with ``opt_level=0`` to see every layer as written, since
+        -O2 fuses conv, bn and relu into one value)."""
+        self._check_inputs(inputs)
         _, values = self.interpreter.run_all(*inputs)
         named = {v.name: x for v, x in zip(self.graph.inputs, inputs, strict=True)}
         named.update(values)

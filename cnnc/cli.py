@@ -227,12 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input each, in order or as NAME=FILE, or one .npz of arrays named like its inputs",
     )
     p.add_argument("--batch", type=int, default=1, help="batch size of the random input")
-    p.add_argument(
-        "--backend",
-        choices=cnnc.api.BACKENDS,
-        default="numpy",
-        help="the NumPy interpreter (default) or onnxruntime",
-    )
+    _add_backend_argument(p)
     p.add_argument(
         "--compare",
         action="store_true",
@@ -396,12 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the rows to evaluate: those `cnnc train` held out with the same --val-split "
         "(val, the default), the others (train), or all",
     )
-    p.add_argument(
-        "--backend",
-        choices=cnnc.api.BACKENDS,
-        default="numpy",
-        help="the NumPy interpreter (default) or onnxruntime",
-    )
+    _add_backend_argument(p)
     p.add_argument(
         "--labels",
         metavar="FILE|imagenet|digits",
@@ -511,6 +501,15 @@ def _pair(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}") from None
     return b1, b2
+
+
+def _add_backend_argument(p) -> None:
+    p.add_argument(
+        "--backend",
+        choices=cnnc.api.BACKENDS,
+        default="numpy",
+        help="the NumPy interpreter (default) or onnxruntime",
+    )
 
 
 def _add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
