@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,7 +24,9 @@ from cnnc.limits import NAMES, parse_option
 from cnnc.npyfile import write_npz
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
-from cnnc.train.step import Optimizer
+
+if TYPE_CHECKING:
+    from cnnc.train.step import Optimizer
 
 EXAMPLES = {
     "compile": """examples:
@@ -541,6 +544,8 @@ def _add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
 
 def _optimizer_from_args(args) -> Optimizer:
     """The Optimizer the options name; an option of another optimizer is a UsageError."""
+    from cnnc.train.step import Optimizer
+
     sgd = args.optimizer == "sgd"
     wrong = [
         flag
