@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from cnnc.bench import _child_env, _python, _run_child
@@ -157,7 +158,7 @@ def setup(backend: str, path: str, batch: int, threads: int):
     from cnnc.frontend.parser import parse
     from cnnc.train.step import Optimizer, build_step
 
-    forward = lower(parse(_read_text(__import__("pathlib").Path(path)), path), None)
+    forward = lower(parse(_read_text(Path(path)), path), None)
     weights.initialize(forward, 0)
     step = build_step(forward, optimizer=Optimizer(**STEP_OPTIMIZER))
     x = _batch(forward.inputs[0], batch)

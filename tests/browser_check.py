@@ -136,10 +136,17 @@ class DevTools:
         self.next_id = 0
         self.events: list[dict] = []
 
-    def call(self, method: str, timeout: float = 60, **params) -> dict:
+    def call(
+        self, method: str, timeout: float = 60, session_id: str | None = None, **params
+    ) -> dict:
+        """Send ``method`` (to the page of ``session_id``, else to the browser) and wait for
+        its answer, keeping the events that come before it."""
         self.next_id += 1
         ident = self.next_id
-        self.ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+        request = {"id": ident, "method": method, "params": params}
+        if session_id is not None:
+            request["sessionId"] = session_id
+        self.ws.send(json.dumps(request))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = json.loads(self.ws.receive())
@@ -307,24 +314,7 @@ class _Session:
         self.session_id = session_id
 
     def call(self, method: str, timeout: float = 60, **params) -> dict:
-        b = self.browser
-        b.next_id += 1
-        ident = b.next_id
-        b.ws.send(
-            json.dumps(
-                {"id": ident, "method": method, "params": params, "sessionId": self.session_id}
-            )
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            message = json.loads(b.ws.receive())
-            if message.get("id") == ident:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            if "method" in message:
-                b.events.append(message)
-        raise TimeoutError(f"no answer to {method} in {timeout} s")
+        return self.browser.call(method, timeout, session_id=self.session_id, **params)
 
     def wait_for(self, method: str, timeout: float) -> dict:
         return self.browser.wait_for(method, timeout)

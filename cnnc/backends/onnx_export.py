@@ -1567,6 +1567,19 @@ def _param_tensor(p: Value) -> Tensor:
 PARALLEL_BYTES = 1 << 18
 
 
+def _write_tensor(f, pieces, name: str, nbytes: int) -> None:
+    """Write the next ``nbytes`` of ``pieces`` (one tensor's data, piece by piece, each
+    let go once written) to ``f``."""
+    written = 0
+    while written < nbytes:
+        data = next(pieces)
+        f.write(data.view(np.uint8))
+        written += data.nbytes
+        del data
+    if written != nbytes:
+        raise InternalError(f"initializer {name}: {written} bytes, not {nbytes}")
+
+
 def _stream(tensors: list[Tensor]):
     """The data of ``tensors`` as their pieces, in order: a piece of ``PARALLEL_BYTES`` or
     more is computed on the drawing threads while the writer writes what comes before
@@ -1757,14 +1770,7 @@ def write_embedded(model: onnx.ModelProto, tensors: list, f) -> None:
     pieces = _stream([t for t, _, _ in records if t is not None])
     for t, record, nbytes in records:
         f.write(record)
-        written = 0
-        while written < nbytes:
-            data = next(pieces)
-            f.write(data.view(np.uint8))
-            written += data.nbytes
-            del data
-        if written != nbytes:
-            raise InternalError(f"initializer {t.name}: {written} bytes, not {nbytes}")
+        _write_tensor(f, pieces, t.name if t is not None else "", nbytes)
     f.write(graph_tail)
     f.write(tail)
 
@@ -1834,14 +1840,8 @@ def write(
                         bare.graph.initializer.append(small[id(t)])
                         continue
                     bare.graph.initializer.append(_external(t, data_name, offset))
-                    end = offset + t.nbytes
-                    while offset < end:
-                        data = next(pieces)
-                        f.write(data.view(np.uint8))
-                        offset += data.nbytes
-                        del data
-                    if offset != end:
-                        raise InternalError(f"initializer {t.name}: not {t.nbytes} bytes")
+                    _write_tensor(f, pieces, t.name, t.nbytes)
+                    offset += t.nbytes
             onnx.save_model(bare, staged)
         written = [Path(path)]
         if data_name is not None:

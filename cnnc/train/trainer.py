@@ -211,6 +211,13 @@ class Trainer:
         self._counter_after = counters
         self.state.update(self.step.initial_optimizer_state())
         self._run_step = _Runner(self.step.graph, backend)
+        # The batch norms that see one value per channel and item (after an fc): a batch of
+        # one row gives them nothing to normalize.
+        self._vector_norms = [
+            node
+            for node in self.step.graph.nodes
+            if node.op == "bn_train" and math.prod(node.inputs[0].shape[2:]) == 1
+        ]
         self._forward = None
         self._mask_rng = np.random.default_rng([seed, 1])
         self._order_rng = np.random.default_rng([seed, 0])
@@ -240,14 +247,14 @@ class Trainer:
         """One training step on a batch: updates the weights and the optimizer's state;
         returns the batch's loss and the network's output on it (before the update)."""
         step = self.step
-        for node in step.graph.nodes:
-            if node.op == "bn_train" and len(x) * math.prod(node.inputs[0].shape[2:]) == 1:
-                raise TrainingError(
-                    f"batch norm {node.name} would normalize one value per channel (a batch "
-                    f"of 1 of {node.inputs[0].type}), which has no variance (PyTorch refuses "
-                    "it too)",
-                    hint="pick a --batch that leaves no last batch of a single row",
-                )
+        if len(x) == 1 and self._vector_norms:
+            node = self._vector_norms[0]
+            raise TrainingError(
+                f"batch norm {node.name} would normalize one value per channel (a batch "
+                f"of 1 of {node.inputs[0].type}), which has no variance (PyTorch refuses "
+                "it too)",
+                hint="pick a --batch that leaves no last batch of a single row",
+            )
         feeds = dict(self.state)
         feeds[step.data[0]] = x
         feeds[step.target] = y
