@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cnnc.bench import _child_env, _python, _run_child
 from cnnc.errors import CnncError
