@@ -513,15 +513,21 @@ def rewrite(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> list[on
         if node.domain in ("", "ai.onnx") and inputs and all(i in static for i in inputs):
             static.update(node.output)
     nodes = list(graph.node)
+    removed: set[int] = set()
+    view = None  # the graph as it is now; built again only after a rewrite changed it
     for root in list(nodes):
-        if not any(n is root for n in nodes):
+        if id(root) in removed:
             continue
-        found = _match(_Graph(nodes, known, readers=readers, static=static), root)
+        if view is None:
+            view = _Graph(nodes, known, readers=readers, static=static)
+        found = _match(view, root)
         if found is None:
             continue
         inner, new = found
         # The exporter's metadata (PyTorch's module scope, say) describes the pattern's node.
         new.metadata_props.extend(root.metadata_props)
         gone = {id(n) for n in inner}
+        removed |= gone | {id(root)}
         nodes = [new if n is root else n for n in nodes if id(n) not in gone]
+        view = None
     return nodes
