@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from cnnc.backends.interpreter import Interpreter
     from cnnc.passes.manager import Options as PassOptions
+    from cnnc.passes.report import PassReport
     from cnnc.train.evaluate import Evaluation
     from cnnc.train.step import Optimizer, TrainingStep
     from cnnc.train.trainer import Epoch, Progress, TrainResult
@@ -105,6 +106,8 @@ class Model:
         self.onnx_path = onnx_path  # the file an imported model came from
         self._interpreter: Interpreter | None = None
         self._ort_session = None
+        # What each optimization pass changed, when asked for (compile(..., report=True)).
+        self.pass_report: PassReport | None = None
 
     @property
     def name(self) -> str:
@@ -385,6 +388,7 @@ def compile(
     pass_options: PassOptions | None = None,
     allow_nonfinite: bool = False,
     limits: Limits | Mapping[str, int] | None = None,
+    report: bool = False,
 ) -> Model:
     """Compile a program into a Model.
 
@@ -395,9 +399,11 @@ def compile(
     ``fully_conv`` makes the classifier fully convolutional. Weights holding NaN or
     infinity are a WeightsError unless ``allow_nonfinite``. ``limits`` (a
     :class:`cnnc.Limits`, or a dict of the limits to change such as ``{"repeat": 20000}``)
-    bounds the program and the runs of the model (README, "Limits").
+    bounds the program and the runs of the model (README, "Limits"). With ``report``, the
+    model's ``pass_report`` says what each pass removed, added and rewrote (print it).
     """
     limits = limits_mod.coerce(limits)
+    pass_options = _reporting(pass_options, report)
     with limits_mod.using(limits), _gc_paused():
         if _is_path(source):
             path = Path(source)
@@ -411,7 +417,21 @@ def compile(
         else:
             calibration = weights_mod.initialize(graph, seed)
         optimize(graph, opt_level, passes, fully_conv, pass_options)
-    return Model(graph, random_weights=weights is None, limits=limits, calibration=calibration)
+    model = Model(graph, random_weights=weights is None, limits=limits, calibration=calibration)
+    model.pass_report = pass_options.report if pass_options is not None else None
+    return model
+
+
+def _reporting(options: PassOptions | None, report: bool) -> PassOptions | None:
+    """The pass options, with a report to fill in if one is asked for."""
+    if not report or (options is not None and options.report is not None):
+        return options
+    from dataclasses import replace
+
+    from cnnc.passes.manager import Options
+    from cnnc.passes.report import PassReport
+
+    return replace(options or Options(), report=PassReport())
 
 
 def load(
@@ -426,11 +446,14 @@ def load(
     pass_options: PassOptions | None = None,
     allow_nonfinite: bool = False,
     limits: Limits | Mapping[str, int] | None = None,
+    report: bool = False,
 ) -> Model:
     """A Model from a file: an ONNX model (.onnx) or a program (anything else), optimized
-    as :func:`compile` does, under the same ``limits``; an ONNX model whose initializers
-    hold NaN or infinity is a WeightsError unless ``allow_nonfinite``."""
+    as :func:`compile` does, under the same ``limits`` (and with the same ``report``); an
+    ONNX model whose initializers hold NaN or infinity is a WeightsError unless
+    ``allow_nonfinite``."""
     path = Path(path)
+    pass_options = _reporting(pass_options, report)
     if path.suffix.lower() != ".onnx":
         return compile(
             path,
@@ -455,7 +478,9 @@ def load(
             weights_mod.check_finite(graph, str(path))
         optimize(graph, opt_level, passes, fully_conv, pass_options)
     # onnxruntime runs the file itself unless a pass rewrote the graph.
-    return Model(graph, onnx_path=None if graph.pipeline else path, limits=limits)
+    model = Model(graph, onnx_path=None if graph.pipeline else path, limits=limits)
+    model.pass_report = pass_options.report if pass_options is not None else None
+    return model
 
 
 def read_input(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ from cnnc.limits import NAMES, parse_option
 from cnnc.npyfile import write_npz
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
+from cnnc.passes.report import OnnxCounts, PassReport, files_line
 
 if TYPE_CHECKING:
     from cnnc.train.step import Optimizer
@@ -167,6 +168,15 @@ def _limit_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _report_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print on stderr what each pass removed, added and rewrote, and the sizes of "
+        "the model before and after",
+    )
+
+
 def _names(text: str) -> list[str]:
     return [n for n in text.split(",") if n]
 
@@ -215,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write fused ops as their standard ONNX ops instead of model-local functions",
     )
+    _report_arg(p)
     _add_train_arguments(
         p, "write the graph of one training step instead (default output MODEL.train.onnx)"
     )
@@ -263,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dump", "print the IR of a program or an ONNX model")
     _model_args(p)
     p.add_argument("--after", metavar="PASS", help="stop the pipeline after this pass")
+    _report_arg(p)
     _add_train_arguments(p, "print the graph of one training step instead")
 
     p = command("import", "write an ONNX model as a program and a weights file")
@@ -617,6 +629,7 @@ def _training_step(args):
             ("--passes", args.passes is not None),
             ("--fully-conv", args.fully_conv),
             ("--verify-each", args.verify_each),
+            ("--report", args.report),
         )
         if value
     ]
@@ -679,6 +692,7 @@ def _load(args, notice: bool = True) -> cnnc.Model:
         stop_after=getattr(args, "after", None),
         seed=args.seed,
         printer=lambda text: print(text, file=sys.stderr),
+        report=PassReport() if getattr(args, "report", False) else None,
     )
     model = cnnc.load(
         args.model,
@@ -721,6 +735,27 @@ def cmd_compile(args) -> None:
         f"wrote {out.name} ({size}{model.param_count():,} parameters)",
         file=sys.stderr if out.is_stdout else sys.stdout,
     )
+    if args.report:
+        _print_report(args, model, out)
+
+
+def _print_report(args, model: cnnc.Model, out: output.Target | None = None) -> None:
+    """The pass report on stderr (the output may be standard output), and for compile the
+    sizes of the ONNX model read, if it was one, and written."""
+    lines = [model.pass_report.render()]
+    if out is not None:
+        source = args.model if Path(args.model).suffix.lower() == ".onnx" else None
+        before = OnnxCounts.of_file(source) if source is not None else None
+        if out.through:  # nothing to read back: the model as the exporter builds it
+            from cnnc.backends import onnx_export
+
+            opset = onnx_export.DEFAULT_OPSET if args.opset is None else args.opset
+            proto, tensors = onnx_export.skeleton(model.graph, opset, args.inline_functions)
+            after = OnnxCounts(len(proto.graph.node), len(tensors), sum(t.nbytes for t in tensors))
+        else:
+            after = OnnxCounts.of_file(out.path)
+        lines.append(files_line(source or "", before, out.name, after))
+    print("\n".join(lines), file=sys.stderr)
 
 
 def _describe_output(
@@ -1014,7 +1049,11 @@ def cmd_dump(args) -> None:
         print(_training_step(args).dump(), end="")
         return
     _refuse_train_options(args)
-    print(_load(args, notice=False).dump(), end="")
+    model = _load(args, notice=False)
+    print(model.dump(), end="")
+    if args.report:
+        sys.stdout.flush()
+        _print_report(args, model)
 
 
 def cmd_summary(args) -> None:

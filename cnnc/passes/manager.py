@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,11 +15,15 @@ from cnnc.ir.printer import dump
 from cnnc.ir.verify import verify
 from cnnc.passes.channels_first import channels_first
 from cnnc.passes.convolutionalize import convolutionalize
+from cnnc.passes.cse import cse
 from cnnc.passes.dce import dce
 from cnnc.passes.fc_to_conv import fc_to_conv
 from cnnc.passes.fold_bn import fold_bn
 from cnnc.passes.fuse_conv_act import fuse_conv_act
+from cnnc.passes.fuse_pad import fuse_pad
+from cnnc.passes.fuse_transpose_reshape import fuse_transpose_reshape
 from cnnc.passes.remove_identity import remove_identity
+from cnnc.passes.report import PassReport
 
 PASSES: dict[str, Callable[[Graph], bool]] = {
     "remove-identity": remove_identity,
@@ -28,12 +33,25 @@ PASSES: dict[str, Callable[[Graph], bool]] = {
     "fc-to-conv": fc_to_conv,
     "fuse-conv-act": fuse_conv_act,
     "convolutionalize": convolutionalize,
+    "fuse-transpose-reshape": fuse_transpose_reshape,
+    "fuse-pad": fuse_pad,
+    "cse": cse,
 }
 
 PIPELINES: dict[int, list[str]] = {
     0: [],
     1: ["remove-identity", "dce"],
-    2: ["remove-identity", "channels-first", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce"],
+    2: [
+        "remove-identity",
+        "channels-first",
+        "fuse-transpose-reshape",
+        "fuse-pad",
+        "fold-bn",
+        "fc-to-conv",
+        "fuse-conv-act",
+        "cse",
+        "dce",
+    ],
 }
 
 
@@ -51,6 +69,8 @@ class Options:
     stop_after: str | None = None
     seed: int = 0
     printer: Callable[[str], None] = print
+    # Filled in as the passes run: what each removed, added and rewrote (--report).
+    report: PassReport | None = None
 
 
 def pipeline(
@@ -83,20 +103,29 @@ def run_passes(graph: Graph, names: list[str], options: Options | None = None) -
                 f"pass {name!r} is not in the pipeline ({', '.join(names) or 'empty'})"
             )
     output_names = [v.name for v in graph.outputs]
+    report = options.report
+    if report is not None:
+        report.start(graph)
     for name in names:
         before = _snapshot(graph, options.seed) if options.verify_each else None
+        nodes_before = report.before_pass(graph) if report is not None else None
+        started = time.perf_counter()
         changed = PASSES[name](graph)
         graph.pipeline.append(name)
         if changed is not False:
             # A pass that reports no change left the graph as it was last verified.
             _keep_output_names(graph, output_names)
             verify(graph)
+        if report is not None:
+            report.after_pass(name, graph, nodes_before, time.perf_counter() - started)
         if before is not None:
             _check_unchanged(graph, name, before, options.seed)
         if options.print_after_all or name in options.print_after:
             options.printer(f"# IR after {name}\n{dump(graph)}")
         if name == options.stop_after:
             break
+    if report is not None:
+        report.finish(graph)
     return graph
 
 
