@@ -125,6 +125,12 @@ def test_a_reshape_then_a_flatten_is_one_flatten_and_transposes_of_ones_are_resh
     assert sorted(ops) == ["conv", "flatten", "gap", "sigmoid"]
 
 
+def test_a_transpose_of_ones_with_no_reshape_beside_it_stays():
+    # Made fully convolutional, the gap's 1×1 would grow and the transpose move values.
+    text = "network n(x: 3x8x8) { conv(6, 3) -> gap -> transpose((2, 3, 1)) -> sigmoid }"
+    assert ops_of(text)[1] == ["conv", "gap", "transpose", "sigmoid"]
+
+
 def test_a_channel_shuffle_keeps_its_reshape_transpose_reshape():
     text = """network n(x: 4x3x3) {
         reshape((2, 2, 3, 3)) -> transpose((2, 1, 3, 4)) -> reshape((4, 3, 3)) -> relu

@@ -134,7 +134,8 @@ def test_print_ir_after_prints_the_dump_after_that_pass():
     (text,) = printed
     assert text.startswith(
         "# IR after fc-to-conv\n"
-        "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv)\n"
+        "network lenet5  (-O2: remove-identity, channels-first, fuse-transpose-reshape, "
+        "fuse-pad, fold-bn, fc-to-conv)\n"
     )
     assert "conv2d(%c2.maxpool, f1.weight, f1.bias)" in text
 

@@ -44,13 +44,13 @@ def _freeze(value: Any) -> Any:
     (0.0 and -0.0, 1 and 1.0 and True)."""
     if isinstance(value, dict):
         return ("d", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         return ("t", tuple(_freeze(v) for v in value))
     if isinstance(value, np.ndarray):
         return ("a", value.dtype.str, value.shape, value.tobytes())
-    if isinstance(value, float | np.floating):
+    if isinstance(value, (float, np.floating)):
         return ("f", float(value).hex())
-    if value is None or isinstance(value, str | bool | int | np.integer):
+    if value is None or isinstance(value, (str, bool, int, np.integer)):
         return (type(value).__name__, value)
     raise _Unhashable(type(value).__name__)
 
@@ -96,9 +96,27 @@ def _bytes(p: Value) -> np.ndarray:
     return np.ascontiguousarray(p.compute_data()).reshape(-1).view(np.uint8)
 
 
-def _key(node: Node) -> tuple:
-    inputs = tuple(("p", v.type) if v.is_param else id(v) for v in node.inputs)
-    return (node.op, _freeze(node.attrs), inputs)
+def _inputs_key(node: Node) -> tuple:
+    return (node.op, *(("p", v.type) if v.is_param else id(v) for v in node.inputs))
+
+
+class _Attrs:
+    """Nodes' attributes as keys, made only for nodes that share an op and inputs with
+    another (most nodes share them with none)."""
+
+    def __init__(self):
+        self.keys: dict[int, Any] = {}
+
+    def same(self, a: Node, b: Node) -> bool:
+        return self.key(a) == self.key(b)
+
+    def key(self, node: Node) -> Any:
+        if id(node) not in self.keys:
+            try:
+                self.keys[id(node)] = _freeze(node.attrs)
+            except _Unhashable:
+                self.keys[id(node)] = object()  # equal to nothing else
+        return self.keys[id(node)]
 
 
 def _same_params(a: Node, b: Node, contents: _Contents) -> bool:
@@ -107,21 +125,22 @@ def _same_params(a: Node, b: Node, contents: _Contents) -> bool:
 
 def _sweep(graph: Graph, contents: _Contents) -> bool:
     seen: dict[tuple, list[Node]] = {}
+    attrs = _Attrs()
     outputs = {id(v) for v in graph.outputs}
     changed = False
     for node in list(graph.nodes):  # the list keeps removed nodes, and so their ids, alive
         if node.op in UNMERGEABLE:
             continue
-        try:
-            key = _key(node)
-        except _Unhashable:
+        key = _inputs_key(node)
+        kept = seen.get(key)
+        if kept is None:  # most nodes: no other has its op and inputs
+            seen[key] = [node]
             continue
-        kept = seen.setdefault(key, [])
         named = any(id(v) in outputs for v in node.outputs)
         for other in kept:
             if named and any(id(v) in outputs for v in other.outputs):
                 continue
-            if not _same_params(other, node, contents):
+            if not attrs.same(other, node) or not _same_params(other, node, contents):
                 continue
             for old, new in zip(node.outputs, other.outputs, strict=True):
                 graph.replace_uses(old, new)

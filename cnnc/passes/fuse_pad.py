@@ -23,6 +23,10 @@ Leaves alone (and why):
 - a pool in ceil mode (its partial last window depends on where the input ends) and a
   pool whose padding would reach its kernel size (a window of padding alone has no value);
 - a conv_transpose, whose pads crop its output rather than pad its input.
+
+(onnxruntime's MaxPool gives -3.4e38 for a window of nothing but -inf and padding, and
+-inf for one of -inf alone: on an input holding -inf it may then differ from the model
+before, as it differs from the interpreter; see README, "NaN and infinity".)
 """
 
 from __future__ import annotations

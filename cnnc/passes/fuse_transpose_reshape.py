@@ -9,8 +9,9 @@ flattens become one, and those that move nothing go.
     ... and when v has x's shape (N×4×8×8 to 4×64 and back)  ==>  (nothing): v is x
     y = reshape(x) to x's own shape; y = flatten(x: N×F);
     y = transpose(x, perm=0,1,2,3)                        ==>  (nothing): y is x
-    y = transpose(x: N×C×1×1, perm=0,2,3,1)               ==>  y = reshape(x) to 1×1×C
-        (a transpose that moves only axes of size 1 keeps the values in their order)
+    y = transpose(x: N×C×1×1, perm=0,2,3,1); flatten(y)   ==>  flatten(x)
+        (a transpose that moves only axes of size 1 keeps the values in their order: next
+        to a reshape or a flatten it is a reshape, which then merges with it)
 
 A reshape keeps the values in their order whatever it came from, so only its last shape
 counts; a transpose of a transpose reads input axis p[q[i]] at output axis i.
@@ -23,6 +24,9 @@ Leaves alone (and why):
   reshape): it moves values, and no single op does what the three do;
 - a node that would leave a network output under two names (the output of a network
   input, or of another output, that does nothing): the network's names are its contract;
+- a transpose that moves only axes of size 1 with no reshape or flatten beside it: a
+  fully convolutional network (convolutionalize runs after this pass) may run it on
+  larger maps, where those axes grow and it moves values;
 - reshapes, flattens and size-1 transposes of a fully convolutional graph, whose inputs
   may be larger than declared (their fixed sizes are then checks that must stay).
 """
@@ -85,10 +89,19 @@ def _transpose(graph: Graph, node: Node) -> bool:
             graph.remove_node(first)
             return True
         return False
-    if not graph.flexible_spatial and _known(x.shape[1:]) and _moves_only_ones(x, perm):
-        graph.replace_node(node, "reshape", [x], {"shape": tuple(node.output.shape[1:])})
-        return True
-    return False
+    if graph.flexible_spatial or not _known(x.shape[1:]) or not _moves_only_ones(x, perm):
+        return False
+    # Only where a reshape next to it then takes it in: alone it would only change its
+    # name, and a fully convolutional network (made after this pass) may run it on maps
+    # whose axes of size 1 grow.
+    before = first is not None and first.op in RESHAPES and _only_reader(graph, x, node)
+    after = node.output.users
+    if not before and not (
+        len(after) == 1 and after[0].op in RESHAPES and _only_reader(graph, node.output, after[0])
+    ):
+        return False
+    graph.replace_node(node, "reshape", [x], {"shape": tuple(node.output.shape[1:])})
+    return True
 
 
 def _reshape(graph: Graph, node: Node) -> bool:
