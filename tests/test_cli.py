@@ -304,9 +304,12 @@ def test_print_ir_after_all_goes_to_stderr(tmp_path):
         for p in (
             "remove-identity",
             "channels-first",
+            "fuse-transpose-reshape",
+            "fuse-pad",
             "fold-bn",
             "fc-to-conv",
             "fuse-conv-act",
+            "cse",
             "dce",
         )
     ]

@@ -105,9 +105,12 @@ def test_the_O_levels_name_their_pipelines():
     assert manager.pipeline(2) == [
         "remove-identity",
         "channels-first",
+        "fuse-transpose-reshape",
+        "fuse-pad",
         "fold-bn",
         "fc-to-conv",
         "fuse-conv-act",
+        "cse",
         "dce",
     ]
     assert manager.pipeline(2, fully_conv=True)[-2:] == ["convolutionalize", "dce"]
@@ -118,7 +121,7 @@ def test_an_unknown_pass_lists_the_known_ones():
         cnnc.compile(EXAMPLES / "lenet5.cnn", passes=["fold-bn", "fuse"])
     assert info.value.message == (
         "unknown pass 'fuse'; known passes: remove-identity, dce, channels-first, fold-bn, "
-        "fc-to-conv, fuse-conv-act, convolutionalize"
+        "fc-to-conv, fuse-conv-act, convolutionalize, fuse-transpose-reshape, fuse-pad, cse"
     )
 
 
@@ -152,7 +155,14 @@ def test_print_ir_after_all_prints_after_every_pass():
 
 def test_stop_after_ends_the_pipeline_there():
     model = cnnc.compile(EXAMPLES / "lenet5.cnn", pass_options=Options(stop_after="fc-to-conv"))
-    assert model.graph.pipeline == ["remove-identity", "channels-first", "fold-bn", "fc-to-conv"]
+    assert model.graph.pipeline == [
+        "remove-identity",
+        "channels-first",
+        "fuse-transpose-reshape",
+        "fuse-pad",
+        "fold-bn",
+        "fc-to-conv",
+    ]
     assert "relu" in labels(model)
 
 
