@@ -246,7 +246,14 @@ def test_convs_whose_weights_differ_in_one_bit_stay_two(tmp_path):
     assert ops == ["conv", "conv", "add"]
 
 
-def test_random_weights_are_never_equal_and_never_drawn_to_find_out():
+def test_random_weights_are_never_equal_and_never_drawn_to_find_out(monkeypatch):
+    import cnnc.weights
+
+    drawn = []
+    draw = cnnc.weights.draw
+    monkeypatch.setattr(
+        cnnc.weights, "draw", lambda name, *a, **k: drawn.append(name) or draw(name, *a, **k)
+    )
     text = """network n(x: 3x8x8) {
         a = x -> conv(4, 3) -> relu
         b = x -> conv(4, 3) -> relu
@@ -254,7 +261,9 @@ def test_random_weights_are_never_equal_and_never_drawn_to_find_out():
     }"""
     model = cnnc.compile(text)
     assert [n.op for n in model.graph.nodes] == ["conv", "conv", "add"]
-    assert not any(p.in_memory for p in model.graph.params.values())
+    assert drawn == []
+    model.run(model.random_input())  # the weights are drawn when the network runs
+    assert len(drawn) == 4
 
 
 def test_a_program_with_identical_trained_weights_keeps_one_conv(tmp_path):
