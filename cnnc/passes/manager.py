@@ -16,15 +16,19 @@ from cnnc.passes.channels_first import channels_first
 from cnnc.passes.convolutionalize import convolutionalize
 from cnnc.passes.dce import dce
 from cnnc.passes.fc_to_conv import fc_to_conv
+from cnnc.passes.fold_affine import fold_affine
 from cnnc.passes.fold_bn import fold_bn
 from cnnc.passes.fuse_conv_act import fuse_conv_act
+from cnnc.passes.merge_affine import merge_affine
 from cnnc.passes.remove_identity import remove_identity
 
 PASSES: dict[str, Callable[[Graph], bool]] = {
     "remove-identity": remove_identity,
     "dce": dce,
     "channels-first": channels_first,
+    "merge-affine": merge_affine,
     "fold-bn": fold_bn,
+    "fold-affine": fold_affine,
     "fc-to-conv": fc_to_conv,
     "fuse-conv-act": fuse_conv_act,
     "convolutionalize": convolutionalize,
@@ -33,7 +37,16 @@ PASSES: dict[str, Callable[[Graph], bool]] = {
 PIPELINES: dict[int, list[str]] = {
     0: [],
     1: ["remove-identity", "dce"],
-    2: ["remove-identity", "channels-first", "fold-bn", "fc-to-conv", "fuse-conv-act", "dce"],
+    2: [
+        "remove-identity",
+        "channels-first",
+        "merge-affine",
+        "fold-bn",
+        "fold-affine",
+        "fc-to-conv",
+        "fuse-conv-act",
+        "dce",
+    ],
 }
 
 
