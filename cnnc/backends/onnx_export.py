@@ -1704,6 +1704,19 @@ def _stream(tensors: list[Tensor]):
         yield data
 
 
+# The IR version that first holds model-local functions (onnx.proto, IR_VERSION_2021_7_30).
+FUNCTIONS_IR_VERSION = 8
+
+
+def ir_version(opsets: list, functions: bool) -> int:
+    """The IR version a model of these opsets is written in: the oldest that has them all,
+    and from 8 (which added model-local functions) when the model defines functions. Opsets
+    13 and 14 alone would say 7, where a reader may ignore the functions; onnx's checker does
+    not notice."""
+    version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    return max(version, FUNCTIONS_IR_VERSION) if functions else version
+
+
 def skeleton(
     graph: Graph, opset: int = DEFAULT_OPSET, inline_functions: bool = False
 ) -> tuple[onnx.ModelProto, list[Tensor]]:
@@ -1754,7 +1767,7 @@ def skeleton(
         opset_imports=opsets,
         producer_name="cnnc",
         producer_version=__version__,
-        ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
+        ir_version=ir_version(opsets, bool(e.functions)),
         functions=list(e.functions.values()),
         doc_string=f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})",
     )
