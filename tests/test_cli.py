@@ -215,8 +215,8 @@ def test_dump_is_the_same_from_run_to_run():
     assert first.returncode == 0
     assert first.stdout == second.stdout
     assert first.stdout.startswith(
-        "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv, "
-        "fuse-conv-act, dce)\n"
+        "network lenet5  (-O2: remove-identity, channels-first, merge-affine, fold-bn, "
+        "fold-affine, fc-to-conv, fuse-conv-act, dce)\n"
         "  input  %image : f32[N,1,28,28]\n"
     )
 
@@ -261,8 +261,8 @@ def test_every_command_has_help_with_an_example(command):
     [
         (
             [],
-            "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv, "
-            "fuse-conv-act, dce)",
+            "network lenet5  (-O2: remove-identity, channels-first, merge-affine, fold-bn, "
+            "fold-affine, fc-to-conv, fuse-conv-act, dce)",
         ),
         (["-O1"], "network lenet5  (-O1: remove-identity, dce)"),
         (["-O0"], "network lenet5  (-O0)"),
@@ -281,14 +281,15 @@ def test_an_unknown_pass_is_one_clean_error():
     assert_clean_failure(
         proc,
         "error: unknown pass 'fusion'; known passes: remove-identity, dce, channels-first, "
-        "fold-bn, fc-to-conv, fuse-conv-act, convolutionalize",
+        "merge-affine, fold-bn, fold-affine, fc-to-conv, fuse-conv-act, convolutionalize",
     )
 
 
 def test_dump_after_stops_the_pipeline_there():
     proc = run_cnnc("dump", LENET, "--after", "fc-to-conv")
     assert proc.stdout.splitlines()[0] == (
-        "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv)"
+        "network lenet5  (-O2: remove-identity, channels-first, merge-affine, fold-bn, "
+        "fold-affine, fc-to-conv)"
     )
     assert "= relu(%f1)" in proc.stdout
 

@@ -117,8 +117,8 @@ def test_an_unknown_pass_lists_the_known_ones():
     with pytest.raises(UsageError) as info:
         cnnc.compile(EXAMPLES / "lenet5.cnn", passes=["fold-bn", "fuse"])
     assert info.value.message == (
-        "unknown pass 'fuse'; known passes: remove-identity, dce, channels-first, fold-bn, "
-        "fc-to-conv, fuse-conv-act, convolutionalize"
+        "unknown pass 'fuse'; known passes: remove-identity, dce, channels-first, "
+        "merge-affine, fold-bn, fold-affine, fc-to-conv, fuse-conv-act, convolutionalize"
     )
 
 
@@ -134,7 +134,8 @@ def test_print_ir_after_prints_the_dump_after_that_pass():
     (text,) = printed
     assert text.startswith(
         "# IR after fc-to-conv\n"
-        "network lenet5  (-O2: remove-identity, channels-first, fold-bn, fc-to-conv)\n"
+        "network lenet5  (-O2: remove-identity, channels-first, merge-affine, fold-bn, "
+        "fold-affine, fc-to-conv)\n"
     )
     assert "conv2d(%c2.maxpool, f1.weight, f1.bias)" in text
 
@@ -151,7 +152,9 @@ def test_print_ir_after_all_prints_after_every_pass():
 
 def test_stop_after_ends_the_pipeline_there():
     model = cnnc.compile(EXAMPLES / "lenet5.cnn", pass_options=Options(stop_after="fc-to-conv"))
-    assert model.graph.pipeline == ["remove-identity", "channels-first", "fold-bn", "fc-to-conv"]
+    assert model.graph.pipeline == [
+        "remove-identity", "channels-first", "merge-affine", "fold-bn", "fold-affine", "fc-to-conv"
+    ]  # fmt: skip
     assert "relu" in labels(model)
 
 

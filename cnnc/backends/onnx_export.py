@@ -1030,8 +1030,8 @@ def _affine(e: Emitter, node: Node) -> None:
     mean 0, variance 1 and epsilon 0, which computes x · weight + bias exactly (see
     AFFINE_AS_BN)."""
     x, weight, bias = node.inputs
-    unit = weight.is_param and not np.any(weight.data != 1)
-    zero = bias.is_param and not np.any(bias.data)
+    unit = weight.is_param and weight.has_data and not np.any(weight.data != 1)
+    zero = bias.is_param and bias.has_data and not np.any(bias.data)
     if unit and zero:
         e.alias(node.output, x)
         return
@@ -1042,8 +1042,9 @@ def _affine(e: Emitter, node: Node) -> None:
         return
     if AFFINE_AS_BN and weight.is_param and bias.is_param:
         channels = x.type.shape[1]
-        mean = e.shared_constant("affine.zeros", np.zeros(channels, np.float32))
-        var = e.shared_constant("affine.ones", np.ones(channels, np.float32))
+        dtype = x.type.numpy_dtype
+        mean = e.shared_constant("affine.zeros", np.zeros(channels, dtype))
+        var = e.shared_constant("affine.ones", np.ones(channels, dtype))
         e.node(
             "BatchNormalization",
             [x.name, weight.name, bias.name, mean, var],
