@@ -105,7 +105,9 @@ def test_the_O_levels_name_their_pipelines():
     assert manager.pipeline(2) == [
         "remove-identity",
         "channels-first",
+        "merge-affine",
         "fold-bn",
+        "fold-affine",
         "fc-to-conv",
         "fuse-conv-act",
         "dce",
