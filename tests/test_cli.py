@@ -216,7 +216,7 @@ def test_dump_is_the_same_from_run_to_run():
     assert first.stdout == second.stdout
     assert first.stdout.startswith(
         "network lenet5  (-O2: remove-identity, channels-first, fuse-transpose-reshape, "
-        "fuse-pad, fold-bn, fc-to-conv, fuse-conv-act, cse, dce)\n"
+        "fuse-pad, merge-affine, fold-bn, fold-affine, fc-to-conv, fuse-conv-act, cse, dce)\n"
         "  input  %image : f32[N,1,28,28]\n"
     )
 
@@ -262,7 +262,7 @@ def test_every_command_has_help_with_an_example(command):
         (
             [],
             "network lenet5  (-O2: remove-identity, channels-first, fuse-transpose-reshape, "
-            "fuse-pad, fold-bn, fc-to-conv, fuse-conv-act, cse, dce)",
+            "fuse-pad, merge-affine, fold-bn, fold-affine, fc-to-conv, fuse-conv-act, cse, dce)",
         ),
         (["-O1"], "network lenet5  (-O1: remove-identity, dce)"),
         (["-O0"], "network lenet5  (-O0)"),
@@ -281,8 +281,8 @@ def test_an_unknown_pass_is_one_clean_error():
     assert_clean_failure(
         proc,
         "error: unknown pass 'fusion'; known passes: remove-identity, dce, channels-first, "
-        "fold-bn, fc-to-conv, fuse-conv-act, convolutionalize, fuse-transpose-reshape, "
-        "fuse-pad, cse",
+        "merge-affine, fold-bn, fold-affine, fc-to-conv, fuse-conv-act, convolutionalize, "
+        "fuse-transpose-reshape, fuse-pad, cse",
     )
 
 
@@ -290,7 +290,7 @@ def test_dump_after_stops_the_pipeline_there():
     proc = run_cnnc("dump", LENET, "--after", "fc-to-conv")
     assert proc.stdout.splitlines()[0] == (
         "network lenet5  (-O2: remove-identity, channels-first, fuse-transpose-reshape, "
-        "fuse-pad, fold-bn, fc-to-conv)"
+        "fuse-pad, merge-affine, fold-bn, fold-affine, fc-to-conv)"
     )
     assert "= relu(%f1)" in proc.stdout
 
@@ -306,7 +306,9 @@ def test_print_ir_after_all_goes_to_stderr(tmp_path):
             "channels-first",
             "fuse-transpose-reshape",
             "fuse-pad",
+            "merge-affine",
             "fold-bn",
+            "fold-affine",
             "fc-to-conv",
             "fuse-conv-act",
             "cse",

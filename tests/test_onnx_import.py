@@ -321,6 +321,8 @@ def test_a_real_model_imports_runs_optimizes_exports_and_imports_as_a_program(na
     assert len(optimized.graph.nodes) < len(model.graph.nodes)
     exported = optimized.to_onnx(tmp_path / "o2.onnx")
     onnx.checker.check_model(str(tmp_path / "o2.onnx"), full_check=True)
+    read = {name for node in exported.graph.node for name in node.input}
+    assert [t.name for t in exported.graph.initializer if t.name not in read] == []
     assert_agree(ort_session(exported).run(None, {model.graph.inputs[0].name: x})[0], original)
     text, weights = model.to_program()
     np.savez(tmp_path / "w.npz", **weights)

@@ -107,7 +107,9 @@ def test_the_O_levels_name_their_pipelines():
         "channels-first",
         "fuse-transpose-reshape",
         "fuse-pad",
+        "merge-affine",
         "fold-bn",
+        "fold-affine",
         "fc-to-conv",
         "fuse-conv-act",
         "cse",
@@ -120,8 +122,9 @@ def test_an_unknown_pass_lists_the_known_ones():
     with pytest.raises(UsageError) as info:
         cnnc.compile(EXAMPLES / "lenet5.cnn", passes=["fold-bn", "fuse"])
     assert info.value.message == (
-        "unknown pass 'fuse'; known passes: remove-identity, dce, channels-first, fold-bn, "
-        "fc-to-conv, fuse-conv-act, convolutionalize, fuse-transpose-reshape, fuse-pad, cse"
+        "unknown pass 'fuse'; known passes: remove-identity, dce, channels-first, "
+        "merge-affine, fold-bn, fold-affine, fc-to-conv, fuse-conv-act, convolutionalize, "
+        "fuse-transpose-reshape, fuse-pad, cse"
     )
 
 
@@ -138,7 +141,7 @@ def test_print_ir_after_prints_the_dump_after_that_pass():
     assert text.startswith(
         "# IR after fc-to-conv\n"
         "network lenet5  (-O2: remove-identity, channels-first, fuse-transpose-reshape, "
-        "fuse-pad, fold-bn, fc-to-conv)\n"
+        "fuse-pad, merge-affine, fold-bn, fold-affine, fc-to-conv)\n"
     )
     assert "conv2d(%c2.maxpool, f1.weight, f1.bias)" in text
 
@@ -160,7 +163,9 @@ def test_stop_after_ends_the_pipeline_there():
         "channels-first",
         "fuse-transpose-reshape",
         "fuse-pad",
+        "merge-affine",
         "fold-bn",
+        "fold-affine",
         "fc-to-conv",
     ]
     assert "relu" in labels(model)

@@ -23,6 +23,9 @@ from cnnc.ops.resize import NEAREST_MODES, nearest_indices
 
 MIN_OPSET = 13
 DEFAULT_OPSET = 17
+# A general affine (neither scale one nor shift zero) is one BatchNormalization (mean 0,
+# variance 1, epsilon 0), not Mul then Add: see README, "ONNX export".
+AFFINE_AS_BN = True
 # Protobuf cannot hold a message over 2 GiB; larger models keep their weights in a side file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -116,6 +119,13 @@ class Emitter:
         self.ir_node_names = {n.name for n in graph.nodes}
         self.node_names: set[str] = set()
         self.current: str | None = None  # the IR node being emitted
+        # Values no node computes, by the value their readers read instead (an identity
+        # affine's output by its input), resolved when the graph is done.
+        self.aliases: dict[str, str] = {}
+        # Parameters read in another shape ([C] as [C, 1, 1] by a Mul): (name, shape) by
+        # the name the readers use until the graph is done (see Emitter.finish).
+        self.reshaped: dict[tuple[str, tuple], str] = {}
+        self._shared: dict[tuple, str] = {}
 
     def fresh(self, name: str) -> str:
         """A name no value of the model has: ``name``, or ``name.2``, ``name.3``, ..."""
@@ -160,6 +170,72 @@ class Emitter:
         unique = self.fresh(name)
         self.initializers.append(numpy_helper.from_array(np.asarray(array), unique))
         return unique
+
+    def shared_constant(self, name: str, array: np.ndarray) -> str:
+        """A constant initializer that every node asking for the same values reads: one
+        ``affine.ones`` of 64 values for all the nodes of 64 channels that need it."""
+        array = np.ascontiguousarray(array)
+        key = (name, array.dtype.str, array.shape, array.tobytes())
+        if key not in self._shared:
+            self._shared[key] = self.constant(name, array)
+        return self._shared[key]
+
+    def alias(self, value: Value, same: Value) -> None:
+        """``value`` is ``same``: no node computes it, its readers read ``same`` (a network
+        output, which must be some node's output, is an Identity of it)."""
+        if value in self.graph.outputs:
+            self.node("Identity", [same.name], [value.name], self.current or value.name)
+        else:
+            self.aliases[value.name] = self.aliases.get(same.name, same.name)
+
+    def per_channel(self, node: Node, v: Value, role: str) -> str:
+        """``v``, a vector of one value per channel of ``node``'s input x, shaped [C, 1, ...]
+        to broadcast against x as ONNX Mul and Add do. A parameter that no node reads as a
+        vector is written in that shape under its own name; otherwise the reshaped copy is
+        the initializer ``<node>.<role>``. A value of the run (a training step feeds its
+        parameters) is reshaped in the model."""
+        per_channel = (v.shape[0], *(1,) * (node.inputs[0].type.rank - 2))
+        if not v.is_param:
+            shape = self.constant(f"{node.name}.{role}_shape", np.array(per_channel, np.int64))
+            out = self.fresh(f"{node.name}.{role}")
+            self.node("Reshape", [v.name, shape], [out], f"{node.name}.{role}")
+            return out
+        if v.shape == per_channel:
+            return v.name
+        key = (v.name, per_channel)
+        if key not in self.reshaped:
+            self.reshaped[key] = self.fresh(f"{node.name}.{role}")
+        return self.reshaped[key]
+
+    def finish(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Resolve the aliases and reshaped parameters in the nodes' inputs, and return the
+        initializers the model needs: ``tensors`` (the parameters') and the constants the
+        emitters added, without any that no node reads (onnxruntime warns "Removing
+        initializer" of each, and a file should not carry weights nothing uses)."""
+        by_name = {t.name: t for t in tensors}
+        read = {name for n in self.nodes for name in n.input}
+        outputs = {v.name for v in self.graph.outputs}
+        reshapes: dict[str, int] = {}
+        for name, _ in self.reshaped:
+            reshapes[name] = reshapes.get(name, 0) + 1
+        renames = dict(self.aliases)
+        for (name, shape), placeholder in self.reshaped.items():
+            param = by_name[name]
+            if placeholder not in read:
+                continue
+            if name not in read and name not in outputs and reshapes[name] == 1:
+                # The parameter itself, in the shape its readers want, under its own name.
+                renames[placeholder] = name
+                by_name[name] = param.reshaped(shape)
+            else:
+                by_name[placeholder] = param.reshaped(shape, placeholder)
+        if renames:
+            for n in self.nodes:
+                if any(i in renames for i in n.input):
+                    n.input[:] = [renames.get(i, i) for i in n.input]
+        read = {name for n in self.nodes for name in n.input} | outputs
+        written = [*by_name.values(), *(Tensor.of_proto(t) for t in self.initializers)]
+        return [t for t in written if t.name in read]
 
     def call(
         self,
@@ -949,19 +1025,35 @@ def _bn(e: Emitter, node: Node) -> None:
 
 @emitter("affine")
 def _affine(e: Emitter, node: Node) -> None:
+    """x · weight + bias per channel: one Mul when the shift is zero, one Add when the scale
+    is one, nothing (the users read x) when both, and otherwise one BatchNormalization of
+    mean 0, variance 1 and epsilon 0, which computes x · weight + bias exactly (see
+    AFFINE_AS_BN)."""
     x, weight, bias = node.inputs
-    per_channel = (-1, *(1,) * (x.type.rank - 2))
-
-    def shaped(v: Value, role: str) -> str:
-        if v.is_param:
-            return e.constant(f"{node.name}.{role}", v.data.reshape(per_channel))
-        # a value of the run (a training step feeds its parameters): reshaped in the model
-        shape = e.constant(f"{node.name}.{role}_shape", np.array(per_channel, np.int64))
-        out = e.fresh(f"{node.name}.{role}")
-        e.node("Reshape", [v.name, shape], [out], f"{node.name}.{role}")
-        return out
-
-    scale, shift = shaped(weight, "scale"), shaped(bias, "shift")
+    unit = weight.is_param and weight.has_data and not np.any(weight.data != 1)
+    zero = bias.is_param and bias.has_data and not np.any(bias.data)
+    if unit and zero:
+        e.alias(node.output, x)
+        return
+    if unit or zero:
+        op, v = ("Add", bias) if unit else ("Mul", weight)
+        e.node(op, [x.name, e.per_channel(node, v, "shift" if unit else "scale")],
+               _names(node.outputs), node.name)  # fmt: skip
+        return
+    if AFFINE_AS_BN and weight.is_param and bias.is_param:
+        channels = x.type.shape[1]
+        dtype = x.type.numpy_dtype
+        mean = e.shared_constant("affine.zeros", np.zeros(channels, dtype))
+        var = e.shared_constant("affine.ones", np.ones(channels, dtype))
+        e.node(
+            "BatchNormalization",
+            [x.name, weight.name, bias.name, mean, var],
+            _names(node.outputs),
+            node.name,
+            epsilon=0.0,
+        )
+        return
+    scale, shift = e.per_channel(node, weight, "scale"), e.per_channel(node, bias, "shift")
     scaled = e.fresh(f"{node.name}.scaled")
     e.node("Mul", [x.name, scale], [scaled], f"{node.name}.mul")
     e.node("Add", [scaled, shift], _names(node.outputs), node.name)
@@ -1516,6 +1608,16 @@ class Tensor:
         array = numpy_helper.to_array(tensor)
         return cls(tensor.name, array.dtype, array.shape, lambda: array)
 
+    def reshaped(self, shape: tuple, name: str | None = None) -> Tensor:
+        """This tensor in another shape (the same values in order), under ``name``."""
+        return Tensor(
+            name or self.name,
+            self.dtype,
+            tuple(shape),
+            lambda: np.asarray(self._compute()).reshape(shape),
+            self._pieces,
+        )
+
     def array(self) -> np.ndarray:
         """The data, little-endian and contiguous, as from_array writes it."""
         data = np.asarray(self._compute(), dtype=self.dtype.newbyteorder("<"), order="C")
@@ -1603,6 +1705,19 @@ def _stream(tensors: list[Tensor]):
         yield data
 
 
+# The IR version that first holds model-local functions (onnx.proto, IR_VERSION_2021_7_30).
+FUNCTIONS_IR_VERSION = 8
+
+
+def ir_version(opsets: list, functions: bool) -> int:
+    """The IR version a model of these opsets is written in: the oldest that has them all,
+    and from 8 (which added model-local functions) when the model defines functions. Opsets
+    13 and 14 alone would say 7, where a reader may ignore the functions; onnx's checker does
+    not notice."""
+    version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    return max(version, FUNCTIONS_IR_VERSION) if functions else version
+
+
 def skeleton(
     graph: Graph, opset: int = DEFAULT_OPSET, inline_functions: bool = False
 ) -> tuple[onnx.ModelProto, list[Tensor]]:
@@ -1616,6 +1731,7 @@ def skeleton(
             raise UsageError(f"node {node.name}: op {node.op} has no ONNX form", node.loc)
         e.current = node.name
         fn(e, node)
+    tensors = e.finish([_param_tensor(p) for p in graph.params.values()])
     outputs = {id(v) for v in graph.outputs}
     flexible = graph.flexible_spatial
     one_d = graph.inputs[0].type.rank == 3
@@ -1624,7 +1740,7 @@ def skeleton(
         _value_info(v, [None, None] if flexible else None, types)
         for n in graph.nodes
         for v in n.outputs
-        if id(v) not in outputs
+        if id(v) not in outputs and v.name not in e.aliases
     ]
     sizes, out_sizes = (["L"], ["OL"]) if one_d else (["H", "W"], ["OH", "OW"])
     onnx_graph = helper.make_graph(
@@ -1652,7 +1768,7 @@ def skeleton(
         opset_imports=opsets,
         producer_name="cnnc",
         producer_version=__version__,
-        ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
+        ir_version=ir_version(opsets, bool(e.functions)),
         functions=list(e.functions.values()),
         doc_string=f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})",
     )
@@ -1666,8 +1782,7 @@ def skeleton(
         props[preprocess.METADATA_PREFIX + name] = normalization.option_text()
     if props:
         helper.set_model_props(model, props)
-    tensors = [_param_tensor(p) for p in graph.params.values()]
-    return model, tensors + [Tensor.of_proto(t) for t in e.initializers]
+    return model, tensors
 
 
 def save(

@@ -1054,7 +1054,19 @@ def _bn(imp: Importer, node, attrs) -> None:
         raise imp.fail(node, "BatchNormalization in training mode is not supported")
     if not attrs.get("spatial", 1):
         raise imp.fail(node, "BatchNormalization with spatial=0 is not supported")
-    imp.add(node, "bn", _inputs(imp, node), {"epsilon": float(attrs.get("epsilon", 1e-5))})
+    epsilon = float(attrs.get("epsilon", 1e-5))
+    mean, var = (imp.constants.get(n) for n in node.input[3:5])
+    if (
+        epsilon == 0
+        and mean is not None
+        and var is not None
+        and not mean.any()
+        and (var == 1).all()
+    ):
+        # x · scale + B exactly: how cnnc exports an affine (one node, faster than Mul, Add).
+        imp.add(node, "affine", [imp.value(node, n) for n in node.input[:3]])
+        return
+    imp.add(node, "bn", _inputs(imp, node), {"epsilon": epsilon})
 
 
 def _along(c: np.ndarray | None, shape: tuple, keep: int | None) -> np.ndarray | None:

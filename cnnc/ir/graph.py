@@ -100,6 +100,18 @@ class Value:
             self._data, self._thunk = None, (lambda d=data: d)
             self.data  # noqa: B018 (check the shape now, while the caller is on the stack)
 
+    def source(self) -> Callable[[], np.ndarray]:
+        """A function computing the parameter's data as it is now: a later :meth:`derive`
+        or :meth:`set_data` does not change what it returns (a fold that rewrites a weight
+        and a bias computes the bias from the weight as it was)."""
+        data, thunk = self._data, self._thunk
+        if data is not None:
+            return lambda: data
+        if thunk is None:
+            raise InternalError(f"parameter {self.name} has no data")
+        dtype, shape = self.type.numpy_dtype, self.type.shape
+        return lambda: np.asarray(thunk(), dtype=dtype).reshape(shape)
+
     def derive(self, fn: Callable[[np.ndarray], np.ndarray], shape: tuple | None = None) -> None:
         """Make a parameter's data ``fn(data)``, computed lazily; with ``shape``, its new shape."""
         data, thunk = self._data, self._thunk

@@ -18,10 +18,12 @@ from cnnc.passes.convolutionalize import convolutionalize
 from cnnc.passes.cse import cse
 from cnnc.passes.dce import dce
 from cnnc.passes.fc_to_conv import fc_to_conv
+from cnnc.passes.fold_affine import fold_affine
 from cnnc.passes.fold_bn import fold_bn
 from cnnc.passes.fuse_conv_act import fuse_conv_act
 from cnnc.passes.fuse_pad import fuse_pad
 from cnnc.passes.fuse_transpose_reshape import fuse_transpose_reshape
+from cnnc.passes.merge_affine import merge_affine
 from cnnc.passes.remove_identity import remove_identity
 from cnnc.passes.report import PassReport
 
@@ -29,7 +31,9 @@ PASSES: dict[str, Callable[[Graph], bool]] = {
     "remove-identity": remove_identity,
     "dce": dce,
     "channels-first": channels_first,
+    "merge-affine": merge_affine,
     "fold-bn": fold_bn,
+    "fold-affine": fold_affine,
     "fc-to-conv": fc_to_conv,
     "fuse-conv-act": fuse_conv_act,
     "convolutionalize": convolutionalize,
@@ -46,7 +50,9 @@ PIPELINES: dict[int, list[str]] = {
         "channels-first",
         "fuse-transpose-reshape",
         "fuse-pad",
+        "merge-affine",
         "fold-bn",
+        "fold-affine",
         "fc-to-conv",
         "fuse-conv-act",
         "cse",
