@@ -556,3 +556,92 @@ def test_cnncs_drop_path_function_imports_as_drop_path(tmp_path):
         {"p": pytest.approx(0.3)},
     )
     assert cnnc.load(tmp_path / "m.onnx", opt_level=1).graph.nodes[-1].op == "conv"
+
+
+# ---- what PyTorch's dynamo exporter writes ------------------------------------------------------
+
+
+def _as_strided(base: np.ndarray, folded: bool = True) -> tuple[list[onnx.NodeProto], dict]:
+    """ConvNeXt's pooling as torch 2.14's dynamo exporter writes it: the mean over the
+    spatial axes, flattened batch included, then a Gather of every element by indices
+    computed from Range(0, batch size, 1) (its as_strided of the tensor's own strides).
+    Without its optimizer (``folded=False``) Range's bounds are Constant nodes."""
+    channels = base.shape[1]
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Reshape", ["mean", "minus_one"], ["flat"]),
+        helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+        helper.make_node("Squeeze", ["s"], ["n"]),
+    ]
+    constants = {"axes": i64(2, 3), "minus_one": i64(-1), "stride": np.int64(channels)}
+    if folded:
+        constants |= {"zero": np.int64(0), "one": np.int64(1)}
+    else:
+        for name, v in (("zero", 0), ("one", 1)):
+            tensor = numpy_helper.from_array(np.int64(v))
+            nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+    nodes += [
+        helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+        helper.make_node("Mul", ["r", "stride"], ["rs"]),
+        helper.make_node("Unsqueeze", ["rs", "unsqueeze_axes"], ["ru"]),
+        helper.make_node("Add", ["ru", "base"], ["i1"]),
+        helper.make_node("Add", ["i1", "zeros"], ["i2"]),
+        helper.make_node("Gather", ["flat", "i2"], ["y"], axis=0, name="gather"),
+    ]
+    constants |= {
+        "unsqueeze_axes": i64(1, 2, 3),
+        "base": base,
+        "zeros": np.zeros((1, 1, 1, 1), np.int64),
+    }
+    return nodes, constants
+
+
+@BATCHES
+@pytest.mark.parametrize("folded", [True, False], ids=["optimized", "unoptimized"])
+def test_dynamos_as_strided_of_the_tensors_own_strides_is_the_tensor(tmp_path, batch, folded):
+    nodes, constants = _as_strided(np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1), folded)
+    ours = agrees(tmp_path, model_of(nodes, (6, 5, 4), constants, opset=20), batch)
+    assert ops(ours) == ["gap"]
+
+
+def test_an_as_strided_that_reorders_elements_is_refused(tmp_path):
+    nodes, constants = _as_strided(np.arange(6, dtype=np.int64)[::-1].reshape(1, 6, 1, 1))
+    err = refused(tmp_path, model_of(nodes, (6, 5, 4), constants, opset=20))
+    assert "node gather (Gather)" in err.render()
+    assert "picks elements of %mean (f32[N,6,1,1]) flattened to one axis in another" in err.message
+
+
+def test_a_tensor_flattened_with_its_batch_is_refused_where_it_is_used(tmp_path):
+    nodes = [
+        helper.make_node("Reshape", ["x", "minus_one"], ["flat"]),
+        helper.make_node("Relu", ["flat"], ["y"], name="relu"),
+    ]
+    err = refused(tmp_path, model_of(nodes, (6, 5), {"minus_one": i64(-1)}, output_rank=1))
+    assert "node relu (Relu)" in err.render()
+    assert "input 'flat' is %x flattened to one axis, batch included" in err.message
+
+
+@BATCHES
+def test_dynamos_unoptimized_conv_bias_and_view_of_the_batch_size_import(tmp_path, batch):
+    """Without its optimizer the dynamo exporter writes a conv without bias as one with a
+    zero bias, Expand(CastLike(0, input), Shape(weight)[:1]), and x.view(x.size(0), -1) as a
+    Reshape to Concat(Reshape(Squeeze(Shape(x)[:1]), [-1]), [-1]) with allowzero=1."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    zero = numpy_helper.from_array(np.array(0.0, np.float32))
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+        helper.make_node("Squeeze", ["s"], ["n"]),
+        helper.make_node("Shape", ["w"], ["ws"], start=0, end=1),
+        helper.make_node("Constant", [], ["one"], value_ints=[1]),
+        helper.make_node("Expand", ["ws", "one"], ["bias_shape"]),
+        helper.make_node("Constant", [], ["zero"], value=zero),
+        helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
+        helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
+        helper.make_node("Conv", ["x", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["n", "minus_one"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus_one"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["c", "shape"], ["y"], allowzero=1),
+    ]
+    constants = {"w": w, "minus_one": i64(-1)}
+    ours = agrees(tmp_path, model_of(nodes, (3, 5, 4), constants, opset=20, output_rank=2), batch)
+    assert ops(ours) == ["conv", "flatten"]

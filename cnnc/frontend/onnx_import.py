@@ -42,6 +42,11 @@ class Importer:
         self.shapes: dict[str, np.ndarray] = {}
         # Slices that crop some spatial axes to a value's size: (ref, {axis: offset}).
         self.crops: dict[Value, tuple[Value, dict[int, int]]] = {}
+        # Index tensors running over the batch (Range(0, N, 1) and what follows it), and
+        # values flattened to one axis batch included: read only by a Gather that gives the
+        # flattened value back (dynamo's as_strided).
+        self.indices: dict[str, onnx_shapes.Indices] = {}
+        self.flat: dict[str, Value] = {}
         self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
         self.consumers: dict[str, int] = {}  # how many nodes read each ONNX name
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -68,6 +73,19 @@ class Importer:
                 f"input {name!r} is a shape computed from {dims[0].describe()}, which is known "
                 "only at run time; cnnc reads computed shapes as sizes only (Reshape, Slice, "
                 "Split, Pad)",
+            )
+        if name in self.flat:
+            raise self.fail(
+                node,
+                f"input {name!r} is %{self.flat[name].name} flattened to one axis, batch "
+                "included; cnnc reads such a tensor only through a Gather that gives it back "
+                "in its own shape (the dynamo exporter's as_strided)",
+            )
+        if name in self.indices:
+            raise self.fail(
+                node,
+                f"input {name!r} holds indices that run over the batch (from Range); cnnc "
+                "reads them only as a Gather's indices into a flattened tensor",
             )
         raise self.fail(node, f"input {name!r} is not defined before this node")
 
@@ -1235,6 +1253,23 @@ def _dropout(imp: Importer, node, attrs) -> None:
     imp.add(node, "dropout", [imp.value(node, node.input[0])], {"ratio": float(ratio)})
 
 
+@importer("CastLike")
+def _cast_like(imp: Importer, node, attrs) -> None:
+    """CastLike(constant, x): the constant in x's type, a constant (the dynamo exporter
+    writes a convolution's zero bias as Expand(CastLike(0, input), ...)). A tensor cast to
+    its own type is itself."""
+    source, target = node.input[0], node.input[1]
+    shape = target in imp.shapes
+    dtype = np.dtype(np.int64) if shape else imp.value(node, target).type.numpy_dtype
+    if source in imp.constants:
+        imp.constants[node.output[0]] = np.asarray(imp.constants[source]).astype(dtype)
+        return
+    x = imp.value(node, source)
+    if x.type.numpy_dtype != dtype:
+        raise imp.fail(node, f"CastLike of {x.type} to {dtype} is not supported")
+    imp.alias(node, x)
+
+
 @importer("Identity")
 def _identity(imp: Importer, node, attrs) -> None:
     imp.alias(node, imp.value(node, node.input[0]))
@@ -1276,6 +1311,13 @@ def _reshape(imp: Importer, node, attrs) -> None:
         raise imp.fail(node, "Reshape with more than one -1 is not valid ONNX")
     if any(isinstance(d, int) and d < -1 for d in shape):
         raise imp.fail(node, f"Reshape to {target} has a negative size other than -1")
+    whole = shape[0] == -1 or (
+        all(isinstance(d, int) for d in dims) and shape[0] == math.prod(dims)
+    )
+    if len(shape) == 1 and len(dims) > 1 and x.type.numel_per_item() != 1 and whole:
+        # A flat view of everything, batch included: only an identity Gather may read it.
+        imp.flat[node.output[0]] = x
+        return
     if -1 in shape:
         # Exact integers: int64 products of a hostile shape would overflow.
         batch = dims[0]
@@ -1292,6 +1334,36 @@ def _reshape(imp: Importer, node, attrs) -> None:
             known = math.prod(d for d in shape if d != -1) or 1
             shape = [total // known if d == -1 else d for d in shape]
     _reshape_to(imp, node, x, tuple(shape))
+
+
+@importer("Gather")
+def _gather(imp: Importer, node, attrs) -> None:
+    """A Gather from a tensor flattened to one axis (batch included) whose indices give the
+    tensor back in its own shape, element for element: how the dynamo exporter writes
+    as_strided when the strides are the tensor's own (ConvNeXt's stochastic depth)."""
+    data, index = node.input[0], node.input[1]
+    if data not in imp.flat:
+        raise imp.fail(
+            node,
+            "Gather of a tensor is not supported: cnnc reads Gather on shapes and constants, "
+            "and a Gather that gives back a flattened tensor as it was (as_strided)",
+        )
+    x = imp.flat[data]
+    indices = imp.indices.get(index)
+    if indices is None and index in imp.constants:
+        indices = np.asarray(imp.constants[index])
+    if (
+        attrs.get("axis", 0) != 0
+        or indices is None
+        or not onnx_shapes.is_identity_gather(x, indices)
+    ):
+        raise imp.fail(
+            node,
+            f"this Gather picks elements of %{x.name} ({x.type}) flattened to one axis in "
+            "another order or shape; cnnc reads it only when it gives the tensor back as it "
+            "was (as_strided with the tensor's own sizes and strides)",
+        )
+    imp.alias(node, x)
 
 
 @importer("Flatten")
@@ -1823,6 +1895,10 @@ def _import_node(imp: Importer, node: onnx.NodeProto) -> None:
     fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if node.op_type == "Constant" and fn is not None:
         fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        return
+    if node.domain in ("", "ai.onnx") and onnx_shapes.reads_indices(imp, node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        onnx_shapes.compute_indices(imp, node, attrs)
         return
     if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
