@@ -645,3 +645,53 @@ def test_dynamos_unoptimized_conv_bias_and_view_of_the_batch_size_import(tmp_pat
     constants = {"w": w, "minus_one": i64(-1)}
     ours = agrees(tmp_path, model_of(nodes, (3, 5, 4), constants, opset=20, output_rank=2), batch)
     assert ops(ours) == ["conv", "flatten"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1, 1), (-1,)], ids=["ones", "own", "batch"])
+def test_an_expand_that_keeps_the_shape_is_the_tensor(tmp_path, shape):
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["y"])]
+    if shape == (-1,):  # the input's own shape, batch size included
+        nodes.insert(0, helper.make_node("Shape", ["x"], ["shape"]))
+        constants = {}
+    else:
+        constants = {"shape": i64(*shape)}
+    nodes.append(helper.make_node("Relu", ["y"], ["z"]))
+    ours = agrees(tmp_path, model_of(nodes, (4, 3, 3), constants), 2)
+    assert ops(ours) == ["relu"]
+
+
+def test_an_expand_that_repeats_elements_is_refused(tmp_path):
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["y"], name="e")]
+    err = refused(tmp_path, model_of(nodes, (4, 1, 3), {"shape": i64(4, 5, 3)}))
+    assert "node e (Expand)" in err.render()
+    assert "Expand of f32[N,4,1,3] to [4, 5, 3] repeats elements" in err.message
+
+
+def test_a_sparse_constant_and_a_reduction_with_no_axes_as_the_identity_import(tmp_path):
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([2.0, -1.0], np.float32), "v"),
+        numpy_helper.from_array(i64(0, 2), "i"),
+        [3, 1, 1],
+    )
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], noop_with_empty_axes=1),
+        helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+        helper.make_node("Mul", ["m", "c"], ["y"]),
+    ]
+    ours = agrees(tmp_path, model_of(nodes, (3, 2, 2), opset=18), 2, reference=False)
+    assert ops(ours) == ["scale"]
+    assert ours.graph.nodes[0].inputs[1].data.reshape(-1).tolist() == [2.0, 0.0, -1.0]
+
+
+def test_folded_constants_count_against_the_limit_on_constants(tmp_path):
+    fill = numpy_helper.from_array(np.array([1.0], np.float32))
+    nodes = [
+        helper.make_node("ConstantOfShape", ["size"], ["ones"], value=fill, name="big"),
+        helper.make_node("Add", ["x", "ones"], ["y"]),
+    ]
+    onnx.save(model_of(nodes, (4, 16, 16), {"size": i64(4, 16, 16)}), tmp_path / "m.onnx")
+    with pytest.raises(ModelFileError) as info:
+        cnnc.load(tmp_path / "m.onnx", limits={"param_bytes": 4000})
+    assert "node big (ConstantOfShape)" in info.value.render()
+    assert "the model's constants take 4,120 bytes" in info.value.message
+    assert "(param_bytes)" in info.value.message

@@ -49,6 +49,7 @@ class Importer:
         self.flat: dict[str, Value] = {}
         self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
         self.consumers: dict[str, int] = {}  # how many nodes read each ONNX name
+        self.constant_bytes = 0  # initializers' and folded constants' bytes (param_bytes)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def fail(
@@ -467,6 +468,9 @@ def _reduce(imp: Importer, node, attrs) -> None:
     axes = attrs.get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = imp.constant(node, node.input[1]).reshape(-1).tolist()
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        imp.alias(node, x)  # opset 18: no axes and noop_with_empty_axes=1 is the identity
+        return
     rank = x.type.rank
     spatial = sorted(a + rank if a < 0 else a for a in (axes or range(rank)))
     op = "gap" if node.op_type == "ReduceMean" else "global_maxpool"
@@ -1043,9 +1047,40 @@ def _constant(imp: Importer, node, attrs) -> None:
         "value_ints": lambda v: np.array(v, dtype=np.int64),
     }
     ((kind, value),) = attrs.items()
+    if kind == "sparse_value":
+        imp.constants[node.output[0]] = _dense(imp, node, value)
+        return
     if kind not in kinds:
-        raise imp.fail(node, f"a Constant given by {kind} is not supported")
+        raise imp.fail(
+            node,
+            f"a Constant given by {kind} is not supported: cnnc computes with numbers only",
+        )
     imp.constants[node.output[0]] = kinds[kind](value)
+
+
+def _dense(imp: Importer, node, sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse tensor written out: zeros but at its indices (flat, or one row per element),
+    within the limit on constants' bytes."""
+    values = numpy_helper.to_array(sparse.values)
+    dims = [int(d) for d in sparse.dims]
+    if any(d < 0 for d in dims):
+        raise imp.fail(node, f"a sparse Constant with negative dimensions {dims}")
+    size = math.prod(dims) * values.dtype.itemsize
+    if size > FOLD_LIMIT_BYTES:
+        raise imp.fail(
+            node,
+            f"this sparse Constant is a tensor of shape {dims} ({size:,} bytes) written out; "
+            f"cnnc makes constants of at most {FOLD_LIMIT_BYTES:,} bytes",
+        )
+    imp.constant_bytes += size
+    _check_constant_bytes(imp, node, imp.constant_bytes, dims)
+    dense = np.zeros(dims, values.dtype)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    if indices.ndim == 2:  # [count, rank]: one row of coordinates per value
+        dense[tuple(indices.T)] = values
+    else:
+        dense.reshape(-1)[indices] = values
+    return dense
 
 
 @importer("Softmax")
@@ -1253,6 +1288,29 @@ def _dropout(imp: Importer, node, attrs) -> None:
     imp.add(node, "dropout", [imp.value(node, node.input[0])], {"ratio": float(ratio)})
 
 
+@importer("Expand")
+def _expand(imp: Importer, node, attrs) -> None:
+    """An Expand that leaves a tensor's shape as it is (a shape of ones, or the tensor's own
+    sizes, its batch size included) is the tensor; one that repeats elements is refused."""
+    x = imp.value(node, node.input[0])
+    target = imp.sizes(node, node.input[1])
+    dims = x.type.shape
+    start = len(dims) - len(target)  # the axis of x that target[0] lines up with
+    same = start >= 0 and all(
+        (isinstance(d, Dim) and d.is_batch and start + i == 0)
+        or (not isinstance(d, Dim) and d in (1, dims[start + i]))
+        for i, d in enumerate(target)
+    )
+    if not same:
+        shown = [d.describe() if isinstance(d, Dim) else d for d in target]
+        raise imp.fail(
+            node,
+            f"Expand of {x.type} to {shown} repeats elements: cnnc broadcasts only inside "
+            "elementwise ops",
+        )
+    imp.alias(node, x)
+
+
 @importer("CastLike")
 def _cast_like(imp: Importer, node, attrs) -> None:
     """CastLike(constant, x): the constant in x's type, a constant (the dynamo exporter
@@ -1385,6 +1443,9 @@ def _squeeze(imp: Importer, node, attrs) -> None:
     axes = attrs.get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = imp.constant(node, node.input[1]).reshape(-1).tolist()
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        imp.alias(node, x)  # opset 18: no axes and noop_with_empty_axes=1 is the identity
+        return
     rank = x.type.rank
     dims = list(x.type.shape)
     if node.op_type == "Unsqueeze":
@@ -1850,6 +1911,21 @@ def _check_fold_size(
                 f"this constant node would make a tensor of shape {dims} ({size:,} bytes) at "
                 f"import; cnnc folds constants of at most {FOLD_LIMIT_BYTES:,} bytes",
             )
+        _check_constant_bytes(imp, node, imp.constant_bytes + size, dims)
+
+
+def _check_constant_bytes(imp: Importer, node: onnx.NodeProto, total: int, dims) -> None:
+    """Refuse a folded constant that brings the model's constants (initializers and folded
+    nodes together) past the limit param_bytes."""
+    if total > limits.current().param_bytes:
+        raise limits.exceeded(
+            ModelFileError,
+            "param_bytes",
+            f"with the constant {list(dims)} this node computes, the model's constants take",
+            total,
+            imp.fail(node, "").where,
+            unit="bytes",
+        )
 
 
 def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | None = None) -> None:
@@ -1872,7 +1948,9 @@ def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | Non
     except Exception as e:  # whatever the reference raises, the node cannot be computed
         raise imp.fail(node, f"cannot compute this constant node: {e}") from None
     for name, value in zip([o for o in node.output if o], results, strict=True):
-        imp.constants[name] = np.asarray(value)
+        imp.constants[name] = array = np.asarray(value)
+        imp.constant_bytes += array.nbytes
+        _check_constant_bytes(imp, node, imp.constant_bytes, array.shape)
 
 
 def _noting_origins(graph: Graph, nodes: list[onnx.NodeProto], origins: dict[str, onnx.NodeProto]):
@@ -1945,6 +2023,7 @@ def _check_initializer_sizes(imp: Importer, g: onnx.GraphProto) -> None:
                 + ": no array can have them (sizes are at most 2**63-1 bytes)",
             )
         total += nbytes
+        imp.constant_bytes = total
         if total > limits.current().param_bytes:
             raise limits.exceeded(
                 ModelFileError,
