@@ -12,6 +12,7 @@ outputs compared with torch's for batch 1 and 2 (the exports have a dynamic batc
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -50,8 +51,11 @@ MODELS = CLASSIC + MODERN + SEGMENTERS + [SMALL]
 VARIANTS = ["ts-fold", "ts-nofold", "dynamo", "dynamo-noopt"]
 
 
+SIZE = 224  # the torchvision models' input size (the small CNN takes 32x32 images)
+
+
 def size(name: str) -> int:
-    return 32 if name == SMALL else 224
+    return 32 if name == SMALL else SIZE
 
 
 class SmallBnCnn(torch.nn.Module):
@@ -148,9 +152,16 @@ def export(model: torch.nn.Module, x: np.ndarray, path: Path, variant: str) -> N
             "do_constant_folding": variant == "ts-fold",
             "dynamic_axes": {"input": {0: "N"}, "output": {0: "N"}},
         }
+    # Written in a folder of its own and moved when finished (with the external data file
+    # the dynamo exporter writes next to it), so that a cut-off export is never reused.
+    partial = path.parent / "partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.from_numpy(x),), str(path), **kwargs)
+        torch.onnx.export(model, (torch.from_numpy(x),), str(partial / path.name), **kwargs)
+    for f in partial.iterdir():
+        f.rename(path.parent / f.name)
 
 
 def survey(names: list[str], variants: list[str], directory: Path) -> None:
