@@ -695,3 +695,27 @@ def test_folded_constants_count_against_the_limit_on_constants(tmp_path):
     assert "node big (ConstantOfShape)" in info.value.render()
     assert "the model's constants take 4,120 bytes" in info.value.message
     assert "(param_bytes)" in info.value.message
+
+
+@pytest.mark.parametrize("split", [np.int64(2), i64(2, 2)], ids=["chunk", "sizes"])
+def test_split_to_sequence_and_sequence_at_import_as_a_split(tmp_path, split):
+    """torch.chunk as the dynamo exporter writes it without its optimizer (ShuffleNet v2)."""
+    nodes = [
+        helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=1, keepdims=1),
+        helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.int64(1))),
+        helper.make_node("SequenceAt", ["seq", "one"], ["b"]),
+        helper.make_node("SequenceAt", ["seq", "zero"], ["a"]),
+        helper.make_node("Sub", ["a", "b"], ["y"]),
+    ]
+    ours = agrees(tmp_path, model_of(nodes, (4, 3, 3), {"split": split, "zero": np.int64(0)}), 2)
+    assert ops(ours) == ["split", "sub"]
+
+
+def test_a_sequence_used_as_a_tensor_is_refused(tmp_path):
+    nodes = [
+        helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=1),
+        helper.make_node("Relu", ["seq"], ["y"], name="relu"),
+    ]
+    err = refused(tmp_path, model_of(nodes, (4, 3, 3), {"split": np.int64(2)}))
+    assert "node relu (Relu)" in err.render()
+    assert "input 'seq' is a sequence of tensors (SplitToSequence)" in err.message

@@ -47,6 +47,7 @@ class Importer:
         # flattened value back (dynamo's as_strided).
         self.indices: dict[str, onnx_shapes.Indices] = {}
         self.flat: dict[str, Value] = {}
+        self.sequences: dict[str, list[Value]] = {}  # SplitToSequence's parts
         self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
         self.consumers: dict[str, int] = {}  # how many nodes read each ONNX name
         self.constant_bytes = 0  # initializers' and folded constants' bytes (param_bytes)
@@ -81,6 +82,12 @@ class Importer:
                 f"input {name!r} is %{self.flat[name].name} flattened to one axis, batch "
                 "included; cnnc reads such a tensor only through a Gather that gives it back "
                 "in its own shape (the dynamo exporter's as_strided)",
+            )
+        if name in self.sequences:
+            raise self.fail(
+                node,
+                f"input {name!r} is a sequence of tensors (SplitToSequence); cnnc reads its "
+                "elements only through SequenceAt at constant positions",
             )
         if name in self.indices:
             raise self.fail(
@@ -1554,6 +1561,57 @@ def _split(imp: Importer, node, attrs) -> None:
             "least one channel per output",
         )
     imp.add(node, "split", [x], {"sizes": tuple(sizes)}, outputs=parts)
+
+
+@importer("SplitToSequence")
+def _split_to_sequence(imp: Importer, node, attrs) -> None:
+    """A split of the channels into a sequence by constant sizes (the dynamo exporter's
+    torch.chunk without its optimizer): a split whose parts SequenceAt picks."""
+    x = imp.value(node, node.input[0])
+    rank, axis = x.type.rank, attrs.get("axis", 0)
+    if rank < 2 or axis not in (1, 1 - rank) or not _optional(node, 1):
+        raise imp.fail(
+            node,
+            f"SplitToSequence of {x.type} along axis {axis}"
+            + ("" if _optional(node, 1) else " without sizes")
+            + " is not supported: cnnc splits the channels (axis 1) by given sizes",
+        )
+    split = imp.constant(node, node.input[1])
+    channels = x.type.shape[1]
+    if split.ndim == 0:  # parts of that size, the last one smaller
+        size = int(split)
+        if size < 1:
+            raise imp.fail(node, f"SplitToSequence into parts of {size} channels")
+        sizes = [min(size, channels - i) for i in range(0, channels, size)]
+    else:
+        sizes = [int(v) for v in split.reshape(-1)]
+    if sum(sizes) != channels or min(sizes, default=0) < 1:
+        raise imp.fail(
+            node, f"SplitToSequence of {channels} channels into sizes {sizes}: not a split"
+        )
+    base = node.name or node.output[0]
+    ir = imp.graph.add_node(
+        "split",
+        [x],
+        {"sizes": tuple(sizes)},
+        name=imp.graph.unique_name(base),
+        output_names=[imp.graph.unique_name(f"{node.output[0]}.{i}") for i in range(len(sizes))],
+    )
+    imp.sequences[node.output[0]] = list(ir.outputs)
+
+
+@importer("SequenceAt")
+def _sequence_at(imp: Importer, node, attrs) -> None:
+    if node.input[0] not in imp.sequences:
+        raise imp.fail(node, "SequenceAt of a sequence cnnc did not make with SplitToSequence")
+    parts = imp.sequences[node.input[0]]
+    position = imp.constant(node, node.input[1])
+    if position.size != 1:
+        raise imp.fail(node, f"SequenceAt position of shape {list(position.shape)}: not one")
+    position = int(position.reshape(-1)[0])
+    if not -len(parts) <= position < len(parts):
+        raise imp.fail(node, f"SequenceAt position {position} of a sequence of {len(parts)}")
+    imp.alias(node, parts[position])
 
 
 # What "to the end" is as a Slice bound: larger than any size.
