@@ -604,6 +604,15 @@ def test_dynamos_as_strided_of_the_tensors_own_strides_is_the_tensor(tmp_path, b
     assert ops(ours) == ["gap"]
 
 
+def test_an_as_strided_of_a_fixed_batch_is_the_tensor(tmp_path):
+    """With a fixed batch size, Range's indices are constants folded at import."""
+    nodes, constants = _as_strided(np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1))
+    model = model_of(nodes, (6, 5, 4), constants, opset=20)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    ours = agrees(tmp_path, model, 2)
+    assert ops(ours) == ["gap"]
+
+
 def test_an_as_strided_that_reorders_elements_is_refused(tmp_path):
     nodes, constants = _as_strided(np.arange(6, dtype=np.int64)[::-1].reshape(1, 6, 1, 1))
     err = refused(tmp_path, model_of(nodes, (6, 5, 4), constants, opset=20))
