@@ -203,7 +203,9 @@ def test_an_unsupported_op_names_the_op_the_node_and_the_supported_ops(tmp_path)
     assert proc.returncode == 1
     first, hint = proc.stderr.splitlines()[:2]
     assert first == f"{tmp_path / 'm.onnx'}: node erf1 (Erf): error: op Erf is not supported"
-    assert hint.startswith("hint: supported ops: Add, AveragePool, BatchNormalization, Clip,")
+    assert hint.startswith(
+        "hint: supported ops: Add, AveragePool, BatchNormalization, CastLike, Clip,"
+    )
     assert "Traceback" not in proc.stderr
 
 

@@ -556,3 +556,175 @@ def test_cnncs_drop_path_function_imports_as_drop_path(tmp_path):
         {"p": pytest.approx(0.3)},
     )
     assert cnnc.load(tmp_path / "m.onnx", opt_level=1).graph.nodes[-1].op == "conv"
+
+
+# ---- what PyTorch's dynamo exporter writes ------------------------------------------------------
+
+
+def _as_strided(base: np.ndarray, folded: bool = True) -> tuple[list[onnx.NodeProto], dict]:
+    """ConvNeXt's pooling as torch 2.14's dynamo exporter writes it: the mean over the
+    spatial axes, flattened batch included, then a Gather of every element by indices
+    computed from Range(0, batch size, 1) (its as_strided of the tensor's own strides).
+    Without its optimizer (``folded=False``) Range's bounds are Constant nodes."""
+    channels = base.shape[1]
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Reshape", ["mean", "minus_one"], ["flat"]),
+        helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+        helper.make_node("Squeeze", ["s"], ["n"]),
+    ]
+    constants = {"axes": i64(2, 3), "minus_one": i64(-1), "stride": np.int64(channels)}
+    if folded:
+        constants |= {"zero": np.int64(0), "one": np.int64(1)}
+    else:
+        for name, v in (("zero", 0), ("one", 1)):
+            tensor = numpy_helper.from_array(np.int64(v))
+            nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+    nodes += [
+        helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+        helper.make_node("Mul", ["r", "stride"], ["rs"]),
+        helper.make_node("Unsqueeze", ["rs", "unsqueeze_axes"], ["ru"]),
+        helper.make_node("Add", ["ru", "base"], ["i1"]),
+        helper.make_node("Add", ["i1", "zeros"], ["i2"]),
+        helper.make_node("Gather", ["flat", "i2"], ["y"], axis=0, name="gather"),
+    ]
+    constants |= {
+        "unsqueeze_axes": i64(1, 2, 3),
+        "base": base,
+        "zeros": np.zeros((1, 1, 1, 1), np.int64),
+    }
+    return nodes, constants
+
+
+@BATCHES
+@pytest.mark.parametrize("folded", [True, False], ids=["optimized", "unoptimized"])
+def test_dynamos_as_strided_of_the_tensors_own_strides_is_the_tensor(tmp_path, batch, folded):
+    nodes, constants = _as_strided(np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1), folded)
+    ours = agrees(tmp_path, model_of(nodes, (6, 5, 4), constants, opset=20), batch)
+    assert ops(ours) == ["gap"]
+
+
+def test_an_as_strided_of_a_fixed_batch_is_the_tensor(tmp_path):
+    """With a fixed batch size, Range's indices are constants folded at import."""
+    nodes, constants = _as_strided(np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1))
+    model = model_of(nodes, (6, 5, 4), constants, opset=20)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    ours = agrees(tmp_path, model, 2)
+    assert ops(ours) == ["gap"]
+
+
+def test_an_as_strided_that_reorders_elements_is_refused(tmp_path):
+    nodes, constants = _as_strided(np.arange(6, dtype=np.int64)[::-1].reshape(1, 6, 1, 1))
+    err = refused(tmp_path, model_of(nodes, (6, 5, 4), constants, opset=20))
+    assert "node gather (Gather)" in err.render()
+    assert "picks elements of %mean (f32[N,6,1,1]) flattened to one axis in another" in err.message
+
+
+def test_a_tensor_flattened_with_its_batch_is_refused_where_it_is_used(tmp_path):
+    nodes = [
+        helper.make_node("Reshape", ["x", "minus_one"], ["flat"]),
+        helper.make_node("Relu", ["flat"], ["y"], name="relu"),
+    ]
+    err = refused(tmp_path, model_of(nodes, (6, 5), {"minus_one": i64(-1)}, output_rank=1))
+    assert "node relu (Relu)" in err.render()
+    assert "input 'flat' is %x flattened to one axis, batch included" in err.message
+
+
+@BATCHES
+def test_dynamos_unoptimized_conv_bias_and_view_of_the_batch_size_import(tmp_path, batch):
+    """Without its optimizer the dynamo exporter writes a conv without bias as one with a
+    zero bias, Expand(CastLike(0, input), Shape(weight)[:1]), and x.view(x.size(0), -1) as a
+    Reshape to Concat(Reshape(Squeeze(Shape(x)[:1]), [-1]), [-1]) with allowzero=1."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    zero = numpy_helper.from_array(np.array(0.0, np.float32))
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+        helper.make_node("Squeeze", ["s"], ["n"]),
+        helper.make_node("Shape", ["w"], ["ws"], start=0, end=1),
+        helper.make_node("Constant", [], ["one"], value_ints=[1]),
+        helper.make_node("Expand", ["ws", "one"], ["bias_shape"]),
+        helper.make_node("Constant", [], ["zero"], value=zero),
+        helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
+        helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
+        helper.make_node("Conv", ["x", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["n", "minus_one"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus_one"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["c", "shape"], ["y"], allowzero=1),
+    ]
+    constants = {"w": w, "minus_one": i64(-1)}
+    ours = agrees(tmp_path, model_of(nodes, (3, 5, 4), constants, opset=20, output_rank=2), batch)
+    assert ops(ours) == ["conv", "flatten"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1, 1), (-1,)], ids=["ones", "own", "batch"])
+def test_an_expand_that_keeps_the_shape_is_the_tensor(tmp_path, shape):
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["y"])]
+    if shape == (-1,):  # the input's own shape, batch size included
+        nodes.insert(0, helper.make_node("Shape", ["x"], ["shape"]))
+        constants = {}
+    else:
+        constants = {"shape": i64(*shape)}
+    nodes.append(helper.make_node("Relu", ["y"], ["z"]))
+    ours = agrees(tmp_path, model_of(nodes, (4, 3, 3), constants), 2)
+    assert ops(ours) == ["relu"]
+
+
+def test_an_expand_that_repeats_elements_is_refused(tmp_path):
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["y"], name="e")]
+    err = refused(tmp_path, model_of(nodes, (4, 1, 3), {"shape": i64(4, 5, 3)}))
+    assert "node e (Expand)" in err.render()
+    assert "Expand of f32[N,4,1,3] to [4, 5, 3] repeats elements" in err.message
+
+
+def test_a_sparse_constant_and_a_reduction_with_no_axes_as_the_identity_import(tmp_path):
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([2.0, -1.0], np.float32), "v"),
+        numpy_helper.from_array(i64(0, 2), "i"),
+        [3, 1, 1],
+    )
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], noop_with_empty_axes=1),
+        helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+        helper.make_node("Mul", ["m", "c"], ["y"]),
+    ]
+    ours = agrees(tmp_path, model_of(nodes, (3, 2, 2), opset=18), 2, reference=False)
+    assert ops(ours) == ["scale"]
+    assert ours.graph.nodes[0].inputs[1].data.reshape(-1).tolist() == [2.0, 0.0, -1.0]
+
+
+def test_folded_constants_count_against_the_limit_on_constants(tmp_path):
+    fill = numpy_helper.from_array(np.array([1.0], np.float32))
+    nodes = [
+        helper.make_node("ConstantOfShape", ["size"], ["ones"], value=fill, name="big"),
+        helper.make_node("Add", ["x", "ones"], ["y"]),
+    ]
+    onnx.save(model_of(nodes, (4, 16, 16), {"size": i64(4, 16, 16)}), tmp_path / "m.onnx")
+    with pytest.raises(ModelFileError) as info:
+        cnnc.load(tmp_path / "m.onnx", limits={"param_bytes": 4000})
+    assert "node big (ConstantOfShape)" in info.value.render()
+    assert "the model's constants take 4,120 bytes" in info.value.message
+    assert "(param_bytes)" in info.value.message
+
+
+@pytest.mark.parametrize("split", [np.int64(2), i64(2, 2)], ids=["chunk", "sizes"])
+def test_split_to_sequence_and_sequence_at_import_as_a_split(tmp_path, split):
+    """torch.chunk as the dynamo exporter writes it without its optimizer (ShuffleNet v2)."""
+    nodes = [
+        helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=1, keepdims=1),
+        helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.int64(1))),
+        helper.make_node("SequenceAt", ["seq", "one"], ["b"]),
+        helper.make_node("SequenceAt", ["seq", "zero"], ["a"]),
+        helper.make_node("Sub", ["a", "b"], ["y"]),
+    ]
+    ours = agrees(tmp_path, model_of(nodes, (4, 3, 3), {"split": split, "zero": np.int64(0)}), 2)
+    assert ops(ours) == ["split", "sub"]
+
+
+def test_a_sequence_used_as_a_tensor_is_refused(tmp_path):
+    nodes = [
+        helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=1),
+        helper.make_node("Relu", ["seq"], ["y"], name="relu"),
+    ]
+    err = refused(tmp_path, model_of(nodes, (4, 3, 3), {"split": np.int64(2)}))
+    assert "node relu (Relu)" in err.render()
+    assert "input 'seq' is a sequence of tensors (SplitToSequence)" in err.message

@@ -42,8 +42,15 @@ class Importer:
         self.shapes: dict[str, np.ndarray] = {}
         # Slices that crop some spatial axes to a value's size: (ref, {axis: offset}).
         self.crops: dict[Value, tuple[Value, dict[int, int]]] = {}
+        # Index tensors running over the batch (Range(0, N, 1) and what follows it), and
+        # values flattened to one axis batch included: read only by a Gather that gives the
+        # flattened value back (dynamo's as_strided).
+        self.indices: dict[str, onnx_shapes.Indices] = {}
+        self.flat: dict[str, Value] = {}
+        self.sequences: dict[str, list[Value]] = {}  # SplitToSequence's parts
         self.min_input: tuple[int, ...] = ()  # declared sizes of a fully convolutional model
         self.consumers: dict[str, int] = {}  # how many nodes read each ONNX name
+        self.constant_bytes = 0  # initializers' and folded constants' bytes (param_bytes)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def fail(
@@ -68,6 +75,25 @@ class Importer:
                 f"input {name!r} is a shape computed from {dims[0].describe()}, which is known "
                 "only at run time; cnnc reads computed shapes as sizes only (Reshape, Slice, "
                 "Split, Pad)",
+            )
+        if name in self.flat:
+            raise self.fail(
+                node,
+                f"input {name!r} is %{self.flat[name].name} flattened to one axis, batch "
+                "included; cnnc reads such a tensor only through a Gather that gives it back "
+                "in its own shape (the dynamo exporter's as_strided)",
+            )
+        if name in self.sequences:
+            raise self.fail(
+                node,
+                f"input {name!r} is a sequence of tensors (SplitToSequence); cnnc reads its "
+                "elements only through SequenceAt at constant positions",
+            )
+        if name in self.indices:
+            raise self.fail(
+                node,
+                f"input {name!r} holds indices that run over the batch (from Range); cnnc "
+                "reads them only as a Gather's indices into a flattened tensor",
             )
         raise self.fail(node, f"input {name!r} is not defined before this node")
 
@@ -449,6 +475,9 @@ def _reduce(imp: Importer, node, attrs) -> None:
     axes = attrs.get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = imp.constant(node, node.input[1]).reshape(-1).tolist()
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        imp.alias(node, x)  # opset 18: no axes and noop_with_empty_axes=1 is the identity
+        return
     rank = x.type.rank
     spatial = sorted(a + rank if a < 0 else a for a in (axes or range(rank)))
     op = "gap" if node.op_type == "ReduceMean" else "global_maxpool"
@@ -1025,9 +1054,40 @@ def _constant(imp: Importer, node, attrs) -> None:
         "value_ints": lambda v: np.array(v, dtype=np.int64),
     }
     ((kind, value),) = attrs.items()
+    if kind == "sparse_value":
+        imp.constants[node.output[0]] = _dense(imp, node, value)
+        return
     if kind not in kinds:
-        raise imp.fail(node, f"a Constant given by {kind} is not supported")
+        raise imp.fail(
+            node,
+            f"a Constant given by {kind} is not supported: cnnc computes with numbers only",
+        )
     imp.constants[node.output[0]] = kinds[kind](value)
+
+
+def _dense(imp: Importer, node, sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse tensor written out: zeros but at its indices (flat, or one row per element),
+    within the limit on constants' bytes."""
+    values = numpy_helper.to_array(sparse.values)
+    dims = [int(d) for d in sparse.dims]
+    if any(d < 0 for d in dims):
+        raise imp.fail(node, f"a sparse Constant with negative dimensions {dims}")
+    size = math.prod(dims) * values.dtype.itemsize
+    if size > FOLD_LIMIT_BYTES:
+        raise imp.fail(
+            node,
+            f"this sparse Constant is a tensor of shape {dims} ({size:,} bytes) written out; "
+            f"cnnc makes constants of at most {FOLD_LIMIT_BYTES:,} bytes",
+        )
+    imp.constant_bytes += size
+    _check_constant_bytes(imp, node, imp.constant_bytes, dims)
+    dense = np.zeros(dims, values.dtype)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    if indices.ndim == 2:  # [count, rank]: one row of coordinates per value
+        dense[tuple(indices.T)] = values
+    else:
+        dense.reshape(-1)[indices] = values
+    return dense
 
 
 @importer("Softmax")
@@ -1247,6 +1307,46 @@ def _dropout(imp: Importer, node, attrs) -> None:
     imp.add(node, "dropout", [imp.value(node, node.input[0])], {"ratio": float(ratio)})
 
 
+@importer("Expand")
+def _expand(imp: Importer, node, attrs) -> None:
+    """An Expand that leaves a tensor's shape as it is (a shape of ones, or the tensor's own
+    sizes, its batch size included) is the tensor; one that repeats elements is refused."""
+    x = imp.value(node, node.input[0])
+    target = imp.sizes(node, node.input[1])
+    dims = x.type.shape
+    start = len(dims) - len(target)  # the axis of x that target[0] lines up with
+    same = start >= 0 and all(
+        (isinstance(d, Dim) and d.is_batch and start + i == 0)
+        or (not isinstance(d, Dim) and d in (1, dims[start + i]))
+        for i, d in enumerate(target)
+    )
+    if not same:
+        shown = [d.describe() if isinstance(d, Dim) else d for d in target]
+        raise imp.fail(
+            node,
+            f"Expand of {x.type} to {shown} repeats elements: cnnc broadcasts only inside "
+            "elementwise ops",
+        )
+    imp.alias(node, x)
+
+
+@importer("CastLike")
+def _cast_like(imp: Importer, node, attrs) -> None:
+    """CastLike(constant, x): the constant in x's type, a constant (the dynamo exporter
+    writes a convolution's zero bias as Expand(CastLike(0, input), ...)). A tensor cast to
+    its own type is itself."""
+    source, target = node.input[0], node.input[1]
+    shape = target in imp.shapes
+    dtype = np.dtype(np.int64) if shape else imp.value(node, target).type.numpy_dtype
+    if source in imp.constants:
+        imp.constants[node.output[0]] = np.asarray(imp.constants[source]).astype(dtype)
+        return
+    x = imp.value(node, source)
+    if x.type.numpy_dtype != dtype:
+        raise imp.fail(node, f"CastLike of {x.type} to {dtype} is not supported")
+    imp.alias(node, x)
+
+
 @importer("Identity")
 def _identity(imp: Importer, node, attrs) -> None:
     imp.alias(node, imp.value(node, node.input[0]))
@@ -1288,6 +1388,13 @@ def _reshape(imp: Importer, node, attrs) -> None:
         raise imp.fail(node, "Reshape with more than one -1 is not valid ONNX")
     if any(isinstance(d, int) and d < -1 for d in shape):
         raise imp.fail(node, f"Reshape to {target} has a negative size other than -1")
+    whole = shape[0] == -1 or (
+        all(isinstance(d, int) for d in dims) and shape[0] == math.prod(dims)
+    )
+    if len(shape) == 1 and len(dims) > 1 and x.type.numel_per_item() != 1 and whole:
+        # A flat view of everything, batch included: only an identity Gather may read it.
+        imp.flat[node.output[0]] = x
+        return
     if -1 in shape:
         # Exact integers: int64 products of a hostile shape would overflow.
         batch = dims[0]
@@ -1304,6 +1411,36 @@ def _reshape(imp: Importer, node, attrs) -> None:
             known = math.prod(d for d in shape if d != -1) or 1
             shape = [total // known if d == -1 else d for d in shape]
     _reshape_to(imp, node, x, tuple(shape))
+
+
+@importer("Gather")
+def _gather(imp: Importer, node, attrs) -> None:
+    """A Gather from a tensor flattened to one axis (batch included) whose indices give the
+    tensor back in its own shape, element for element: how the dynamo exporter writes
+    as_strided when the strides are the tensor's own (ConvNeXt's stochastic depth)."""
+    data, index = node.input[0], node.input[1]
+    if data not in imp.flat:
+        raise imp.fail(
+            node,
+            "Gather of a tensor is not supported: cnnc reads Gather on shapes and constants, "
+            "and a Gather that gives back a flattened tensor as it was (as_strided)",
+        )
+    x = imp.flat[data]
+    indices = imp.indices.get(index)
+    if indices is None and index in imp.constants:
+        indices = np.asarray(imp.constants[index])
+    if (
+        attrs.get("axis", 0) != 0
+        or indices is None
+        or not onnx_shapes.is_identity_gather(x, indices)
+    ):
+        raise imp.fail(
+            node,
+            f"this Gather picks elements of %{x.name} ({x.type}) flattened to one axis in "
+            "another order or shape; cnnc reads it only when it gives the tensor back as it "
+            "was (as_strided with the tensor's own sizes and strides)",
+        )
+    imp.alias(node, x)
 
 
 @importer("Flatten")
@@ -1325,6 +1462,9 @@ def _squeeze(imp: Importer, node, attrs) -> None:
     axes = attrs.get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = imp.constant(node, node.input[1]).reshape(-1).tolist()
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        imp.alias(node, x)  # opset 18: no axes and noop_with_empty_axes=1 is the identity
+        return
     rank = x.type.rank
     dims = list(x.type.shape)
     if node.op_type == "Unsqueeze":
@@ -1433,6 +1573,57 @@ def _split(imp: Importer, node, attrs) -> None:
             "least one channel per output",
         )
     imp.add(node, "split", [x], {"sizes": tuple(sizes)}, outputs=parts)
+
+
+@importer("SplitToSequence")
+def _split_to_sequence(imp: Importer, node, attrs) -> None:
+    """A split of the channels into a sequence by constant sizes (the dynamo exporter's
+    torch.chunk without its optimizer): a split whose parts SequenceAt picks."""
+    x = imp.value(node, node.input[0])
+    rank, axis = x.type.rank, attrs.get("axis", 0)
+    if rank < 2 or axis not in (1, 1 - rank) or not _optional(node, 1):
+        raise imp.fail(
+            node,
+            f"SplitToSequence of {x.type} along axis {axis}"
+            + ("" if _optional(node, 1) else " without sizes")
+            + " is not supported: cnnc splits the channels (axis 1) by given sizes",
+        )
+    split = imp.constant(node, node.input[1])
+    channels = x.type.shape[1]
+    if split.ndim == 0:  # parts of that size, the last one smaller
+        size = int(split)
+        if size < 1:
+            raise imp.fail(node, f"SplitToSequence into parts of {size} channels")
+        sizes = [min(size, channels - i) for i in range(0, channels, size)]
+    else:
+        sizes = [int(v) for v in split.reshape(-1)]
+    if sum(sizes) != channels or min(sizes, default=0) < 1:
+        raise imp.fail(
+            node, f"SplitToSequence of {channels} channels into sizes {sizes}: not a split"
+        )
+    base = node.name or node.output[0]
+    ir = imp.graph.add_node(
+        "split",
+        [x],
+        {"sizes": tuple(sizes)},
+        name=imp.graph.unique_name(base),
+        output_names=[imp.graph.unique_name(f"{node.output[0]}.{i}") for i in range(len(sizes))],
+    )
+    imp.sequences[node.output[0]] = list(ir.outputs)
+
+
+@importer("SequenceAt")
+def _sequence_at(imp: Importer, node, attrs) -> None:
+    if node.input[0] not in imp.sequences:
+        raise imp.fail(node, "SequenceAt of a sequence cnnc did not make with SplitToSequence")
+    parts = imp.sequences[node.input[0]]
+    position = imp.constant(node, node.input[1])
+    if position.size != 1:
+        raise imp.fail(node, f"SequenceAt position of shape {list(position.shape)}: not one")
+    position = int(position.reshape(-1)[0])
+    if not -len(parts) <= position < len(parts):
+        raise imp.fail(node, f"SequenceAt position {position} of a sequence of {len(parts)}")
+    imp.alias(node, parts[position])
 
 
 # What "to the end" is as a Slice bound: larger than any size.
@@ -1790,6 +1981,21 @@ def _check_fold_size(
                 f"this constant node would make a tensor of shape {dims} ({size:,} bytes) at "
                 f"import; cnnc folds constants of at most {FOLD_LIMIT_BYTES:,} bytes",
             )
+        _check_constant_bytes(imp, node, imp.constant_bytes + size, dims)
+
+
+def _check_constant_bytes(imp: Importer, node: onnx.NodeProto, total: int, dims) -> None:
+    """Refuse a folded constant that brings the model's constants (initializers and folded
+    nodes together) past the limit param_bytes."""
+    if total > limits.current().param_bytes:
+        raise limits.exceeded(
+            ModelFileError,
+            "param_bytes",
+            f"with the constant {list(dims)} this node computes, the model's constants take",
+            total,
+            imp.fail(node, "").where,
+            unit="bytes",
+        )
 
 
 def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | None = None) -> None:
@@ -1812,7 +2018,9 @@ def fold(imp: Importer, node: onnx.NodeProto, feeds: dict[str, np.ndarray] | Non
     except Exception as e:  # whatever the reference raises, the node cannot be computed
         raise imp.fail(node, f"cannot compute this constant node: {e}") from None
     for name, value in zip([o for o in node.output if o], results, strict=True):
-        imp.constants[name] = np.asarray(value)
+        imp.constants[name] = array = np.asarray(value)
+        imp.constant_bytes += array.nbytes
+        _check_constant_bytes(imp, node, imp.constant_bytes, array.shape)
 
 
 def _noting_origins(graph: Graph, nodes: list[onnx.NodeProto], origins: dict[str, onnx.NodeProto]):
@@ -1835,6 +2043,10 @@ def _import_node(imp: Importer, node: onnx.NodeProto) -> None:
     fn = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if node.op_type == "Constant" and fn is not None:
         fn(imp, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        return
+    if node.domain in ("", "ai.onnx") and onnx_shapes.reads_indices(imp, node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        onnx_shapes.compute_indices(imp, node, attrs)
         return
     if node.domain in ("", "ai.onnx") and onnx_shapes.reads_shape(imp, node):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -1881,6 +2093,7 @@ def _check_initializer_sizes(imp: Importer, g: onnx.GraphProto) -> None:
                 + ": no array can have them (sizes are at most 2**63-1 bytes)",
             )
         total += nbytes
+        imp.constant_bytes = total
         if total > limits.current().param_bytes:
             raise limits.exceeded(
                 ModelFileError,

@@ -25,6 +25,7 @@ is an error naming the node: cnnc never bakes a run-time size into the IR.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -310,6 +311,153 @@ def _operand(imp: Importer, name: str) -> np.ndarray:
         return imp.shapes[name]
     array = imp.constants[name]
     return array.astype(object) if np.issubdtype(array.dtype, np.integer) else array
+
+
+# ---- index tensors that run along the batch axis -----------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Indices:
+    """An integer tensor whose element at batch index n (on axis ``axis``) is
+    ``coef * n + base``, with ``coef`` and ``base`` int64 arrays of the tensor's rank and
+    size 1 on ``axis``: what Range(0, batch size, 1) becomes through Mul, Add, Unsqueeze.
+    ``batch`` is the value whose axis 0 gave the batch size."""
+
+    batch: Value
+    axis: int
+    coef: np.ndarray
+    base: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return self.base.ndim
+
+
+def _aligned(t: Indices, other: np.ndarray) -> tuple[Indices, np.ndarray]:
+    """``t`` and a constant brought to one rank as broadcasting does (leading axes of 1);
+    ValueError if the constant varies along the batch axis."""
+    rank = max(t.rank, other.ndim)
+    lead = rank - t.rank
+    coef = t.coef.reshape((1,) * lead + t.coef.shape)
+    base = t.base.reshape((1,) * lead + t.base.shape)
+    other = other.reshape((1,) * (rank - other.ndim) + other.shape)
+    axis = t.axis + lead
+    if other.shape[axis] != 1:
+        raise ValueError("a constant that varies along the batch axis")
+    return Indices(t.batch, axis, coef, base), other
+
+
+def _range(node, attrs, start, limit, delta) -> Indices:
+    start, delta = materialize(start).reshape(-1), materialize(delta).reshape(-1)
+    limit = limit.reshape(-1)
+    if limit.dtype != object or not isinstance(limit[0], Dim) or not limit[0].is_batch:
+        raise NotSymbolic
+    if start.tolist() != [0] or delta.tolist() != [1]:
+        raise ValueError("cnnc follows Range(0, batch size, 1) only")
+    return Indices(limit[0].value, 0, np.ones(1, np.int64), np.zeros(1, np.int64))
+
+
+def _indices_arithmetic(node, attrs, a, b):
+    op = node.op_type
+    if isinstance(b, Indices) and not isinstance(a, Indices):
+        if op == "Sub":
+            raise ValueError("a constant minus batch indices")
+        a, b = b, a
+    if isinstance(b, Indices):
+        if a.batch is not b.batch or a.rank != b.rank or a.axis != b.axis or op == "Mul":
+            raise ValueError("two batch index tensors combined")
+        sign = 1 if op == "Add" else -1
+        return Indices(a.batch, a.axis, a.coef + sign * b.coef, a.base + sign * b.base)
+    a, c = _aligned(a, np.asarray(materialize(b), np.int64))
+    if op == "Mul":
+        return Indices(a.batch, a.axis, a.coef * c, a.base * c)
+    return Indices(a.batch, a.axis, a.coef, a.base + (c if op == "Add" else -c))
+
+
+def _indices_unsqueeze(node, attrs, t: Indices, axes=None) -> Indices:
+    axes = attrs.get("axes") or _ints(axes)
+    rank = t.rank + len(axes)
+    coef, base, axis = t.coef, t.base, t.axis
+    for a in sorted(a + rank if a < 0 else a for a in axes):
+        coef, base = np.expand_dims(coef, a), np.expand_dims(base, a)
+        axis += a <= axis
+    return Indices(t.batch, axis, coef, base)
+
+
+def _indices_cast(node, attrs, t: Indices) -> Indices:
+    if attrs["to"] not in _INTEGER_TYPES:
+        raise ValueError("batch indices cast to a non-integer type")
+    return t
+
+
+INDEX_OPS: dict[str, Callable[..., Indices]] = {
+    "Identity": lambda node, attrs, t: t,
+    "Cast": _indices_cast,
+    "Unsqueeze": _indices_unsqueeze,
+    **{op: _indices_arithmetic for op in ("Add", "Sub", "Mul")},
+}
+
+
+def reads_indices(imp: Importer, node: onnx.NodeProto) -> bool:
+    """Whether a node makes or transforms batch indices: Range(0, batch size, 1), or an op
+    of INDEX_OPS on them and constants."""
+    names = [n for n in node.input if n]
+    if node.op_type == "Range":
+        return len(names) == 3 and names[1] in imp.shapes
+    return any(n in imp.indices for n in names) and all(
+        n in imp.indices or n in imp.constants or n in imp.shapes for n in names
+    )
+
+
+def compute_indices(imp: Importer, node: onnx.NodeProto, attrs: dict[str, Any]) -> None:
+    """Follow a node of batch indices (reads_indices), or refuse it by name."""
+    operands = [
+        imp.indices[n] if n in imp.indices else _operand(imp, n) if n else None for n in node.input
+    ]
+    fn = _range if node.op_type == "Range" else INDEX_OPS.get(node.op_type)
+    try:
+        if fn is None:
+            raise ValueError(f"{node.op_type} of them")
+        result = fn(node, attrs, *operands)
+    except NotSymbolic:
+        return compute(imp, node, attrs)
+    except (ValueError, IndexError, TypeError) as e:
+        raise imp.fail(
+            node,
+            f"indices running over the batch cannot be followed here: {e}",
+            hint="cnnc follows Range(0, batch size, 1) through Add, Sub, Mul by constants "
+            "and Unsqueeze, into a Gather that copies a flattened tensor as it is "
+            "(the dynamo exporter's as_strided)",
+        ) from None
+    except RuntimeSize as e:
+        raise runtime_size_error(imp, node, e.dim) from None
+    imp.indices[node.output[0]] = result
+
+
+def is_identity_gather(x: Value, t: Indices | np.ndarray) -> bool:
+    """Whether gathering from x flattened to one axis by ``t`` gives back x in its shape:
+    element (n, i...) of the indices is n * (size of an item) + the item's offset of i."""
+    shape = x.type.shape
+    item = tuple(shape[1:])
+    if not all(isinstance(d, int) for d in item):
+        return False
+    per_item = math.prod(item)
+    offsets = np.arange(per_item, dtype=np.int64).reshape((1, *item))
+    if isinstance(t, np.ndarray):
+        if not isinstance(shape[0], int) or t.shape != tuple(shape):
+            return False
+        expected = np.arange(shape[0], dtype=np.int64).reshape((-1,) + (1,) * len(item))
+        return bool(np.array_equal(t, expected * per_item + offsets))
+    if t.batch is not x and t.batch.type.shape[0] != shape[0]:
+        return False
+    if t.axis != 0 or t.rank != len(shape):
+        return False
+    try:
+        coef = np.broadcast_to(t.coef, (1, *item))
+        base = np.broadcast_to(t.base, (1, *item))
+    except ValueError:
+        return False
+    return bool((coef == per_item).all() and np.array_equal(base, offsets))
 
 
 def runtime_size_error(imp: Importer, node: onnx.NodeProto, dim: Dim):
