@@ -364,6 +364,45 @@ def test_lenet_step_agrees(kind):
         assert not np.array_equal(ours[i], feeds[name]), name
 
 
+def test_a_relu_before_a_maxpool_runs_after_it_with_the_same_step(monkeypatch):
+    """The step computes relu(maxpool(x)) for maxpool(relu(x)): the same loss and new
+    parameters as the step in the network's order, bit for bit, on integer maps full of
+    ties, zeros and windows without a positive value; onnxruntime agrees. A relu with a
+    second use stays where it is."""
+    from cnnc.train import step as step_module
+
+    source = """network n(x: 2x8x8) {
+        conv(4, 3, pad=1, bias=false) -> relu -> maxpool(2)
+        conv(4, 3, pad=1, bias=false) -> relu -> maxpool(2, stride=1)
+        fc(3)
+    }"""
+    forward = _forward(source)
+    rng = np.random.default_rng(11)
+    for p in forward.params.values():
+        p.set_data(rng.integers(-1, 2, p.shape).astype(np.float32))
+    swapped = build_step(forward, optimizer=OPTIMIZERS["sgd"])
+    ops = [n.op for n in swapped.graph.nodes]
+    assert ops[:6] == ["conv", "maxpool", "relu", "conv", "maxpool", "relu"]
+    monkeypatch.setattr(step_module, "_relus_before_maxpools", lambda forward: set())
+    kept = build_step(forward, optimizer=OPTIMIZERS["sgd"])
+    assert [n.op for n in kept.graph.nodes][:6] == ["conv", "relu", "maxpool"] * 2
+    feeds = _feeds(swapped, forward, 3, seed=12)
+    feeds["x"] = rng.integers(-2, 3, feeds["x"].shape).astype(np.float32)
+    ours, theirs, _ = _both(swapped.graph, feeds)
+    reference = Interpreter(kept.graph, threads=1).run(*[feeds[v.name] for v in kept.graph.inputs])
+    for v, a, b in zip(swapped.graph.outputs, ours, reference, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=v.name)
+    _assert_step_agrees(swapped, ours, theirs)
+
+    shared = """network n(x: 2x8x8) {
+        r = x -> conv(4, 3, pad=1) -> relu
+        p = r -> maxpool(3, stride=1, pad=1)
+        add(r, p)
+    }"""
+    ops = [n.op for n in build_step(_forward(shared), loss="mse").graph.nodes]
+    assert ops[:3] == ["conv", "relu", "maxpool"]
+
+
 def test_lenet_step_in_the_onnx_reference_evaluator():
     from onnx.reference import ReferenceEvaluator
 
@@ -460,7 +499,10 @@ def test_dump_train_prints_the_step(capsys):
     text = capsys.readouterr().out
     assert text.startswith("network lenet5_train  (-O1: remove-identity, dce)")
     assert text.count("= adamw_update(") == 10
-    assert "conv_grad_weight(%image, %c1.relu.grad)" in text
+    # the relu before each maxpool runs after it (cnnc/train/step.py)
+    assert "= maxpool2d(%c1)" in text
+    assert "= relu(%c1.maxpool.max)" in text
+    assert "conv_grad_weight(%image, %c1.maxpool.max.grad)" in text
 
 
 def test_training_step_is_built_before_passes_and_cleaned_up_after():
