@@ -578,7 +578,9 @@ def _sgd_update(e: Emitter, node: Node) -> None:
         return
     momentum = ops.scalar("momentum", a["momentum"])
     kept = ops("Mul", [momentum, node.inputs[3].name], "kept")
-    fresh = ops("Mul", [ops.scalar("undamped", 1 - a["dampening"]), g], "fresh")
+    fresh = g
+    if a["dampening"]:
+        fresh = ops("Mul", [ops.scalar("undamped", 1 - a["dampening"]), g], "fresh")
     buf = ops("Add", [kept, fresh], f"={node.outputs[1].name}")
     direction = buf
     if a["nesterov"]:
