@@ -127,19 +127,21 @@ def test_matmul(trans_a, trans_b):
 
 
 POOLS = [
-    ("3x8x8", "maxpool(2)"),  # windows that tile the map: SpaceToDepth in ONNX
-    ("4x6x6", "maxpool(3)"),
-    ("3x9x8", "maxpool(2)"),  # a row no window reaches: MaxPool's indices in ONNX
-    ("3x9x9", "maxpool(3, stride=2, pad=1, ceil=true)"),  # overlapping windows add up
-    ("2x9x10", "maxpool(2, stride=1, dilation=2, pad=(1, 0, 0, 1))"),
-    ("3x11", "maxpool(3, stride=2, pad=1, ceil=true)"),
-    ("2x7x7", "maxpool(3, stride=1)"),
+    # input, the layer, whether its windows tile the map (the mask form in ONNX)
+    ("3x8x8", "maxpool(2)", True),
+    ("4x6x6", "maxpool(3)", True),
+    ("3x8", "maxpool(4)", True),
+    ("3x9x8", "maxpool(2)", False),  # a row no window reaches: MaxPool's indices in ONNX
+    ("3x9x9", "maxpool(3, stride=2, pad=1, ceil=true)", False),  # overlapping windows add up
+    ("2x9x10", "maxpool(2, stride=1, dilation=2, pad=(1, 0, 0, 1))", False),
+    ("3x11", "maxpool(3, stride=2, pad=1, ceil=true)", False),
+    ("2x7x7", "maxpool(3, stride=1)", False),
 ]
 
 
-@pytest.mark.parametrize(("shape", "layer"), POOLS)
+@pytest.mark.parametrize(("shape", "layer", "tiled"), POOLS)
 @pytest.mark.parametrize("ties", [False, True])
-def test_maxpool_grad(shape, layer, ties):
+def test_maxpool_grad(shape, layer, tiled, ties):
     forward = _forward(f"network n(x: {shape}) {{ {layer} }}")
     pool = forward.nodes[0]
     x = pool.inputs[0]
@@ -151,6 +153,21 @@ def test_maxpool_grad(shape, layer, ties):
     # both: the first of its largest.
     xs = rng.integers(0, 3, dims).astype(np.float32) if ties else _f(dims, rng)
     _check(graph, {"x": xs, "dy": _f((2, *pool.output.shape[1:]), rng)}, OPSETS)
+    ops = {n.op_type for n in to_onnx(graph, 17).graph.node}
+    assert ("ScatterElements" not in ops) == tiled
+
+
+def test_maxpool_grad_in_float64_takes_the_indices():
+    """onnxruntime has no float64 Resize: a float64 pool that tiles its map takes the
+    indices form, and agrees, ties included."""
+    x = TensorType("f64", ("N", 3, 6, 6))
+    dy = TensorType("f64", ("N", 3, 3, 3))
+    attrs = {"kernel": (2, 2), "stride": (2, 2), "pads": (0,) * 4, "dilation": (1, 1)}
+    graph = _one_node("maxpool_grad", [("x", x), ("dy", dy)], {**attrs, "ceil": False})
+    rng = np.random.default_rng(5)
+    xs = rng.integers(0, 3, (2, 3, 6, 6)).astype(np.float64)
+    _check(graph, {"x": xs, "dy": _f((2, 3, 3, 3), rng, dtype=np.float64)})
+    assert "ScatterElements" in {n.op_type for n in to_onnx(graph, 17).graph.node}
 
 
 ACTIVATION_LAYERS = [
@@ -347,6 +364,45 @@ def test_lenet_step_agrees(kind):
         assert not np.array_equal(ours[i], feeds[name]), name
 
 
+def test_a_relu_before_a_maxpool_runs_after_it_with_the_same_step(monkeypatch):
+    """The step computes relu(maxpool(x)) for maxpool(relu(x)): the same loss and new
+    parameters as the step in the network's order, bit for bit, on integer maps full of
+    ties, zeros and windows without a positive value; onnxruntime agrees. A relu with a
+    second use stays where it is."""
+    from cnnc.train import step as step_module
+
+    source = """network n(x: 2x8x8) {
+        conv(4, 3, pad=1, bias=false) -> relu -> maxpool(2)
+        conv(4, 3, pad=1, bias=false) -> relu -> maxpool(2, stride=1)
+        fc(3)
+    }"""
+    forward = _forward(source)
+    rng = np.random.default_rng(11)
+    for p in forward.params.values():
+        p.set_data(rng.integers(-1, 2, p.shape).astype(np.float32))
+    swapped = build_step(forward, optimizer=OPTIMIZERS["sgd"])
+    ops = [n.op for n in swapped.graph.nodes]
+    assert ops[:6] == ["conv", "maxpool", "relu", "conv", "maxpool", "relu"]
+    monkeypatch.setattr(step_module, "_relus_before_maxpools", lambda forward: set())
+    kept = build_step(forward, optimizer=OPTIMIZERS["sgd"])
+    assert [n.op for n in kept.graph.nodes][:6] == ["conv", "relu", "maxpool"] * 2
+    feeds = _feeds(swapped, forward, 3, seed=12)
+    feeds["x"] = rng.integers(-2, 3, feeds["x"].shape).astype(np.float32)
+    ours, theirs, _ = _both(swapped.graph, feeds)
+    reference = Interpreter(kept.graph, threads=1).run(*[feeds[v.name] for v in kept.graph.inputs])
+    for v, a, b in zip(swapped.graph.outputs, ours, reference, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=v.name)
+    _assert_step_agrees(swapped, ours, theirs)
+
+    shared = """network n(x: 2x8x8) {
+        r = x -> conv(4, 3, pad=1) -> relu
+        p = r -> maxpool(3, stride=1, pad=1)
+        add(r, p)
+    }"""
+    ops = [n.op for n in build_step(_forward(shared), loss="mse").graph.nodes]
+    assert ops[:3] == ["conv", "relu", "maxpool"]
+
+
 def test_lenet_step_in_the_onnx_reference_evaluator():
     from onnx.reference import ReferenceEvaluator
 
@@ -443,7 +499,10 @@ def test_dump_train_prints_the_step(capsys):
     text = capsys.readouterr().out
     assert text.startswith("network lenet5_train  (-O1: remove-identity, dce)")
     assert text.count("= adamw_update(") == 10
-    assert "conv_grad_weight(%image, %c1.relu.grad)" in text
+    # the relu before each maxpool runs after it (cnnc/train/step.py)
+    assert "= maxpool2d(%c1)" in text
+    assert "= relu(%c1.maxpool.max)" in text
+    assert "conv_grad_weight(%image, %c1.maxpool.max.grad)" in text
 
 
 def test_training_step_is_built_before_passes_and_cleaned_up_after():
@@ -486,7 +545,10 @@ def test_initial_state_takes_a_weights_file(tmp_path):
     [
         ((6, 5, 5), (6, 4, 3, 3), {"pads": (1, 1, 1, 1)}, True),
         ((6, 4, 5), (6, 3, 3, 2), {"pads": (2, 0, 1, 1), "dilation": (1, 2)}, True),
-        ((6, 7), (6, 2, 4), {"pads": (0, 3)}, True),
+        ((6, 7), (6, 4, 4), {"pads": (0, 3)}, True),
+        # the Conv's im2col would be 4 times ConvTranspose's col2im (8 channels of 5×5 to 2
+        # of 7×7)
+        ((8, 5, 5), (8, 2, 3, 3), {"pads": (0, 0, 0, 0)}, False),
         ((4, 5, 5), (4, 3, 3, 3), {"pads": (1, 1, 1, 1), "groups": 2}, False),  # 2 groups
         ((4, 5, 5), (4, 3, 2, 2), {"pads": (3, 0, 0, 0)}, False),  # pad beyond the reach
         ((4, 5, 5), (4, 3, 3, 3), {"pads": (1, 1, 1, 1), "stride": (2, 2)}, False),

@@ -344,8 +344,29 @@ def training_forward(
     forward_nodes: list[Node] = []
     running: dict[str, Value] = {}
     masks: list[Mask] = []
+    pooled_first = _relus_before_maxpools(forward)
     for node in forward.nodes:
         inputs = [vmap[id(v)] for v in node.inputs]
+        if id(node) in pooled_first:
+            # The maxpool reading it reads its input and this relu follows the maxpool.
+            vmap[id(node.output)] = inputs[0]
+            continue
+        relu = node.inputs[0].producer if node.op == "maxpool" else None
+        if relu is not None and id(relu) in pooled_first:
+            # maxpool then relu, the relu's output keeping the maxpool's name for its users
+            pooled = step.add_node(
+                node.op, inputs, node.attrs, name=step.unique_name(f"{node.name}.max"), loc=node.loc
+            )
+            made = step.add_node(
+                "relu",
+                [pooled.output],
+                name=relu.name,
+                loc=relu.loc,
+                output_names=[node.output.name],
+            )
+            forward_nodes += [pooled, made]
+            vmap[id(node.output)] = made.output
+            continue
         if node.op == "bn":
             made = step.add_node(
                 "bn_train",
@@ -380,6 +401,24 @@ def training_forward(
         for old, new in zip(node.outputs, made.outputs, strict=False):
             vmap[id(old)] = new
     return forward_nodes, running, masks
+
+
+def _relus_before_maxpools(forward: Graph) -> set[int]:
+    """The relu nodes (by id) whose one use is a maxpool, which the training step computes
+    after it: relu(maxpool(x)) is maxpool(relu(x)), and its gradient too — where a
+    window's largest x is positive, both send the gradient to the first largest x; where
+    it is not, relu's derivative makes it 0 in both (PyTorch's ties included). The relu
+    and its gradient then run on the pooled map, a quarter of the input's size for 2×2
+    windows."""
+    outputs = {id(v) for v in forward.outputs}
+    return {
+        id(node)
+        for node in forward.nodes
+        if node.op == "relu"
+        and id(node.output) not in outputs
+        and len(node.output.users) == 1
+        and node.output.users[0].op == "maxpool"
+    }
 
 
 def inference_forward(forward: Graph, graph: Graph, vmap: dict[int, Value]) -> list[Node]:
