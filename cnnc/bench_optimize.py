@@ -547,6 +547,7 @@ def run(
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for index, model in enumerate(models):
+            started = time.perf_counter()
             row: dict = {"name": model.name, "group": model.group, "path": model.path}
             row["error"], row["original"], row["tools"] = model.error, None, {}
             rows.append(row)
@@ -586,6 +587,11 @@ def run(
             if out_dir is None:  # the outputs go with the temporary folder
                 for result in row["tools"].values():
                     result.path = None
+            else:  # the figures so far, should a long run be stopped
+                partial = Report(tools, rounds, threads, seed, timeout, rows, notes)
+                (folder / "report.json").write_text(json.dumps(partial.to_dict(), indent=1))
+            if progress:
+                progress(f"    {time.perf_counter() - started:.0f} s")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
     if hasattr(os, "getloadavg"):
         machine += f", load average {os.getloadavg()[0]:.2f} at the end"

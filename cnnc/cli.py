@@ -321,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--timeout", type=float, default=600, help="seconds per tool per model (default 600)"
     )
-    opt.add_argument("--out", metavar="DIR", help="keep every tool's output in DIR")
+    opt.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep every tool's output in DIR, and the report so far (report.json)",
+    )
     opt.add_argument(
         "--cache", metavar="DIR", help="where generated models are kept (~/.cache/cnnc/...)"
     )
