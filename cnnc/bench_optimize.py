@@ -367,74 +367,83 @@ def _session(path: str, level: str, threads: int):
 
 def _measure(original: str, outputs: dict[str, str], rounds: int, threads: int, seed: int):
     """Agreement of every output with the original in onnxruntime, and the latency ratios
-    of every output against the original, interleaved round by round in this process."""
-    import numpy as np
+    of every output against the original, interleaved round by round in this process.
+    One level's sessions are alive at a time (a 500 MB model's ten sessions do not fit)."""
 
     from cnnc.compare import agree, max_difference
 
     report: dict[str, dict] = {tool: {} for tool in outputs}
-    sessions: dict[str, dict] = {level: {} for level in LEVELS}
     feeds_of: dict[str, dict] = {}
+    runnable = {}
     for level in LEVELS:
-        sessions[level]["original"] = _session(original, level, threads)
-    base = sessions["default"]["original"]
-    feeds = _feeds(base, seed)
-    expected = base.run(None, feeds)
-    order = [i.name for i in base.get_inputs()]
-    for tool, path in outputs.items():
-        try:
-            for level in LEVELS:
-                sessions[level][tool] = _session(path, level, threads)
-            s = sessions["default"][tool]
-            names = [i.name for i in s.get_inputs()]
-            mine = (
-                feeds if set(names) == set(order) else dict(zip(names, feeds.values(), strict=True))
-            )
-            feeds_of[tool] = mine
-            got = s.run(None, mine)
-            same = len(got) == len(expected) and all(
-                a.shape == e.shape for a, e in zip(got, expected, strict=True)
-            )
-            pairs = list(zip(got, expected, strict=True)) if same else []
-            report[tool]["agree"] = bool(same and all(agree(a, e) for a, e in pairs))
-            report[tool]["max_diff"] = max(max_difference(a, e) for a, e in pairs) if same else None
-        except Exception as e:
-            report[tool]["run_error"] = first_line(e)
-            for level in LEVELS:
-                sessions[level].pop(tool, None)
-    feeds_of["original"] = feeds
-    for level in LEVELS:
-        runs = sessions[level]
-        names = list(runs)
-        for name in names:  # warm up
-            for _ in range(2):
-                runs[name].run(None, feeds_of[name])
-        start = time.perf_counter()
-        runs["original"].run(None, feeds)
-        once = time.perf_counter() - start
-        reps = max(1, min(1000, int(ROUND_SECONDS / max(once, 1e-6))))
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            shift = r % len(names)  # each session takes every place in the order in turn
-            for name in names[shift:] + names[:shift]:
-                session, feed = runs[name], feeds_of[name]
-                start = time.perf_counter()
-                for _ in range(reps):
-                    session.run(None, feed)
-                times[name].append((time.perf_counter() - start) / reps)
-        original_ms = float(np.median(times["original"]) * 1e3)
-        for tool in names[1:]:
-            ratios = np.array(times[tool]) / np.array(times["original"])
-            report[tool].setdefault("latency", {})[level] = {
-                "median": float(np.median(ratios)),
-                "p10": float(np.percentile(ratios, 10)),
-                "p90": float(np.percentile(ratios, 90)),
-                "ms": float(np.median(times[tool]) * 1e3),
-                "original_ms": original_ms,
-                "reps": reps,
-                "ratios": [float(v) for v in ratios],
-            }
+        runs = {"original": _session(original, level, threads)}
+        if not feeds_of:
+            feeds = feeds_of["original"] = _feeds(runs["original"], seed)
+            expected = runs["original"].run(None, feeds)
+            order = [i.name for i in runs["original"].get_inputs()]
+        for tool, path in outputs.items():
+            if level != LEVELS[0] and tool not in runnable:
+                continue
+            try:
+                runs[tool] = _session(path, level, threads)
+                if level != LEVELS[0]:
+                    continue
+                names = [i.name for i in runs[tool].get_inputs()]
+                # a tool that renamed the inputs gets them in order
+                mine = dict(zip(names, feeds.values(), strict=True))
+                if set(names) == set(order):
+                    mine = feeds
+                feeds_of[tool] = mine
+                got = runs[tool].run(None, mine)
+                same = len(got) == len(expected) and all(
+                    a.shape == e.shape for a, e in zip(got, expected, strict=True)
+                )
+                pairs = list(zip(got, expected, strict=True)) if same else []
+                report[tool]["agree"] = bool(same and all(agree(a, e) for a, e in pairs))
+                report[tool]["max_diff"] = (
+                    max(max_difference(a, e) for a, e in pairs) if same else None
+                )
+                runnable[tool] = path
+            except Exception as e:
+                report[tool]["run_error"] = first_line(e)
+                runs.pop(tool, None)
+        _time_level(runs, feeds_of, rounds, level, report)
+        del runs
     return report
+
+
+def _time_level(runs: dict, feeds_of: dict, rounds: int, level: str, report: dict) -> None:
+    import numpy as np
+
+    names = list(runs)
+    for name in names:  # warm up
+        for _ in range(2):
+            runs[name].run(None, feeds_of[name])
+    start = time.perf_counter()
+    runs["original"].run(None, feeds_of["original"])
+    once = time.perf_counter() - start
+    reps = max(1, min(1000, int(ROUND_SECONDS / max(once, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)  # each session takes every place in the order in turn
+        for name in names[shift:] + names[:shift]:
+            session, feed = runs[name], feeds_of[name]
+            start = time.perf_counter()
+            for _ in range(reps):
+                session.run(None, feed)
+            times[name].append((time.perf_counter() - start) / reps)
+    original_ms = float(np.median(times["original"]) * 1e3)
+    for tool in names[1:]:
+        ratios = np.array(times[tool]) / np.array(times["original"])
+        report[tool].setdefault("latency", {})[level] = {
+            "median": float(np.median(ratios)),
+            "p10": float(np.percentile(ratios, 10)),
+            "p90": float(np.percentile(ratios, 90)),
+            "ms": float(np.median(times[tool]) * 1e3),
+            "original_ms": original_ms,
+            "reps": reps,
+            "ratios": [float(v) for v in ratios],
+        }
 
 
 def child_main(argv: list[str]) -> None:
