@@ -76,6 +76,8 @@ class Result:
     seconds: float | None = None  # wall time to load, optimize and save, in its process
     nodes: int | None = None
     inlined_nodes: int | None = None  # with model-local functions inlined
+    inlined_ops: dict[str, int] = field(default_factory=dict)
+    unused_initializers: int | None = None  # read by no node
     initializers: int | None = None
     ops: dict[str, int] = field(default_factory=dict)
     checker: str | None = None  # "ok" or the first line of check_model's failure
@@ -287,11 +289,12 @@ def _summary(path: str) -> dict:
     g = model.graph
     # Model-local functions (cnnc's fused ops, for one) count as one node each at the top;
     # onnxruntime runs their bodies, so the count with every function inlined is kept too.
-    inlined = len(g.node)
+    flat = g
     if model.functions:
         from onnx import inliner
 
-        inlined = len(inliner.inline_local_functions(model).graph.node)
+        flat = inliner.inline_local_functions(model).graph
+    read = {name for n in g.node for name in n.input} | {o.name for o in g.output}
     try:
         onnx.checker.check_model(path, full_check=True)
         checker = "ok"
@@ -300,7 +303,9 @@ def _summary(path: str) -> dict:
     return {
         "nodes": len(g.node),
         "initializers": len(g.initializer),
-        "inlined_nodes": inlined,
+        "inlined_nodes": len(flat.node),
+        "inlined_ops": dict(Counter(n.op_type for n in flat.node)),
+        "unused_initializers": sum(i.name not in read for i in g.initializer),
         "ops": dict(Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in g.node)),
         "checker": checker,
     }
@@ -703,10 +708,16 @@ def losses(report: dict, tool: str = "cnnc", rival: str = "onnxsim") -> list[str
                 f"{tool} has more {more}; {rival} has more {fewer}"
             )
         elif rival_ok and mine["inlined_nodes"] > theirs["inlined_nodes"]:
+            more = ""
+            if mine.get("inlined_ops") and theirs.get("inlined_ops"):
+                more, fewer = op_difference(mine["inlined_ops"], theirs["inlined_ops"])
+                more = f"; inlined, {tool} has more {more}; {rival} has more {fewer}"
             out.append(
                 f"{name}: {mine['inlined_nodes']} nodes with its functions inlined, "
-                f"{rival} {theirs['inlined_nodes']} ({mine['nodes']} at the top level)"
+                f"{rival} {theirs['inlined_nodes']} ({mine['nodes']} at the top level){more}"
             )
+        if mine.get("unused_initializers"):
+            out.append(f"{name}: {mine['unused_initializers']} initializers no node reads")
         for level in LEVELS:
             lat = mine.get("latency", {}).get(level)
             if lat and lat["p10"] > 1.0:
@@ -746,7 +757,10 @@ def render(report: dict) -> str:
         report,
         "Nodes (initializers)",
         lambda row: f"{row['original']['nodes']} ({row['original']['initializers']})",
-        lambda r: f"{r['nodes']} ({r['initializers']})",
+        lambda r: (
+            f"{r['nodes']} ({r['initializers']}"
+            + (f", {r['unused_initializers']} unused)" if r.get("unused_initializers") else ")")
+        ),
     )
     if any(
         r.get("inlined_nodes") not in (None, r.get("nodes"))
@@ -782,8 +796,12 @@ def render(report: dict) -> str:
         lambda r: f"{r['seconds']:.2f}",
     )
     failures = [
-        f"- {row['name']}, {tool}: {result['status']}: "
-        f"{result.get('error') or result.get('run_error')}"
+        f"- {row['name']}, {tool}: "
+        + (
+            f"onnxruntime cannot run the output: {result['run_error']}"
+            if result["status"] == "ok"
+            else f"{result['status']}: {result.get('error')}"
+        )
         for row in report["models"]
         for tool, result in row["tools"].items()
         if result["status"] in ("failed", "timed out") or result.get("run_error")

@@ -53,6 +53,9 @@ def test_the_table_says_what_each_tools_output_holds(tmp_path):
         written = onnx.load(result["path"])
         assert result["nodes"] == len(written.graph.node)
         assert result["initializers"] == len(written.graph.initializer)
+        read = {name for n in written.graph.node for name in n.input}
+        unused = [i for i in written.graph.initializer if i.name not in read]
+        assert result["unused_initializers"] == len(unused)
         ops = Counter(
             f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in written.graph.node
         )
