@@ -66,7 +66,9 @@ EXAMPLES = {
   cnnc bench examples/alexnet.cnn -O0 --json > alexnet-O0.json
   cnnc bench examples/vgg16.cnn --compile --repeat 3 # compile time and memory, fresh processes
   cnnc bench --scale                               # compile 1,000 to 100,000-layer networks
-  cnnc bench examples/lenet5.cnn --train --batch 64 # one training step against PyTorch""",
+  cnnc bench examples/lenet5.cnn --train --batch 64 # one training step against PyTorch
+  cnnc bench --optimizers                          # cnnc -O2 against onnxsim, onnxslim, ...
+  cnnc bench --optimizers model.onnx --tools cnnc,onnxsim --rounds 20""",
     "graph": """examples:
   cnnc graph examples/resnet18.cnn -o resnet18.svg   # open it in a browser; click a block's title
   cnnc graph examples/resnet50.cnn --fold 1 -o r50.svg # the stages, their blocks folded
@@ -305,8 +307,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="with --train: fresh processes per backend, taking the best round (default 3)",
+        default=None,
+        help="with --train: fresh processes per backend, taking the best round (default 3); "
+        "with --optimizers: interleaved latency rounds (default 20)",
+    )
+    opt = p.add_argument_group("optimizers (cnnc bench --optimizers)")
+    opt.add_argument(
+        "--optimizers",
+        nargs="*",
+        metavar="MODEL.onnx",
+        default=None,
+        help="compare cnnc -O2 with onnxsim, onnxslim and onnxoptimizer on these ONNX models "
+        "(default: ONNX's light models, the examples at -O0 and, with torch, its exports)",
+    )
+    opt.add_argument(
+        "--tools",
+        default="cnnc,onnxsim,onnxslim,onnxoptimizer",
+        help="the optimizers to compare (default: all four)",
+    )
+    opt.add_argument(
+        "--suite",
+        default="light,examples,torch",
+        help="the default models to take: light, examples, torch (default: all three)",
+    )
+    opt.add_argument(
+        "--timeout", type=float, default=600, help="seconds per tool per model (default 600)"
+    )
+    opt.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep every tool's output in DIR, and the report so far (report.json)",
+    )
+    opt.add_argument(
+        "--cache", metavar="DIR", help="where generated models are kept (~/.cache/cnnc/...)"
     )
     p.add_argument(
         "--scale",
@@ -1134,6 +1167,11 @@ def cmd_bench(args) -> None:
     from cnnc import bench as bench_mod
     from cnnc.bench import bench
 
+    if args.optimizers is not None:
+        _bench_optimizers(args)
+        return
+    if args.rounds is None:
+        args.rounds = 3
     if args.repeat is None:
         args.repeat = 1 if args.compile else 5 if args.train else 10
     for flag in ("batch", "repeat"):
@@ -1191,6 +1229,32 @@ def cmd_bench(args) -> None:
         # After --json's document, on stderr, so that the document stays one.
         xs = model.random_inputs(args.batch, args.seed)
         _explain_disagreement(model, xs, sys.stderr if args.json else sys.stdout)
+
+
+def _bench_optimizers(args) -> None:
+    import json
+
+    from cnnc import bench_optimize as b
+
+    files = [*([args.model] if args.model else []), *args.optimizers]
+    rounds = 20 if args.rounds is None else args.rounds
+    threads = 2 if args.threads is None else args.threads
+    if rounds < 1 or threads < 1 or args.timeout <= 0:
+        raise UsageError("--rounds and --threads must be at least 1, --timeout above 0")
+    for f in files:
+        if not Path(f).is_file():
+            raise UsageError(f"no such model file: {f}")
+    tools, suites = b.parse_tools(args.tools), b.parse_suites(args.suite)
+    cache = Path(args.cache) if args.cache else b.default_cache()
+
+    def say(text: str) -> None:  # progress of a run of minutes, off the report's stream
+        print(text, file=sys.stderr, flush=True)
+
+    models, notes = b.collect(files, suites, cache, args.timeout, say)
+    report = b.run(
+        models, tools, rounds, threads, args.seed, args.timeout, args.out, say, notes
+    ).to_dict()
+    print(json.dumps(report, indent=2) if args.json else b.render(report))
 
 
 class _Bar:
