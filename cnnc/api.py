@@ -15,7 +15,6 @@ from cnnc.errors import CnncError, InputError, UsageError
 from cnnc.frontend.lower import lower
 from cnnc.frontend.parser import Program
 from cnnc.frontend.parser import parse as _parse
-from cnnc.ir import printer
 from cnnc.ir.graph import Graph
 from cnnc.limits import Limits
 
@@ -286,6 +285,8 @@ class Model:
 
     def dump(self) -> str:
         """The IR listing: one aligned line per node, with types and source lines."""
+        from cnnc.ir import printer  # only here: compiling never prints
+
         return printer.dump(self.graph)
 
     def summary(self, depth: int | None = None, batch: int = 1) -> str:
@@ -295,15 +296,21 @@ class Model:
         item, output bytes at ``batch``, receptive field/output stride and the values it
         reads where branches merge; then the totals."""
         _check_summary_options(depth, batch)
+        from cnnc.ir import printer  # only here: compiling never prints
+
         return printer.summary(self.graph, batch=batch, depth=depth)
 
     def summary_rows(self, depth: int | None = None, batch: int = 1) -> list[dict]:
         """The summary's rows as plain data (see :func:`cnnc.ir.printer.summary_rows`)."""
         _check_summary_options(depth, batch)
+        from cnnc.ir import printer  # only here: compiling never prints
+
         return printer.summary_rows(self.graph, batch=batch, depth=depth)
 
     def tensors(self) -> str:
         """Every parameter tensor with its shape: what a weights file must hold."""
+        from cnnc.ir import printer  # only here: compiling never prints
+
         return printer.tensors(self.graph)
 
     def fully_conv_report(self, input_size: tuple[int, ...] | None = None) -> str:

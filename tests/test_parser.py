@@ -150,3 +150,22 @@ def test_a_label_part_may_be_a_name_a_hyphen_and_a_number():
     assert [n.name for n in model.graph.nodes] == ["trunk.block1.block1-0", "b1-2", "conv2"]
     assert "trunk.block1.block1-0.weight" in model.graph.params
     assert model.graph.outputs[0].shape == ("N", 7, 6, 6)  # 8-1 stays arithmetic
+
+
+def test_the_built_parser_is_cached_only_in_a_folder_of_the_users_own(tmp_path, monkeypatch):
+    # lark unpickles its cache file: never one in a folder that others may write.
+    import os
+    import stat
+
+    from cnnc.frontend.parser import _cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = _cache_file()
+    assert os.path.dirname(path) == str(tmp_path / "cnnc")
+    assert not os.stat(tmp_path / "cnnc").st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    os.chmod(tmp_path / "cnnc", 0o777)
+    assert _cache_file() is False
+    os.chmod(tmp_path / "cnnc", 0o700)
+    os.rmdir(tmp_path / "cnnc")
+    (tmp_path / "cnnc").write_text("not a folder")
+    assert _cache_file() is False

@@ -107,7 +107,10 @@ class Emitter:
         self.graph = graph
         self.opset = opset
         self.inline_functions = inline_functions
-        self.nodes: list[onnx.NodeProto] = []
+        # The nodes are made in place in the model's graph: a model of 10,000 nodes then
+        # never copies them (helper.make_graph and make_model copy each node twice).
+        self.model = onnx.ModelProto()
+        self.nodes = self.model.graph.node
         self.initializers: list[onnx.TensorProto] = []
         self.functions: dict[str, onnx.FunctionProto] = {}
         # Every value name of the ONNX graph, so that the values an emitter adds (an LRN's
@@ -153,16 +156,12 @@ class Emitter:
             while name in self.node_names or name in self.ir_node_names:
                 name, n = f"{wish}.{n}", n + 1
         self.node_names.add(name)
-        node = onnx.NodeProto(op_type=op_type, input=inputs, output=outputs)
+        node = self.nodes.add()
+        node.CopyFrom(_template(op_type, domain, attrs))
+        node.input.extend(inputs)
+        node.output.extend(outputs)
         if name:
             node.name = name
-        if domain:
-            node.domain = domain
-        if attrs:
-            node.attribute.extend(
-                _attribute(key, value) for key, value in sorted(attrs.items()) if value is not None
-            )
-        self.nodes.append(node)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         """Add an initializer that is not an IR parameter (for example Dropout's ratio),
@@ -258,7 +257,7 @@ class Emitter:
             **dict(zip(function.output, outputs, strict=True)),
         }
         for i, body_node in enumerate(function.node):
-            node = onnx.NodeProto()
+            node = self.nodes.add()
             node.CopyFrom(body_node)
             node.input[:] = [actual.get(v, f"{name}/{v}") if v else "" for v in node.input]
             node.output[:] = [actual.get(v, f"{name}/{v}") for v in node.output]
@@ -267,7 +266,6 @@ class Emitter:
                 if attr.ref_attr_name:
                     attr.CopyFrom(helper.make_attribute(attr.name, attrs[attr.ref_attr_name]))
             self.node_names.add(node.name)
-            self.nodes.append(node)
 
     def refuse(self, node: Node, what: str) -> UsageError:
         return UsageError(
@@ -276,6 +274,46 @@ class Emitter:
 
 
 _ATTRIBUTES: dict[tuple, onnx.AttributeProto] = {}
+_TEMPLATES: dict[tuple, onnx.NodeProto] = {}
+
+
+def _template(op_type: str, domain: str, attrs: dict[str, Any]) -> onnx.NodeProto:
+    """A node of ``op_type`` in ``domain`` with ``attrs`` (those that are not None, in
+    the order of their names) and nothing else, remembered when the attributes are ints,
+    floats, strings or lists of them: the nodes of a network of 10,000 convs are copies
+    of a handful (one copy costs less than building the attributes again)."""
+    key: list | None = [op_type, domain]
+    for name, value in attrs.items():
+        kind = type(value)
+        if kind is list or kind is tuple:
+            # The types of the items too: [1, 2] and [1.0, 2.0] make different attributes.
+            items = tuple(value)
+            key.append((name, items, tuple(map(type, items))))
+        elif kind is int or kind is float or kind is str or kind is bool or value is None:
+            key.append((name, kind, value))
+        else:  # an array, a tensor, a graph: made each time
+            key = None
+            break
+    if key is not None:
+        try:
+            key = tuple(key)
+            template = _TEMPLATES.get(key)
+        except TypeError:  # an item of a list that is no key
+            key, template = None, None
+        if template is not None:
+            return template
+    template = onnx.NodeProto(op_type=op_type)
+    if domain:
+        template.domain = domain
+    if attrs:
+        template.attribute.extend(
+            _attribute(k, value) for k, value in sorted(attrs.items()) if value is not None
+        )
+    if key is not None:
+        if len(_TEMPLATES) > 10_000:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = template
+    return template
 
 
 def _attribute(key: str, value: Any) -> onnx.AttributeProto:
@@ -1568,21 +1606,31 @@ def _lrn_grad(e: Emitter, node: Node) -> None:
 
 
 def _value_info(
-    v: Value, spatial: list | None = None, types: dict | None = None
+    v: Value,
+    spatial: list | None = None,
+    types: dict | None = None,
+    info: onnx.ValueInfoProto | None = None,
 ) -> onnx.ValueInfoProto:
     """A value's type; ``spatial`` replaces its spatial sizes (symbols, or None for unknown).
     ``types`` remembers the TypeProto of each (dtype, shape): a network of 10,000 layers has
-    a handful, and copying one costs a tenth of making it."""
+    a handful, and copying one costs a tenth of making it. ``info``, when given, is the
+    (empty) ValueInfoProto to fill in, for example a new entry of a graph's value_info."""
     shape = list(v.type.shape)
     if spatial is not None and len(shape) > 2:
         shape[2:] = spatial[-(len(shape) - 2) :]
     if types is None:
-        return helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], shape)
+        made = helper.make_tensor_value_info(v.name, _ELEM[v.type.dtype], shape)
+        if info is None:
+            return made
+        info.CopyFrom(made)
+        return info
     key = (v.type.dtype, tuple(shape))
     known = types.get(key)
     if known is None:
         known = types[key] = helper.make_tensor_value_info("", _ELEM[v.type.dtype], shape).type
-    info = onnx.ValueInfoProto(name=v.name)
+    if info is None:
+        info = onnx.ValueInfoProto()
+    info.name = v.name
     info.type.CopyFrom(known)
     return info
 
@@ -1752,43 +1800,40 @@ def skeleton(
     outputs = {id(v) for v in graph.outputs}
     flexible = graph.flexible_spatial
     one_d = graph.inputs[0].type.rank == 3
-    types: dict = {}
-    value_info = [
-        _value_info(v, [None, None] if flexible else None, types)
-        for n in graph.nodes
-        for v in n.outputs
-        if id(v) not in outputs and v.name not in e.aliases
-    ]
     sizes, out_sizes = (["L"], ["OL"]) if one_d else (["H", "W"], ["OH", "OW"])
-    onnx_graph = helper.make_graph(
-        e.nodes,
-        graph.name,
-        [_value_info(v, sizes if flexible else None) for v in graph.inputs],
-        [
-            _value_info(
-                v,
-                None
-                if not flexible
-                else out_sizes
-                if len(graph.outputs) == 1
-                else [f"{d}{i}" for d in out_sizes],
-            )
-            for i, v in enumerate(graph.outputs)
-        ],
-        value_info=value_info,
+    # What helper.make_graph and make_model would make, field by field, around the nodes
+    # the emitter made in place (the same bytes, without copying the nodes twice).
+    model = e.model
+    onnx_graph = model.graph
+    onnx_graph.name = graph.name
+    onnx_graph.input.extend(_value_info(v, sizes if flexible else None) for v in graph.inputs)
+    onnx_graph.output.extend(
+        _value_info(
+            v,
+            None
+            if not flexible
+            else out_sizes
+            if len(graph.outputs) == 1
+            else [f"{d}{i}" for d in out_sizes],
+        )
+        for i, v in enumerate(graph.outputs)
     )
+    types: dict = {}
+    spatial = [None, None] if flexible else None
+    value_info = onnx_graph.value_info
+    for n in graph.nodes:
+        for v in n.outputs:
+            if id(v) not in outputs and v.name not in e.aliases:
+                _value_info(v, spatial, types, value_info.add())
     opsets = [helper.make_opsetid("", opset)]
     if e.functions:
         opsets.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
-    model = helper.make_model(
-        onnx_graph,
-        opset_imports=opsets,
-        producer_name="cnnc",
-        producer_version=__version__,
-        ir_version=ir_version(opsets, bool(e.functions)),
-        functions=list(e.functions.values()),
-        doc_string=f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})",
-    )
+    model.ir_version = ir_version(opsets, bool(e.functions))
+    model.opset_import.extend(opsets)
+    model.functions.extend(e.functions.values())
+    model.producer_name = "cnnc"
+    model.producer_version = __version__
+    model.doc_string = f"network {graph.name}, compiled by cnnc {__version__} ({graph.opt_level})"
     props = {}
     if flexible:
         # The declared input is the smallest the network takes; importing needs its sizes.
@@ -1864,15 +1909,20 @@ def _external(tensor: Tensor, location: str, offset: int) -> onnx.TensorProto:
 
 def _around(message, number: int) -> tuple[bytes, bytes]:
     """A message's serialized fields before and after field ``number`` (protobuf writes
-    fields in the order of their numbers)."""
+    fields in the order of their numbers). Each field is copied once, and field
+    ``number`` (a graph of 10,000 nodes) not at all."""
     before, after = type(message)(), type(message)()
-    before.CopyFrom(message)
-    after.CopyFrom(message)
-    for fd, _ in message.ListFields():
-        if fd.number >= number:
-            before.ClearField(fd.name)
-        if fd.number <= number:
-            after.ClearField(fd.name)
+    for fd, value in message.ListFields():
+        if fd.number == number:
+            continue
+        part = before if fd.number < number else after
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(part, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(part, fd.name).CopyFrom(value)
+        else:
+            setattr(part, fd.name, value)
     return before.SerializeToString(), after.SerializeToString()
 
 
@@ -1939,17 +1989,22 @@ def write(
     workdir = output.staging_dir(target)
     try:
         # The checker reads a model from a file, its external data beside it.
-        checked = onnx.ModelProto()
-        checked.CopyFrom(model)
+        # The initializers join the model only while it is serialized (a copy of a model
+        # of 10,000 nodes would cost more than the serializing).
         offset = 0
-        for t in tensors:
-            if id(t) in small:
-                checked.graph.initializer.append(small[id(t)])
-            else:
-                checked.graph.initializer.append(_external(t, "check.data", offset))
-                offset += t.nbytes
+        initializers = model.graph.initializer
+        try:
+            for t in tensors:
+                if id(t) in small:
+                    initializers.append(small[id(t)])
+                else:
+                    initializers.append(_external(t, "check.data", offset))
+                    offset += t.nbytes
+            checked = model.SerializeToString()
+        finally:
+            del initializers[:]
         (workdir / "check.data").touch()
-        (workdir / "check.onnx").write_bytes(checked.SerializeToString())
+        (workdir / "check.onnx").write_bytes(checked)
         del checked
         try:
             onnx.checker.check_model(str(workdir / "check.onnx"), full_check=True)

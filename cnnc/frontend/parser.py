@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -12,7 +13,7 @@ from typing import Any
 import lark
 
 from cnnc import limits
-from cnnc.errors import CnncError, Location, ParseError, Source
+from cnnc.errors import CnncError, InternalError, Location, ParseError, Source
 
 # ---- the AST -------------------------------------------------------------------------------
 
@@ -195,95 +196,36 @@ def grammar_text() -> str:
     )
 
 
-class _Nested(lark.Tree):
-    """A parse tree node of an expression operator, with its nesting depth."""
+class _Node:
+    """What a rule of the grammar reduced to while parsing: its value (a piece of the AST,
+    or a list or tuple that its parent rule takes apart), the span of the text it covers
+    (the attributes are named as a token's, so that tokens and nodes give their spans
+    alike), and how deep the expression it is nests."""
 
-    __slots__ = ("depth",)
+    __slots__ = ("column", "depth", "end_column", "end_line", "line", "value")
+
+    def __init__(self, value, line, column, end_line, end_column, depth=1):
+        self.value, self.depth = value, depth
+        self.line, self.column, self.end_line, self.end_column = line, column, end_line, end_column
 
 
 @dataclass
 class _Parsing:
-    """What the limits checked during a parse need: the source, and how many arguments
-    the call being parsed has so far."""
+    """The state of one parse: the source, the span of the rule being reduced, how many
+    arguments the call being parsed has so far, how deep the parentheses open at the token
+    being lexed nest, and the first error found in a literal (reported once the whole
+    text has parsed: a syntax error anywhere comes first)."""
 
     source: Source
+    span: tuple | None = None
     arguments: int = 0
     parens: int = 0  # the parentheses open at the token being lexed
-
-
-class _Limits(lark.Transformer):
-    """Counts the nesting of expressions and the arguments of calls while lark's LALR
-    parser reduces them, so that a program such as ``1+1+...`` with 100,000 terms is
-    refused at the 101st, and ``add(y, y, ...)`` of 100,000 operands at the 10,001st, not
-    after the whole of it is parsed. (Arguments never contain calls, so the arguments
-    reduced since the last call belong to the next call.)"""
-
-    def _argument(data):
-        def build(self, children):
-            parsing = _PARSING.get()
-            parsing.arguments += 1
-            if parsing.arguments > limits.current().operands:
-                first, last = _span(children[0]), _span(children[-1])
-                raise limits.exceeded(
-                    ParseError,
-                    "operands",
-                    "this call has at least",
-                    parsing.arguments,
-                    Location(parsing.source, first[0], first[1], last[2], last[3]),
-                    unit=" arguments",
-                )
-            return lark.Tree(data, children)
-
-        return build
-
-    arg = _argument("arg")
-    keyword_arg = _argument("keyword_arg")
-
-    def call(self, children):
-        _PARSING.get().arguments = 0
-        return lark.Tree("call", children)
-
-    def _nested(data):
-        def build(self, children):
-            depth = 1 + max((getattr(c, "depth", 1) for c in children), default=0)
-            if depth > limits.current().expr_depth:
-                first, last = _span(children[0]), _span(children[-1])
-                loc = Location(_PARSING.get().source, first[0], first[1], last[2], last[3])
-                raise limits.exceeded(
-                    ParseError,
-                    "expr_depth",
-                    "this expression is nested",
-                    depth,
-                    loc,
-                    unit=" levels deep",
-                )
-            tree = _Nested(data, children)
-            tree.depth = depth
-            return tree
-
-        return build
-
-    add = _nested("add")
-    sub = _nested("sub")
-    mul = _nested("mul")
-    floordiv = _nested("floordiv")
-    neg = _nested("neg")
-    tuple_value = _nested("tuple_value")
-
-    def paren(self, children):
-        # Parentheses add no level of evaluation: (a + b) is as deep as a + b. (How deep
-        # parentheses nest is bounded as the lexer reads them: _open_paren.)
-        (child,) = children
-        tree = _Nested("paren", children)
-        tree.depth = getattr(child, "depth", 1)
-        return tree
+    error: CnncError | None = None
 
 
 def _span(node) -> tuple[int, int, int, int]:
-    if isinstance(node, lark.Token):
-        return node.line, node.column, node.end_line, node.end_column
-    meta = node.meta
-    return meta.line, meta.column, meta.end_line, meta.end_column
+    """The span of a token or of a reduced rule (:class:`_Node`)."""
+    return node.line, node.column, node.end_line, node.end_column
 
 
 _PARSING: contextvars.ContextVar[_Parsing | None] = contextvars.ContextVar(
@@ -314,49 +256,135 @@ def _close_paren(token: lark.Token) -> lark.Token:
     return token
 
 
+def _cache_file() -> str | bool:
+    """Where lark keeps the built LALR tables between runs (about 40 ms of every start): a
+    file in the user's own cache folder (``$XDG_CACHE_HOME/cnnc`` or ``~/.cache/cnnc``),
+    or no cache (False) when that folder cannot be made or is not private. lark unpickles
+    the file it is given, so it must be one that no one else can write; lark's own
+    default (``cache=True``) is a predictable name in the shared temp directory, which
+    another user could create first. (lark checks that the file was built from this
+    grammar, these options and this lark before it uses it.)"""
+    import os
+    import stat
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "cnnc")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return False
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return False
+    python = "".join(map(str, sys.version_info[:2]))
+    return os.path.join(folder, f"grammar-py{python}-lark{lark.__version__}.cache")
+
+
 @cache
 def _lark() -> lark.Lark:
-    # cache=True keeps the built LALR tables in the temp directory between runs.
-    return lark.Lark(
+    parser = lark.Lark(
         grammar_text(),
         parser="lalr",
-        propagate_positions=True,
-        cache=True,
-        transformer=_Limits(),
+        cache=_cache_file(),
         lexer_callbacks={"LPAR": _open_paren, "RPAR": _close_paren},
     )
+    # Each rule reduces straight to its piece of the AST (see ToAst): no parse tree is
+    # built, walked and thrown away, which was two thirds of the time of a parse.
+    parser.parser.parser.parser.callbacks = _callbacks(parser)
+    return parser
+
+
+def _callbacks(parser: lark.Lark) -> dict:
+    """The parser's callback of every rule: lark's own shaping of the rule's children
+    (anonymous tokens left out, None for an optional part that is absent, a ``?rule`` of
+    one child replaced by that child), then the method of :class:`ToAst` named after the
+    rule, given the span of the rule's text. The span is the one lark's
+    ``propagate_positions`` gives: from the start of the first of the rule's symbols
+    (anonymous tokens included) to the end of the last."""
+    from lark.parse_tree_builder import ParseTreeBuilder
+
+    builder = ParseTreeBuilder(
+        parser.rules, lark.Tree, maybe_placeholders=parser.options.maybe_placeholders
+    )
+    callbacks = {}
+    for rule, shaping in builder.rule_builders:
+        name = rule.alias or rule.options.template_source or rule.origin.name
+        # lark's own rules for repetitions such as ("," arg)* give their children to the
+        # rule that holds them; a ``?rule`` of one child (expr: product) is that child.
+        method = getattr(ToAst, name, _no_method)
+        reduce = _group if name.startswith("_") else _reducer(method)
+        for wrapper in shaping:
+            reduce = wrapper(reduce)
+        callbacks[rule] = _spanned(reduce)
+    return callbacks
+
+
+def _reducer(method):
+    def reduce(children):
+        parsing = _PARSING.get()
+        return method(parsing, parsing.span, children)
+
+    return reduce
+
+
+class _Group(_Node):
+    """The children of one of lark's rules for repetitions, which its parent takes in."""
+
+    __slots__ = ("children",)
+
+
+def _group(children):
+    group = _Group(None, *_PARSING.get().span)
+    group.children = children
+    return group
+
+
+def _no_method(parsing, span, children):
+    raise InternalError(f"the grammar has a rule that ToAst has no method for ({children})")
+
+
+def _spanned(reduce):
+    def callback(children):
+        if children:
+            first, last = children[0], children[-1]
+            _PARSING.get().span = (first.line, first.column, last.end_line, last.end_column)
+        else:
+            _PARSING.get().span = None
+        return reduce(children)
+
+    return callback
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
     """Parse program text into an AST; a syntax error raises ParseError at its place.
 
     Nothing here recurses on the input (lark's LALR parser keeps its own stack, and the
-    AST is built bottom-up without recursion), so no program, however nested, reaches
-    Python's recursion limit; the limits ``program_bytes`` and ``expr_depth`` and the
-    64-bit range of literals are checked here."""
+    AST is built bottom-up as the rules are reduced), so no program, however nested,
+    reaches Python's recursion limit; the limits ``program_bytes`` and ``expr_depth``
+    and the 64-bit range of literals are checked here."""
     source = Source(filename, text)
     size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     if size > limits.current().program_bytes:
         raise limits.exceeded(
             ParseError, "program_bytes", "the program text is", size, filename, unit="bytes"
         )
-    token = _PARSING.set(_Parsing(source))
+    parsing = _Parsing(source)
+    token = _PARSING.set(parsing)
     try:
-        tree = _lark().parse(text)
+        root = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as e:
         raise _syntax_error(e, source) from None
     finally:
         _PARSING.reset(token)
-    try:
-        return ToAst(source).transform(tree)
-    except lark.exceptions.VisitError as e:
-        if isinstance(e.orig_exc, CnncError):
-            raise e.orig_exc from None
-        raise
+    if parsing.error is not None:
+        raise parsing.error
+    return root.value
 
 
-def _loc(source: Source, meta) -> Location:
-    return Location(source, meta.line, meta.column, meta.end_line, meta.end_column)
+def _loc(source: Source, span) -> Location:
+    return Location(source, *span)
 
 
 def _integer(text: str, loc: Location) -> int:
@@ -374,181 +402,259 @@ def _integer(text: str, loc: Location) -> int:
     return int(digits)
 
 
-class ToAst:
-    """Lark's parse tree -> AST dataclasses, each carrying its source span.
+def _values(children) -> list:
+    """The children of a rule as the AST wants them: reduced rules by their values."""
+    return [c.value if type(c) is _Node else c for c in children]
 
-    A method per rule (or alias) takes the node's meta and its converted children. This
-    walks the tree itself rather than through lark's Transformer, whose dispatch costs
-    several times the work of each method on a 100,000-statement program.
+
+class ToAst:
+    """How each rule of the grammar (or alias) becomes its piece of the AST, as lark's
+    LALR parser reduces it: a method per rule takes the parse's state, the span of the
+    rule's text and its children (tokens, the :class:`_Node` of each rule reduced, None
+    for an optional part that is absent) and returns the rule's :class:`_Node`.
+
+    The limits on expressions are checked here too, so that a program such as
+    ``1+1+...`` with 100,000 terms is refused at the 101st, and ``add(y, y, ...)`` of
+    100,000 operands at the 10,001st, not after the whole of it is parsed. (Arguments
+    never contain calls, so the arguments reduced since the last call belong to the next
+    call.) A literal that is out of range is remembered and reported once the whole text
+    has parsed, as a syntax error anywhere in the text comes first.
     """
 
-    def __init__(self, source: Source):
-        self.source = source
-        self._methods: dict[str, Any] = {}
+    def _literal(build):
+        def reduce(parsing, span, children):
+            try:
+                value = build(parsing.source, span, children)
+            except CnncError as e:
+                if parsing.error is None:
+                    parsing.error = e
+                value = Literal(Location(parsing.source, *span), 0)
+            return _Node(value, *span)
 
-    def transform(self, root: lark.Tree) -> Any:
-        # Without recursion: list the trees parents first, then convert them in reverse,
-        # so that every tree's children are converted before it (an expression nested as
-        # deep as a lifted expr_depth allows never meets Python's recursion limit).
-        order, stack = [], [root]
-        while stack:
-            tree = stack.pop()
-            order.append(tree)
-            stack.extend(c for c in tree.children if isinstance(c, lark.Tree))
-        methods, done = self._methods, {}
-        for tree in reversed(order):
-            method = methods.get(tree.data)
-            if method is None:
-                method = methods[tree.data] = getattr(self, tree.data)
-            done[id(tree)] = method(
-                tree.meta,
-                [done.pop(id(c)) if isinstance(c, lark.Tree) else c for c in tree.children],
-            )
-        return done[id(root)]
+        return reduce
 
-    def _loc(self, meta) -> Location:
-        return _loc(self.source, meta)
+    def _plain(build):
+        def reduce(parsing, span, children):
+            return _Node(build(parsing.source, span, _values(children)), *span)
 
-    def _tok(self, tok) -> Location:
-        return Location(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
+        return reduce
 
-    def start(self, meta, definitions):
-        program = Program(self.source)
-        for d in definitions:
+    def start(parsing, span, children):
+        program = Program(parsing.source)
+        for d in _values(children):
             (program.networks if isinstance(d, Network) else program.blocks).append(d)
-        return program
+        return _Node(program, *(span or (None, None, None, None)))
 
-    def network(self, meta, children):
+    @_plain
+    def network(source, span, children):
         name, *rest = children
         inputs = [c for c in rest if isinstance(c, NetworkInput)]
         outputs = next((c for c in rest if isinstance(c, list)), None)
         statements = [c for c in rest if isinstance(c, Statement)]
-        return Network(str(name), inputs, statements, self._loc(meta), outputs)
+        return Network(str(name), inputs, statements, _loc(source, span), outputs)
 
-    def net_input(self, meta, children):
-        name, shape, options = children
-        dims = tuple(_integer(d, self._tok(shape)) for d in shape.split("x"))
-        return NetworkInput(str(name), dims, self._loc(meta), self._tok(shape), options or [])
+    @_literal
+    def net_input(source, span, children):
+        name, shape, options = _values(children)
+        dims = tuple(_integer(d, _tok(source, shape)) for d in shape.split("x"))
+        return NetworkInput(str(name), dims, _loc(source, span), _tok(source, shape), options or [])
 
-    def input_options(self, meta, options):
+    @_plain
+    def input_options(source, span, options):
         return list(options)
 
-    def input_option(self, meta, children):
+    @_plain
+    def input_option(source, span, children):
         name, value = children
-        return Arg(str(name), value, self._loc(meta))
+        return Arg(str(name), value, _loc(source, span))
 
-    def option_word(self, meta, children):
-        return Name(self._loc(meta), str(children[0]))
+    @_plain
+    def option_word(source, span, children):
+        return Name(_loc(source, span), str(children[0]))
 
-    def option_number(self, meta, children):
+    @_literal
+    def option_number(source, span, children):
         sign, number = children
-        loc = self._loc(meta)
+        loc = _loc(source, span)
         value = float(number) if number.type == "FLOAT" else _integer(number, loc)
         return Literal(loc, -value if sign else value)
 
-    def option_tuple(self, meta, children):
-        return TupleExpr(self._loc(meta), list(children))
+    @_plain
+    def option_tuple(source, span, children):
+        return TupleExpr(_loc(source, span), list(children))
 
-    def net_outputs(self, meta, names):
-        return [(str(n), self._tok(n)) for n in names]
+    @_plain
+    def net_outputs(source, span, names):
+        return [(str(n), _tok(source, n)) for n in names]
 
-    def block(self, meta, children):
+    @_plain
+    def block(source, span, children):
         name, *rest = children
         params = [c for c in rest if isinstance(c, Param)]
         statements = [c for c in rest if isinstance(c, Statement)]
-        return Block(str(name), params, statements, self._loc(meta), self._tok(name))
+        return Block(str(name), params, statements, _loc(source, span), _tok(source, name))
 
-    def param(self, meta, children):
+    @_plain
+    def param(source, span, children):
         name, default = children
-        return Param(str(name), default, self._tok(name))
+        return Param(str(name), default, _tok(source, name))
 
-    def binding(self, meta, children):
+    @_plain
+    def binding(source, span, children):
         *names, chain = children
-        return Statement(chain.links, self._loc(meta), [(str(n), self._tok(n)) for n in names])
-
-    def expression(self, meta, children):
-        return children[0]
-
-    def chain(self, meta, links):
-        return Statement(list(links), self._loc(meta))
-
-    def link(self, meta, children):
-        path, call, repeat = children
-        label = path[0] if path else None
-        return Link(label, call, self._loc(meta), path[1] if path else None, repeat)
-
-    def sequence(self, meta, children):
-        path, *steps = children
-        return Link(
-            path[0] if path else None, None, self._loc(meta), path[1] if path else None, steps=steps
+        return Statement(
+            chain.links, _loc(source, span), [(str(n), _tok(source, n)) for n in names]
         )
 
-    def step(self, meta, children):
+    @_plain
+    def expression(source, span, children):
+        return children[0]
+
+    @_plain
+    def chain(source, span, links):
+        return Statement(list(links), _loc(source, span))
+
+    @_plain
+    def link(source, span, children):
+        path, call, repeat = children
+        label = path[0] if path else None
+        return Link(label, call, _loc(source, span), path[1] if path else None, repeat)
+
+    @_plain
+    def sequence(source, span, children):
+        path, *steps = children
+        return Link(
+            path[0] if path else None,
+            None,
+            _loc(source, span),
+            path[1] if path else None,
+            steps=steps,
+        )
+
+    @_plain
+    def step(source, span, children):
         call, repeat = children
-        return Link(None, call, self._loc(meta), repeat=repeat)
+        return Link(None, call, _loc(source, span), repeat=repeat)
 
-    def path(self, meta, parts):
-        return ".".join(str(p) for p in parts), self._loc(meta)
+    @_plain
+    def path(source, span, parts):
+        return ".".join(str(p) for p in parts), _loc(source, span)
 
-    def bare_call(self, meta, children):
+    @_plain
+    def bare_call(source, span, children):
         (name,) = children
-        return Call(str(name), [], self._loc(meta), self._tok(name))
+        return Call(str(name), [], _loc(source, span), _tok(source, name))
 
-    def call(self, meta, children):
-        name, *args = children
+    def call(parsing, span, children):
+        parsing.arguments = 0
+        name, *args = _values(children)
         args = [a for a in args if a is not None]
-        return Call(str(name), args, self._loc(meta), self._tok(name), parens=True)
+        loc = _loc(parsing.source, span)
+        return _Node(Call(str(name), args, loc, _tok(parsing.source, name), parens=True), *span)
 
-    def arg(self, meta, children):
-        return Arg(None, children[0], self._loc(meta))
+    def _argument(build):
+        def reduce(parsing, span, children):
+            parsing.arguments += 1
+            if parsing.arguments > limits.current().operands:
+                first, last = _span(children[0]), _span(children[-1])
+                raise limits.exceeded(
+                    ParseError,
+                    "operands",
+                    "this call has at least",
+                    parsing.arguments,
+                    Location(parsing.source, first[0], first[1], last[2], last[3]),
+                    unit=" arguments",
+                )
+            return _Node(build(parsing.source, span, _values(children)), *span)
 
-    def keyword_arg(self, meta, children):
+        return reduce
+
+    @_argument
+    def arg(source, span, children):
+        return Arg(None, children[0], _loc(source, span))
+
+    @_argument
+    def keyword_arg(source, span, children):
         name, value = children
-        return Arg(str(name), value, self._loc(meta))
+        return Arg(str(name), value, _loc(source, span))
 
-    def int_value(self, meta, children):
-        return Literal(self._loc(meta), _integer(children[0], self._loc(meta)))
+    @_literal
+    def int_value(source, span, children):
+        loc = _loc(source, span)
+        return Literal(loc, _integer(children[0], loc))
 
-    def float_value(self, meta, children):
+    @_literal
+    def float_value(source, span, children):
         value = float(children[0])
         if value == float("inf"):
             raise ParseError(
                 f"number {str(children[0])[:30]} is too large for a 64-bit float",
-                self._loc(meta),
+                _loc(source, span),
                 hint="numbers in a program are at most about 1.8e308",
             )
-        return Literal(self._loc(meta), value)
+        return Literal(_loc(source, span), value)
 
-    def shape_value(self, meta, children):
-        loc = self._loc(meta)
+    @_literal
+    def shape_value(source, span, children):
+        loc = _loc(source, span)
         return Literal(loc, tuple(_integer(d, loc) for d in children[0].split("x")))
 
-    def name_value(self, meta, children):
-        return Name(self._loc(meta), str(children[0]))
+    @_plain
+    def name_value(source, span, children):
+        return Name(_loc(source, span), str(children[0]))
 
-    def member_value(self, meta, children):
+    @_plain
+    def member_value(source, span, children):
         value, size = children
-        return Member(self._loc(meta), str(value), str(size), self._tok(value))
+        return Member(_loc(source, span), str(value), str(size), _tok(source, value))
 
-    def tuple_value(self, meta, children):
-        return TupleExpr(self._loc(meta), list(children))
+    def _nested(build):
+        def reduce(parsing, span, children):
+            depth = 1 + max((getattr(c, "depth", 1) for c in children), default=0)
+            if depth > limits.current().expr_depth:
+                first, last = _span(children[0]), _span(children[-1])
+                loc = Location(parsing.source, first[0], first[1], last[2], last[3])
+                raise limits.exceeded(
+                    ParseError,
+                    "expr_depth",
+                    "this expression is nested",
+                    depth,
+                    loc,
+                    unit=" levels deep",
+                )
+            return _Node(build(parsing.source, span, _values(children)), *span, depth)
 
-    def paren(self, meta, children):
-        return children[0]
+        return reduce
 
-    def neg(self, meta, children):
-        return Neg(self._loc(meta), children[0])
+    @_nested
+    def tuple_value(source, span, children):
+        return TupleExpr(_loc(source, span), list(children))
+
+    def paren(parsing, span, children):
+        # Parentheses add no level of evaluation: (a + b) is as deep as a + b, and its value
+        # is that of a + b; its span takes the parentheses in. (How deep parentheses nest
+        # is bounded as the lexer reads them: _open_paren.)
+        (child,) = children
+        return _Node(child.value, *span, child.depth)
+
+    @_nested
+    def neg(source, span, children):
+        return Neg(_loc(source, span), children[0])
 
     def _binop(op):
-        def build(self, meta, children):
-            return BinOp(self._loc(meta), op, children[0], children[1])
+        def build(source, span, children):
+            return BinOp(_loc(source, span), op, children[0], children[1])
 
         return build
 
-    add = _binop("+")
-    sub = _binop("-")
-    mul = _binop("*")
-    floordiv = _binop("//")
+    add = _nested(_binop("+"))
+    sub = _nested(_binop("-"))
+    mul = _nested(_binop("*"))
+    floordiv = _nested(_binop("//"))
+
+
+def _tok(source: Source, tok) -> Location:
+    return Location(source, tok.line, tok.column, tok.end_line, tok.end_column)
 
 
 _TOKEN_WORDS = {

@@ -11,7 +11,6 @@ import numpy as np
 from cnnc.compare import agree
 from cnnc.errors import CnncError, UsageError
 from cnnc.ir.graph import Graph
-from cnnc.ir.printer import dump
 from cnnc.ir.verify import verify
 from cnnc.passes.channels_first import channels_first
 from cnnc.passes.convolutionalize import convolutionalize
@@ -127,6 +126,8 @@ def run_passes(graph: Graph, names: list[str], options: Options | None = None) -
         if before is not None:
             _check_unchanged(graph, name, before, options.seed)
         if options.print_after_all or name in options.print_after:
+            from cnnc.ir.printer import dump  # only here: a plain compile never prints
+
             options.printer(f"# IR after {name}\n{dump(graph)}")
         if name == options.stop_after:
             break
