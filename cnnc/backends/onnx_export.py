@@ -546,15 +546,23 @@ def _fused_function(e: Emitter, activation: str, act_attrs: dict[str, Any]) -> o
     attributes refer to the call's, so one function serves every such conv."""
     conv = helper.make_node("Conv", ["X", "W", "B"], ["T"])
     conv.attribute.extend(helper.make_attribute_ref(a, t) for a, t in _CONV_ATTRS.items())
-    body = activation_body(activation, act_attrs, e.opset)
-    for node in body:
-        node.input[:] = ["T" if i == "X" else i for i in node.input]
+    if activation == "clip":
+        # The bounds are inputs (scalar initializers shared by every call), not Constant
+        # nodes made from the call's attributes: inlined, each call is then Conv and Clip.
+        body = [helper.make_node("Clip", ["T", *CLIP_BOUNDS], ["Y"])]
+        inputs, attributes = ["X", "W", "B", *CLIP_BOUNDS], list(_CONV_ATTRS)
+    else:
+        body = activation_body(activation, act_attrs, e.opset)
+        for node in body:
+            node.input[:] = ["T" if i == "X" else i for i in node.input]
+        inputs = ["X", "W", "B"]
+        attributes = [*_CONV_ATTRS, *_call_attrs(activation, act_attrs)]
     return model_function(
         fused_function_name(activation, act_attrs),
-        ["X", "W", "B"],
+        inputs,
         ["Y"],
         [conv, *body],
-        [*_CONV_ATTRS, *_call_attrs(activation, act_attrs)],
+        attributes,
         e.opset,
         f"Conv followed by {activation} (cnnc fuse-conv-act)",
     )
@@ -571,7 +579,19 @@ def _conv(e: Emitter, node: Node) -> None:
     act_attrs = node.attrs["activation_attrs"]
     attrs.setdefault("dilations", [1] * len(attrs["kernel_shape"]))
     call_inputs = inputs if len(inputs) == 3 else [*inputs, ""]
-    call_attrs = {**attrs, **_call_attrs(activation, act_attrs)}
+    if activation == "clip":
+        # An infinite bound is no bound: the input is left out.
+        call_inputs += [
+            e.shared_constant(f"clip.{b}", np.array(act_attrs[b], np.float32))
+            if np.isfinite(act_attrs[b])
+            else ""
+            for b in CLIP_BOUNDS
+        ]
+        while call_inputs[-1] == "":
+            call_inputs.pop()
+        call_attrs = attrs
+    else:
+        call_attrs = {**attrs, **_call_attrs(activation, act_attrs)}
     e.call(_fused_function(e, activation, act_attrs), call_inputs, outputs, node.name, call_attrs)
 
 

@@ -353,10 +353,27 @@ def _fused_function(activation: str, fixed: dict[str, Any]):
             if k in attrs
         }
         act_attrs = {**fixed, **{k: float(v) for k, v in attrs.items()}}
+        if activation == "clip" and not attrs:
+            # Since cnnc 0.1's affine work, ConvClip takes its bounds as inputs 4 and 5
+            # (scalar initializers; left out: no bound); before, as attributes.
+            for i, (bound, default) in enumerate((("min", -np.inf), ("max", np.inf)), 3):
+                name = node.input[i] if len(node.input) > i else ""
+                if name and (name not in imp.constants or imp.constants[name].size != 1):
+                    raise imp.fail(node, f"ConvClip's {bound} must be a constant scalar")
+                act_attrs[bound] = float(imp.constants[name].reshape(())) if name else default
+            node = _first_inputs(node, 3)
         fused = {"activation": activation, "activation_attrs": act_attrs}
         _conv(imp, node, conv_attrs, fused)
 
     return build
+
+
+def _first_inputs(node: onnx.NodeProto, count: int) -> onnx.NodeProto:
+    """A copy of ``node`` with its first ``count`` inputs only."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    del copy.input[count:]
+    return copy
 
 
 for _name, (_op, _fixed) in FUNCTION_NAMES.items():
