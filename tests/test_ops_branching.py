@@ -575,22 +575,20 @@ def test_conv_leaky_relu_reads_alpha_from_the_call_by_reference():
     assert {a.name: a.f for a in call.attribute}["alpha"] == pytest.approx(0.2)
 
 
-def test_conv_clip_feeds_its_bounds_from_constants_that_refer_to_the_call():
+def test_conv_clip_takes_its_bounds_as_inputs_so_that_inlined_it_is_conv_and_clip():
     model = cnnc.compile(fused_program("relu6")).to_onnx()
     (function,) = model.functions
+    assert list(function.input) == ["X", "W", "B", "min", "max"]
     assert [(n.op_type, list(n.input)) for n in function.node] == [
         ("Conv", ["X", "W", "B"]),
-        ("Constant", []),
-        ("Constant", []),
         ("Clip", ["T", "min", "max"]),
     ]
-    refs = [(a.name, a.ref_attr_name) for n in function.node[1:3] for a in n.attribute]
-    assert refs == [("value_float", "min"), ("value_float", "max")]
     (call,) = model.graph.node
-    assert {a.name: a.f for a in call.attribute if a.name in ("min", "max")} == {
-        "min": 0.0,
-        "max": 6.0,
-    }
+    assert not {a.name for a in call.attribute} & {"min", "max"}
+    bounds = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert [float(bounds[name]) for name in call.input[3:]] == [0.0, 6.0]
+    inlined = cnnc.compile(fused_program("relu6")).to_onnx(inline_functions=True)
+    assert [n.op_type for n in inlined.graph.node] == ["Conv", "Clip"]
 
 
 @BATCHES
@@ -628,7 +626,7 @@ def test_a_fused_conv_imports_back_with_its_activation_and_attributes(
 
 
 @BATCHES
-def test_a_fused_clip_with_one_bound_calls_its_function_with_an_infinite_other(tmp_path, batch):
+def test_a_fused_clip_with_one_bound_leaves_the_other_out_of_its_call(tmp_path, batch):
     shapes = {"x": (3, 6, 6)}
     weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3), dtype=np.float32)
     nodes = [
@@ -641,7 +639,16 @@ def test_a_fused_clip_with_one_bound_calls_its_function_with_an_infinite_other(t
     proto = fused.to_onnx()
     onnx.checker.check_model(proto, full_check=True)
     (call,) = proto.graph.node
-    assert {a.name: a.f for a in call.attribute}["min"] == -math.inf
+    # No lower bound: the call leaves the function's min input out.
+    assert call.input[3] == ""
+    assert (
+        float(
+            numpy_helper.to_array(
+                next(t for t in proto.graph.initializer if t.name == call.input[4])
+            )
+        )
+        == 0.5
+    )
     feeds = random_inputs(shapes, batch)
     expected = run_onnxruntime(source, feeds)
     assert_close(fused.run(feeds["x"]), expected)

@@ -173,7 +173,7 @@ class Emitter:
     def shared_constant(self, name: str, array: np.ndarray) -> str:
         """A constant initializer that every node asking for the same values reads: one
         ``affine.ones`` of 64 values for all the nodes of 64 channels that need it."""
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array).reshape(np.shape(array))  # a scalar stays one
         key = (name, array.dtype.str, array.shape, array.tobytes())
         if key not in self._shared:
             self._shared[key] = self.constant(name, array)
