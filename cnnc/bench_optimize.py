@@ -364,6 +364,9 @@ def _session(path: str, level: str, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Several sessions share the process and its few CPUs: the threads of a session that
+    # has just run must not spin (onnxruntime's default) while the next session runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     if level == "disabled":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
