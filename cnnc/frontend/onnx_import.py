@@ -354,8 +354,8 @@ def _fused_function(activation: str, fixed: dict[str, Any]):
         }
         act_attrs = {**fixed, **{k: float(v) for k, v in attrs.items()}}
         if activation == "clip" and not attrs:
-            # Since cnnc 0.1's affine work, ConvClip takes its bounds as inputs 4 and 5
-            # (scalar initializers; left out: no bound); before, as attributes.
+            # ConvClip takes its bounds as inputs 4 and 5 (scalar initializers; one left
+            # out is no bound); models written by earlier cnnc give them as attributes.
             for i, (bound, default) in enumerate((("min", -np.inf), ("max", np.inf)), 3):
                 name = node.input[i] if len(node.input) > i else ""
                 if name and (name not in imp.constants or imp.constants[name].size != 1):
