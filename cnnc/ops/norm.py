@@ -44,6 +44,16 @@ class BatchNorm(OpDef):
 register_op(BatchNorm())
 
 
+# The ops that scale and shift each channel (x·s + t): channel_scale_shift reads them.
+CHANNEL_NORMS = ("bn", "affine", "scale")
+
+
+def has_constant_params(node) -> bool:
+    """Whether every input of ``node`` after x is a parameter with its values (not a value of
+    the run, as a training step's parameters are)."""
+    return all(v.is_param and v.has_data for v in node.inputs[1:])
+
+
 def channel_scale_shift(node) -> tuple[np.ndarray, np.ndarray | None]:
     """The per-channel scale s and shift t of a bn, affine or scale node: y = x·s + t (no
     shift, None, for a scale)."""

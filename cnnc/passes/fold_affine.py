@@ -36,21 +36,17 @@ from __future__ import annotations
 import numpy as np
 
 from cnnc.ir.graph import Graph, Node
-from cnnc.ops.norm import channel_scale_shift
+from cnnc.ops.norm import CHANNEL_NORMS as NORMS
+from cnnc.ops.norm import channel_scale_shift, has_constant_params
 
-NORMS = ("bn", "affine", "scale")
 LAYERS = ("conv", "conv_transpose", "fc", "linear")
-
-
-def _constant(node: Node) -> bool:
-    return all(v.is_param and v.has_data for v in node.inputs[1:])
 
 
 def _layer_after(graph: Graph, norm: Node) -> Node | None:
     """The conv, conv_transpose, fc or linear layer that alone reads ``norm``'s output
     (an fc through a flatten), if the norm may fold into it."""
     y = norm.output
-    if len(y.users) != 1 or y in graph.outputs or not _constant(norm):
+    if len(y.users) != 1 or y in graph.outputs or not has_constant_params(norm):
         return None
     layer = y.users[0]
     if layer.op == "flatten":

@@ -29,9 +29,9 @@ from collections.abc import Callable
 import numpy as np
 
 from cnnc.ir.graph import Graph, Node
+from cnnc.ops.norm import CHANNEL_NORMS as NORMS
 from cnnc.ops.norm import channel_scale_shift
 
-NORMS = ("bn", "affine", "scale")
 FOLDS_INTO = ("conv", "conv_transpose", "fc", "linear")
 
 

@@ -35,13 +35,8 @@ from __future__ import annotations
 import numpy as np
 
 from cnnc.ir.graph import Graph, Node, Value
-from cnnc.ops.norm import channel_scale_shift
-
-NORMS = ("bn", "affine", "scale")
-
-
-def _constant(node: Node) -> bool:
-    return all(v.is_param and v.has_data for v in node.inputs[1:])
+from cnnc.ops.norm import CHANNEL_NORMS as NORMS
+from cnnc.ops.norm import channel_scale_shift, has_constant_params
 
 
 def _mergeable(graph: Graph, node: Node) -> Node | None:
@@ -52,7 +47,7 @@ def _mergeable(graph: Graph, node: Node) -> Node | None:
         return None
     if len(y.users) != 1 or y in graph.outputs:
         return None
-    if not (_constant(first) and _constant(node)):
+    if not (has_constant_params(first) and has_constant_params(node)):
         return None
     return first
 
