@@ -92,6 +92,10 @@ CONVS = [
     ("4x13x12", "conv(6, 5, stride=2, dilation=(1, 2), pad=(2, 0, 1, 3), groups=2)"),
     ("3x30", "conv(4, 11, stride=3, pad=(4, 2))"),
     ("3x9x9", "conv(3, (2, 5), groups=3)"),
+    # more output channels than positions: the columns move and one MatMul sums the batch
+    ("3x4x4", "conv(20, 3, pad=1)"),
+    ("4x3x3", "conv(12, 3, pad=(1, 0, 1, 2), groups=2)"),
+    ("3x5", "conv(8, 3, stride=2)"),
 ]
 
 
@@ -106,6 +110,24 @@ def test_conv_grad_weight(shape, layer):
     rng = np.random.default_rng(1)
     feeds = {"x": _f((2, *x.shape[1:]), rng), "dy": _f((2, *conv.output.shape[1:]), rng)}
     _check(graph, feeds, OPSETS)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layer", "summed"),
+    [("4x8x8", "conv(6, 3, pad=1)", True), ("4x4x4", "conv(20, 3, pad=1, groups=2)", False)],
+)
+def test_conv_grad_weight_sums_the_items_only_where_the_products_are_smaller(shape, layer, summed):
+    """A MatMul per item and a sum over the batch where dy has fewer channels than positions;
+    otherwise the columns move to [g, C/g·taps, N·positions] and one MatMul per group sums."""
+    forward = _forward(f"network n(x: {shape}) {{ {layer} }}")
+    conv = forward.nodes[0]
+    attrs = {k: conv.attrs[k] for k in ("stride", "pads", "dilation", "groups")}
+    attrs["kernel"] = tuple(conv.inputs[1].shape[2:])
+    inputs = [("x", conv.inputs[0].type), ("dy", conv.output.type)]
+    graph = _one_node("conv_grad_weight", inputs, attrs)
+    ops = [n.op_type for n in to_onnx(graph, 17).graph.node]
+    assert ops.count("MatMul") == 1
+    assert ("ReduceSum" in ops) == summed
 
 
 def test_reduce_sum():
@@ -217,13 +239,23 @@ def test_losses():
         _check(_one_node(op, [("pred", t), ("target", t)], {}), feeds, OPSETS)
 
 
-@pytest.mark.parametrize(("shape", "batch"), [((4, 5, 6), 3), ((4,), 5), ((3, 7), 2), ((4,), 1)])
-def test_batch_norm(shape, batch):
+@pytest.mark.parametrize(
+    ("shape", "batch", "dtype"),
+    [
+        ((4, 5, 6), 3, "f32"),
+        ((4,), 5, "f32"),
+        ((3, 7), 2, "f32"),
+        ((4,), 1, "f32"),
+        ((3, 4, 5), 2, "f64"),
+    ],
+)
+def test_batch_norm(shape, batch, dtype):
     # batch 1 of [N, 4]: one item per channel, whose unbiased variance is the biased one
     rng = np.random.default_rng(7)
     channels = shape[0]
-    x = TensorType("f32", ("N", *shape))
-    c = TensorType("f32", (channels,))
+    x = TensorType(dtype, ("N", *shape))
+    c = TensorType(dtype, (channels,))
+    np_dtype = x.numpy_dtype
     stats = [("running_mean", c), ("running_var", c)]
     graph = _one_node(
         "bn_train",
@@ -231,11 +263,11 @@ def test_batch_norm(shape, batch):
         {"epsilon": 1e-5, "momentum": 0.1},
     )
     feeds = {
-        "x": _f((batch, *shape), rng, 2.0) + 1.0,
-        "weight": _f((channels,), rng),
-        "bias": _f((channels,), rng),
-        "running_mean": _f((channels,), rng),
-        "running_var": np.abs(_f((channels,), rng)) + 0.5,
+        "x": _f((batch, *shape), rng, 2.0, dtype=np_dtype) + 1.0,
+        "weight": _f((channels,), rng, dtype=np_dtype),
+        "bias": _f((channels,), rng, dtype=np_dtype),
+        "running_mean": _f((channels,), rng, dtype=np_dtype),
+        "running_var": np.abs(_f((channels,), rng, dtype=np_dtype)) + 0.5,
     }
     _check(graph, feeds, OPSETS)
     ours = Interpreter(graph, threads=1).run(*feeds.values())
@@ -246,7 +278,7 @@ def test_batch_norm(shape, batch):
         "weight": feeds["weight"],
         "mean": ours[1],
         "invstd": ours[2],
-        "dy": _f((batch, *shape), rng),
+        "dy": _f((batch, *shape), rng, dtype=np_dtype),
     }
     _check(grad, grad_feeds, OPSETS)
 
@@ -543,9 +575,12 @@ def test_initial_state_takes_a_weights_file(tmp_path):
 @pytest.mark.parametrize(
     ("x_shape", "w_shape", "attrs", "flipped"),
     [
-        ((6, 5, 5), (6, 4, 3, 3), {"pads": (1, 1, 1, 1)}, True),
-        ((6, 4, 5), (6, 3, 3, 2), {"pads": (2, 0, 1, 1), "dilation": (1, 2)}, True),
-        ((6, 7), (6, 4, 4), {"pads": (0, 3)}, True),
+        ((6, 15, 15), (6, 4, 3, 3), {"pads": (1, 1, 1, 1)}, True),
+        ((6, 14, 16), (6, 3, 3, 2), {"pads": (2, 0, 1, 1), "dilation": (1, 2)}, True),
+        ((6, 200), (6, 4, 4), {"pads": (0, 3)}, True),
+        # maps of 14×14 or fewer pixels keep ConvTranspose (the flip would cost more)
+        ((6, 14, 14), (6, 4, 3, 3), {"pads": (1, 1, 1, 1)}, False),
+        ((6, 7), (6, 4, 4), {"pads": (0, 3)}, False),
         # the Conv's im2col would be 4 times ConvTranspose's col2im (8 channels of 5×5 to 2
         # of 7×7)
         ((8, 5, 5), (8, 2, 3, 3), {"pads": (0, 0, 0, 0)}, False),
@@ -558,8 +593,9 @@ def test_a_transposed_convolution_of_fed_weights_exports_and_agrees(
     x_shape, w_shape, attrs, flipped
 ):
     """A convolution's input gradient (conv_transpose of weights that are inputs of the run)
-    exports at stride 1 and one group as the Conv by the transposed, flipped kernels; every
-    form agrees with the interpreter, a bias included."""
+    exports at stride 1 and one group, onto maps of more than 14×14 pixels, as the Conv by
+    the transposed, flipped kernels; every form agrees with the interpreter, a bias
+    included."""
     rank = len(x_shape) - 1
     full = {"stride": (1,) * rank, "dilation": (1,) * rank, "groups": 1, **attrs}
     full["output_pad"] = (0,) * rank

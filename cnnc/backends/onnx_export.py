@@ -626,23 +626,39 @@ def _columns_ratio(node: Node) -> float:
     return (w.shape[0] * np.prod(y.shape[2:])) / (y.shape[1] * np.prod(x.shape[2:]))
 
 
+# A transposed convolution whose output maps are this small keeps its ConvTranspose: the
+# flip of the weights (a Slice with negative steps, which onnxruntime copies value by value)
+# costs more than the Conv saves. onnxruntime 1.32, 2 threads, batch 8, ResNet-18's input
+# gradients, ConvTranspose against the flipped Conv with its flip: 512 channels of 7×7 12.5
+# against 19.6 ms, 256 of 14×14 10.7 against 12.5 ms, 128 of 28×28 13.2 against 11.1 ms.
+FLIP_MIN_PIXELS = 14 * 14
+
+
+def _map_pixels(value: Value) -> int:
+    """The pixels of one map of ``value`` (0 when a size is not known)."""
+    dims = value.shape[2:]
+    return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else 0
+
+
 def _transpose_as_flipped_conv(e: Emitter, node: Node) -> bool:
     """A stride 1 transposed convolution of one group whose weights are values of the run
     (a convolution's input gradient in a training step) as the Conv by its kernels
-    transposed and flipped, padded by dilation·(k − 1) − pad: onnxruntime's Conv is several
-    times as fast as its ConvTranspose there (ResNet-18's 3×3 convolutions at batch 8) —
-    unless its im2col is twice ConvTranspose's col2im or more, where the Conv's input has
-    more channels or a smaller map than its output (LeNet-5's second convolution, 16
-    channels of 10×10 to 6 of 14×14 by 5×5, batch 64: ConvTranspose 1.1 ms, the Conv 9.7
-    ms on one thread). A model with constant weights keeps its ConvTranspose (what it says
-    is what it computes). True if it wrote the Conv."""
+    transposed and flipped, padded by dilation·(k − 1) − pad: onnxruntime's Conv is faster
+    than its ConvTranspose there (ResNet-18's 3×3 input gradients at batch 8, 2 threads, the
+    flip included: 64 channels of 56×56 13.3 against 15.2 ms, 128 of 28×28 11.1 against
+    13.2 ms) — unless its im2col is twice ConvTranspose's col2im or more, where the Conv's
+    input has more channels or a smaller map than its output (LeNet-5's second convolution,
+    16 channels of 10×10 to 6 of 14×14 by 5×5, batch 64: ConvTranspose 1.1 ms, the Conv 9.7
+    ms on one thread), or its maps are of FLIP_MIN_PIXELS or fewer. A model with constant
+    weights keeps its ConvTranspose (what it says is what it computes). True if it wrote
+    the Conv."""
     a = node.attrs
     weight = node.inputs[1]
     kernel = tuple(weight.shape[2:])
     rank = len(kernel)
     if weight.is_param or a["groups"] != 1 or any(s != 1 for s in a["stride"]):
         return False
-    if _columns_ratio(node) >= 2:
+    if _columns_ratio(node) >= 2 or _map_pixels(node.output) <= FLIP_MIN_PIXELS:
         return False
     reach = [d * (k - 1) for d, k in zip(a["dilation"], kernel, strict=True)]
     pads = [reach[i] - a["pads"][i] for i in range(rank)]

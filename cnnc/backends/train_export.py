@@ -186,8 +186,16 @@ def _conv_grad_weight(e: Emitter, node: Node) -> None:
 def _conv_grad_weight_im2col(ops: _Ops, x, dy, kernel, stride, dilation, pads, groups) -> None:
     """The columns of x, [N, C·taps, positions], by a depthwise Conv whose weights pick one
     tap each (initializer ``<node>.taps``, [C·taps, 1, k...], shared by every node of the
-    same channels and kernel); per item and group, their
-    product with dy's [positions, O/g]; summed over the items."""
+    same channels and kernel), times dy's [positions, O/g] per group.
+
+    Where dy has more channels than positions per item (ResNet-18's 512 channels of 7×7),
+    the columns move once, to [g, C/g·taps, N·positions], and one MatMul per group sums over
+    the items and positions together; elsewhere a MatMul per item and group, whose products
+    [N, g, C/g·taps, O/g] are summed over the items (moving the columns would cost more than
+    the sum). Measured in onnxruntime 1.32 on 2 threads, batch 8, ResNet-18's 3×3 convolutions,
+    moved against summed: 512 channels of 7×7 10.7 against 17.3 ms, 512 of 7×7 from 14×14 at
+    stride 2 5.3 against 9.2 ms, 256 of 14×14 11.3 against 11.8 ms; 64 of 56×56 23.9 against
+    15.1 ms."""
     channels, out = x.shape[1], dy.shape[1]
     taps = int(np.prod(kernel))
     # One initializer per channel count and kernel, shared by the nodes that need it.
@@ -210,11 +218,22 @@ def _conv_grad_weight_im2col(ops: _Ops, x, dy, kernel, stride, dilation, pads, g
         "columns_g",
     )  # [N, g, C/g·taps, P]
     grads = ops("Reshape", [dy.name, ops.ints("dy_shape", [0, groups, out // groups, -1])], "dy_g")
+    shape = ops.ints("weight_shape", [out, per_group, *kernel])
+    if out > int(np.prod(dy.shape[2:])):
+        to_groups = [1, 2, 0, 3]  # [N, g, rows, P] -> [g, rows, N, P]
+        merged = ops.ints("merged_shape", [groups, 0, -1])
+        columns = ops("Transpose", [columns], "columns_t", perm=to_groups)
+        columns = ops("Reshape", [columns, merged], "columns_m")  # [g, C/g·taps, N·P]
+        grads = ops("Transpose", [grads], "dy_t", perm=to_groups)
+        grads = ops("Reshape", [grads, merged], "dy_m")  # [g, O/g, N·P]
+        columns = ops("Transpose", [columns], "columns_mt", perm=[0, 2, 1])
+        product = ops("MatMul", [grads, columns], "product")  # [g, O/g, C/g·taps]
+        ops("Reshape", [product, shape], f"={ops.node.output.name}")
+        return
     grads = ops("Transpose", [grads], "dy_t", perm=[0, 1, 3, 2])  # [N, g, P, O/g]
     product = ops("MatMul", [columns, grads], "product")  # [N, g, C/g·taps, O/g]
     summed = ops.reduce("ReduceSum", product, [0], False, "summed")  # [g, C/g·taps, O/g]
     moved = ops("Transpose", [summed], "summed_t", perm=[0, 2, 1])  # [g, O/g, C/g·taps]
-    shape = ops.ints("weight_shape", [out, per_group, *kernel])
     ops("Reshape", [moved, shape], f"={ops.node.output.name}")
 
 
@@ -487,6 +506,15 @@ def _mse_loss_grad(e: Emitter, node: Node) -> None:
 # ---- batch norm -------------------------------------------------------------------------------
 
 
+def _channel_affine(ops: _Ops, x: str, scale: str, shift: str, channels: int, what: str) -> str:
+    """x·scale + shift per channel ([C] vectors) as one BatchNormalization of mean 0 and
+    variance 1 (the exporter's form of an affine): one node where Mul and Add are two, in
+    the same time (ResNet-18's first block at batch 8: 0.69 against 0.72 ms)."""
+    zeros = ops.e.shared_constant(f"zeros{channels}", np.zeros(channels, ops.dtype))
+    ones = ops.e.shared_constant(f"ones{channels}", np.ones(channels, ops.dtype))
+    return ops("BatchNormalization", [x, scale, shift, zeros, ones], what, epsilon=0.0)
+
+
 @emitter("bn_train")
 def _bn_train(e: Emitter, node: Node) -> None:
     """Batch norm in training mode: the batch's mean and biased variance over every axis
@@ -528,27 +556,29 @@ def _bn_train(e: Emitter, node: Node) -> None:
 
 @emitter("bn_grad")
 def _bn_grad(e: Emitter, node: Node) -> None:
+    """dx = a·dy − a·invstd·dweight/n·(x − mean) − a·dbias/n with a = weight·invstd, n the
+    count per channel: the last two terms, per-channel coefficients of x − mean, are one
+    BatchNormalization; dweight = invstd·Σ dy·(x − mean). Seven passes over the maps where
+    the interpreter's order of operations (xhat first) takes eleven."""
     ops = _Ops(e, node)
     x, weight, mean, invstd, dy = node.inputs
     rank = x.type.rank
     axes = [0, *range(2, rank)]
     dx, dweight, dbias = (f"={v.name}" for v in node.outputs)
-    mean_c = ops.per_channel(mean.name, rank, "mean_c")
-    invstd_c = ops.per_channel(invstd.name, rank, "invstd_c")
-    xhat = ops("Mul", [ops("Sub", [x.name, mean_c], "centred"), invstd_c], "xhat")
+    centred = ops("Sub", [x.name, ops.per_channel(mean.name, rank, "mean_c")], "centred")
     db = ops.reduce("ReduceSum", dy.name, axes, False, dbias)
-    dw = ops.reduce("ReduceSum", ops("Mul", [dy.name, xhat], "dy_xhat"), axes, False, dweight)
+    products = ops.reduce(
+        "ReduceSum", ops("Mul", [dy.name, centred], "dy_centred"), axes, False, "products"
+    )
+    dw = ops("Mul", [products, invstd.name], dweight)
     count = ops.count(x)
-    scale = ops("Div", [ops("Mul", [weight.name, invstd.name], "w_invstd"), count], "scale")
-    terms = ops(
-        "Sub",
-        [ops("Mul", [count, dy.name], "count_dy"), ops.per_channel(db, rank, "db_c")],
-        "terms",
-    )
-    terms = ops(
-        "Sub", [terms, ops("Mul", [xhat, ops.per_channel(dw, rank, "dw_c")], "xhat_dw")], "terms_2"
-    )
-    ops("Mul", [ops.per_channel(scale, rank, "scale_c"), terms], dx)
+    a = ops("Mul", [weight.name, invstd.name], "w_invstd")
+    a_n = ops("Div", [a, count], "w_invstd_n")
+    slope = ops("Neg", [ops("Mul", [ops("Mul", [a_n, invstd.name], "a_invstd"), dw], "c")], "slope")
+    offset = ops("Neg", [ops("Mul", [a_n, db], "a_db")], "offset")
+    rest = _channel_affine(ops, centred, slope, offset, x.shape[1], "rest")
+    scaled = ops("Mul", [dy.name, ops.per_channel(a, rank, "w_invstd_c")], "dy_scaled")
+    ops("Add", [scaled, rest], dx)
 
 
 # ---- optimizers -------------------------------------------------------------------------------
