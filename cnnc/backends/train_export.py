@@ -559,7 +559,7 @@ def _bn_grad(e: Emitter, node: Node) -> None:
     """dx = a·dy − a·invstd·dweight/n·(x − mean) − a·dbias/n with a = weight·invstd, n the
     count per channel: the last two terms, per-channel coefficients of x − mean, are one
     BatchNormalization; dweight = invstd·Σ dy·(x − mean). Seven passes over the maps where
-    the interpreter's order of operations (xhat first) takes eleven."""
+    the interpreter's order of operations (xhat first) takes ten."""
     ops = _Ops(e, node)
     x, weight, mean, invstd, dy = node.inputs
     rank = x.type.rank
