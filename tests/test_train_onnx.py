@@ -450,6 +450,11 @@ def test_step_with_batch_norm_and_dropout_agrees(kind):
     # The masks drop something: the same masks in both is what makes them agree.
     assert all((feeds[m.name] == 0).any() for m in step.masks)
     _assert_step_agrees(step, ours, theirs)
+    # Each bn_grad reads its forward pass's x − mean: one Sub of each batch norm's input.
+    bns = [n for n in step.graph.nodes if n.op == "bn_train"]
+    subs = [n for n in to_onnx(step.graph, 17).graph.node if n.op_type == "Sub"]
+    for bn in bns:
+        assert sum(n.input[0] == bn.inputs[0].name for n in subs) == 1, bn.name
 
 
 def test_three_steps_in_onnxruntime_lower_the_loss():

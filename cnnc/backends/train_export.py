@@ -527,6 +527,9 @@ def _bn_train(e: Emitter, node: Node) -> None:
     y, mean_out, invstd_out, new_mean, new_var = (f"={v.name}" for v in node.outputs)
     mean = ops.reduce("ReduceMean", x.name, axes, True, "mean_c")
     centred = ops("Sub", [x.name, mean], "centred")
+    # bn_grad of the same x and mean reads this instead of subtracting again (x itself is then
+    # free after the forward pass: nothing else reads a batch norm's input).
+    e.__dict__.setdefault("_bn_centred", {})[x.name, node.outputs[1].name] = centred
     var = ops.reduce("ReduceMean", ops("Mul", [centred, centred], "square"), axes, True, "var_c")
     shifted = ops("Add", [var, ops.scalar("epsilon", node.attrs["epsilon"])], "var_eps")
     invstd = ops("Div", [ops.scalar("one", 1.0), ops("Sqrt", [shifted], "std")], "invstd_c")
@@ -558,14 +561,17 @@ def _bn_train(e: Emitter, node: Node) -> None:
 def _bn_grad(e: Emitter, node: Node) -> None:
     """dx = a·dy − a·invstd·dweight/n·(x − mean) − a·dbias/n with a = weight·invstd, n the
     count per channel: the last two terms, per-channel coefficients of x − mean, are one
-    BatchNormalization; dweight = invstd·Σ dy·(x − mean). Seven passes over the maps where
-    the interpreter's order of operations (xhat first) takes ten."""
+    BatchNormalization; dweight = invstd·Σ dy·(x − mean), x − mean the forward pass's where
+    it is in the same graph. Six passes over the maps where the interpreter's order of
+    operations (xhat first) takes ten."""
     ops = _Ops(e, node)
     x, weight, mean, invstd, dy = node.inputs
     rank = x.type.rank
     axes = [0, *range(2, rank)]
     dx, dweight, dbias = (f"={v.name}" for v in node.outputs)
-    centred = ops("Sub", [x.name, ops.per_channel(mean.name, rank, "mean_c")], "centred")
+    centred = e.__dict__.get("_bn_centred", {}).get((x.name, mean.name))
+    if centred is None:  # a bn_grad whose bn_train is not in this graph
+        centred = ops("Sub", [x.name, ops.per_channel(mean.name, rank, "mean_c")], "centred")
     db = ops.reduce("ReduceSum", dy.name, axes, False, dbias)
     products = ops.reduce(
         "ReduceSum", ops("Mul", [dy.name, centred], "dy_centred"), axes, False, "products"
