@@ -683,16 +683,20 @@ def op_difference(mine: dict[str, int], theirs: dict[str, int]) -> tuple[str, st
 
 
 def losses(report: dict, tool: str = "cnnc", rival: str = "onnxsim") -> list[str]:
-    """Where ``tool`` loses: it fails or times out, its output fails the checker or computes
-    something else, holds more nodes than ``rival``'s, runs slower than the original at
-    either onnxruntime level beyond the spread (its 10th percentile ratio above 1), or takes
-    longer to optimize than ``rival``."""
+    """Where ``tool`` loses, or could not be compared (the original could not be read): it
+    fails or times out, its output fails the checker or computes something else, holds more
+    nodes than ``rival``'s, runs slower than the original at either onnxruntime level beyond
+    the spread (its 10th percentile ratio above 1), or takes longer to optimize than
+    ``rival``."""
     out = []
     for row in report["models"]:
         mine = row["tools"].get(tool)
-        if row["original"] is None or mine is None or mine["status"] == "not installed":
-            continue
         name = row["name"]
+        if row["original"] is None:
+            out.append(f"{name}: not compared: {row['error']}")
+            continue
+        if mine is None or mine["status"] == "not installed":
+            continue
         if mine["status"] != "ok":
             out.append(f"{name}: {tool} {mine['status']}: {mine['error']}")
             continue

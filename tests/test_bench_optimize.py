@@ -109,3 +109,10 @@ def test_a_tool_that_hangs_or_crashes_is_a_result_and_a_missing_one_is_named(tmp
     assert "| m | 3 (1) | timed out | not installed |" in text
     assert "- onnxsim: not installed: pip install onnxsim" in text
     assert "- m: cnnc timed out: no result after 5 s" in text
+    # a model that cannot be read is not a model where cnnc does not lose
+    unread = {"name": "bad", "group": "file", "path": "bad.onnx", "original": None, "tools": {}}
+    report["models"] = [{**unread, "error": "cannot read the model: truncated"}]
+    text = bench_optimize.render(report)
+    where = text[text.index("### Where cnnc loses") :]
+    assert "- bad: not compared: cannot read the model: truncated" in where
+    assert "nowhere" not in where
