@@ -128,7 +128,7 @@ def test_matmul(trans_a, trans_b):
 
 POOLS = [
     # input, the layer, whether its windows tile the map (the mask form in ONNX; the
-    # others take the taps form: a Conv of the taps, ArgMax, ScatterElements)
+    # others take MaxPool's Indices and ScatterElements)
     ("3x8x8", "maxpool(2)", True),
     ("4x6x6", "maxpool(3)", True),
     ("3x8", "maxpool(4)", True),
@@ -159,16 +159,15 @@ def test_maxpool_grad(shape, layer, tiled, ties):
         xs = rng.integers(0, 3, dims).astype(np.float32) if ties else _f(dims, rng)
         _check(graph, {"x": xs, "dy": _f((batch, *pool.output.shape[1:]), rng)}, OPSETS)
     nodes = to_onnx(graph, 17).graph.node
-    ops = {n.op_type for n in nodes}
-    assert ("ScatterElements" not in ops) == tiled
-    assert ("ArgMax" in ops) == (not tiled)
-    assert all(len(n.output) == 1 for n in nodes if n.op_type == "MaxPool")  # no Indices
+    assert ("ScatterElements" not in {n.op_type for n in nodes}) == tiled
+    indices = [n for n in nodes if n.op_type == "MaxPool" and len(n.output) == 2]
+    assert bool(indices) == (not tiled)
 
 
 def test_maxpool_grad_of_a_padded_window_never_takes_the_padding():
-    """Windows whose inputs are all negative, at the map's border: the padding (ONNX: a Conv
-    reads 0 there) must not win them; each gradient goes to a real input, the first of
-    its largest, as in the interpreter."""
+    """Windows whose inputs are all negative, at the map's border: the padding must not win
+    them (a form that reads the taps by a Conv sees 0 there); each gradient goes to a real
+    input, the first of its largest, as in the interpreter."""
     forward = _forward("network n(x: 4x9x9) { maxpool(3, stride=2, pad=1, ceil=true) }")
     pool = forward.nodes[0]
     attrs = {k: pool.attrs[k] for k in ("kernel", "stride", "pads", "dilation", "ceil")}
@@ -179,6 +178,21 @@ def test_maxpool_grad_of_a_padded_window_never_takes_the_padding():
     ours, theirs, _ = _both(graph, {"x": xs, "dy": dy})
     assert_agree(theirs[0], ours[0], "maxpool_grad on negative inputs")
     assert np.isclose(ours[0].sum(), dy.sum(), rtol=1e-5)  # no gradient lost to padding
+
+
+def test_maxpool_grad_with_minus_inf_inputs_agrees():
+    """-inf inputs (a pad by -inf that fuse-pad leaves before a ceil-mode pool) never win a
+    window that holds a finite input, and do not disturb the choice among the others: a
+    form that reads the taps by a Conv of one-hot weights would get NaN there (0·inf)."""
+    forward = _forward("network n(x: 4x11x11) { maxpool(3, stride=2, ceil=true) }")
+    pool = forward.nodes[0]
+    attrs = {k: pool.attrs[k] for k in ("kernel", "stride", "pads", "dilation", "ceil")}
+    graph = _one_node("maxpool_grad", [("x", pool.inputs[0].type), ("dy", pool.output.type)], attrs)
+    rng = np.random.default_rng(7)
+    xs = rng.integers(0, 3, (2, 4, 11, 11)).astype(np.float32)
+    xs[:, :, 0, :] = -np.inf  # a row and a column of -inf, as a pad by -inf leaves them
+    xs[:, :, :, -1] = -np.inf
+    _check(graph, {"x": xs, "dy": _f((2, *pool.output.shape[1:]), rng)})
 
 
 def test_maxpool_grad_in_float64_takes_the_indices():

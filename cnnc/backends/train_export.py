@@ -12,10 +12,8 @@ built at compile time, by cnnc/train/autodiff.py), so each of its ops has a plai
   to the kernel;
 - maxpool_grad: for windows that tile the map, the output gradient upsampled (Resize) where
   the input is its window's first largest (Equal, and a MaxPool of each position's rank);
-  for others (float32) the taps of each window by a Conv with one-hot weights, ArgMax over
-  them, a table from tap to position, then ScatterElements(reduction=add) of the output
-  gradient into zeros (opset 16); in float16 and float64 MaxPool's Indices output, then
-  ScatterElements likewise;
+  for others MaxPool's Indices output, then ScatterElements(reduction=add) of the output
+  gradient into zeros (opset 16);
 - activation_grad: the derivative in element-wise ops;
 - bn_train, bn_grad: ReduceMean and ReduceSum over every axis but the channels;
 - softmax_cross_entropy: SoftmaxCrossEntropyLoss; its gradient Softmax minus one at
@@ -27,8 +25,6 @@ carries the IR node's name.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 from onnx import helper, numpy_helper
@@ -194,7 +190,15 @@ def _conv_grad_weight_im2col(ops: _Ops, x, dy, kernel, stride, dilation, pads, g
     product with dy's [positions, O/g]; summed over the items."""
     channels, out = x.shape[1], dy.shape[1]
     taps = int(np.prod(kernel))
-    weights = _tap_weights(ops, channels, kernel)
+    # One initializer per channel count and kernel, shared by the nodes that need it.
+    shared = ops.e.__dict__.setdefault("_tap_weights", {})
+    key = (channels, tuple(kernel), np.dtype(ops.dtype).str)
+    if key not in shared:
+        pick = np.zeros((channels, taps, taps), ops.dtype)
+        pick[:, np.arange(taps), np.arange(taps)] = 1
+        shape = (channels * taps, 1, *kernel)
+        shared[key] = ops.e.constant(f"{ops.node.name}.taps", pick.reshape(shape))
+    weights = shared[key]
     attrs = {"strides": stride, "pads": pads, "group": channels}
     if any(d != 1 for d in dilation):
         attrs["dilations"] = dilation
@@ -212,22 +216,6 @@ def _conv_grad_weight_im2col(ops: _Ops, x, dy, kernel, stride, dilation, pads, g
     moved = ops("Transpose", [summed], "summed_t", perm=[0, 2, 1])  # [g, O/g, C/g·taps]
     shape = ops.ints("weight_shape", [out, per_group, *kernel])
     ops("Reshape", [moved, shape], f"={ops.node.output.name}")
-
-
-def _tap_weights(ops: _Ops, channels: int, kernel) -> str:
-    """The weights of a depthwise Conv whose outputs are the taps of each window, channel
-    by channel (output ``c·taps + t`` is tap ``t``, row-major, of channel ``c``): one-hot
-    [C·taps, 1, k...]. One initializer per channel count, kernel and type, shared by the
-    nodes that need it (conv_grad_weight's columns, maxpool_grad's taps)."""
-    taps = int(np.prod(kernel))
-    shared = ops.e.__dict__.setdefault("_tap_weights", {})
-    key = (channels, tuple(kernel), np.dtype(ops.dtype).str)
-    if key not in shared:
-        pick = np.zeros((channels, taps, taps), ops.dtype)
-        pick[:, np.arange(taps), np.arange(taps)] = 1
-        shape = (channels * taps, 1, *kernel)
-        shared[key] = ops.e.constant(f"{ops.node.name}.taps", pick.reshape(shape))
-    return shared[key]
 
 
 @emitter("reduce_sum")
@@ -261,11 +249,29 @@ def _matmul(e: Emitter, node: Node) -> None:
 @emitter("maxpool_grad")
 def _maxpool_grad(e: Emitter, node: Node) -> None:
     """Pools whose windows tile the map take the mask form (:func:`_maxpool_grad_tiled`);
-    other float32 pools of fixed sizes the taps form (:func:`_maxpool_grad_taps`); the
-    rest (float16 and float64: onnxruntime has no such Conv; sizes known only at run time)
-    MaxPool's Indices output (onnxruntime's, like the interpreter's, the first largest
-    input of each window in row-major order, padding never chosen), a position in the
-    flattened input, where ScatterElements adds each window's gradient into zeros."""
+    others MaxPool's Indices output (onnxruntime's, like the interpreter's, the first
+    largest input of each window in row-major order, padding never chosen), a position in
+    the flattened input, where ScatterElements adds each window's gradient into zeros.
+
+    Why not a form without MaxPool's Indices (onnxruntime computes them without its fast
+    NCHWc kernel: about 2.5 ns a tap, against 0.1 for the plain MaxPool)? The best other
+    form measured, in onnxruntime 1.32 on 2 threads of a machine shared with other work,
+    both forms interleaved in one process, their nodes' times added up, takes the taps of
+    every window by one depthwise Conv with one-hot weights, -inf added at the padding's
+    taps, ArgMax over the taps (the first largest), GatherElements of a constant
+    tap-to-position table and the same ScatterElements. It took 0.81 to 0.94 of this
+    form's time on ResNet's stem pool (3×3, stride 2, pad 1, 8×64×112×112), 0.90 to 0.99
+    on a 3×3, stride 1, pad 1 pool on 8×192×28×28 (three runs each), and 0.77
+    to 1.05 in ResNet-18's training step at batch 8 (three runs): the Conv, the ArgMax and the
+    ScatterElements each cost about what the Indices did. And its Conv multiplies each
+    window's inputs by 0, so one -inf input (a pad by -inf that fuse-pad leaves before a
+    ceil-mode pool) turns its windows' other taps to NaN and sends their gradients to the
+    first tap; clamping the input first would take most of the gain. Slower: one-hot taps
+    scattered back by ConvTranspose (18 ms on the stem pool, against 9 to 14 for
+    ScatterElements), Slices with steps of each tap (about 4 ms a tap), DepthToSpace to
+    interleave phases (30 ms), TopK for ArgMax, Gather for GatherElements (5 against
+    2 ms); MaxPools of each row-major prefix of the window cannot be had, onnxruntime
+    wanting pads smaller than the kernel."""
     ops = _Ops(e, node)
     x, dy = node.inputs
     a = node.attrs
@@ -279,8 +285,6 @@ def _maxpool_grad(e: Emitter, node: Node) -> None:
         attrs["dilations"] = list(a["dilation"])
     if _tiles(node):
         _maxpool_grad_tiled(ops, x, dy, attrs)
-        return
-    if _maxpool_grad_taps(ops, x, dy, a):
         return
     _, indices = ops.multi("MaxPool", [x.name], ["pooled", "indices"], **attrs)
     flat = ops.ints("flat", [-1])
@@ -300,84 +304,6 @@ def _maxpool_grad(e: Emitter, node: Node) -> None:
         reduction="add",
     )
     ops("Reshape", [scattered, shape], f"={node.output.name}")
-
-
-def _maxpool_grad_taps(ops: _Ops, x: Value, dy: Value, a: dict) -> bool:
-    """The taps of every window by one depthwise Conv with one-hot weights (output
-    ``c·K + t`` is tap ``t`` of channel ``c``; :func:`_tap_weights`), padded taps made
-    -inf by adding a constant; ArgMax over the K taps, which keeps the first largest (the
-    interpreter's choice); a constant [K, windows] table (GatherElements) turns the tap
-    into a position in the input's plane, where ScatterElements adds each window's
-    gradient (overlapping windows add up). Returns False, emitting nothing, for what it
-    does not take: other types than float32, sizes not fixed.
-
-    Why: onnxruntime's MaxPool with Indices has no fast (NCHWc) kernel and is the costly
-    part of that form. Measured in onnxruntime 1.32 on 2 threads of a busy machine, the
-    nodes' times added up, both forms interleaved in one process: ResNet's stem pool
-    (3×3, stride 2, pad 1) on 8×64×112×112 takes 46.7 ms against 57.7 (0.81), a 3×3,
-    stride 1, pad 1 pool on 8×192×28×28 30.4 against 32.6 (0.93); the Conv, the ArgMax
-    and the ScatterElements take about a quarter each. Slower there: the one-hot taps
-    scattered back by ConvTranspose (it alone about 18 ms on the stem pool), Slices with
-    steps of each tap (about 4 ms a tap), DepthToSpace (30 ms), TopK instead of ArgMax,
-    and Gather instead of GatherElements for the table (5 against 2 ms).
-
-    Exact for finite inputs, ties and padding included. With ±inf or NaN in a window the
-    Conv's products by 0 give NaN taps (0·inf) and ArgMax keeps the first tap unless a
-    later one is larger than it, so such a window's gradient may go to its first tap, or
-    to the input nearest it when that tap is padding, where the interpreter gives it to
-    its first largest input (+inf), or to the first largest before its first NaN."""
-    if x.type.numpy_dtype != np.float32:
-        return False
-    dims = [x.shape[1], *x.shape[2:], *dy.shape[2:]]
-    if not all(isinstance(d, int) for d in dims):
-        return False
-    channels = x.shape[1]
-    sizes, outs = list(x.shape[2:]), list(dy.shape[2:])
-    kernel, stride, dilation = (list(a[k]) for k in ("kernel", "stride", "dilation"))
-    rank = len(kernel)
-    begin, end = list(a["pads"][:rank]), list(a["pads"][rank:])
-    # The Conv's end padding: what the last window reaches (ceil mode may need more than
-    # the pool's pads); its output is then the pool's.
-    for i in range(rank):
-        span = (kernel[i] - 1) * dilation[i] + 1
-        end[i] = max(0, (outs[i] - 1) * stride[i] + span - sizes[i] - begin[i])
-        if (sizes[i] + begin[i] + end[i] - span) // stride[i] + 1 != outs[i]:
-            return False
-    taps = list(itertools.product(*[range(k) for k in kernel]))  # row-major
-    windows = int(np.prod(outs))
-    grid = np.meshgrid(*[np.arange(o) for o in outs], indexing="ij")
-    place = np.zeros((len(taps), windows), np.int64)
-    padded = np.zeros((len(taps), windows), bool)
-    plane = np.cumprod([1, *sizes[::-1]])[:-1][::-1]  # each axis' step in the plane
-    for t, tap in enumerate(taps):
-        for i in range(rank):
-            at = (grid[i] * stride[i] + tap[i] * dilation[i] - begin[i]).reshape(-1)
-            padded[t] |= (at < 0) | (at >= sizes[i])
-            place[t] += np.clip(at, 0, sizes[i] - 1) * plane[i]
-    conv = {"strides": stride, "pads": begin + end, "group": channels}
-    if any(d != 1 for d in dilation):
-        conv["dilations"] = dilation
-    columns = ops("Conv", [x.name, _tap_weights(ops, channels, kernel)], "columns", **conv)
-    shape = ops.ints("columns_shape", [0, channels, len(taps), windows])
-    columns = ops("Reshape", [columns, shape], "columns_k")  # [N, C, K, windows]
-    if padded.any():
-        bias = np.where(padded, -np.inf, 0).astype(np.float32)
-        bias = ops.e.constant(f"{ops.node.name}.padding", bias)
-        columns = ops("Add", [columns, bias], "columns_padded")
-    first = ops("ArgMax", [columns], "first", axis=2, keepdims=0)  # [N, C, windows]
-    first = ops("Reshape", [first, ops.ints("first_shape", [-1, windows])], "first_rows")
-    table = ops.e.constant(f"{ops.node.name}.places", place)
-    where = ops("GatherElements", [table, first], "where", axis=0)  # [N·C, windows]
-    flat = ops.ints("flat_shape", [-1, channels, windows])
-    where = ops("Reshape", [where, flat], "where_flat")
-    grads = ops("Reshape", [dy.name, ops.ints("dy_shape", [0, channels, windows])], "dy_flat")
-    shape = ops("Shape", [x.name], "shape")
-    zero = numpy_helper.from_array(np.zeros(1, ops.dtype))
-    zeros = ops("ConstantOfShape", [shape], "zeros", value=zero)
-    zeros = ops("Reshape", [zeros, ops.ints("plane_shape", [0, channels, -1])], "zeros_flat")
-    scattered = ops("ScatterElements", [zeros, where, grads], "scattered", axis=2, reduction="add")
-    ops("Reshape", [scattered, shape], f"={ops.node.output.name}")
-    return True
 
 
 def _tiles(node: Node) -> bool:
