@@ -149,15 +149,19 @@ def test_matmul(trans_a, trans_b):
 
 
 POOLS = [
-    # input, the layer, whether its windows tile the map (the mask form in ONNX)
+    # input, the layer, whether its windows tile the map (the mask form in ONNX; the
+    # others take MaxPool's Indices and ScatterElements)
     ("3x8x8", "maxpool(2)", True),
     ("4x6x6", "maxpool(3)", True),
     ("3x8", "maxpool(4)", True),
-    ("3x9x8", "maxpool(2)", False),  # a row no window reaches: MaxPool's indices in ONNX
+    ("3x9x8", "maxpool(2)", False),  # a row no window reaches
     ("3x9x9", "maxpool(3, stride=2, pad=1, ceil=true)", False),  # overlapping windows add up
     ("2x9x10", "maxpool(2, stride=1, dilation=2, pad=(1, 0, 0, 1))", False),
     ("3x11", "maxpool(3, stride=2, pad=1, ceil=true)", False),
     ("2x7x7", "maxpool(3, stride=1)", False),
+    ("16x32x32", "maxpool(3, stride=2, pad=1)", False),  # ResNet's stem pool
+    ("16x29x29", "maxpool(3, stride=2, ceil=true)", False),  # GoogLeNet's: the last window
+    ("16x14x14", "maxpool(3, stride=1, pad=1)", False),  # reaches past the map; Inception's
 ]
 
 
@@ -170,13 +174,47 @@ def test_maxpool_grad(shape, layer, tiled, ties):
     attrs = {k: pool.attrs[k] for k in ("kernel", "stride", "pads", "dilation", "ceil")}
     graph = _one_node("maxpool_grad", [("x", x.type), ("dy", pool.output.type)], attrs)
     rng = np.random.default_rng(4)
-    dims = (2, *x.shape[1:])
-    # With ties (values 0, 1 and 2), each window's gradient must go to the same input in
-    # both: the first of its largest.
-    xs = rng.integers(0, 3, dims).astype(np.float32) if ties else _f(dims, rng)
-    _check(graph, {"x": xs, "dy": _f((2, *pool.output.shape[1:]), rng)}, OPSETS)
-    ops = {n.op_type for n in to_onnx(graph, 17).graph.node}
-    assert ("ScatterElements" not in ops) == tiled
+    for batch in (1, 2):
+        dims = (batch, *x.shape[1:])
+        # With ties (values 0, 1 and 2), each window's gradient must go to the same input
+        # in both: the first of its largest.
+        xs = rng.integers(0, 3, dims).astype(np.float32) if ties else _f(dims, rng)
+        _check(graph, {"x": xs, "dy": _f((batch, *pool.output.shape[1:]), rng)}, OPSETS)
+    nodes = to_onnx(graph, 17).graph.node
+    assert ("ScatterElements" not in {n.op_type for n in nodes}) == tiled
+    indices = [n for n in nodes if n.op_type == "MaxPool" and len(n.output) == 2]
+    assert bool(indices) == (not tiled)
+
+
+def test_maxpool_grad_of_a_padded_window_never_takes_the_padding():
+    """Windows whose inputs are all negative, at the map's border: the padding must not win
+    them (a form that reads the taps by a Conv sees 0 there); each gradient goes to a real
+    input, the first of its largest, as in the interpreter."""
+    forward = _forward("network n(x: 4x9x9) { maxpool(3, stride=2, pad=1, ceil=true) }")
+    pool = forward.nodes[0]
+    attrs = {k: pool.attrs[k] for k in ("kernel", "stride", "pads", "dilation", "ceil")}
+    graph = _one_node("maxpool_grad", [("x", pool.inputs[0].type), ("dy", pool.output.type)], attrs)
+    rng = np.random.default_rng(6)
+    xs = -rng.integers(1, 3, (2, 4, 9, 9)).astype(np.float32)  # -1 and -2: ties below 0
+    dy = _f((2, *pool.output.shape[1:]), rng)
+    ours, theirs, _ = _both(graph, {"x": xs, "dy": dy})
+    assert_agree(theirs[0], ours[0], "maxpool_grad on negative inputs")
+    assert np.isclose(ours[0].sum(), dy.sum(), rtol=1e-5)  # no gradient lost to padding
+
+
+def test_maxpool_grad_with_minus_inf_inputs_agrees():
+    """-inf inputs (a pad by -inf that fuse-pad leaves before a ceil-mode pool) never win a
+    window that holds a finite input, and do not disturb the choice among the others: a
+    form that reads the taps by a Conv of one-hot weights would get NaN there (0·inf)."""
+    forward = _forward("network n(x: 4x11x11) { maxpool(3, stride=2, ceil=true) }")
+    pool = forward.nodes[0]
+    attrs = {k: pool.attrs[k] for k in ("kernel", "stride", "pads", "dilation", "ceil")}
+    graph = _one_node("maxpool_grad", [("x", pool.inputs[0].type), ("dy", pool.output.type)], attrs)
+    rng = np.random.default_rng(7)
+    xs = rng.integers(0, 3, (2, 4, 11, 11)).astype(np.float32)
+    xs[:, :, 0, :] = -np.inf  # a row and a column of -inf, as a pad by -inf leaves them
+    xs[:, :, :, -1] = -np.inf
+    _check(graph, {"x": xs, "dy": _f((2, *pool.output.shape[1:]), rng)})
 
 
 def test_maxpool_grad_in_float64_takes_the_indices():
