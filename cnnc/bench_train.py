@@ -228,6 +228,7 @@ class TrainRow:
     setup_bytes: int | None
     note: str = ""
     spread: tuple[float, float] | None = None  # the lowest and highest round medians
+    round_medians: list[float] = field(default_factory=list)  # ms, in the rounds' order
 
 
 @dataclass
@@ -239,12 +240,20 @@ class TrainReport:
     rounds: int = ROUNDS
     rows: list[TrainRow] = field(default_factory=list)
 
-    def ratio(self, backend: str) -> float | None:
+    def round_ratios(self, backend: str) -> list[float]:
+        """``backend``'s median step time over PyTorch's, round by round: in a round the
+        backends run one after the other, so a machine that is slower for a while slows
+        both sides of a ratio, where it would make one side's best round look better."""
         by = {r.backend: r for r in self.rows}
         ours, torch = by.get(backend), by.get("torch")
-        if ours is None or torch is None or not ours.ms_per_step or not torch.ms_per_step:
-            return None
-        return ours.ms_per_step / torch.ms_per_step
+        if ours is None or torch is None or not ours.round_medians or not torch.round_medians:
+            return []
+        return [a / b for a, b in zip(ours.round_medians, torch.round_medians, strict=True)]
+
+    def ratio(self, backend: str) -> float | None:
+        """The median of :meth:`round_ratios` (None without PyTorch)."""
+        ratios = self.round_ratios(backend)
+        return statistics.median(ratios) if ratios else None
 
     def to_dict(self) -> dict:
         return {
@@ -255,6 +264,7 @@ class TrainReport:
             "rounds": self.rounds,
             "rows": [r.__dict__ for r in self.rows],
             "ratio_to_torch": {b: self.ratio(b) for b in ("numpy", "onnxruntime")},
+            "round_ratios_to_torch": {b: self.round_ratios(b) for b in ("numpy", "onnxruntime")},
         }
 
     def render(self) -> str:
@@ -262,19 +272,23 @@ class TrainReport:
             f"{self.model}: one SGD step (momentum 0.9, weight decay 1e-4), batch "
             f"{self.batch}, {self.threads} threads; each backend in a fresh process per round, "
             f"{self.rounds} round(s) of {self.repeat} steps: the best round's median (and the "
-            "range of the rounds' medians)",
-            f"  {'backend':<12} {'ms/step':>9} {'rounds':>15} {'× torch':>8} {'peak RSS':>10} "
+            "range of the rounds' medians); × torch: the median, over the rounds, of the "
+            "ratio of the two medians within a round (and their range)",
+            f"  {'backend':<12} {'ms/step':>9} {'rounds':>15} {'× torch':>17} {'peak RSS':>10} "
             f"{'after setup':>12} {'first loss':>11}",
         ]
         for r in self.rows:
             if r.ms_per_step is None:
                 lines.append(f"  {r.backend:<12} {r.note}")
                 continue
-            ratio = self.ratio(r.backend)
+            ratio, ratios = self.ratio(r.backend), self.round_ratios(r.backend)
+            shown = "-" if ratio is None else f"{ratio:.2f}"
+            if len(ratios) > 1 and max(ratios) > min(ratios):
+                shown += f" ({min(ratios):.2f}–{max(ratios):.2f})"
             low, high = r.spread or (r.ms_per_step, r.ms_per_step)
             lines.append(
                 f"  {r.backend:<12} {r.ms_per_step:9.1f} {f'{low:.1f}–{high:.1f}':>15} "
-                f"{(f'{ratio:.2f}' if ratio is not None else '-'):>8} "
+                f"{shown:>17} "
                 f"{r.peak_bytes / 2**20:8.0f} MB {r.setup_bytes / 2**20:9.0f} MB "
                 f"{r.first_loss:11.5f}"
             )
@@ -320,6 +334,7 @@ def bench_train(
                 first["rss_peak"],
                 first["rss_before"],
                 spread=(min(medians), max(medians)),
+                round_medians=medians,
             )
         )
     return report

@@ -47,3 +47,20 @@ def test_bench_train_refuses_an_onnx_model(tmp_path):
     assert proc.returncode == 1
     assert "--train times the training step of a program (.cnn)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_ratio_to_torch_pairs_the_backends_round_by_round():
+    """A machine slower in one round slows both backends of that round: the ratio is the
+    median of the rounds' own ratios, not one backend's best round over the other's."""
+    from cnnc.bench_train import TrainReport, TrainRow
+
+    report = TrainReport("m.cnn", 8, 2, 5, 3)
+    for backend, medians in (("onnxruntime", [130, 260, 140]), ("torch", [100, 200, 70])):
+        report.rows.append(
+            TrainRow(backend, min(medians), 1.0, 2**20, 2**20, round_medians=medians)
+        )
+    assert report.round_ratios("onnxruntime") == [1.3, 1.3, 2.0]
+    assert report.ratio("onnxruntime") == 1.3  # the best rounds' 130 / 70 would say 1.86
+    assert report.ratio("numpy") is None
+    assert "1.30 (1.30–2.00)" in report.render()
+    assert report.to_dict()["round_ratios_to_torch"]["onnxruntime"] == [1.3, 1.3, 2.0]
