@@ -97,11 +97,10 @@ class _Ops:
             return self(op, [x, self.ints(f"{what}_axes", axes)], what, keepdims=int(keepdims))
         return self(op, [x], what, axes=axes, keepdims=int(keepdims))
 
-    def count(self, x: Value, what: str = "count", same: str | None = None) -> str:
+    def count(self, x: Value, what: str = "count") -> str:
         """The number of items per channel of ``x`` (all axes but 1) as a float scalar,
-        computed at run time (the batch size is not known before); read from ``same``, a
-        value of x's shape, when given."""
-        size = self.cast(self("Size", [same or x.name], f"{what}_size"), f"{what}_all")
+        computed at run time (the batch size is not known before)."""
+        size = self.cast(self("Size", [x.name], f"{what}_size"), f"{what}_all")
         return self("Div", [size, self.scalar("channels", x.type.shape[1])], what)
 
     def per_channel(self, v: str, rank: int, what: str) -> str:
@@ -597,7 +596,7 @@ def _bn_grad(e: Emitter, node: Node) -> None:
         "ReduceSum", ops("Mul", [dy.name, centred], "dy_centred"), axes, False, "products"
     )
     dw = ops("Mul", [products, invstd.name], dweight)
-    count = ops.count(x, same=centred)  # not x: nothing in the backward pass reads x then
+    count = ops.count(x)
     a = ops("Mul", [weight.name, invstd.name], "w_invstd")
     a_n = ops("Div", [a, count], "w_invstd_n")
     slope = ops("Neg", [ops("Mul", [ops("Mul", [a_n, invstd.name], "a_invstd"), dw], "c")], "slope")
