@@ -546,8 +546,7 @@ def _bn_train(e: Emitter, node: Node) -> None:
     y, mean_out, invstd_out, new_mean, new_var = (f"={v.name}" for v in node.outputs)
     mean = ops.reduce("ReduceMean", x.name, axes, True, "mean_c")
     centred = ops("Sub", [x.name, mean], "centred")
-    # bn_grad of the same x and mean reads this instead of subtracting again (x itself is then
-    # free after the forward pass: nothing else reads a batch norm's input).
+    # bn_grad of the same x and mean reads this instead of subtracting again.
     e.__dict__.setdefault("_bn_centred", {})[x.name, node.outputs[1].name] = centred
     var = ops.reduce("ReduceMean", ops("Mul", [centred, centred], "square"), axes, True, "var_c")
     shifted = ops("Add", [var, ops.scalar("epsilon", node.attrs["epsilon"])], "var_eps")
