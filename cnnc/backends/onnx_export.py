@@ -1114,6 +1114,15 @@ def _bn(e: Emitter, node: Node) -> None:
     )
 
 
+def affine_statistics(e: Emitter, channels: int, dtype) -> tuple[str, str]:
+    """The mean (zeros) and variance (ones) initializers of a BatchNormalization that
+    computes x · scale + shift, shared by every such node of ``channels`` channels."""
+    return (
+        e.shared_constant("affine.zeros", np.zeros(channels, dtype)),
+        e.shared_constant("affine.ones", np.ones(channels, dtype)),
+    )
+
+
 @emitter("affine")
 def _affine(e: Emitter, node: Node) -> None:
     """x · weight + bias per channel: one Mul when the shift is zero, one Add when the scale
@@ -1132,10 +1141,7 @@ def _affine(e: Emitter, node: Node) -> None:
                _names(node.outputs), node.name)  # fmt: skip
         return
     if AFFINE_AS_BN and weight.is_param and bias.is_param:
-        channels = x.type.shape[1]
-        dtype = x.type.numpy_dtype
-        mean = e.shared_constant("affine.zeros", np.zeros(channels, dtype))
-        var = e.shared_constant("affine.ones", np.ones(channels, dtype))
+        mean, var = affine_statistics(e, x.type.shape[1], x.type.numpy_dtype)
         e.node(
             "BatchNormalization",
             [x.name, weight.name, bias.name, mean, var],

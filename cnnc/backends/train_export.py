@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from cnnc.backends.onnx_export import Emitter, _names, emitter
+from cnnc.backends.onnx_export import Emitter, _names, affine_statistics, emitter
 from cnnc.errors import UsageError
 from cnnc.ir.graph import Node, Value
 
@@ -529,8 +529,7 @@ def _channel_affine(ops: _Ops, x: str, scale: str, shift: str, channels: int, wh
     """x·scale + shift per channel ([C] vectors) as one BatchNormalization of mean 0 and
     variance 1 (the exporter's form of an affine): one node where Mul and Add are two, in
     the same time (ResNet-18's first block at batch 8: 0.69 against 0.72 ms)."""
-    zeros = ops.e.shared_constant(f"zeros{channels}", np.zeros(channels, ops.dtype))
-    ones = ops.e.shared_constant(f"ones{channels}", np.ones(channels, ops.dtype))
+    zeros, ones = affine_statistics(ops.e, channels, ops.dtype)
     return ops("BatchNormalization", [x, scale, shift, zeros, ones], what, epsilon=0.0)
 
 
