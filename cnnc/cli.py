@@ -20,7 +20,7 @@ from cnnc.compare import (
     nonfinite_counts,
 )
 from cnnc.errors import CnncError, InternalError, ModelFileError, UsageError
-from cnnc.limits import NAMES, parse_option
+from cnnc.limits import NAMES, check_run_memory, parse_option
 from cnnc.npyfile import write_npz
 from cnnc.passes.manager import PASSES
 from cnnc.passes.manager import Options as PassOptions
@@ -1190,9 +1190,12 @@ def cmd_bench(args) -> None:
 
         if args.compile or str(args.model).lower().endswith(".onnx"):
             raise UsageError("--train times the training step of a program (.cnn)")
-        _load(args, notice=False)  # a mistake in the program is reported here, as compile does
+        model = _load(args, notice=False)  # a mistake in the program is reported here
         if args.rounds < 1:
             raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
+        # A batch no backend could hold is refused here, not by each child's traceback; a
+        # training step keeps every activation for the backward pass.
+        check_run_memory(model.graph, args.batch, limits=model.limits, keep_all=True)
         report = bench_train.bench_train(
             args.model, args.batch, args.repeat, min(args.warmup, 1), args.threads, args.rounds
         )

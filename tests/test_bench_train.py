@@ -64,3 +64,11 @@ def test_the_ratio_to_torch_pairs_the_backends_round_by_round():
     assert report.ratio("numpy") is None
     assert "1.30 (1.30–2.00)" in report.render()
     assert report.to_dict()["round_ratios_to_torch"]["onnxruntime"] == [1.3, 1.3, 2.0]
+
+
+def test_bench_train_refuses_a_batch_no_backend_could_hold():
+    """Refused before any backend's process starts: one message, no child's traceback."""
+    proc = run_cnnc("bench", "examples/lenet5.cnn", "--train", "--batch", "100000000")
+    assert proc.returncode == 1
+    assert "running lenet5 on a batch of 100,000,000 needs about" in proc.stderr
+    assert "Traceback" not in proc.stderr and "child" not in proc.stderr
